@@ -1,0 +1,132 @@
+"""Internal canonical layout shared by extraction and merging.
+
+Every array is handled as ``(batch, *spatial, channels)``: a leading batch axis (1 for a single
+image) and a trailing channel axis (1 when the image has none). Both are views, never copies.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .grid import PatchGrid
+
+#: Default refusal threshold for materialising arrays (bytes); see ``max_bytes`` arguments.
+DEFAULT_MAX_BYTES = 4 * 2**30
+
+
+def check_bytes(nbytes: int, what: str, max_bytes: int | None, hint: str) -> None:
+    """Refuse, with a message naming the size, to allocate more than ``max_bytes``."""
+    limit = DEFAULT_MAX_BYTES if max_bytes is None else max_bytes
+    if nbytes > limit:
+        raise MemoryError(
+            f"{what} would take {_fmt_bytes(nbytes)}, over the limit of {_fmt_bytes(limit)} "
+            f"(`max_bytes`); {hint}"
+        )
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def is_batched(shape: tuple[int, ...], grid: PatchGrid, name: str = "image") -> bool:
+    """Whether an image array of ``shape`` is one image of the grid, or a batch of them."""
+    if tuple(shape) == grid.image_shape:
+        return False
+    if tuple(shape[1:]) == grid.image_shape:
+        return True
+    raise ValueError(
+        f"`{name}` shape {tuple(shape)} does not match the grid's image_shape {grid.image_shape} "
+        f"(or a leading batch axis followed by it)"
+    )
+
+
+def to_canonical(image: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarray:
+    """View ``image`` as ``(batch, *spatial, channels)``."""
+    if not batched:
+        image = image[None]
+    if grid.channel_axis is None:
+        return image[..., None]
+    return np.moveaxis(image, grid.channel_axis + 1, -1)
+
+
+def from_canonical(canon: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarray:
+    """Inverse of :func:`to_canonical` (a view)."""
+    out = canon[..., 0] if grid.channel_axis is None else np.moveaxis(canon, -1, grid.channel_axis + 1)
+    return out if batched else out[0]
+
+
+def patches_to_canonical(patches: np.ndarray, grid: PatchGrid) -> tuple[np.ndarray, bool]:
+    """View a patch stack as ``(batch, *grid_shape, *patch_size, channels)``.
+
+    Accepts ``(*grid_shape, *patch_shape)``, the flat ``(n_patches, *patch_shape)``, and either
+    with a leading batch axis.
+    """
+    shape = tuple(patches.shape)
+    ps = grid.patch_shape
+    gs = grid.grid_shape
+    forms = {
+        gs + ps: (False, False),
+        (grid.n_patches,) + ps: (False, True),
+    }
+    if shape in forms:
+        batched, flat = forms[shape]
+    elif shape[1:] in forms:
+        batched, flat = True, forms[shape[1:]][1]
+    else:
+        raise ValueError(
+            f"`patches` shape {shape} does not match the grid: expected {gs + ps} "
+            f"(grid_shape + patch_shape), {(grid.n_patches,) + ps} (flat), or either with a "
+            f"leading batch axis"
+        )
+    if not batched:
+        patches = patches[None]
+    b = patches.shape[0]
+    if grid.channel_axis is None:
+        patches = patches[..., None]
+    return patches.reshape((b,) + gs + grid.patch_size + (patches.shape[-1],)), batched
+
+
+def pad_canonical(canon: np.ndarray, grid: PatchGrid) -> np.ndarray:
+    """Pad the far side of each spatial axis out to ``grid.padded_shape`` (a copy if needed)."""
+    extra = [p - n for p, n in zip(grid.padded_shape, grid.spatial_shape)]
+    if not any(extra):
+        return canon
+    widths = [(0, 0)] + [(0, e) for e in extra] + [(0, 0)]
+    return np.pad(canon, widths, mode=grid.pad_mode)
+
+
+def window_view(canon: np.ndarray, grid: PatchGrid) -> np.ndarray:
+    """Read-only view ``(batch, *positions, *patch_size, channels)`` of every patch position."""
+    nd = grid.ndim
+    spatial_axes = tuple(range(1, nd + 1))
+    view = np.lib.stride_tricks.sliding_window_view(
+        canon, grid.patch_size, axis=spatial_axes, writeable=False
+    )
+    # sliding_window_view puts the window axes last: (b, *pos, C, *p) -> (b, *pos, *p, C)
+    return np.moveaxis(view, nd + 1, -1)
+
+
+def regular_slices(origins: np.ndarray, stride: int) -> slice:
+    """Slice selecting a run of regular origins ``o0, o0 + s, ...`` from a window view."""
+    return slice(int(origins[0]), int(origins[-1]) + 1, stride)
+
+
+def split_regular(origins: np.ndarray, stride: int) -> list[tuple[int, int]]:
+    """Split one axis' origins into runs ``(start, stop)`` of grid indices with a constant step.
+
+    A shifted last origin gets a run of its own.
+    """
+    g = len(origins)
+    if g == 1 or origins[-1] - origins[-2] == stride:
+        return [(0, g)]
+    return [(0, g - 1), (g - 1, g)]
+
+
+def n_elements(shape) -> int:
+    return math.prod(shape)

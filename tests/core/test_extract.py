@@ -1,0 +1,96 @@
+import time
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from patch_viewer import PatchGrid, extract_patches
+
+from .reference import brute_patches
+from .strategies import DTYPES, grids, images
+
+
+def test_hand_computed():
+    image = np.arange(16).reshape(4, 4)
+    p = extract_patches(image, PatchGrid(image.shape, 2, stride=2))
+    assert p.shape == (2, 2, 2, 2)
+    assert p[1, 0].tolist() == [[8, 9], [12, 13]]
+    p = extract_patches(np.arange(5), PatchGrid((5,), 2, stride=2, edge="pad", pad_mode="constant"))
+    assert p.tolist() == [[0, 1], [2, 3], [4, 0]]
+
+
+def test_regular_grid_gives_zero_copy_readonly_view():
+    image = np.random.default_rng(0).random((512, 512)).astype(np.float32)
+    grid = PatchGrid(image.shape, 39, stride=1)
+    p = extract_patches(image, grid)
+    assert np.shares_memory(p, image)
+    assert not p.flags.writeable
+    with pytest.raises(ValueError):
+        p[0, 0, 0, 0] = 1
+    assert p.shape == (474, 474, 39, 39)
+
+
+def test_view_is_fast_whatever_the_size():
+    big = np.zeros((4096, 4096), np.float32)
+    grid = PatchGrid(big.shape, 64, stride=1)
+    extract_patches(big, grid)
+    start = time.perf_counter()
+    for _ in range(10):
+        extract_patches(big, grid)
+    # A view never touches the pixels; generous bound (the benchmark records the real figure).
+    assert (time.perf_counter() - start) / 10 < 0.05
+
+
+def test_copy_is_writeable_and_independent():
+    image = np.arange(36.0).reshape(6, 6)
+    p = extract_patches(image, PatchGrid(image.shape, 3, stride=3), copy=True)
+    assert p.flags.writeable and p.flags.c_contiguous
+    p[...] = -1
+    assert image.min() == 0
+
+
+def test_shift_grid_copies_only_then_and_is_readonly():
+    image = np.arange(11.0)
+    grid = PatchGrid(image.shape, 4, stride=3)
+    p = extract_patches(image, grid)
+    assert p[:, 0].tolist() == [0, 3, 6, 7]
+    assert not p.flags.writeable
+
+
+@settings(max_examples=150, deadline=None)
+@given(grids(), st.sampled_from(DTYPES), st.integers(0, 2**32 - 1))
+def test_matches_brute_force_every_layout(grid, dtype, seed):
+    image = images(grid, dtype, seed)
+    before = image.copy()
+    p = extract_patches(image, grid)
+    assert p.shape == grid.patches_shape and p.dtype == image.dtype
+    canon = p[..., None] if grid.channel_axis is None else p
+    np.testing.assert_array_equal(canon.astype(np.float64), brute_patches(image, grid))
+    np.testing.assert_array_equal(image, before)
+
+
+def test_batch_axis():
+    images_ = np.random.default_rng(1).random((5, 20, 21))
+    grid = PatchGrid((20, 21), 6, stride=4)
+    p = extract_patches(images_, grid)
+    assert p.shape == (5,) + grid.patches_shape
+    np.testing.assert_array_equal(p[3], extract_patches(images_[3], grid))
+
+
+def test_refuses_huge_copy_with_size_and_alternative():
+    grid = PatchGrid((512, 512), 39, stride=1)
+    with pytest.raises(MemoryError, match=r"GiB.*max_bytes.*process"):
+        extract_patches(np.zeros((512, 512)), grid, copy=True, max_bytes=2**30)
+
+
+@pytest.mark.parametrize(
+    "image, grid, exc, match",
+    [
+        (np.zeros((10, 11)), PatchGrid((10, 10), 3), ValueError, "image.*image_shape"),
+        (np.zeros((10, 10)), "grid", TypeError, "grid.*PatchGrid"),
+    ],
+)
+def test_bad_input(image, grid, exc, match):
+    with pytest.raises(exc, match=match):
+        extract_patches(image, grid)
