@@ -1,0 +1,526 @@
+"""Merging patches back into an image: a vectorised overlap-add.
+
+How it is fast
+--------------
+No loop runs over patches. The output is viewed as blocks of ``stride`` pixels, and a whole slab
+of the patch stack (one block offset inside every patch at once) is added per step, so the Python
+loop runs ``ceil(patch / stride)`` times per axis. Where that product is large (stride 1), the
+axes are merged one after another (a cascade: ``sum(ceil(p/s))`` steps instead of the product).
+The stack is processed in cache-sized pieces of patch rows, so each piece is read from memory
+once and every further step hits the cache.
+
+How it is exact
+---------------
+For ``reduce="mean"`` each pixel accumulates ``w * (v - ref)``, where ``ref`` is the value the
+first patch covering that pixel gives it, and the result is ``ref + sum / weights``. Where all
+contributions agree (the identity round trip) every term is exactly zero, so the image comes
+back bit for bit, whatever the dtype, window or number of overlaps; otherwise the anchored sum
+is also more accurate than a plain one.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from ._layout import (
+    from_canonical,
+    n_elements,
+    patches_to_canonical,
+    split_regular,
+)
+from .grid import PatchGrid
+from .windows import make_window, separable_factors
+
+REDUCTIONS = ("mean", "max", "min")
+
+# Target size of one piece of the patch stack processed at a time (fits the L2/L3 caches).
+_PIECE_BYTES = 2 * 2**20
+# Use one product loop over all block offsets when it has at most this many steps.
+_DIRECT_MAX_STEPS = 8
+
+
+def _needs_anchor(dtype, work: np.dtype, uniform: bool, max_cover: int) -> bool:
+    """Whether a plain sum could break the exact identity round trip (see the module docstring).
+
+    A sum of ``m`` copies of an integer with ``b`` bits is exact in a float whose mantissa has
+    at least ``b + log2(m)`` bits; then ``sum / m`` gives the value back and no anchor is needed.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biu" or not uniform:
+        return True
+    bits = 1 if dtype.kind == "b" else 8 * dtype.itemsize
+    return bits + math.log2(max(max_cover, 1)) > np.finfo(work).nmant + 1
+
+
+def work_dtype(dtype) -> np.dtype:
+    """Float dtype results are computed in: float32 for float32/16 and integers up to 16 bits,
+    float64 otherwise."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return np.dtype(np.float32 if dtype.itemsize <= 4 else np.float64)
+    if dtype.kind in "biu":
+        return np.dtype(np.float32 if dtype.itemsize <= 2 else np.float64)
+    raise TypeError(f"patches must be real numbers (bool, int or float), got dtype {dtype}")
+
+
+# --------------------------------------------------------------------------- overlap-add kernel
+def _block_view(region: np.ndarray, axes, strides) -> np.ndarray:
+    """Split each axis ``axes[j]`` of ``region`` into ``(blocks, strides[j])`` (a writeable view)."""
+    shape, st = [], []
+    for i, (n, t) in enumerate(zip(region.shape, region.strides)):
+        if i in axes:
+            s = strides[axes.index(i)]
+            shape += [n // s, s]
+            st += [t * s, t]
+        else:
+            shape.append(n)
+            st.append(t)
+    return np.lib.stride_tricks.as_strided(region, shape, st, writeable=True)
+
+
+def _ola(out: np.ndarray, a: np.ndarray, axes: list[int], strides: list[int], op) -> None:
+    """``out[..., y_j, ...] op= a[..., g_j, e_j, ...]`` with ``y_j = g_j * s_j + e_j``.
+
+    ``axes`` are positions in ``out`` (ascending); axis ``axes[j]`` of ``out`` corresponds to
+    the pair of axes ``axes[j] + j`` (grid index) and ``axes[j] + j + 1`` (in-patch offset) of
+    ``a``. ``out`` may extend past ``(G + ceil(p/s) - 1) * s`` along those axes.
+    """
+    sizes = []
+    sl = [slice(None)] * out.ndim
+    for j, (ax, s) in enumerate(zip(axes, strides)):
+        g, p = a.shape[ax + j], a.shape[ax + j + 1]
+        d = -(-p // s)
+        sizes.append((g, p, s, d))
+        sl[ax] = slice(0, (g + d - 1) * s)
+    ov = _block_view(out[tuple(sl)], axes, strides)
+    # Offsets run from the last block down so that, at every pixel, contributions are added in
+    # ascending patch order (the same order whatever the piece size).
+    for ks in itertools.product(*[range(d - 1, -1, -1) for (_, _, _, d) in sizes]):
+        oi: list = [slice(None)] * ov.ndim
+        ai: list = [slice(None)] * a.ndim
+        for j, (ax, k, (g, p, s, _)) in enumerate(zip(axes, ks, sizes)):
+            w = min(s, p - k * s)
+            oi[ax + j] = slice(k, k + g)
+            oi[ax + j + 1] = slice(0, w)
+            ai[ax + j + 1] = slice(k * s, k * s + w)
+        target = ov[tuple(oi)]
+        op(target, a[tuple(ai)], out=target)
+
+
+def _interleave(a: np.ndarray, nd: int) -> np.ndarray:
+    """``(b, *G, *p, C)`` -> ``(b, G0, p0, G1, p1, ..., C)`` (a view)."""
+    order = [0] + [x for k in range(nd) for x in (1 + k, 1 + nd + k)] + [2 * nd + 1]
+    return a.transpose(order)
+
+
+def _ola_1d(out: np.ndarray, a: np.ndarray, ax: int, s: int, op) -> None:
+    """One axis of :func:`_ola`, looping over whichever is fewer: patches or overlap depth."""
+    g, p = a.shape[ax], a.shape[ax + 1]
+    if g >= -(-p // s):
+        _ola(out, a, [ax], [s], op)
+        return
+    lead = (slice(None),) * ax
+    for i in range(g):  # ascending patch order, each adding its whole extent at once
+        target = out[lead + (slice(i * s, i * s + p),)]
+        op(target, a[lead + (i,)], out=target)
+
+
+def _antidiagonal_reduce(padded: np.ndarray, ax: int, g: int, d: int, s: int, ufunc,
+                         out: np.ndarray) -> None:
+    """``out[..., y, ...] = ufunc.reduce`` over all ``(j, e)`` with ``j * s + e = y``, in ONE call.
+
+    ``padded`` is ``(..., G + 2(d-1), d*s, ...)`` (grid axis at ``ax``, in-patch offset at
+    ``ax + 1``) holding the patches at grid positions ``d-1 .. d-1+G`` and ``ufunc``'s identity
+    elsewhere (margins, and offsets past the patch). A strided view then lines up the ``d``
+    terms of every output pixel along a last axis, so the sum stays in registers.
+    """
+    st = padded.strides
+    sj, se = st[ax], st[ax + 1]
+    q = g + d - 1
+    base = padded[(slice(None),) * ax + (slice(d - 1, None),)]
+    shape = padded.shape[:ax] + (q, s) + padded.shape[ax + 2:] + (d,)
+    strides = st[:ax] + (sj, se) + st[ax + 2:] + (s * se - sj,)
+    view = np.lib.stride_tricks.as_strided(base, shape, strides, writeable=False)
+    ufunc.reduce(view, axis=-1, out=_block_view(out, [ax], [s]))
+
+
+def overlap_add(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity: float,
+                padded: np.ndarray | None = None) -> None:
+    """Overlap-add a regular sub-grid of patches ``a`` (``(b, *G, *p, C)``) into ``canvas``.
+
+    ``canvas`` is ``(b, *extent, C)``; patch ``(i, j, ...)`` lands at
+    ``origin + (i, j, ...) * stride``. ``canvas`` must extend ``stride`` past the last patch.
+    ``padded``, when given, is the same data in the interleaved layout with identity margins
+    on the last spatial axis (see :func:`_antidiagonal_reduce`), used for deep overlaps.
+    """
+    nd = len(stride)
+    p = a.shape[1 + nd: 1 + 2 * nd]
+    depth = [-(-pk // sk) for pk, sk in zip(p, stride)]
+    t = _interleave(a, nd)
+    region = canvas[(slice(None),) + tuple(slice(o, None) for o in origin)]
+    if math.prod(depth) <= _DIRECT_MAX_STEPS:
+        _ola(region, t, list(range(1, nd + 1)), list(stride), op)
+        return
+    # Cascade: merge the last spatial axis first, then the next, each into a small buffer.
+    for j in range(nd - 1, 0, -1):
+        ax = 1 + 2 * j
+        shape = list(t.shape)
+        g = shape[ax]
+        shape[ax: ax + 2] = [(g + depth[j] - 1) * stride[j]]
+        if padded is not None and j == nd - 1:
+            nxt = np.empty(shape, dtype=canvas.dtype)
+            _antidiagonal_reduce(padded, ax, g, depth[j], stride[j], op, nxt)
+        else:
+            nxt = np.full(shape, identity, dtype=canvas.dtype)
+            _ola_1d(nxt, t, ax, stride[j], op)
+        t = nxt
+    rest = tuple(slice(0, n) for n in t.shape[3:-1])
+    _ola_1d(region[(slice(None), slice(None)) + rest], t, 1, stride[0], op)
+
+
+# --------------------------------------------------------------------------- choosing one patch
+def _owned_segments(origins: np.ndarray, p: int, rule: str) -> list[tuple[int, int, int, int, int]]:
+    """Which pixels of one axis each patch *owns* under ``rule``, grouped into regular runs.
+
+    ``rule="first"``: a pixel belongs to the first patch covering it; ``"centre"``: to the
+    covering patch whose centre is nearest. Owned ranges partition the covered pixels. Returns
+    runs ``(i0, i1, a, w, pitch)``: patches ``i0..i1-1`` each own offsets ``[a, a + w)``, and
+    consecutive patches are ``pitch`` pixels apart.
+    """
+    o = origins.astype(np.int64)
+    ends = o + p
+    if rule == "first":
+        starts = np.concatenate([[o[0]], np.maximum(o[1:], ends[:-1])])
+        stops = ends
+    else:
+        mids = (o[:-1] + o[1:] + p - 1) // 2  # last pixel nearer the left centre (ties: left)
+        starts = np.concatenate([[o[0]], np.maximum(o[1:], mids + 1)])
+        stops = np.concatenate([np.minimum(ends[:-1], mids + 1), [ends[-1]]])
+    runs: list[tuple[int, int, int, int, int]] = []
+    for i in range(len(o)):
+        a, w = int(starts[i] - o[i]), int(stops[i] - starts[i])
+        if w <= 0:
+            continue
+        if runs:
+            i0, i1, a0, w0, pitch = runs[-1]
+            step = int(o[i] - o[i1 - 1])
+            if i1 == i and (a0, w0) == (a, w) and (pitch == step or i1 - i0 == 1):
+                runs[-1] = (i0, i + 1, a, w, step)
+                continue
+        runs.append((i, i + 1, a, w, max(w, 1)))
+    return runs
+
+
+def _copy(target, value, out):  # an overlap-add "op" that assigns
+    np.copyto(out, value)
+
+
+class Merger:
+    """Streaming accumulator: add pieces of a patch stack in order, then take the result.
+
+    Pieces are ``(b, g0, *grid_shape[1:], *patch_size, C)`` arrays covering images
+    ``[b0, b0 + b)`` and grid rows ``[row0, row0 + g0)``; rows of one image must come in
+    ascending order. This is the one engine behind :func:`merge_patches` and the streaming
+    :func:`patch_viewer.process`.
+    """
+
+    def __init__(self, grid: PatchGrid, n_images: int, n_channels: int, dtype, *,
+                 window="uniform", reduce="mean", window_params=None):
+        if reduce not in REDUCTIONS:
+            raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
+        params = dict(window_params or {})
+        is_tile = isinstance(window, str) and window == "overlap-tile"
+        self.window = make_window(window, grid.patch_size, **params)
+        if reduce != "mean" and (self.window is not None or is_tile):
+            raise ValueError(
+                f"`window` must be 'uniform' with reduce={reduce!r}; windows weight the mean only"
+            )
+        self.grid = grid
+        self.mode = "pick" if is_tile else reduce
+        self.work = work_dtype(dtype)
+        self._window_spec = (window, params)
+        nd = grid.ndim
+        extent = tuple(n + s for n, s in zip(grid.padded_shape, grid.stride))
+        shape = (n_images,) + extent + (n_channels,)
+        max_cover = math.prod(int(c.max()) for c in grid.coverage_1d())
+        self.anchor = _needs_anchor(dtype, self.work, self.window is None, max_cover)
+        if self.mode == "pick" or (self.mode == "mean" and self.anchor):
+            self.ref = np.empty(shape, self.work)  # every covered pixel is owned once
+            rule = "first" if self.mode == "mean" else "centre"
+            self._owned = [_owned_segments(o, p, rule) for o, p in zip(grid.origins, grid.patch_size)]
+        if self.mode != "pick":
+            fill = {"mean": 0.0, "max": -np.inf, "min": np.inf}[self.mode]
+            self._identity = fill
+            self.acc = np.full(shape, fill, self.work)
+            self._op = {"mean": np.add, "max": np.maximum, "min": np.minimum}[self.mode]
+        self._runs = [split_regular(o, s) for o, s in zip(grid.origins, grid.stride)]
+        self._win = None if self.window is None else self.window[..., None].astype(self.work)
+        self._nd = nd
+        self._buffers: dict = {}
+
+    # -- adding ---------------------------------------------------------------------------
+    def add(self, piece: np.ndarray, b0: int = 0, row0: int = 0) -> None:
+        """Add a piece of patches (see the class docstring); splits it into cache-sized parts."""
+        b, g0 = piece.shape[:2]
+        row_bytes = n_elements(piece.shape[2:]) * self.work.itemsize
+        rows = max(1, _PIECE_BYTES // max(row_bytes, 1))
+        if rows >= g0 and b > 1:
+            per = max(1, rows // g0)
+            for i in range(0, b, per):
+                self._add_part(piece[i:i + per], b0 + i, row0)
+            return
+        for bi in range(b):
+            for r in range(0, g0, rows):
+                self._add_part(piece[bi:bi + 1, r:r + rows], b0 + bi, row0 + r)
+
+    def _add_part(self, part: np.ndarray, b0: int, row0: int) -> None:
+        b, g0 = part.shape[:2]
+        images = slice(b0, b0 + b)
+        if self.mode == "pick" or (self.mode == "mean" and self.anchor):
+            self._set_ref(part, images, row0)
+        if self.mode == "pick":
+            return
+        grid = self.grid
+        nd = self._nd
+        runs0 = [(max(a, row0), min(z, row0 + g0)) for a, z in self._runs[0]]
+        runs = [[r for r in runs0 if r[0] < r[1]]] + self._runs[1:]
+        acc = self.acc[images]
+        for combo in itertools.product(*runs):
+            sub = part[(slice(None), slice(combo[0][0] - row0, combo[0][1] - row0))
+                       + tuple(slice(a, z) for a, z in combo[1:])]
+            origin = tuple(int(o[a]) for o, (a, _) in zip(grid.origins, combo))
+            sub, padded = self._prepared(sub, images, origin)
+            overlap_add(acc, sub, origin, grid.stride, self._op, self._identity, padded)
+
+    def _prepared(self, sub: np.ndarray, images: slice, origin):
+        """``(sub - ref) * window`` (as far as the mode needs) in the work dtype, laid out so
+        that the overlap-add reads contiguous memory. Returns ``(patches, padded)``.
+
+        For a cascade (deep overlap, e.g. stride 1) the data go into a reused buffer in the
+        interleaved layout, last axis in-patch offset first, with identity margins: ``padded``
+        for :func:`_antidiagonal_reduce`.
+        """
+        nd = self._nd
+        stride = self.grid.stride
+        g, p = sub.shape[1:1 + nd], sub.shape[1 + nd:1 + 2 * nd]
+        depth = [-(-pk // sk) for pk, sk in zip(p, stride)]
+        anchor = self.mode == "mean" and self.anchor
+        padded = None
+        if math.prod(depth) > _DIRECT_MAX_STEPS and depth[-1] > 1 and g[-1] >= depth[-1]:
+            d, s = depth[-1], stride[-1]
+            logical = [sub.shape[0]] + [x for k in range(nd) for x in (g[k], p[k])] + [sub.shape[-1]]
+            logical[-3:-1] = [g[-1] + 2 * (d - 1), d * s]
+            memory = logical[:-3] + [logical[-2], logical[-3], logical[-1]]
+            key = tuple(memory)
+            buf = self._buffers.get(key)
+            if buf is None:
+                buf = self._buffers[key] = np.full(memory, self._identity, self.work)
+            n = len(memory)
+            padded = buf.transpose(list(range(n - 3)) + [n - 2, n - 3, n - 1])
+            data = padded[(slice(None),) * (n - 3) + (slice(d - 1, d - 1 + g[-1]), slice(0, p[-1]))]
+            order = [0] + [1 + 2 * k for k in range(nd)] + [2 + 2 * k for k in range(nd)] + [n - 1]
+            out = data.transpose(order)  # back to (b, *G, *p, C)
+        elif anchor or self._win is not None:
+            out = np.empty(sub.shape, self.work)
+        else:
+            return sub, None
+        # Iterate in the output's memory order (numpy then streams the writes).
+        mem = np.argsort([-x for x in out.strides], kind="stable")
+        if anchor:
+            ref = self.ref[images]
+            view = np.lib.stride_tricks.sliding_window_view(
+                ref, self.grid.patch_size, axis=tuple(range(1, nd + 1)), writeable=False
+            )
+            view = np.moveaxis(view, nd + 1, -1)[(slice(None),) + tuple(
+                slice(o, o + (gk - 1) * sk + 1, sk) for o, gk, sk in zip(origin, g, stride)
+            )]
+            np.subtract(sub.transpose(mem), view.transpose(mem), out=out.transpose(mem))
+        else:
+            np.copyto(out.transpose(mem), sub.transpose(mem))
+        if self._win is not None:
+            win = np.broadcast_to(self._win, out.shape).transpose(mem)
+            np.multiply(out.transpose(mem), win, out=out.transpose(mem))
+        return out, padded
+
+    def _set_ref(self, part: np.ndarray, images: slice, row0: int) -> None:
+        """Copy into ``ref`` the pixels that the patches of this part own (a partition, so no
+        pixel is written twice across parts)."""
+        g0 = part.shape[1]
+        rows = []
+        for i0, i1, a, w, pitch in self._owned[0]:
+            lo, hi = max(i0, row0), min(i1, row0 + g0)
+            if lo < hi:
+                rows.append((lo - row0, hi - row0, a, w, pitch, lo))
+        ref = self.ref[images]
+        origins = self.grid.origins
+        for combo in itertools.product(rows, *[
+            [(i0, i1, a, w, pitch, i0) for i0, i1, a, w, pitch in runs] for runs in self._owned[1:]
+        ]):
+            sub = part[(slice(None),) + tuple(slice(c[0], c[1]) for c in combo)
+                       + tuple(slice(c[2], c[2] + c[3]) for c in combo)]
+            start = tuple(int(o[c[5]]) + c[2] for o, c in zip(origins, combo))
+            region = ref[(slice(None),) + tuple(slice(x, None) for x in start)]
+            _ola(region, _interleave(sub, self._nd), list(range(1, self._nd + 1)),
+                 [c[4] for c in combo], _copy)
+
+    # -- result ----------------------------------------------------------------------------
+    def result(self, dtype=None, fill_value=None) -> np.ndarray:
+        """The merged images, canonical ``(b, *spatial, C)``, uncovered pixels set to fill."""
+        grid = self.grid
+        crop = (slice(None),) + tuple(slice(0, n) for n in grid.spatial_shape)
+        out = np.empty(self.acc[crop].shape if self.mode != "pick" else self.ref[crop].shape,
+                       self.work)
+        if self.mode == "pick":
+            np.copyto(out, self.ref[crop])
+        elif self.mode == "mean":
+            w = _weights(grid, self._window_spec[0], self._window_spec[1], self.work)
+            w = w[None, ..., None]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                if self.anchor:
+                    np.divide(self.acc[crop], w, out=out)
+                    out += self.ref[crop]
+                else:
+                    np.divide(self.acc[crop], w, out=out, casting="same_kind")
+        else:
+            np.copyto(out, self.acc[crop], casting="same_kind")
+        covered = None if grid.is_covering else _coverage_mask(grid)[None, ..., None]
+        return _finish(out, covered, dtype, fill_value, self.work)
+
+
+def _coverage_mask(grid: PatchGrid) -> np.ndarray:
+    cov = [c > 0 for c in grid.coverage_1d()]
+    mask = cov[0]
+    for c in cov[1:]:
+        mask = np.logical_and.outer(mask, c)
+    return mask
+
+
+def _finish(out, covered, dtype, fill_value, work):
+    """Mark uncovered pixels and convert to the requested dtype (integers rounded and clipped)."""
+    if dtype is None:
+        dtype = work
+    dtype = np.dtype(dtype)
+    if dtype.kind not in "biuf":
+        raise TypeError(f"`dtype` must be a real numeric dtype, got {dtype}")
+    if covered is not None:
+        if fill_value is None:
+            if dtype.kind != "f":
+                raise ValueError(
+                    "some pixels are covered by no patch (edge='drop' or stride > patch_size): "
+                    f"pass `fill_value` to mark them in an integer output dtype ({dtype})"
+                )
+            fill_value = np.nan
+        np.copyto(out, np.asarray(fill_value, dtype=out.dtype),
+                  where=np.broadcast_to(~covered, out.shape))
+    if dtype.kind in "biu":
+        info = np.iinfo(dtype) if dtype.kind != "b" else None
+        np.rint(out, out=out)
+        if info is not None:
+            np.clip(out, info.min, info.max, out=out)
+        return out.astype(dtype)
+    return out.astype(dtype, copy=False)
+
+
+# --------------------------------------------------------------------------- public functions
+def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", dtype=None,
+                  fill_value=None, **window_params):
+    """Merge a patch stack back into an image, blending where patches overlap.
+
+    Parameters
+    ----------
+    patches : array_like
+        ``(*grid.grid_shape, *grid.patch_shape)`` as returned by :func:`extract_patches`, or the
+        flat ``(grid.n_patches, *grid.patch_shape)``; either with a leading batch axis to merge
+        many images at once.
+    grid : PatchGrid
+        The geometry the patches were cut with.
+    window : str or array_like, optional
+        ``"uniform"`` (default), ``"triangular"``, ``"hann"``, ``"gaussian"`` (``sigma=`` as a
+        fraction of the patch size, default 0.125), ``"overlap-tile"`` (each pixel from the
+        patch whose centre is nearest), or a non-negative array of the patch's spatial shape.
+    reduce : {"mean", "max", "min"}, optional
+        How overlapping values combine; ``mean`` is weighted by the window.
+    dtype : dtype, optional
+        Output dtype. Default: float32 for float32 and integer patches up to 16 bits, float64
+        otherwise. Integer dtypes are rounded and clipped, so a uint8 round trip is exact.
+    fill_value : scalar, optional
+        Value for pixels no patch covers (``edge="drop"``, or stride > patch size). Default NaN;
+        required for an integer ``dtype`` when such pixels exist.
+
+    Returns
+    -------
+    ndarray
+        Shape ``grid.image_shape`` (with the batch axis first if given).
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> image = np.random.default_rng(0).random((100, 100))
+    >>> grid = PatchGrid(image.shape, 39, stride=1)
+    >>> from patch_viewer import extract_patches
+    >>> merged = merge_patches(extract_patches(image, grid), grid)
+    >>> bool(np.array_equal(merged, image))
+    True
+    """
+    if not isinstance(grid, PatchGrid):
+        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    patches = np.asanyarray(patches)
+    canon, batched = patches_to_canonical(patches, grid)
+    merger = Merger(grid, canon.shape[0], canon.shape[-1], canon.dtype, window=window,
+                    reduce=reduce, window_params=window_params)
+    merger.add(canon)
+    return from_canonical(merger.result(dtype, fill_value), grid, batched)
+
+
+def weight_map(grid: PatchGrid, window="uniform", **window_params) -> np.ndarray:
+    """Sum of the window weights of all patches covering each pixel.
+
+    With the uniform window this is the coverage count. Separable windows cost O(H + W): the
+    map is an outer product of 1-D sums. ``"overlap-tile"`` gives 1 where covered, else 0.
+
+    Returns
+    -------
+    ndarray
+        float64, of the grid's spatial shape (no channel axis).
+
+    Examples
+    --------
+    >>> weight_map(PatchGrid((6,), 4, stride=2)).tolist()
+    [1.0, 1.0, 2.0, 2.0, 1.0, 1.0]
+    """
+    if not isinstance(grid, PatchGrid):
+        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    return _weights(grid, window, window_params, np.float64)
+
+
+def _weights(grid: PatchGrid, window, window_params: dict, dtype) -> np.ndarray:
+    """:func:`weight_map` computed in ``dtype``."""
+    if isinstance(window, str) and window == "overlap-tile":
+        if window_params:
+            raise TypeError("window 'overlap-tile' takes no parameters")
+        return _coverage_mask(grid).astype(dtype)
+    factors = separable_factors(window, grid.patch_size, **window_params)
+    if factors is not None:
+        sums = []
+        for f, o, n in zip(factors, grid.origins, grid.spatial_shape):
+            w = np.zeros(max(n, int(o[-1]) + len(f)))
+            for k in range(len(f)):  # loops over the patch extent, not over patches
+                w[o + k] += f[k]
+            sums.append(w[:n].astype(dtype))
+        out = sums[0]
+        for s in sums[1:]:
+            out = np.multiply.outer(out, s)
+        return out
+    win = make_window(window, grid.patch_size, **window_params)
+    extent = tuple(n + s for n, s in zip(grid.padded_shape, grid.stride))
+    acc = np.zeros((1,) + extent + (1,), dtype)
+    runs = [split_regular(o, s) for o, s in zip(grid.origins, grid.stride)]
+    for combo in itertools.product(*runs):
+        g = tuple(z - a for a, z in combo)
+        a = np.broadcast_to(win[..., None], (1,) + g + win.shape + (1,))
+        origin = tuple(int(o[a0]) for o, (a0, _) in zip(grid.origins, combo))
+        overlap_add(acc, a, origin, grid.stride, np.add, 0.0)
+    return acc[(0,) + tuple(slice(0, n) for n in grid.spatial_shape) + (0,)]

@@ -1,0 +1,279 @@
+import numpy as np
+import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from patch_viewer import PatchGrid, extract_patches, merge_patches, weight_map
+from patch_viewer.core.merge import Merger, _owned_segments
+from patch_viewer.core._layout import patches_to_canonical
+
+from .reference import brute_coverage, brute_merge, to_user_layout
+from .strategies import DTYPES, grids, images
+
+NAMED = ["uniform", "triangular", "hann", "gaussian", "overlap-tile"]
+
+
+# ----------------------------------------------------------------- small hand-computed cases
+def test_hand_computed_mean_1d():
+    grid = PatchGrid((6,), 4, stride=2)
+    patches = np.array([[1.0, 1, 1, 1], [3, 3, 3, 3]])
+    assert merge_patches(patches, grid).tolist() == [1, 1, 2, 2, 3, 3]
+    assert merge_patches(patches, grid, reduce="max").tolist() == [1, 1, 3, 3, 3, 3]
+    assert merge_patches(patches, grid, reduce="min").tolist() == [1, 1, 1, 1, 3, 3]
+    assert merge_patches(patches, grid, window="overlap-tile").tolist() == [1, 1, 1, 3, 3, 3]
+    tri = merge_patches(patches, grid, window=np.array([1.0, 1.0, 3.0, 1.0]))
+    # pixel 2: value 1 at weight 3 and value 3 at weight 1 -> (3 + 3) / 4;
+    # pixel 3: value 1 at weight 1 and value 3 at weight 1 -> 2
+    assert tri.tolist() == [1, 1, 1.5, 2, 3, 3]
+
+
+def test_hand_computed_stride_one_2d():
+    grid = PatchGrid((3, 3), 2, stride=1)
+    patches = np.arange(4.0).reshape(2, 2, 1, 1) * np.ones((1, 1, 2, 2))
+    merged = merge_patches(patches, grid)
+    assert merged.tolist() == [[0, 0.5, 1], [1, 1.5, 2], [2, 2.5, 3]]
+    assert weight_map(grid).tolist() == [[1, 2, 1], [2, 4, 2], [1, 2, 1]]
+
+
+def test_weight_map_separable_hand():
+    assert weight_map(PatchGrid((6,), 4, stride=2)).tolist() == [1, 1, 2, 2, 1, 1]
+    w = weight_map(PatchGrid((5,), 3, stride=2), window="triangular")
+    # triangular(3) = [0.5, 1, 0.5] at origins 0 and 2
+    assert w.tolist() == [0.5, 1.0, 1.0, 1.0, 0.5]
+    assert weight_map(PatchGrid((5,), 2, stride=3, edge="drop"), "overlap-tile").tolist() == [
+        1, 1, 0, 1, 1]
+
+
+def test_classic_case_round_trip_exact():
+    image = np.random.default_rng(0).random((100, 100))
+    grid = PatchGrid(image.shape, 39, stride=1)
+    for window in NAMED:
+        np.testing.assert_array_equal(merge_patches(extract_patches(image, grid), grid,
+                                                    window=window), image)
+    np.testing.assert_array_equal(weight_map(grid), brute_coverage(grid))
+    assert weight_map(grid).max() == 39 * 39
+
+
+def test_many_overlaps_do_not_overflow():
+    # 1521 overlaps at stride 1 (MONAI/patchly count in uint8 and overflow past 255).
+    image = np.full((100, 100), 200, np.uint8)
+    grid = PatchGrid(image.shape, 39, stride=1)
+    merged = merge_patches(extract_patches(image, grid), grid)
+    assert merged.dtype == np.float32
+    np.testing.assert_array_equal(merged, 200)
+
+
+def test_hann_and_triangular_keep_the_border():
+    # tiler's hann/bartlett zero the outer ring of the image; ours must not.
+    image = np.random.default_rng(1).random((64, 64)) + 1
+    grid = PatchGrid(image.shape, 16, stride=8)
+    for window in ("hann", "triangular", "gaussian"):
+        merged = merge_patches(extract_patches(image, grid), grid, window=window)
+        np.testing.assert_array_equal(merged, image)
+        assert weight_map(grid, window).min() > 0
+
+
+def test_dtype_rules():
+    grid = PatchGrid((20, 20), 5, stride=3)
+    for dtype, out in [(np.uint8, np.float32), (np.int16, np.float32), (np.float16, np.float32),
+                       (np.float32, np.float32), (np.float64, np.float64), (np.int32, np.float64),
+                       (np.int64, np.float64), (np.bool_, np.float32)]:
+        p = extract_patches(np.ones((20, 20), dtype), grid)
+        assert merge_patches(p, grid).dtype == out, dtype
+    image = np.random.default_rng(2).integers(0, 256, (20, 20), dtype=np.uint8)
+    m = merge_patches(extract_patches(image, grid), grid, window="hann", dtype=np.uint8)
+    assert m.dtype == np.uint8
+    np.testing.assert_array_equal(m, image)
+
+
+def test_integer_output_is_rounded_and_clipped():
+    grid = PatchGrid((4,), 2, stride=2)
+    m = merge_patches(np.array([[-3.6, 1.4], [255.6, 300.0]]), grid, dtype=np.uint8)
+    assert m.tolist() == [0, 1, 255, 255]
+
+
+def test_uncovered_pixels_are_marked_not_zero():
+    grid = PatchGrid((10,), 3, stride=4, edge="drop")
+    p = np.ones((2, 3))
+    m = merge_patches(p, grid)
+    assert np.isnan(m[[3, 7, 8, 9]]).all() and (m[[0, 1, 2, 4, 5, 6]] == 1).all()
+    assert merge_patches(p, grid, fill_value=-1)[3] == -1
+    assert merge_patches(p, grid, dtype=np.int16, fill_value=-7)[9] == -7
+    with pytest.raises(ValueError, match="fill_value"):
+        merge_patches(p, grid, dtype=np.uint8)
+    for reduce in ("max", "min"):
+        assert np.isnan(merge_patches(p, grid, reduce=reduce)[9])
+    assert np.isnan(merge_patches(p, grid, window="overlap-tile")[9])
+
+
+def test_flat_and_batched_forms():
+    rng = np.random.default_rng(3)
+    grid = PatchGrid((3, 17, 19), (5, 4), stride=(3, 2), channel_axis=0)
+    stack = rng.random((4,) + grid.patches_shape)
+    flat = stack.reshape((4, grid.n_patches) + grid.patch_shape)
+    batched = merge_patches(stack, grid)
+    assert batched.shape == (4,) + grid.image_shape
+    np.testing.assert_array_equal(merge_patches(flat, grid), batched)
+    for i in range(4):
+        np.testing.assert_allclose(merge_patches(stack[i], grid), batched[i], rtol=1e-12)
+        np.testing.assert_allclose(merge_patches(flat[i], grid), batched[i], rtol=1e-12)
+
+
+def test_patches_are_never_modified():
+    rng = np.random.default_rng(4)
+    grid = PatchGrid((30, 30), 7, stride=2)
+    p = rng.random(grid.patches_shape)
+    before = p.copy()
+    for window in NAMED:
+        merge_patches(p, grid, window=window)
+    np.testing.assert_array_equal(p, before)
+
+
+# ----------------------------------------------------------------- properties
+@settings(max_examples=300, deadline=None)
+@given(grids(), st.sampled_from(DTYPES), st.sampled_from(NAMED), st.integers(0, 2**32 - 1))
+def test_identity_round_trip_is_exact(grid, dtype, window, seed):
+    image = images(grid, dtype, seed)
+    before = image.copy()
+    merged = merge_patches(extract_patches(image, grid), grid, window=window)
+    covered = brute_coverage(grid) > 0
+    if grid.channel_axis is not None:
+        covered = np.expand_dims(covered, grid.channel_axis)
+    covered = np.broadcast_to(covered, image.shape)
+    np.testing.assert_array_equal(merged[covered], image[covered].astype(merged.dtype))
+    assert np.isnan(merged[~covered]).all()
+    np.testing.assert_array_equal(image, before)
+    if dtype in (np.uint8, np.uint16, np.int16, np.int32) and covered.all():
+        np.testing.assert_array_equal(
+            merge_patches(extract_patches(image, grid), grid, window=window, dtype=dtype), image)
+
+
+@settings(max_examples=300, deadline=None)
+@given(grids(), st.sampled_from(["mean", "max", "min"]), st.sampled_from(NAMED + ["array"]),
+       st.sampled_from([np.float64, np.float32, np.uint8]), st.integers(0, 2**32 - 1))
+def test_random_stack_matches_brute_force(grid, reduce, window, dtype, seed):
+    assume(reduce == "mean" or window == "uniform")
+    rng = np.random.default_rng(seed)
+    if window == "array":
+        window = rng.random(grid.patch_size) + (rng.random(grid.patch_size) < 0.8)
+    if dtype == np.uint8:
+        p = rng.integers(0, 256, grid.patches_shape).astype(np.uint8)
+    else:
+        p = (rng.standard_normal(grid.patches_shape) * 100).astype(dtype)
+    merged = merge_patches(p, grid, window=window, reduce=reduce)
+    canon = p[..., None] if grid.channel_axis is None else p
+    expected = to_user_layout(brute_merge(canon, grid, window, reduce), grid)
+    rtol = 1e-5 if merged.dtype == np.float32 else 1e-10
+    np.testing.assert_allclose(merged, expected, rtol=rtol, atol=rtol * (1 + float(np.abs(p).max())))
+    assert np.array_equal(np.isnan(merged), np.isnan(expected))
+
+
+@settings(max_examples=200, deadline=None)
+@given(grids(), st.sampled_from(NAMED[:-1]))
+def test_weight_map_matches_brute_force(grid, window):
+    ones = np.ones(grid.patches_shape[:grid.ndim] + grid.patch_size)
+    w = weight_map(grid, window)
+    if window == "uniform":
+        np.testing.assert_array_equal(w, brute_coverage(grid))
+    sub = PatchGrid(grid.spatial_shape, grid.patch_size, grid.stride, edge=grid.edge,
+                    pad_mode=grid.pad_mode)
+    from patch_viewer.core.windows import make_window
+    win = make_window(window, grid.patch_size)
+    win = np.ones(grid.patch_size) if win is None else win
+    expected = np.zeros(grid.padded_shape)
+    for idx in np.ndindex(grid.grid_shape):
+        o = sub.patch_origin(idx)
+        expected[tuple(slice(a, a + p) for a, p in zip(o, grid.patch_size))] += win
+    expected = expected[tuple(slice(0, n) for n in grid.spatial_shape)]
+    np.testing.assert_allclose(w, expected, rtol=1e-12)
+    # An arbitrary array window goes through the general overlap-add path.
+    np.testing.assert_allclose(weight_map(grid, win), expected, rtol=1e-12)
+    del ones
+
+
+@settings(max_examples=200, deadline=None)
+@given(grids(), st.sampled_from(["mean", "max"]), st.sampled_from(["uniform", "hann", "overlap-tile"]),
+       st.integers(1, 5), st.integers(0, 2**32 - 1))
+def test_streaming_equals_all_at_once(grid, reduce, window, rows, seed):
+    """Adding the stack in batches of patch rows gives the same result as all at once.
+
+    Patch values are small integers, so every sum is exact whatever the grouping.
+    """
+    assume(reduce == "mean" or window == "uniform")
+    rng = np.random.default_rng(seed)
+    p = rng.integers(-50, 50, grid.patches_shape).astype(np.float64)
+    whole = merge_patches(p, grid, window=window, reduce=reduce)
+    canon, _ = patches_to_canonical(p, grid)
+    merger = Merger(grid, 1, canon.shape[-1], canon.dtype, window=window, reduce=reduce)
+    for r in range(0, grid.grid_shape[0], rows):
+        merger.add(canon[:, r:r + rows], 0, r)
+    streamed = merger.result()
+    streamed = streamed[0, ..., 0] if grid.channel_axis is None else np.moveaxis(
+        streamed[0], -1, grid.channel_axis)
+    if window == "uniform":
+        np.testing.assert_array_equal(streamed, whole)
+    else:
+        np.testing.assert_allclose(streamed, whole, rtol=1e-13, atol=1e-12)
+
+
+@given(st.lists(st.integers(0, 30), min_size=1, max_size=8, unique=True).map(sorted),
+       st.integers(1, 9), st.sampled_from(["first", "centre"]))
+def test_owned_segments_partition_the_covered_pixels(origins, p, rule):
+    o = np.array(origins)
+    owner = np.full(o[-1] + p, -1)
+    for i0, i1, a, w, pitch in _owned_segments(o, p, rule):
+        for i in range(i0, i1):
+            assert i1 - i0 == 1 or o[i] - o[i0] == (i - i0) * pitch
+            sl = slice(o[i] + a, o[i] + a + w)
+            assert (owner[sl] == -1).all()  # nobody owns a pixel twice
+            owner[sl] = i
+    for x in range(len(owner)):
+        covering = [i for i, oi in enumerate(o) if oi <= x < oi + p]
+        if not covering:
+            assert owner[x] == -1
+        elif rule == "first":
+            assert owner[x] == covering[0]
+        else:
+            centre = [abs(x - (o[i] + (p - 1) / 2)) for i in covering]
+            assert owner[x] == covering[int(np.argmin(centre))]
+
+
+# ----------------------------------------------------------------- bad input
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(window="bartlett"), ValueError, "window.*uniform"),
+        (dict(window=np.ones((3, 3))), ValueError, "window.*patch's spatial shape"),
+        (dict(window=-np.ones((4, 4))), ValueError, "window.*>= 0"),
+        (dict(window=np.zeros((4, 4))), ValueError, "window.*positive"),
+        (dict(window=np.full((4, 4), np.nan)), ValueError, "window.*finite"),
+        (dict(window=np.full((4, 4), "a")), TypeError, "window.*numeric"),
+        (dict(reduce="median"), ValueError, "reduce.*mean.*max.*min"),
+        (dict(reduce="max", window="hann"), ValueError, "window.*uniform.*reduce='max'"),
+        (dict(window="gaussian", sigma=0), ValueError, r"sigma.*\[0.01, 10.0\]"),
+        (dict(window="hann", sigma=1), TypeError, "hann.*no parameter.*sigma"),
+        (dict(dtype=np.complex64), TypeError, "dtype"),
+    ],
+)
+def test_bad_merge_arguments(kwargs, exc, match):
+    grid = PatchGrid((10, 10), 4, stride=2)
+    with pytest.raises(exc, match=match):
+        merge_patches(np.ones(grid.patches_shape), grid, **kwargs)
+
+
+def test_bad_stack_shape_names_expected_forms():
+    grid = PatchGrid((10, 10), 4, stride=2)
+    with pytest.raises(ValueError, match=r"patches.*\(4, 4, 4, 4\).*\(16, 4, 4\)"):
+        merge_patches(np.ones((4, 4, 4, 3)), grid)
+    with pytest.raises(TypeError, match="real numbers"):
+        merge_patches(np.ones(grid.patches_shape, complex), grid)
+    with pytest.raises(TypeError, match="grid"):
+        merge_patches(np.ones(grid.patches_shape), (10, 10))
+
+
+def test_nan_in_patches_stays_local():
+    grid = PatchGrid((8,), 2, stride=2)
+    p = np.ones((4, 2))
+    p[1, 0] = np.nan
+    m = merge_patches(p, grid)
+    assert np.isnan(m[2]) and np.isfinite(np.delete(m, 2)).all()
