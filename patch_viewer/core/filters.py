@@ -1,0 +1,257 @@
+"""Per-patch filters, each vectorised over a whole stack of patches.
+
+A filter is called as ``func(stack, spatial_axes, **params)``: ``stack`` holds many patches (and
+possibly channels), ``spatial_axes`` names the axes of one patch. It returns an array of the same
+shape and never mixes values between patches: ``scipy.ndimage`` filters get a zero sigma (size 1)
+on every other axis, and per-patch statistics reduce over ``spatial_axes`` only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+from scipy import ndimage as ndi
+
+
+@dataclass(frozen=True)
+class Param:
+    """A filter parameter: its default and allowed range (the GUI builds a control from it)."""
+
+    default: float
+    min: float
+    max: float
+    kind: type = float
+    doc: str = ""
+
+    def check(self, name: str, value):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+            raise TypeError(f"filter parameter `{name}` must be a number, got {value!r}")
+        if self.kind is int and float(value) != int(value):
+            raise TypeError(f"filter parameter `{name}` must be an integer, got {value!r}")
+        if not (self.min <= value <= self.max):
+            raise ValueError(
+                f"filter parameter `{name}` must be in [{self.min}, {self.max}], got {value!r}"
+            )
+        return self.kind(value)
+
+
+@dataclass(frozen=True)
+class PatchFilter:
+    """A named per-patch filter with declared parameters."""
+
+    name: str
+    func: Callable
+    params: dict = field(default_factory=dict)
+    doc: str = ""
+
+    def validate(self, params: dict | None) -> dict:
+        """Parameters with defaults filled in, checked against their declared ranges."""
+        params = dict(params or {})
+        unknown = set(params) - set(self.params)
+        if unknown:
+            raise TypeError(
+                f"filter {self.name!r} takes parameters {tuple(self.params)}, "
+                f"got unknown {tuple(sorted(unknown))}"
+            )
+        return {k: p.check(k, params.get(k, p.default)) for k, p in self.params.items()}
+
+    def __call__(self, stack, spatial_axes, **params):
+        out = self.func(stack, tuple(spatial_axes), **self.validate(params))
+        if np.shape(out) != np.shape(stack):
+            raise ValueError(
+                f"filter {self.name!r} returned shape {np.shape(out)} for input {np.shape(stack)}"
+            )
+        return out
+
+
+FILTERS: dict[str, PatchFilter] = {}
+
+
+def register_filter(name: str, func: Callable | None = None, *, params: dict | None = None,
+                    batched: bool = True, doc: str = ""):
+    """Add a filter to the registry (usable as a decorator).
+
+    Parameters
+    ----------
+    name : str
+        Registry name.
+    func : callable
+        ``func(stack, spatial_axes, **params)`` when ``batched`` (vectorised over the stack), or
+        ``func(patch, **params)`` on one patch of shape ``patch_size`` (one channel at a time)
+        when not.
+    params : dict of str -> Param, optional
+        Declared parameters with defaults and ranges.
+    batched : bool, optional
+        Whether ``func`` handles a whole stack; per-patch callables are looped over (slower).
+
+    Examples
+    --------
+    >>> @register_filter("square", params={})
+    ... def square(stack, spatial_axes):
+    ...     return stack ** 2
+    >>> FILTERS["square"](np.full((2, 3), 3.0), (1,)).tolist()
+    [[9.0, 9.0, 9.0], [9.0, 9.0, 9.0]]
+    >>> del FILTERS["square"]
+    """
+    def deco(f):
+        if not isinstance(name, str) or not name:
+            raise TypeError("filter `name` must be a non-empty string")
+        call = f if batched else _per_patch(f)
+        FILTERS[name] = PatchFilter(name, call, dict(params or {}), doc or (f.__doc__ or "").strip())
+        return f
+
+    return deco if func is None else deco(func)
+
+
+def get_filter(spec) -> PatchFilter:
+    """A :class:`PatchFilter` from a registered name, a PatchFilter, or a batched callable."""
+    if isinstance(spec, PatchFilter):
+        return spec
+    if isinstance(spec, str):
+        if spec not in FILTERS:
+            raise ValueError(f"`patch_filter` must be one of {tuple(FILTERS)}, got {spec!r}")
+        return FILTERS[spec]
+    if callable(spec):
+        return PatchFilter(getattr(spec, "__name__", "custom"), spec)
+    raise TypeError(f"`patch_filter` must be a name, a PatchFilter or a callable, got {spec!r}")
+
+
+def _per_patch(f):
+    def call(stack, spatial_axes, **params):
+        nd = len(spatial_axes)
+        moved = np.moveaxis(stack, spatial_axes, range(stack.ndim - nd, stack.ndim))
+        out = np.empty(moved.shape, dtype=np.result_type(stack.dtype, np.float32))
+        for idx in np.ndindex(moved.shape[:-nd]):
+            out[idx] = f(moved[idx], **params)
+        return np.moveaxis(out, range(stack.ndim - nd, stack.ndim), spatial_axes)
+
+    return call
+
+
+def _float(stack):
+    return stack if stack.dtype.kind == "f" else stack.astype(np.float32)
+
+
+def _per_axis(stack, spatial_axes, value, other):
+    return [value if ax in spatial_axes else other for ax in range(stack.ndim)]
+
+
+# --------------------------------------------------------------------------- built-in filters
+@register_filter("identity")
+def identity(stack, spatial_axes):
+    """No change (the merge then reproduces the image exactly)."""
+    return stack
+
+
+@register_filter("gaussian", params={"sigma": Param(1.0, 0.1, 20.0, float, "blur radius (px)")})
+def gaussian(stack, spatial_axes, sigma):
+    """Gaussian blur inside each patch (reflecting at the patch border)."""
+    return ndi.gaussian_filter(_float(stack), _per_axis(stack, spatial_axes, sigma, 0.0))
+
+
+@register_filter("median", params={"size": Param(3, 1, 31, int, "window size (px)")})
+def median(stack, spatial_axes, size):
+    """Median filter inside each patch."""
+    return ndi.median_filter(stack, size=_per_axis(stack, spatial_axes, size, 1))
+
+
+@register_filter("uniform", params={"size": Param(3, 1, 31, int, "window size (px)")})
+def uniform(stack, spatial_axes, size):
+    """Moving-average (box) filter inside each patch."""
+    return ndi.uniform_filter(_float(stack), size=_per_axis(stack, spatial_axes, size, 1))
+
+
+@register_filter("sobel")
+def sobel(stack, spatial_axes):
+    """Gradient magnitude (Sobel) inside each patch."""
+    x = _float(stack)
+    total = np.zeros(x.shape, x.dtype)
+    for ax in spatial_axes:
+        # ndi.sobel would smooth along every other axis, patch axes included: smooth only
+        # along the other spatial axes so that patches never mix.
+        g = ndi.correlate1d(x, [-1, 0, 1], axis=ax)
+        for other in spatial_axes:
+            if other != ax:
+                g = ndi.correlate1d(g, [1, 2, 1], axis=other)
+        total += g * g
+    return np.sqrt(total, out=total)
+
+
+@register_filter("unsharp", params={
+    "radius": Param(1.0, 0.1, 20.0, float, "blur radius (px)"),
+    "amount": Param(1.0, 0.0, 10.0, float, "sharpening strength"),
+})
+def unsharp(stack, spatial_axes, radius, amount):
+    """Unsharp mask: ``x + amount * (x - gaussian(x, radius))`` inside each patch."""
+    x = _float(stack)
+    blurred = ndi.gaussian_filter(x, _per_axis(stack, spatial_axes, radius, 0.0))
+    return x + amount * (x - blurred)
+
+
+@register_filter("invert")
+def invert(stack, spatial_axes):
+    """Invert each patch within its own range: ``min + max - x``."""
+    x = _float(stack)
+    return x.min(axis=spatial_axes, keepdims=True) + x.max(axis=spatial_axes, keepdims=True) - x
+
+
+@register_filter("zscore")
+def zscore(stack, spatial_axes):
+    """Per-patch normalisation to zero mean and unit variance (constant patches become 0)."""
+    x = _float(stack)
+    mean = x.mean(axis=spatial_axes, keepdims=True)
+    std = x.std(axis=spatial_axes, keepdims=True)
+    out = x - mean
+    np.divide(out, std, out=out, where=std > 0)
+    out[np.broadcast_to(std == 0, out.shape)] = 0
+    return out
+
+
+@register_filter("minmax")
+def minmax(stack, spatial_axes):
+    """Per-patch rescale to [0, 1] (constant patches become 0)."""
+    x = _float(stack)
+    lo = x.min(axis=spatial_axes, keepdims=True)
+    span = x.max(axis=spatial_axes, keepdims=True) - lo
+    out = x - lo
+    np.divide(out, span, out=out, where=span > 0)
+    out[np.broadcast_to(span == 0, out.shape)] = 0
+    return out
+
+
+@register_filter("otsu", params={"nbins": Param(256, 2, 4096, int, "histogram bins")})
+def otsu(stack, spatial_axes, nbins):
+    """Per-patch Otsu threshold: 1 where a pixel is above its own patch's threshold, else 0."""
+    x = _float(stack)
+    t = otsu_thresholds(x, spatial_axes, nbins)
+    return (x > t).astype(x.dtype)
+
+
+def otsu_thresholds(x, spatial_axes, nbins=256):
+    """Otsu threshold of every patch at once (same bins and rule as skimage.filters.threshold_otsu).
+
+    Returns an array broadcastable against ``x`` (spatial axes kept with length 1).
+    """
+    nd = len(spatial_axes)
+    moved = np.moveaxis(x, spatial_axes, range(x.ndim - nd, x.ndim))
+    lead = moved.shape[:-nd]
+    flat = moved.reshape(-1, int(np.prod(moved.shape[-nd:]))).astype(np.float64)
+    n = flat.shape[0]
+    lo = flat.min(axis=1, keepdims=True)
+    hi = flat.max(axis=1, keepdims=True)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    idx = np.clip(((flat - lo) / span * nbins).astype(np.int64), 0, nbins - 1)
+    counts = np.bincount((idx + np.arange(n)[:, None] * nbins).ravel(), minlength=n * nbins)
+    hist = counts.reshape(n, nbins).astype(np.float64)
+    centres = lo + (np.arange(nbins) + 0.5) * span / nbins
+    w1 = np.cumsum(hist, axis=1)
+    w2 = np.cumsum(hist[:, ::-1], axis=1)[:, ::-1]
+    m1 = np.cumsum(hist * centres, axis=1) / np.maximum(w1, 1)
+    m2 = (np.cumsum((hist * centres)[:, ::-1], axis=1) / np.maximum(w2[:, ::-1], 1))[:, ::-1]
+    var = w1[:, :-1] * w2[:, 1:] * (m1[:, :-1] - m2[:, 1:]) ** 2
+    t = np.take_along_axis(centres, np.argmax(var, axis=1)[:, None], axis=1)[:, 0]
+    t = np.where(hi[:, 0] > lo[:, 0], t, lo[:, 0])
+    t = t.reshape(lead + (1,) * nd)
+    return np.moveaxis(t, range(x.ndim - nd, x.ndim), spatial_axes)

@@ -1,0 +1,88 @@
+"""Reconstruction error: a signed error map and summary metrics (thin over skimage.metrics)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+METRICS = ("max_abs", "rmse", "psnr", "ssim")
+
+
+def error_map(merged, reference) -> np.ndarray:
+    """Signed error ``merged - reference`` as float (NaN where ``merged`` is uncovered).
+
+    Examples
+    --------
+    >>> error_map(np.array([1.0, 2.0]), np.array([1, 3])).tolist()
+    [0.0, -1.0]
+    """
+    merged = np.asarray(merged)
+    reference = np.asarray(reference)
+    if merged.shape != reference.shape:
+        raise ValueError(f"`merged` shape {merged.shape} differs from `reference` shape {reference.shape}")
+    dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
+    return np.subtract(merged, reference, dtype=dtype)
+
+
+def data_range_of(reference) -> float:
+    """Value range used for PSNR/SSIM: the dtype range for integers, else max - min (>0)."""
+    reference = np.asarray(reference)
+    if reference.dtype.kind in "iu":
+        info = np.iinfo(reference.dtype)
+        return float(info.max) - float(min(info.min, 0))
+    if reference.dtype.kind == "b":
+        return 1.0
+    finite = reference[np.isfinite(reference)]
+    if finite.size == 0:
+        return 1.0
+    span = float(finite.max()) - float(finite.min())
+    return span if span > 0 else 1.0
+
+
+def compute_metrics(merged, reference, *, channel_axis=None, data_range=None) -> dict:
+    """Max-abs error, RMSE, PSNR (dB) and SSIM of ``merged`` against ``reference``.
+
+    Pixels where either image is not finite (pixels no patch covers are NaN) are left out of
+    max-abs, RMSE and PSNR; for SSIM they take the reference's value (zero error there).
+    ``covered`` in the result is the fraction of pixels that count.
+
+    Examples
+    --------
+    >>> m = compute_metrics(np.ones((8, 8)), np.ones((8, 8)))
+    >>> m["max_abs"], m["rmse"], m["psnr"], m["ssim"]
+    (0.0, 0.0, inf, 1.0)
+    """
+    merged = np.asarray(merged)
+    reference = np.asarray(reference)
+    err = error_map(merged, reference)
+    mask = np.isfinite(err)
+    covered = float(mask.mean()) if mask.size else 0.0
+    dr = data_range_of(reference) if data_range is None else float(data_range)
+    if not (dr > 0 and math.isfinite(dr)):
+        raise ValueError(f"`data_range` must be a positive finite number, got {data_range!r}")
+    if not mask.any():
+        return {"max_abs": math.nan, "rmse": math.nan, "psnr": math.nan, "ssim": math.nan,
+                "covered": covered}
+    e = err[mask].astype(np.float64)
+    max_abs = float(np.abs(e).max())
+    rmse = float(np.sqrt(np.mean(e * e)))
+    ref64 = reference.astype(np.float64)
+    with np.errstate(divide="ignore"):
+        psnr = float(peak_signal_noise_ratio(ref64[mask], ref64[mask] + e, data_range=dr))
+    return {"max_abs": max_abs, "rmse": rmse, "psnr": psnr,
+            "ssim": _ssim(ref64, np.where(mask, merged, ref64), channel_axis, dr),
+            "covered": covered}
+
+
+def _ssim(ref, merged, channel_axis, dr) -> float:
+    ref = np.where(np.isfinite(ref), ref, 0.0)
+    merged = np.where(np.isfinite(merged), merged, ref)
+    spatial = [n for i, n in enumerate(ref.shape) if channel_axis is None or i != channel_axis % ref.ndim]
+    win = min(7, min(spatial))
+    win -= 1 - win % 2  # odd
+    if win < 3:
+        return math.nan  # too small for a structural comparison
+    return float(structural_similarity(ref, merged, data_range=dr, channel_axis=channel_axis,
+                                       win_size=win))

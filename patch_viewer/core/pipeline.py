@@ -1,0 +1,213 @@
+"""The whole flow, streamed: image -> patches -> per-patch filter -> merge -> weights -> error.
+
+Patches are materialised only a batch of patch rows at a time (filters need real arrays), and
+each batch is overlap-added as soon as it is filtered, so memory is O(image + batch) however
+many patches there are.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ._layout import (
+    check_bytes,
+    from_canonical,
+    is_batched,
+    pad_canonical,
+    to_canonical,
+    window_view,
+)
+from .filters import get_filter
+from .grid import PatchGrid
+from .merge import REDUCTIONS, Merger, weight_map
+from .metrics import compute_metrics, error_map
+from .windows import make_window
+
+REFERENCES = ("input", "filter")
+
+#: Default size of one streamed batch of filtered patches.
+DEFAULT_BATCH_BYTES = 8 * 2**20
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What a run will do: patch count, batches and memory, known before any pixel is touched."""
+
+    n_images: int
+    n_patches: int
+    rows_per_batch: int
+    n_batches: int
+    batch_bytes: int
+    image_bytes: int
+    stack_bytes: int  # what materialising every patch at once would take (float32)
+
+    @property
+    def peak_bytes(self) -> int:
+        """Rough peak: the input plus ~4 image-sized work arrays, plus two batches."""
+        return 5 * self.image_bytes + 2 * self.batch_bytes
+
+
+def make_plan(grid: PatchGrid, n_images: int = 1, *, batch_bytes: int | None = None) -> Plan:
+    """Plan a streamed run over ``n_images`` images of ``grid`` (patches counted as float32).
+
+    Examples
+    --------
+    >>> p = make_plan(PatchGrid((100, 100), 39))
+    >>> p.n_patches, p.rows_per_batch, p.n_batches
+    (3844, 22, 3)
+    """
+    batch_bytes = DEFAULT_BATCH_BYTES if batch_bytes is None else int(batch_bytes)
+    if batch_bytes < 1:
+        raise ValueError(f"`batch_bytes` must be >= 1, got {batch_bytes}")
+    item = 4
+    row_bytes = math.prod(grid.grid_shape[1:]) * math.prod(grid.patch_shape) * item
+    rows = max(1, min(grid.grid_shape[0], batch_bytes // row_bytes))
+    n_batches = n_images * math.ceil(grid.grid_shape[0] / rows)
+    image_bytes = n_images * math.prod(grid.padded_shape) * (grid.n_channels or 1) * 8
+    return Plan(n_images, n_images * grid.n_patches, rows, n_batches, rows * row_bytes,
+                image_bytes, n_images * grid.nbytes(np.float32))
+
+
+@dataclass(frozen=True)
+class Result:
+    """Everything a run produces (arrays in the input's layout)."""
+
+    merged: np.ndarray
+    weights: np.ndarray
+    reference: np.ndarray
+    error: np.ndarray
+    metrics: dict
+    grid: PatchGrid
+    plan: Plan
+    elapsed: float
+
+
+def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
+                 window="uniform", window_params=None, reduce="mean", reference="input",
+                 dtype=None, batch_bytes=None, max_bytes=None):
+    """Generator form of :func:`process`: yields ``(patches_done, patches_total)`` after each
+    batch and returns the :class:`Result` (``StopIteration.value``; napari's ``thread_worker``
+    emits it as ``returned``). Closing the generator cancels the run.
+
+    All arguments are validated before the generator is returned.
+    """
+    if not isinstance(grid, PatchGrid):
+        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    image = np.asanyarray(image)
+    if image.dtype.kind not in "biuf":
+        raise TypeError(f"`image` must hold real numbers, got dtype {image.dtype}")
+    batched = is_batched(image.shape, grid)
+    filt = get_filter(patch_filter)
+    params = filt.validate(filter_params) if filt.params or filter_params else {}
+    if reference not in REFERENCES:
+        raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
+    make_window(window, grid.patch_size, **(window_params or {}))  # validates
+    n_images = image.shape[0] if batched else 1
+    plan = make_plan(grid, n_images, batch_bytes=batch_bytes)
+    check_bytes(plan.peak_bytes, "this run", max_bytes,
+                "use a smaller batch_bytes, or the dask path for images larger than memory")
+    return _run(image, grid, filt, params, window, dict(window_params or {}), reduce, reference,
+                dtype, batched, plan)
+
+
+def _run(image, grid, filt, params, window, window_params, reduce, reference, dtype, batched,
+         plan):
+    start = time.perf_counter()
+    nd = grid.ndim
+    canon = to_canonical(image, grid, batched)
+    view = window_view(pad_canonical(canon, grid), grid)
+    spatial_axes = tuple(range(2 + nd - 1, 2 + 2 * nd - 1))
+    rows = plan.rows_per_batch
+    g0 = grid.grid_shape[0]
+    rest = tuple(
+        slice(int(o[0]), int(o[-1]) + 1, s) if grid.is_regular else o
+        for o, s in zip(grid.origins[1:], grid.stride[1:])
+    )
+    merger = None
+    done = 0
+    for b in range(canon.shape[0]):
+        for r0 in range(0, g0, rows):
+            o0 = grid.origins[0][r0:r0 + rows]
+            if grid.is_regular:
+                batch = view[(slice(b, b + 1), slice(int(o0[0]), int(o0[-1]) + 1, grid.stride[0]))
+                             + rest]
+            else:
+                batch = view[(slice(b, b + 1),) + np.ix_(o0, *rest)]
+            out = np.asarray(filt(batch, spatial_axes, **params))
+            if merger is None:
+                merger = Merger(grid, canon.shape[0], canon.shape[-1], out.dtype, window=window,
+                                reduce=reduce, window_params=window_params)
+            merger.add(out, b, r0)
+            done += out.shape[1] * math.prod(grid.grid_shape[1:])
+            yield done, plan.n_patches
+    merged = from_canonical(merger.result(dtype), grid, batched)
+    if reference == "filter":
+        ref = np.asarray(filt(canon, tuple(range(1, nd + 1)), **params))
+        ref = from_canonical(ref, grid, batched)
+    else:
+        ref = image
+    error = error_map(merged, ref)
+    channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
+    metrics = compute_metrics(merged, ref, channel_axis=channel_axis)
+    weights = weight_map(grid, window, **window_params)
+    return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
+
+
+def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
+            window="uniform", window_params=None, reduce="mean", reference="input", dtype=None,
+            batch_bytes=None, max_bytes=None, progress=None) -> Result:
+    """Cut ``image`` into patches, filter each patch, merge them back and measure the error.
+
+    Parameters
+    ----------
+    image : array_like
+        An image of shape ``grid.image_shape``, or a batch of them (leading axis).
+    grid : PatchGrid
+        The patch geometry.
+    patch_filter : str, PatchFilter or callable, optional
+        A name from ``patch_viewer.FILTERS`` (default ``"identity"``) or a batched callable
+        ``f(stack, spatial_axes, **params)``.
+    filter_params : dict, optional
+        Filter parameters, checked against the filter's declared ranges.
+    window, window_params, reduce, dtype
+        As in :func:`merge_patches`.
+    reference : {"input", "filter"}, optional
+        What the error is measured against: the input image, or the same filter applied to the
+        whole image (that shows the seams patch-wise processing leaves).
+    batch_bytes : int, optional
+        Size of one streamed batch of filtered patches (default 8 MiB).
+    max_bytes : int, optional
+        Refuse runs whose estimated peak memory exceeds this (default 4 GiB).
+    progress : callable, optional
+        Called as ``progress(patches_done, patches_total)`` after every batch.
+
+    Returns
+    -------
+    Result
+        ``merged``, ``weights``, ``reference``, ``error``, ``metrics`` (max_abs, rmse, psnr,
+        ssim, covered), ``grid``, ``plan`` and ``elapsed`` seconds.
+
+    Examples
+    --------
+    >>> image = np.random.default_rng(0).random((64, 64)).astype(np.float32)
+    >>> r = process(image, PatchGrid(image.shape, 16, stride=8), "gaussian",
+    ...             filter_params={"sigma": 1.0}, reference="filter")
+    >>> r.merged.shape, r.metrics["max_abs"] > 0
+    ((64, 64), True)
+    """
+    gen = iter_process(image, grid, patch_filter, filter_params=filter_params, window=window,
+                       window_params=window_params, reduce=reduce, reference=reference,
+                       dtype=dtype, batch_bytes=batch_bytes, max_bytes=max_bytes)
+    while True:
+        try:
+            done, total = next(gen)
+        except StopIteration as stop:
+            return stop.value
+        if progress is not None:
+            progress(done, total)

@@ -1,0 +1,56 @@
+import math
+
+import numpy as np
+import pytest
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+
+from patch_viewer import compute_metrics, error_map
+
+
+def test_hand_computed():
+    ref = np.zeros((8, 8))
+    merged = ref.copy()
+    merged[0, 0] = 2
+    ref[7, 7] = 4  # data range 4
+    m = compute_metrics(merged, ref)
+    assert m["max_abs"] == 4
+    assert math.isclose(m["rmse"], math.sqrt((4 + 16) / 64))
+    assert math.isclose(m["psnr"], 10 * math.log10(16 / ((4 + 16) / 64)))
+    assert error_map(merged, ref)[0, 0] == 2 and error_map(merged, ref)[7, 7] == -4
+
+
+def test_matches_skimage():
+    rng = np.random.default_rng(0)
+    ref = rng.random((32, 32, 3))
+    merged = ref + rng.normal(0, 0.05, ref.shape)
+    m = compute_metrics(merged, ref, channel_axis=-1)
+    dr = ref.max() - ref.min()
+    assert math.isclose(m["psnr"], peak_signal_noise_ratio(ref, merged, data_range=dr))
+    assert math.isclose(m["ssim"], structural_similarity(ref, merged, data_range=dr,
+                                                         channel_axis=-1))
+    u8 = (ref * 255).astype(np.uint8)
+    m = compute_metrics(u8.astype(np.float32) + 1, u8, channel_axis=-1)
+    assert math.isclose(m["psnr"], 20 * math.log10(255))
+
+
+def test_perfect_and_uncovered():
+    ref = np.random.default_rng(1).random((16, 16))
+    assert compute_metrics(ref, ref) == {"max_abs": 0.0, "rmse": 0.0, "psnr": math.inf,
+                                         "ssim": 1.0, "covered": 1.0}
+    merged = ref.copy()
+    merged[:, 12:] = np.nan  # uncovered by edge="drop"
+    m = compute_metrics(merged, ref)
+    assert m["covered"] == 0.75 and m["max_abs"] == 0 and m["ssim"] == 1.0
+    assert math.isnan(compute_metrics(np.full((4, 4), np.nan), ref[:4, :4])["rmse"])
+
+
+def test_tiny_images_have_no_ssim_but_other_metrics():
+    m = compute_metrics(np.array([1.0, 2.0]), np.array([1.0, 3.0]))
+    assert m["max_abs"] == 1 and math.isnan(m["ssim"])
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="merged.*shape.*reference"):
+        compute_metrics(np.zeros(3), np.zeros(4))
+    with pytest.raises(ValueError, match="data_range"):
+        compute_metrics(np.zeros(3), np.zeros(3), data_range=0)
