@@ -57,6 +57,8 @@ def extract_patches(image, grid: PatchGrid, *, copy: bool = False, max_bytes: in
         raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
     image = np.asanyarray(image)
     batched = is_batched(image.shape, grid)
+    if grid.is_regular and not copy and grid.padded_shape == grid.spatial_shape:
+        return _regular_view(image, grid, batched)
     canon = pad_canonical(to_canonical(image, grid, batched), grid)
     view = window_view(canon, grid)
     nd = grid.ndim
@@ -80,3 +82,17 @@ def extract_patches(image, grid: PatchGrid, *, copy: bool = False, max_bytes: in
     if grid.channel_axis is None:
         patches = patches[..., 0]
     return patches if batched else patches[0]
+
+
+def _regular_view(image: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarray:
+    """The read-only strided view of a regular grid, built in one ``as_strided`` call."""
+    st = image.strides
+    lead = 1 if batched else 0
+    axes = [i + lead for i in range(len(grid.image_shape)) if i != grid.channel_axis]
+    shape = image.shape[:lead] + grid.grid_shape + grid.patch_size
+    strides = st[:lead] + tuple(st[a] * s for a, s in zip(axes, grid.stride))
+    strides += tuple(st[a] for a in axes)
+    if grid.channel_axis is not None:
+        shape += (image.shape[grid.channel_axis + lead],)
+        strides += (st[grid.channel_axis + lead],)
+    return np.lib.stride_tricks.as_strided(image, shape, strides, writeable=False)

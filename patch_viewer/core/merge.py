@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -262,40 +264,76 @@ class Merger:
         self._buffers: dict = {}
 
     # -- adding ---------------------------------------------------------------------------
-    def add(self, piece: np.ndarray, b0: int = 0, row0: int = 0) -> None:
-        """Add a piece of patches (see the class docstring); splits it into cache-sized parts."""
+    def _parts(self, piece: np.ndarray, b0: int, row0: int):
+        """Split a piece into cache-sized parts ``(part, first image, first row)``."""
         b, g0 = piece.shape[:2]
         row_bytes = n_elements(piece.shape[2:]) * self.work.itemsize
         rows = max(1, _PIECE_BYTES // max(row_bytes, 1))
         if rows >= g0 and b > 1:
             per = max(1, rows // g0)
             for i in range(0, b, per):
-                self._add_part(piece[i:i + per], b0 + i, row0)
+                yield piece[i:i + per], b0 + i, row0
             return
         for bi in range(b):
             for r in range(0, g0, rows):
-                self._add_part(piece[bi:bi + 1, r:r + rows], b0 + bi, row0 + r)
+                yield piece[bi:bi + 1, r:r + rows], b0 + bi, row0 + r
 
-    def _add_part(self, part: np.ndarray, b0: int, row0: int) -> None:
-        b, g0 = part.shape[:2]
-        images = slice(b0, b0 + b)
-        if self.mode == "pick" or (self.mode == "mean" and self.anchor):
-            self._set_ref(part, images, row0)
+    @property
+    def _uses_ref(self) -> bool:
+        return self.mode == "pick" or (self.mode == "mean" and self.anchor)
+
+    def add(self, piece: np.ndarray, b0: int = 0, row0: int = 0) -> None:
+        """Add a piece of patches (see the class docstring); splits it into cache-sized parts."""
+        for part, b, r in self._parts(piece, b0, row0):
+            if self._uses_ref:
+                self._set_ref(part, slice(b, b + part.shape[0]), r)
+            if self.mode != "pick":
+                self._accumulate(part, b, r, self.acc, self._buffers)
+
+    def add_all(self, stack: np.ndarray, workers: int = 1) -> None:
+        """Add a whole stack at once, accumulating on ``workers`` threads (NumPy releases the
+        GIL). Each thread sums a contiguous block into its own canvas; the canvases are then
+        combined in a fixed order, so the result does not depend on thread timing."""
+        parts = list(self._parts(stack, 0, 0))
+        if self._uses_ref:
+            for part, b, r in parts:
+                self._set_ref(part, slice(b, b + part.shape[0]), r)
         if self.mode == "pick":
             return
+        workers = max(1, min(workers, len(parts)))
+        if workers == 1:
+            for part, b, r in parts:
+                self._accumulate(part, b, r, self.acc, self._buffers)
+            return
+        bounds = np.linspace(0, len(parts), workers + 1).round().astype(int)
+        accs = [self.acc] + [np.full_like(self.acc, self._identity) for _ in range(workers - 1)]
+
+        def job(k):
+            buffers: dict = {}
+            for part, b, r in parts[bounds[k]:bounds[k + 1]]:
+                self._accumulate(part, b, r, accs[k], buffers)
+
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(job, range(workers)))
+        for extra in accs[1:]:
+            self._op(self.acc, extra, out=self.acc)
+
+    def _accumulate(self, part: np.ndarray, b0: int, row0: int, acc: np.ndarray,
+                    buffers: dict) -> None:
+        b, g0 = part.shape[:2]
+        images = slice(b0, b0 + b)
         grid = self.grid
-        nd = self._nd
         runs0 = [(max(a, row0), min(z, row0 + g0)) for a, z in self._runs[0]]
         runs = [[r for r in runs0 if r[0] < r[1]]] + self._runs[1:]
-        acc = self.acc[images]
+        acc = acc[images]
         for combo in itertools.product(*runs):
             sub = part[(slice(None), slice(combo[0][0] - row0, combo[0][1] - row0))
                        + tuple(slice(a, z) for a, z in combo[1:])]
             origin = tuple(int(o[a]) for o, (a, _) in zip(grid.origins, combo))
-            sub, padded = self._prepared(sub, images, origin)
+            sub, padded = self._prepared(sub, images, origin, buffers)
             overlap_add(acc, sub, origin, grid.stride, self._op, self._identity, padded)
 
-    def _prepared(self, sub: np.ndarray, images: slice, origin):
+    def _prepared(self, sub: np.ndarray, images: slice, origin, buffers: dict):
         """``(sub - ref) * window`` (as far as the mode needs) in the work dtype, laid out so
         that the overlap-add reads contiguous memory. Returns ``(patches, padded)``.
 
@@ -315,9 +353,9 @@ class Merger:
             logical[-3:-1] = [g[-1] + 2 * (d - 1), d * s]
             memory = logical[:-3] + [logical[-2], logical[-3], logical[-1]]
             key = tuple(memory)
-            buf = self._buffers.get(key)
+            buf = buffers.get(key)
             if buf is None:
-                buf = self._buffers[key] = np.full(memory, self._identity, self.work)
+                buf = buffers[key] = np.full(memory, self._identity, self.work)
             n = len(memory)
             padded = buf.transpose(list(range(n - 3)) + [n - 2, n - 3, n - 1])
             data = padded[(slice(None),) * (n - 3) + (slice(d - 1, d - 1 + g[-1]), slice(0, p[-1]))]
@@ -368,24 +406,23 @@ class Merger:
 
     # -- result ----------------------------------------------------------------------------
     def result(self, dtype=None, fill_value=None) -> np.ndarray:
-        """The merged images, canonical ``(b, *spatial, C)``, uncovered pixels set to fill."""
+        """The merged images, canonical ``(b, *spatial, C)``, uncovered pixels set to fill.
+
+        Finishes in place and returns a view of the merger's canvas (no image-sized copy), so
+        call it once, after the last :meth:`add`.
+        """
         grid = self.grid
         crop = (slice(None),) + tuple(slice(0, n) for n in grid.spatial_shape)
-        out = np.empty(self.acc[crop].shape if self.mode != "pick" else self.ref[crop].shape,
-                       self.work)
         if self.mode == "pick":
-            np.copyto(out, self.ref[crop])
-        elif self.mode == "mean":
-            w = _weights(grid, self._window_spec[0], self._window_spec[1], self.work)
-            w = w[None, ..., None]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                if self.anchor:
-                    np.divide(self.acc[crop], w, out=out)
-                    out += self.ref[crop]
-                else:
-                    np.divide(self.acc[crop], w, out=out, casting="same_kind")
+            out = self.ref[crop]
         else:
-            np.copyto(out, self.acc[crop], casting="same_kind")
+            out = self.acc[crop]
+        if self.mode == "mean":
+            w = _weights(grid, self._window_spec[0], self._window_spec[1], self.work)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                np.divide(out, w[None, ..., None], out=out)
+            if self.anchor:
+                out += self.ref[crop]
         covered = None if grid.is_covering else _coverage_mask(grid)[None, ..., None]
         return _finish(out, covered, dtype, fill_value, self.work)
 
@@ -426,7 +463,7 @@ def _finish(out, covered, dtype, fill_value, work):
 
 # --------------------------------------------------------------------------- public functions
 def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", dtype=None,
-                  fill_value=None, **window_params):
+                  fill_value=None, workers=None, **window_params):
     """Merge a patch stack back into an image, blending where patches overlap.
 
     Parameters
@@ -449,6 +486,9 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
     fill_value : scalar, optional
         Value for pixels no patch covers (``edge="drop"``, or stride > patch size). Default NaN;
         required for an integer ``dtype`` when such pixels exist.
+    workers : int, optional
+        Threads to accumulate on (NumPy releases the GIL). Default: all cores for stacks of
+        8 MiB and more, one below. Results are deterministic for a given number of workers.
 
     Returns
     -------
@@ -471,7 +511,15 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
     canon, batched = patches_to_canonical(patches, grid)
     merger = Merger(grid, canon.shape[0], canon.shape[-1], canon.dtype, window=window,
                     reduce=reduce, window_params=window_params)
-    merger.add(canon)
+    if workers is None:
+        # Threads pay off when there are many patches to read (8 MiB or more) and the
+        # per-thread canvases they need are small beside them.
+        canvas = merger.acc.nbytes if merger.mode != "pick" else 0
+        many = canon.nbytes >= 8 * 2**20 and canon.nbytes >= 4 * canvas
+        workers = (os.cpu_count() or 1) if many else 1
+    elif not (isinstance(workers, int) and workers >= 1):
+        raise ValueError(f"`workers` must be an int >= 1 or None, got {workers!r}")
+    merger.add_all(canon, workers)
     return from_canonical(merger.result(dtype, fill_value), grid, batched)
 
 

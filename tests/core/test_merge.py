@@ -277,3 +277,29 @@ def test_nan_in_patches_stays_local():
     p[1, 0] = np.nan
     m = merge_patches(p, grid)
     assert np.isnan(m[2]) and np.isfinite(np.delete(m, 2)).all()
+
+
+@settings(max_examples=100, deadline=None)
+@given(grids(), st.sampled_from(["mean", "max"]), st.sampled_from(["uniform", "hann", "overlap-tile"]),
+       st.integers(2, 4), st.integers(0, 2**32 - 1))
+def test_threaded_accumulation_equals_single_thread(grid, reduce, window, workers, seed):
+    assume(reduce == "mean" or window == "uniform")
+    rng = np.random.default_rng(seed)
+    p = rng.integers(-50, 50, (3,) + grid.patches_shape).astype(np.float32)  # batch of 3 images
+    import patch_viewer.core.merge as m
+    small, m._PIECE_BYTES = m._PIECE_BYTES, 256  # many parts, so every thread gets some
+    try:
+        one = merge_patches(p, grid, window=window, reduce=reduce, workers=1)
+        many = merge_patches(p, grid, window=window, reduce=reduce, workers=workers)
+    finally:
+        m._PIECE_BYTES = small
+    if window == "hann":
+        np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-4)
+    else:
+        np.testing.assert_array_equal(many, one)
+
+
+def test_workers_argument_is_checked():
+    grid = PatchGrid((10, 10), 4, stride=2)
+    with pytest.raises(ValueError, match="workers.*>= 1"):
+        merge_patches(np.ones(grid.patches_shape), grid, workers=0)

@@ -1,0 +1,287 @@
+"""Merge speed and memory against peers, all measured in the same run.
+
+    python benchmarks/bench_merge.py            # all workloads, all installed peers
+    python benchmarks/bench_merge.py --quick W1 # fewer repeats, chosen workloads
+
+Prints one markdown table per workload: median time over repeats, peak memory of NumPy
+allocations (tracemalloc; "n/a" for torch), the ratio to the memory-bandwidth floor (one
+np.copyto of the patch stack plus one of the output image), the ratio to patch_viewer, and
+whether the result equals the true overlap mean. Peers are optional: pip install
+".[bench]" (tiler, empatches), `pip install --no-deps patchify` (it pins numpy<2) and
+`pip install torch==2.13.0` (CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import statistics
+import sys
+import time
+import tracemalloc
+
+import numpy as np
+
+import patch_viewer as pv
+
+WORKLOADS = {
+    "W1-f64": dict(shape=(100, 100), dtype=np.float64, patch=39, stride=1),
+    "W1-u8": dict(shape=(100, 100), dtype=np.uint8, patch=39, stride=1),
+    "W2": dict(shape=(1024, 1024), dtype=np.float32, patch=64, stride=32),
+    "W3": dict(shape=(2048, 2048, 3), dtype=np.uint8, patch=256, stride=192, channel_axis=-1),
+    "W4": dict(shape=(128, 128, 128), dtype=np.float32, patch=32, stride=16),
+    "W5": dict(shape=(512, 512), dtype=np.float32, patch=39, stride=1),
+}
+MAX_INDEX_BYTES = 2 * 2**30  # skip index-array peers that would need more
+
+
+def timeit(fn, repeats):
+    fn()  # warm-up (and the only run for slow peers)
+    times = []
+    deadline = time.perf_counter() + 20
+    for _ in range(repeats):
+        gc.collect()
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    return statistics.median(times)
+
+
+def peak_bytes(fn):
+    gc.collect()
+    tracemalloc.start()
+    try:
+        fn()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+# ------------------------------------------------------------------------------ peers
+def seed_approach(image, grid, stack, offsets=None):
+    """Precomputed fancy indices: gather an (H*W, max_coverage) array and sum it."""
+    if grid.channel_axis is not None:
+        return None
+    cov = grid.coverage_1d()
+    maxcov = int(np.prod([c.max() for c in cov]))
+    if image.size * maxcov * 8 > MAX_INDEX_BYTES:
+        return None
+    n = grid.n_patches
+    area = int(np.prod(grid.patch_size))
+    flat = np.concatenate([stack.reshape(-1).astype(np.float64), [0.0]])
+    # element e of patch k lands on pixel pix[k, e]
+    pix = _pixel_index(grid).reshape(n * area)
+    order = np.argsort(pix, kind="stable")
+    counts = np.bincount(pix, minlength=image.size)
+    starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+    rank = np.arange(pix.size) - np.repeat(starts, counts)
+    idx = np.full((image.size, maxcov), flat.size - 1, dtype=np.int64)
+    idx[pix[order], rank] = order
+
+    def run():
+        return (flat[idx].sum(axis=1) / counts).reshape(image.shape)
+
+    return run
+
+
+def _pixel_index(grid):
+    offs = np.stack(np.meshgrid(*[np.arange(p) for p in grid.patch_size], indexing="ij"), -1)
+    org = np.stack(np.meshgrid(*grid.origins, indexing="ij"), -1)
+    coords = org.reshape(-1, 1, grid.ndim) + offs.reshape(1, -1, grid.ndim)
+    return np.ravel_multi_index(tuple(np.moveaxis(coords, -1, 0)), grid.spatial_shape)
+
+
+def add_at(image, grid, stack, offsets=None):
+    """numpy np.add.at over a precomputed pixel index per stack element."""
+    if grid.channel_axis is not None or stack.size * 8 > MAX_INDEX_BYTES:
+        return None
+    pix = _pixel_index(grid).ravel()
+    counts = np.bincount(pix, minlength=image.size)
+    values = stack.reshape(-1)
+
+    def run():
+        out = np.zeros(image.size)
+        np.add.at(out, pix, values)
+        return (out / counts).reshape(image.shape)
+
+    return run
+
+
+def tiler_peer(image, grid, stack, offsets=None):
+    try:
+        from tiler import Merger, Tiler
+    except ImportError:
+        return None
+    ch = None if grid.channel_axis is None else grid.channel_axis % image.ndim
+    overlap = tuple(p - s for p, s in zip(grid.patch_size, grid.stride))
+    if len(set(overlap)) != 1 or len(set(grid.patch_size)) != 1:
+        return None
+    tile_shape = list(grid.patch_size)
+    if ch is not None:
+        tile_shape.insert(ch, image.shape[ch])
+    tiler = Tiler(image.shape, tile_shape, overlap=overlap[0], channel_dimension=ch)
+    if tiler.n_tiles > 300_000:
+        return None
+    tiles = [tile for _, tile in tiler(image)]
+    if offsets is not None:
+        if len(tiles) != len(offsets):
+            return None  # tiler pads where we shift: its grid differs, no like-for-like check
+        tiles = [t + o for t, o in zip(tiles, offsets)]
+
+    def run():
+        merger = Merger(tiler)
+        for i, tile in enumerate(tiles):
+            merger.add(i, tile)
+        return merger.merge(unpad=True)
+
+    return run
+
+
+def empatches_peer(image, grid, stack, offsets=None):
+    try:
+        from empatches import EMPatches
+    except ImportError:
+        return None
+    if grid.ndim != 2 or len(set(grid.patch_size)) != 1 or len(set(grid.stride)) != 1:
+        return None
+    emp = EMPatches()
+    patches, indices = emp.extract_patches(image, patchsize=grid.patch_size[0],
+                                           stride=grid.stride[0])
+    if offsets is not None:
+        if len(patches) != len(offsets):
+            return None
+        patches = [p + o for p, o in zip(patches, offsets)]
+
+    def run():
+        return emp.merge_patches(patches, indices, mode="avg")
+
+    return run
+
+
+def patchify_peer(image, grid, stack, offsets=None):
+    try:
+        from patchify import unpatchify
+    except ImportError:
+        return None
+    if grid.channel_axis is not None or not grid.is_regular or grid.edge != "shift":
+        return None
+
+    def run():
+        return unpatchify(stack, image.shape)
+
+    return run
+
+
+def torch_fold(image, grid, stack, threads, offsets=None):
+    try:
+        import torch
+    except ImportError:
+        return None
+    if grid.ndim != 2:
+        return None
+    c = 1 if grid.channel_axis is None else image.shape[grid.channel_axis]
+    p0, p1 = grid.patch_size
+    canon = stack if grid.channel_axis is not None else stack[..., None]
+    cols = np.ascontiguousarray(np.moveaxis(canon.reshape(grid.n_patches, p0, p1, c), 0, -1)
+                                .transpose(2, 0, 1, 3).reshape(1, c * p0 * p1, grid.n_patches))
+    cols = torch.from_numpy(cols.astype(np.float32 if stack.dtype != np.float64 else np.float64))
+    ones = torch.ones_like(cols)
+    size = grid.spatial_shape
+    count = torch.nn.functional.fold(ones, size, grid.patch_size, stride=grid.stride)
+
+    def run():
+        torch.set_num_threads(threads)
+        out = torch.nn.functional.fold(cols, size, grid.patch_size, stride=grid.stride) / count
+        return out[0].permute(1, 2, 0).numpy()[..., 0] if c == 1 else out[0].permute(1, 2, 0).numpy()
+
+    return run
+
+
+PEERS = {
+    "seed (fancy-index gather)": seed_approach,
+    "np.add.at": add_at,
+    "tiler": tiler_peer,
+    "empatches": empatches_peer,
+    "patchify.unpatchify": patchify_peer,
+    "torch fold (1 thread)": lambda i, g, s, offsets=None: torch_fold(i, g, s, 1, offsets),
+    "torch fold (2 threads)": lambda i, g, s, offsets=None: torch_fold(i, g, s, 2, offsets),
+}
+
+
+def check(make, image, grid, stack):
+    """Does the peer give the true overlap mean? Each patch k is shifted by k/n so that
+    overlapping patches disagree; the truth is patch_viewer's merge, which the test suite
+    checks against a brute-force per-pixel mean. None when the peer's grid differs."""
+    offsets = np.arange(grid.n_patches, dtype=np.float64) * 16 / grid.n_patches
+    shifted = stack.astype(np.float64) + offsets.reshape(grid.grid_shape + (1,) * len(
+        grid.patch_shape))
+    fn = make(image.astype(np.float64), grid, shifted, offsets=offsets)
+    if fn is None:
+        return None
+    truth = pv.merge_patches(shifted, grid)
+    result = np.asarray(fn(), dtype=np.float64)
+    return result.shape == truth.shape and bool(np.allclose(result, truth, rtol=1e-4, atol=1e-3))
+
+
+# ------------------------------------------------------------------------------ run
+def run_workload(name, spec, repeats, out=sys.stdout):
+    rng = np.random.default_rng(0)
+    image = (rng.random(spec["shape"]) * 250).astype(spec["dtype"])
+    grid = pv.PatchGrid(image.shape, spec["patch"], spec["stride"],
+                        channel_axis=spec.get("channel_axis"))
+    stack = pv.extract_patches(image, grid, copy=True)
+    merged = pv.merge_patches(stack, grid)
+    out_dtype = merged.dtype
+    buf = np.empty_like(stack)
+    dst = np.empty(image.shape, out_dtype)
+    src = image.astype(out_dtype)
+    floor = timeit(lambda: (np.copyto(buf, stack), np.copyto(dst, src)), repeats)
+    view_s = timeit(lambda: pv.extract_patches(image, grid), max(repeats, 50))
+    ours = timeit(lambda: pv.merge_patches(stack, grid), repeats)
+    both = timeit(lambda: pv.merge_patches(pv.extract_patches(image, grid), grid), repeats)
+    one = timeit(lambda: pv.merge_patches(stack, grid, workers=1), repeats)
+    rows = [("patch_viewer merge", ours, peak_bytes(lambda: pv.merge_patches(stack, grid)), True),
+            ("patch_viewer extract (view) + merge", both, None, True),
+            ("patch_viewer merge, 1 thread", one, None, True)]
+    for peer, make in PEERS.items():
+        fn = make(image, grid, stack)
+        if fn is None:
+            continue
+        correct = check(make, image, grid, stack)
+        t = timeit(fn, repeats if ours * 50 > 0.05 else max(1, repeats // 2))
+        mem = None if peer.startswith("torch") else peak_bytes(fn)
+        rows.append((peer, t, mem, correct))
+        del fn
+        gc.collect()
+    print(f"\n### {name}: {image.shape} {image.dtype}, patch {spec['patch']}, stride "
+          f"{spec['stride']} ({grid.n_patches:,} patches, stack {stack.nbytes / 2**20:.1f} MiB)",
+          file=out)
+    print(f"floor {floor * 1e3:.2f} ms; extraction view {view_s * 1e6:.1f} µs\n", file=out)
+    print("| method | median ms | x floor | x patch_viewer | peak MiB | true mean |", file=out)
+    print("|---|---:|---:|---:|---:|---|", file=out)
+    for label, t, mem, correct in rows:
+        mem_s = "n/a" if mem is None else f"{mem / 2**20:.1f}"
+        verdict = {True: "yes", False: "**NO**", None: "n/c (other grid)"}[correct]
+        print(f"| {label} | {t * 1e3:.2f} | {t / floor:.1f} | {t / ours:.1f} | {mem_s} | "
+              f"{verdict} |", file=out)
+    out.flush()
+    return {"floor": floor, "ours": ours, "view": view_s, "rows": rows}
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("workloads", nargs="*", help=f"any of {', '.join(WORKLOADS)} (prefix ok)")
+    ap.add_argument("--quick", action="store_true", help="3 repeats instead of 9")
+    args = ap.parse_args(argv)
+    chosen = [w for w in WORKLOADS if not args.workloads
+              or any(w.startswith(a) for a in args.workloads)]
+    print(f"numpy {np.__version__}, patch_viewer {pv.__version__}, "
+          f"{time.strftime('%Y-%m-%d')}, medians over repeats")
+    for name in chosen:
+        run_workload(name, WORKLOADS[name], 3 if args.quick else 9)
+
+
+if __name__ == "__main__":
+    main()
