@@ -419,10 +419,11 @@ class Merger:
             out = self.acc[crop]
         if self.mode == "mean":
             w = _weights(grid, self._window_spec[0], self._window_spec[1], self.work)
+            # Uncovered pixels (0/0, and an anchor never written) are replaced by the fill.
             with np.errstate(divide="ignore", invalid="ignore"):
                 np.divide(out, w[None, ..., None], out=out)
-            if self.anchor:
-                out += self.ref[crop]
+                if self.anchor:
+                    out += self.ref[crop]
         covered = None if grid.is_covering else _coverage_mask(grid)[None, ..., None]
         return _finish(out, covered, dtype, fill_value, self.work)
 
