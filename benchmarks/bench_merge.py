@@ -179,8 +179,8 @@ def torch_fold(image, grid, stack, threads, offsets=None):
         import torch
     except ImportError:
         return None
-    if grid.ndim != 2:
-        return None
+    if grid.ndim != 2 or not grid.is_regular:
+        return None  # fold needs a regular 2-D grid
     c = 1 if grid.channel_axis is None else image.shape[grid.channel_axis]
     p0, p1 = grid.patch_size
     canon = stack if grid.channel_axis is not None else stack[..., None]

@@ -1,0 +1,180 @@
+"""Core results -> napari layer data and styling (the one module that knows how layers look).
+
+Pure NumPy: it builds ``(data, kwargs, layer_type)`` tuples; the widget applies them.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .core import PatchGrid
+from .core._layout import window_view
+
+GRID_COLOR = (0.0, 0.9, 1.0, 0.55)
+SELECTED_COLOR = (1.0, 0.85, 0.0, 1.0)
+#: Outlines drawn per axis at most; denser grids are thinned (every k-th patch outlined).
+MAX_OUTLINES_PER_AXIS = 48
+
+
+def thinning(grid: PatchGrid, max_per_axis: int = MAX_OUTLINES_PER_AXIS) -> tuple[int, ...]:
+    """Step between outlined patches along each spatial axis."""
+    return tuple(max(1, math.ceil(g / max_per_axis)) for g in grid.grid_shape)
+
+
+def grid_lines(grid: PatchGrid, selected=None, *, planes: int | None = None,
+               max_per_axis: int = MAX_OUTLINES_PER_AXIS):
+    """Patch outlines as napari Vectors data: ``(vectors, colors)``.
+
+    Outlines are drawn in the last two spatial axes as full-length lines at the start and end
+    of every k-th patch (k from :func:`thinning`), so a grid of 10^5 patches costs a few hundred
+    segments. The selected patch (grid index) gets its own four edges in a highlight colour.
+    For 3-D patches the outlines are repeated on every plane (``planes`` images for a stack of
+    2-D images); returns ``(N, 2, D)`` start/direction pairs and ``(N, 4)`` RGBA colours.
+    """
+    h_axis, w_axis = grid.ndim - 2, grid.ndim - 1
+    if grid.ndim == 1:
+        return np.zeros((0, 2, 1)), np.zeros((0, 4))
+    steps = thinning(grid, max_per_axis)
+    (h, w) = grid.spatial_shape[h_axis], grid.spatial_shape[w_axis]
+    ys = _edges(grid.origins[h_axis][::steps[h_axis]], grid.patch_size[h_axis])
+    xs = _edges(grid.origins[w_axis][::steps[w_axis]], grid.patch_size[w_axis])
+    segs = [((y, -0.5), (0.0, w)) for y in ys] + [((-0.5, x), (h, 0.0)) for x in xs]
+    colors = [GRID_COLOR] * len(segs)
+    if selected is not None:
+        origin = grid.patch_origin(selected)
+        y0, x0 = origin[h_axis] - 0.5, origin[w_axis] - 0.5
+        ph, pw = grid.patch_size[h_axis], grid.patch_size[w_axis]
+        segs += [((y0, x0), (0.0, pw)), ((y0 + ph, x0), (0.0, pw)),
+                 ((y0, x0), (ph, 0.0)), ((y0, x0 + pw), (ph, 0.0))]
+        colors += [SELECTED_COLOR] * 4
+    vec = np.array(segs, dtype=np.float64).reshape(-1, 2, 2)
+    col = np.array(colors)
+    n_planes = planes if planes is not None else (grid.spatial_shape[0] if grid.ndim == 3 else None)
+    if n_planes is None:
+        return vec, col
+    # Repeat on every plane; the selected patch only on the planes it covers.
+    z = np.repeat(np.arange(n_planes, dtype=np.float64), len(vec))
+    out = np.zeros((n_planes * len(vec), 2, 3))
+    out[:, 0, 0] = z
+    out[:, :, 1:] = np.tile(vec, (n_planes, 1, 1))
+    colors = np.tile(col, (n_planes, 1))
+    if selected is not None and grid.ndim == 3:
+        z0, pz = grid.patch_origin(selected)[0], grid.patch_size[0]
+        per = len(vec)
+        keep = np.ones(len(out), bool)
+        for k in range(n_planes):
+            if not z0 <= k < z0 + pz:
+                keep[k * per + per - 4:(k + 1) * per] = False
+        out, colors = out[keep], colors[keep]
+    return out, colors
+
+
+def _edges(origins: np.ndarray, p: int) -> np.ndarray:
+    return np.unique(np.concatenate([origins, origins + p])).astype(np.float64) - 0.5
+
+
+class PatchStack:
+    """Lazy ``(*grid_shape, *[batch], *patch_shape)`` array of an image's patches.
+
+    napari slices it one patch at a time, so even an irregular (``edge="shift"``) grid of
+    millions of patches costs nothing until a patch is looked at. For a batch of images (a
+    stack of planes) the batch axis comes right before the patch axes, so that napari, which
+    aligns layers by their trailing axes, shows each plane's patches on that plane's slider.
+    """
+
+    def __init__(self, image: np.ndarray, grid: PatchGrid, batched: bool = False):
+        from .core._layout import pad_canonical, to_canonical
+
+        canon = pad_canonical(to_canonical(image, grid, batched), grid)
+        self._view = window_view(canon, grid)  # (b, *positions, *patch, C)
+        self._grid = grid
+        self._batched = batched
+        self._channels = grid.channel_axis is not None
+        lead = (canon.shape[0],) if batched else ()
+        nd = grid.ndim
+        self.shape = grid.patches_shape[:nd] + lead + grid.patches_shape[nd:]
+        self.dtype = image.dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        ellipsis = [n for n, k in enumerate(key) if k is Ellipsis]
+        if ellipsis:
+            i = ellipsis[0]
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
+        key = key + (slice(None),) * (self.ndim - len(key))
+        b = 1 if self._batched else 0
+        nd = self._grid.ndim
+        if b:  # public order (*grid, batch, *patch) -> internal (batch, *grid, *patch)
+            key = (key[nd],) + key[:nd] + key[nd + 1:]
+        out = self._view[key[0]] if b else self._view[0]  # (*[b], *positions, *patch, C)
+        axis = 1 if b and not isinstance(key[0], (int, np.integer)) else 0  # batch axis kept?
+        for k, origins in zip(key[b:b + nd], self._grid.origins):
+            pick = origins[k]
+            if np.ndim(pick) == 0:
+                out = out[(slice(None),) * axis + (int(pick),)]  # a view, axis dropped
+            else:
+                out = np.take(out, pick, axis=axis)
+                axis += 1
+        if not self._channels:
+            out = out[..., 0]
+        rest = key[b + nd:]
+        out = out[(slice(None),) * (out.ndim - len(rest)) + tuple(rest)]
+        if b and not isinstance(key[0], (int, np.integer)):  # batch kept: move it after the grid
+            out = np.moveaxis(out, 0, axis - 1)
+        return np.asarray(out)
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
+# ------------------------------------------------------------------------- layer styling
+#: Where each result sits beside the source image: (row, column) tiles in one canvas.
+TILES = {"merged": (0, 1), "error": (0, 2), "overlap weights": (1, 0), "patches": (1, 1)}
+
+
+def tile_offset(name: str, image_hw, ndim: int) -> tuple:
+    """Translate placing layer ``name`` in its tile (last two axes), for a layer of ``ndim``."""
+    h, w = image_hw
+    gap = max(4.0, 0.06 * max(h, w))
+    row, col = TILES[name]
+    return (0.0,) * (ndim - 2) + (row * (h + gap), col * (w + gap))
+
+
+def line_width(image_hw) -> float:
+    """Outline width in pixels: visible at full view whatever the image size."""
+    return max(0.5, max(image_hw) / 300)
+
+
+def weights_kwargs(weights: np.ndarray) -> dict:
+    hi = float(np.nanmax(weights)) if weights.size else 1.0
+    return dict(colormap="viridis", contrast_limits=(0.0, hi if hi > 0 else 1.0),
+                blending="translucent", opacity=1.0)
+
+
+def error_data(error: np.ndarray, rgb: bool) -> np.ndarray:
+    """Signed error for display: per pixel, averaged over RGB channels."""
+    return error.mean(axis=-1) if rgb else error
+
+
+def error_kwargs(error: np.ndarray) -> dict:
+    finite = np.abs(error[np.isfinite(error)])
+    m = float(finite.max()) if finite.size else 0.0
+    m = m if m > 0 else 1e-12
+    return dict(colormap="PiYG", contrast_limits=(-m, m))
+
+
+def image_kwargs(source_limits, rgb: bool) -> dict:
+    kw = dict(contrast_limits=tuple(source_limits))
+    if rgb:
+        kw["rgb"] = True
+    else:
+        kw["colormap"] = "gray"
+    return kw

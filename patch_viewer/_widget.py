@@ -1,0 +1,352 @@
+"""Patch Explorer: a magicgui Container that wires parameters to the core and results to layers.
+
+All numerics live in :mod:`patch_viewer.core`; layer data and styling in :mod:`._layers`. Work
+runs in a napari thread worker; results land on the main thread, and only the newest run's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import partial
+
+import napari
+import numpy as np
+from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar,
+                              PushButton, SpinBox, create_widget)
+from napari.qt.threading import create_worker
+from napari.utils.notifications import show_error
+from qtpy.QtCore import Qt, QTimer
+from qtpy.QtWidgets import QSizePolicy
+
+from . import _layers
+from .core import (EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, WINDOWS, PatchGrid, iter_process,
+                   make_plan)
+from .core._layout import _fmt_bytes
+
+LAYER_NAMES = ("patch grid", "overlap weights", "patches", "merged", "error")
+VOLUME_MODES = ("3-D patches", "2-D patches per plane")
+#: The GUI refuses runs whose estimated peak memory exceeds this.
+GUI_MAX_BYTES = 2 * 2**30
+
+
+class AxisInts(Container):
+    """One spin box per spatial axis, with a toggle that links them."""
+
+    def __init__(self, label: str, value: int, minimum: int = 1):
+        self.boxes = [SpinBox(value=value, min=minimum, max=100_000, label=a) for a in "zyx"]
+        self.linked = CheckBox(value=True, text="linked")
+        super().__init__(widgets=[*self.boxes, self.linked], layout="horizontal", label=label,
+                         labels=False)
+        for box in self.boxes:
+            box.changed.connect(partial(self._on_box, box))
+        self.set_axes(2)
+
+    def set_axes(self, n: int):
+        for i, box in enumerate(self.boxes):
+            box.visible = i >= 3 - n
+        self._n = n
+
+    @property
+    def n_axes(self) -> int:
+        return self._n
+
+    def set_value(self, values) -> None:
+        """Set one value for every axis, or one per axis (which unlinks them)."""
+        values = [int(v) for v in values]
+        if len(values) not in (1, self._n):
+            raise ValueError(f"`{self.label}` takes 1 or {self._n} values (one per spatial "
+                             f"axis), got {values}")
+        self.linked.value = len(values) == 1
+        for box, v in zip(self.boxes[3 - self._n:], values * self._n if len(values) == 1 else values):
+            box.value = v
+
+    def _on_box(self, source, value):
+        if self.linked.value:
+            for box in self.boxes:
+                if box is not source and box.value != value:
+                    box.value = value
+
+    @property
+    def value(self) -> tuple[int, ...]:
+        return tuple(b.value for b in self.boxes[3 - self._n:])
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a run needs, read from the widgets on the main thread."""
+
+    image: np.ndarray
+    grid: PatchGrid
+    batched: bool
+    rgb: bool
+    kwargs: dict
+    limits: tuple
+
+
+class PatchExplorer(Container):
+    """Dock widget: patch size/stride, edge, window, filter -> grid, weights, merged, error."""
+
+    def __init__(self, napari_viewer: napari.viewer.Viewer):
+        self.viewer = napari_viewer
+        self.image = create_widget(annotation=napari.layers.Image, label="image")
+        self.patch_size = AxisInts("patch size", 32)
+        self.stride = AxisInts("stride", 16)
+        self.edge = ComboBox(choices=EDGE_MODES, value="shift", label="edge")
+        self.pad_mode = ComboBox(choices=PAD_MODES, value="reflect", label="pad mode")
+        self.volume_mode = ComboBox(choices=VOLUME_MODES, value=VOLUME_MODES[0], label="3-D")
+        self.window = ComboBox(choices=WINDOWS, value="uniform", label="window")
+        self.sigma = FloatSpinBox(value=0.125, min=0.01, max=10.0, step=0.025, label="sigma")
+        self.reduce = ComboBox(choices=REDUCTIONS, value="mean", label="reduce")
+        self.filter = ComboBox(choices=list(FILTERS), value="identity", label="filter")
+        self.filter_params = Container(labels=True)
+        self.reference = ComboBox(choices=[("input image", "input"),
+                                           ("filter on whole image", "filter")],
+                                  value="input", label="error vs")
+        self.live = CheckBox(value=True, text="live preview")
+        self.run_button = PushButton(text="Run")
+        self.index = SpinBox(value=0, min=0, max=0, label="patch index")
+        self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
+        self.readout = Label(value="Pick an image layer.")
+        super().__init__(widgets=[
+            self.image, self.patch_size, self.stride, self.edge, self.pad_mode,
+            self.volume_mode, self.window, self.sigma, self.reduce, self.filter,
+            self.filter_params, self.reference, self.live, self.run_button, self.index,
+            self.progress, self.readout])
+        # magicgui fixes a Label's size; the read-out must grow with its lines.
+        self.readout.native.setSizePolicy(QSizePolicy.Policy.Expanding,
+                                          QSizePolicy.Policy.Minimum)
+        self.readout.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
+        self.readout.native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        self.readout.native.setMinimumHeight(6 * self.readout.native.fontMetrics().lineSpacing())
+        self._layers: dict = {}
+        self._generation = 0
+        self._worker = None
+        self._grid = None
+        self._shown = None  # (grid, batched, planes) of the layers on screen
+        self._hw = (1, 1)  # the image's last two spatial sizes, for the layout
+        self._syncing = False
+        self._timer = QTimer()
+        self._timer.setSingleShot(True)
+        self._timer.setInterval(150)
+        self._timer.timeout.connect(self.run)
+        for w in (self.patch_size, self.stride, self.edge, self.pad_mode, self.volume_mode,
+                  self.window, self.sigma, self.reduce, self.reference):
+            w.changed.connect(self._on_param)
+        self.filter.changed.connect(self._on_filter)
+        self.image.changed.connect(self._on_image)
+        self.run_button.changed.connect(self.run)
+        self.index.changed.connect(self._on_index)
+        self.viewer.mouse_drag_callbacks.append(self._on_click)
+        self.viewer.dims.events.current_step.connect(self._on_dims)
+        self._on_filter()
+        self._on_image()
+
+    # ------------------------------------------------------------------ parameters
+    def _on_param(self, *_):
+        self.pad_mode.visible = self.edge.value == "pad"
+        self.sigma.visible = self.window.value == "gaussian"
+        if self.live.value:
+            self._timer.start()
+
+    def _on_filter(self, *_):
+        self.filter_params.clear()
+        for name, p in FILTERS[self.filter.value].params.items():
+            cls = SpinBox if p.kind is int else FloatSpinBox
+            w = cls(value=p.default, min=p.min, max=p.max, label=name, tooltip=p.doc)
+            w.changed.connect(self._on_param)
+            self.filter_params.append(w)
+        self.filter_params.visible = len(self.filter_params) > 0
+        self._on_param()
+
+    def _on_image(self, *_):
+        layer = self.image.value
+        if layer is not None:
+            nd = layer.data.ndim - (1 if layer.rgb else 0)
+            self.volume_mode.visible = nd == 3
+            spatial = 2 if nd == 3 and self.volume_mode.value != VOLUME_MODES[0] else min(nd, 3)
+            self.patch_size.set_axes(spatial)
+            self.stride.set_axes(spatial)
+        self._on_param()
+
+    def _job(self) -> Job:
+        layer = self.image.value
+        if layer is None:
+            raise ValueError("pick an image layer first")
+        data = np.asarray(layer.data)
+        rgb = bool(layer.rgb)
+        per_plane = data.ndim - rgb == 3 and self.volume_mode.value == VOLUME_MODES[1]
+        shape = data.shape[1:] if per_plane else data.shape
+        grid = PatchGrid(shape, self.patch_size.value, self.stride.value, edge=self.edge.value,
+                         pad_mode=self.pad_mode.value, channel_axis=-1 if rgb else None)
+        params = {w.label: w.value for w in self.filter_params}
+        window_params = {"sigma": self.sigma.value} if self.window.value == "gaussian" else {}
+        kwargs = dict(patch_filter=self.filter.value, filter_params=params,
+                      window=self.window.value, window_params=window_params,
+                      reduce=self.reduce.value, reference=self.reference.value,
+                      max_bytes=GUI_MAX_BYTES)
+        return Job(data, grid, per_plane, rgb, kwargs, tuple(layer.contrast_limits))
+
+    # ------------------------------------------------------------------ running
+    def run(self, *_):
+        """Start a run with the current parameters; a newer run makes older results stale."""
+        try:
+            job = self._job()
+            gen = iter_process(job.image, job.grid, **job.kwargs)  # validates everything
+        except (ValueError, TypeError, MemoryError) as exc:
+            self._fail(str(exc))
+            return
+        self._generation += 1
+        if self._worker is not None:
+            self._worker.quit()
+        plan = make_plan(job.grid, job.image.shape[0] if job.batched else 1)
+        self.progress.max, self.progress.value = 1000, 0  # per mille of patches done
+        worker = create_worker(_compute, gen, job, _start_thread=False, _ignore_errors=True,
+                               _progress={"total": plan.n_batches, "desc": "Patch Explorer"})
+        worker.yielded.connect(partial(self._on_progress, self._generation))
+        worker.returned.connect(partial(self._on_result, self._generation, job))
+        worker.errored.connect(partial(self._on_error, self._generation))
+        self._worker = worker
+        worker.start()
+
+    def _on_progress(self, generation, value):
+        if generation == self._generation:
+            done, total = value
+            self.progress.value = int(1000 * done / max(total, 1))
+
+    def _on_error(self, generation, exc):
+        if generation == self._generation:
+            self._fail(f"{type(exc).__name__}: {exc}")
+
+    def _fail(self, message: str):
+        self.readout.value = f"⚠ {message}"
+        self.readout.native.setStyleSheet("color: #ff7070")
+        show_error(f"Patch Explorer: {message}")
+
+    def _on_result(self, generation, job: Job, payload):
+        if generation != self._generation:
+            return  # a newer run is under way: never show stale results
+        # Adding layers changes the viewer's dims; don't let that re-enter selection midway.
+        self._syncing = True
+        try:
+            self._update_layers(job, *payload)
+        finally:
+            self._syncing = False
+
+    def _update_layers(self, job: Job, result, stack):
+        self._grid = job.grid
+        planes = job.image.shape[0] if job.batched else None
+        self._shown = (job.grid, job.batched, planes)
+        w = result.weights
+        hw = job.grid.spatial_shape[-2:] if job.grid.ndim >= 2 else (1, job.grid.spatial_shape[0])
+        self._hw = hw
+        err = _layers.error_data(result.error, job.rgb)
+        for name, data, kwargs in [
+            ("overlap weights", w, _layers.weights_kwargs(w)),
+            ("merged", result.merged, _layers.image_kwargs(job.limits, job.rgb)),
+            ("error", err, _layers.error_kwargs(err)),
+            ("patches", stack, _layers.image_kwargs(job.limits, job.rgb)),
+        ]:
+            ndim = np.ndim(data) - (1 if kwargs.get("rgb") else 0)
+            self._show(name, data, dict(kwargs, translate=_layers.tile_offset(name, hw, ndim)))
+        self._layers["overlap weights"].colorbar.visible = True
+        n = job.grid.n_patches
+        self.index.max = n - 1
+        self.index.value = min(self.index.value, n - 1)
+        self._select(job.grid.patch_index(self.index.value))
+        m = result.metrics
+        cov = [c for c in job.grid.coverage_1d()]
+        cmin, cmax = int(np.prod([c.min() for c in cov])), int(np.prod([c.max() for c in cov]))
+        self.readout.native.setStyleSheet("")
+        self.readout.value = "\n".join([
+            f"patches: {result.plan.n_patches:,}   grid: {' x '.join(map(str, job.grid.grid_shape))}",
+            f"coverage: {cmin}–{cmax}   est. memory: {_fmt_bytes(result.plan.peak_bytes)}",
+            f"compute time: {result.elapsed * 1e3:.0f} ms",
+            f"max |err|: {m['max_abs']:.3g}   RMSE: {m['rmse']:.3g}",
+            f"PSNR: {m['psnr']:.1f} dB   SSIM: {m['ssim']:.4f}"])
+
+    def _show(self, name, data, kwargs):
+        layer = self._layers.get(name)
+        alive = layer is not None and layer in self.viewer.layers
+        if alive and layer.rgb == kwargs.get("rgb", False) and np.ndim(layer.data) == np.ndim(data):
+            layer.data = data
+            for key, value in kwargs.items():
+                if key != "rgb":
+                    setattr(layer, key, value)
+            return
+        if alive:
+            self.viewer.layers.remove(layer)
+        self._layers[name] = self.viewer.add_image(data, name=name, **kwargs)
+
+    # ------------------------------------------------------------------ selection
+    def _select(self, index: tuple):
+        was, self._syncing = self._syncing, True
+        try:
+            self._draw_selection(index)
+        finally:
+            self._syncing = was
+
+    def _draw_selection(self, index: tuple):
+        grid, batched, planes = self._shown
+        vectors, colors = _layers.grid_lines(grid, index, planes=planes)
+        layer = self._layers.get("patch grid")
+        if layer is None or layer not in self.viewer.layers or layer.data.shape[-1] != vectors.shape[-1]:
+            if layer is not None and layer in self.viewer.layers:
+                self.viewer.layers.remove(layer)
+            layer = self.viewer.add_vectors(vectors, edge_color=colors, vector_style="line",
+                                            edge_width=_layers.line_width(self._hw),
+                                            name="patch grid")
+            self._layers["patch grid"] = layer
+        else:
+            layer.data = vectors
+            layer.edge_color = colors
+            layer.edge_width = _layers.line_width(self._hw)
+        stack = self._layers.get("patches")
+        if stack is not None and stack in self.viewer.layers:
+            step = list(self.viewer.dims.current_step)
+            first = self.viewer.dims.ndim - stack.ndim  # grid axes lead the stack
+            for k, i in enumerate(index):
+                step[first + k] = i
+            self.viewer.dims.current_step = tuple(step)
+
+    def _on_index(self, value):
+        if not self._syncing and self._grid is not None:
+            self._select(self._grid.patch_index(value))
+
+    def _set_index(self, index: tuple):
+        flat = int(np.ravel_multi_index(index, self._grid.grid_shape))
+        if flat != self.index.value:
+            self.index.value = flat  # triggers _on_index -> _select
+        else:
+            self._select(index)
+
+    def _on_click(self, viewer, event):
+        try:
+            layer = self.image.value
+            if self._grid is None or layer is None or layer not in viewer.layers:
+                return
+            coords = layer.world_to_data(event.position)
+            index = self._grid.patch_at(coords[-self._grid.ndim:])
+            if index is not None:
+                self._set_index(index)
+        except RuntimeError:  # the widget was closed: stop listening
+            if self._on_click in viewer.mouse_drag_callbacks:
+                viewer.mouse_drag_callbacks.remove(self._on_click)
+
+    def _on_dims(self, event):
+        stack = self._layers.get("patches")
+        if self._syncing or self._grid is None or stack is None or stack not in self.viewer.layers:
+            return
+        grid, batched, _ = self._shown
+        first = self.viewer.dims.ndim - stack.ndim
+        step = self.viewer.dims.current_step[first:first + grid.ndim]
+        if len(step) == grid.ndim and all(0 <= i < g for i, g in zip(step, grid.grid_shape)):
+            self._syncing = True
+            self.index.value = int(np.ravel_multi_index(step, grid.grid_shape))
+            self._syncing = False
+            self._select(tuple(step))
+
+
+def _compute(gen, job: Job):
+    """Worker body: stream the run (yielding progress), then build the lazy patch stack."""
+    result = yield from gen
+    return result, _layers.PatchStack(job.image, job.grid, job.batched)
