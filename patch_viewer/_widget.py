@@ -12,15 +12,14 @@ from functools import partial
 import napari
 import numpy as np
 from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSpinBox, Label, ProgressBar,
-                              PushButton, SpinBox, create_widget)
+                              PushButton, SpinBox)
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
-from qtpy.QtCore import Qt, QTimer
+from qtpy.QtCore import QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import QSizePolicy
 
 from . import _layers
-from .core import (EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, WINDOWS, PatchGrid, iter_process,
-                   make_plan)
+from .core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, WINDOWS, PatchGrid, iter_process
 from .core._layout import _fmt_bytes
 
 LAYER_NAMES = ("patch grid", "overlap weights", "patches", "merged", "error")
@@ -71,6 +70,13 @@ class AxisInts(Container):
         return tuple(b.value for b in self.boxes[3 - self._n:])
 
 
+class ExplorerSignals(QObject):
+    """``computed(result)`` once the layers show a run's results; ``failed(message)``."""
+
+    computed = Signal(object)
+    failed = Signal(str)
+
+
 @dataclass(frozen=True)
 class Job:
     """Everything a run needs, read from the widgets on the main thread."""
@@ -88,7 +94,8 @@ class PatchExplorer(Container):
 
     def __init__(self, napari_viewer: napari.viewer.Viewer):
         self.viewer = napari_viewer
-        self.image = create_widget(annotation=napari.layers.Image, label="image")
+        self._layers: dict = {}
+        self.image = ComboBox(choices=self._image_choices, label="image")
         self.patch_size = AxisInts("patch size", 32)
         self.stride = AxisInts("stride", 16)
         self.edge = ComboBox(choices=EDGE_MODES, value="shift", label="edge")
@@ -118,7 +125,7 @@ class PatchExplorer(Container):
         self.readout.native.setAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignTop)
         self.readout.native.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         self.readout.native.setMinimumHeight(6 * self.readout.native.fontMetrics().lineSpacing())
-        self._layers: dict = {}
+        self.signals = ExplorerSignals()
         self._generation = 0
         self._worker = None
         self._grid = None
@@ -129,19 +136,52 @@ class PatchExplorer(Container):
         self._timer.setSingleShot(True)
         self._timer.setInterval(150)
         self._timer.timeout.connect(self.run)
-        for w in (self.patch_size, self.stride, self.edge, self.pad_mode, self.volume_mode,
-                  self.window, self.sigma, self.reduce, self.reference):
+        for w in (self.patch_size, self.stride, self.edge, self.pad_mode, self.window,
+                  self.sigma, self.reduce, self.reference):
             w.changed.connect(self._on_param)
+        self.volume_mode.changed.connect(self._on_image)  # changes the number of axes
         self.filter.changed.connect(self._on_filter)
         self.image.changed.connect(self._on_image)
         self.run_button.changed.connect(self.run)
         self.index.changed.connect(self._on_index)
+        self.live.changed.connect(self._on_live)
         self.viewer.mouse_drag_callbacks.append(self._on_click)
         self.viewer.dims.events.current_step.connect(self._on_dims)
+        self.viewer.layers.events.inserted.connect(self._refresh_images)
+        self.viewer.layers.events.removed.connect(self._refresh_images)
+        self.native.destroyed.connect(self._teardown)
         self._on_filter()
         self._on_image()
 
+    def _teardown(self, *_):
+        """The dock was closed: drop pending work and stop listening to the viewer."""
+        self._generation += 1  # whatever is still running is now stale
+        self._timer.stop()
+        if self._worker is not None:
+            self._worker.quit()
+        if self._on_click in self.viewer.mouse_drag_callbacks:
+            self.viewer.mouse_drag_callbacks.remove(self._on_click)
+        self.viewer.dims.events.current_step.disconnect(self._on_dims)
+        self.viewer.layers.events.inserted.disconnect(self._refresh_images)
+        self.viewer.layers.events.removed.disconnect(self._refresh_images)
+
+    def _refresh_images(self, *_):
+        self.image.reset_choices()
+
+    def _image_choices(self, _widget=None):
+        """The viewer's image layers, less the ones this widget made."""
+        # napari hands plugins proxies (new objects on every access): compare stable ids.
+        ours = {layer.unique_id for layer in self._layers.values()}
+        return [(layer.name, layer) for layer in self.viewer.layers
+                if isinstance(layer, napari.layers.Image) and layer.unique_id not in ours]
+
     # ------------------------------------------------------------------ parameters
+    def _on_live(self, value):
+        if value:
+            self._timer.start()
+        else:
+            self._timer.stop()
+
     def _on_param(self, *_):
         self.pad_mode.visible = self.edge.value == "pad"
         self.sigma.visible = self.window.value == "gaussian"
@@ -198,10 +238,10 @@ class PatchExplorer(Container):
         self._generation += 1
         if self._worker is not None:
             self._worker.quit()
-        plan = make_plan(job.grid, job.image.shape[0] if job.batched else 1)
         self.progress.max, self.progress.value = 1000, 0  # per mille of patches done
-        worker = create_worker(_compute, gen, job, _start_thread=False, _ignore_errors=True,
-                               _progress={"total": plan.n_batches, "desc": "Patch Explorer"})
+        # Progress shows in the widget's own bar (napari's activity-dialog bar re-enters the
+        # event loop when several runs start back to back).
+        worker = create_worker(_compute, gen, job, _start_thread=False, _ignore_errors=True)
         worker.yielded.connect(partial(self._on_progress, self._generation))
         worker.returned.connect(partial(self._on_result, self._generation, job))
         worker.errored.connect(partial(self._on_error, self._generation))
@@ -221,6 +261,7 @@ class PatchExplorer(Container):
         self.readout.value = f"⚠ {message}"
         self.readout.native.setStyleSheet("color: #ff7070")
         show_error(f"Patch Explorer: {message}")
+        self.signals.failed.emit(message)
 
     def _on_result(self, generation, job: Job, payload):
         if generation != self._generation:
@@ -231,6 +272,7 @@ class PatchExplorer(Container):
             self._update_layers(job, *payload)
         finally:
             self._syncing = False
+        self.signals.computed.emit(payload[0])
 
     def _update_layers(self, job: Job, result, stack):
         self._grid = job.grid
@@ -276,6 +318,7 @@ class PatchExplorer(Container):
         if alive:
             self.viewer.layers.remove(layer)
         self._layers[name] = self.viewer.add_image(data, name=name, **kwargs)
+        self._refresh_images()  # our layers are not inputs
 
     # ------------------------------------------------------------------ selection
     def _select(self, index: tuple):
