@@ -28,7 +28,7 @@ def wait_computed(widget):
     widget.signals.failed.disconnect(loop.quit)
 
 
-def main(repeats: int = 5):
+def main(repeats: int = 3):
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1500, 900)
     rng = np.random.default_rng(0)

@@ -71,6 +71,19 @@ def grid_lines(grid: PatchGrid, selected=None, *, planes: int | None = None,
     return out, colors
 
 
+def _as_index(pick):
+    """Window positions as an int, a slice (evenly spaced, ascending) or an index array."""
+    if np.ndim(pick) == 0:
+        return int(pick)
+    pick = np.asarray(pick)
+    if len(pick) == 0:
+        return slice(0, 0)
+    step = int(pick[1] - pick[0]) if len(pick) > 1 else 1
+    if step > 0 and np.all(np.diff(pick) == step):
+        return slice(int(pick[0]), int(pick[-1]) + 1, step)
+    return pick
+
+
 def _edges(origins: np.ndarray, p: int) -> np.ndarray:
     return np.unique(np.concatenate([origins, origins + p])).astype(np.float64) - 0.5
 
@@ -113,14 +126,16 @@ class PatchStack:
         nd = self._grid.ndim
         if b:  # public order (*grid, batch, *patch) -> internal (batch, *grid, *patch)
             key = (key[nd],) + key[:nd] + key[nd + 1:]
-        out = self._view[key[0]] if b else self._view[0]  # (*[b], *positions, *patch, C)
+        # Grid indices -> window positions: ints and regular runs become basic (view) indexing;
+        # only an irregular selection (a shifted last patch inside a range) is gathered.
+        picks = [_as_index(origins[k]) for k, origins in zip(key[b:b + nd], self._grid.origins)]
+        basic = tuple(slice(None) if isinstance(p, np.ndarray) else p for p in picks)
+        out = self._view[(key[0] if b else 0,) + basic]  # (*[b], *kept positions, *patch, C)
         axis = 1 if b and not isinstance(key[0], (int, np.integer)) else 0  # batch axis kept?
-        for k, origins in zip(key[b:b + nd], self._grid.origins):
-            pick = origins[k]
-            if np.ndim(pick) == 0:
-                out = out[(slice(None),) * axis + (int(pick),)]  # a view, axis dropped
-            else:
-                out = np.take(out, pick, axis=axis)
+        for p in picks:
+            if isinstance(p, np.ndarray):
+                out = np.take(out, p, axis=axis)
+            if not isinstance(p, int):
                 axis += 1
         if not self._channels:
             out = out[..., 0]

@@ -156,14 +156,19 @@ class PatchExplorer(Container):
     def _teardown(self, *_):
         """The dock was closed: drop pending work and stop listening to the viewer."""
         self._generation += 1  # whatever is still running is now stale
-        self._timer.stop()
-        if self._worker is not None:
-            self._worker.quit()
-        if self._on_click in self.viewer.mouse_drag_callbacks:
-            self.viewer.mouse_drag_callbacks.remove(self._on_click)
-        self.viewer.dims.events.current_step.disconnect(self._on_dims)
-        self.viewer.layers.events.inserted.disconnect(self._refresh_images)
-        self.viewer.layers.events.removed.disconnect(self._refresh_images)
+        # Qt may already have deleted parts of us (or of the viewer) when this runs; an
+        # exception escaping a Qt slot aborts PyQt5, so each step is allowed to fail alone.
+        steps = [self._timer.stop,
+                 lambda: self._worker is not None and self._worker.quit(),
+                 lambda: self.viewer.mouse_drag_callbacks.remove(self._on_click),
+                 lambda: self.viewer.dims.events.current_step.disconnect(self._on_dims),
+                 lambda: self.viewer.layers.events.inserted.disconnect(self._refresh_images),
+                 lambda: self.viewer.layers.events.removed.disconnect(self._refresh_images)]
+        for step in steps:
+            try:
+                step()
+            except (RuntimeError, ValueError):
+                pass
 
     def _refresh_images(self, *_):
         self.image.reset_choices()
@@ -310,10 +315,13 @@ class PatchExplorer(Container):
         layer = self._layers.get(name)
         alive = layer is not None and layer in self.viewer.layers
         if alive and layer.rgb == kwargs.get("rgb", False) and np.ndim(layer.data) == np.ndim(data):
+            # Every attribute set re-slices and redraws the layer: set data, and only what
+            # changed of the limits and placement. Styling is set once, so a user's own
+            # colormap choice stays.
             layer.data = data
-            for key, value in kwargs.items():
-                if key != "rgb":
-                    setattr(layer, key, value)
+            for key in ("contrast_limits", "translate"):
+                if key in kwargs and not np.allclose(getattr(layer, key), kwargs[key]):
+                    setattr(layer, key, kwargs[key])
             return
         if alive:
             self.viewer.layers.remove(layer)
