@@ -71,7 +71,8 @@ def main(argv=None) -> int:
         raise SystemExit(f"patch-viewer: {exc}") from None
     widget.filter.value = args.filter
     widget.window.value = args.window
-    widget.live.value = True
+    with widget.live.changed.blocked():  # live preview on, without scheduling a second run
+        widget.live.value = True
     widget.run()
     if args.screenshot:
         viewer.window.resize(1500, 900)
