@@ -21,6 +21,7 @@ from qtpy.QtWidgets import QSizePolicy
 from . import _layers
 from .core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, WINDOWS, PatchGrid, iter_process
 from .core._layout import _fmt_bytes
+from .core.metrics import ssim_of
 
 LAYER_NAMES = ("patch grid", "overlap weights", "patches", "merged", "error")
 VOLUME_MODES = ("3-D patches", "2-D patches per plane")
@@ -71,9 +72,11 @@ class AxisInts(Container):
 
 
 class ExplorerSignals(QObject):
-    """``computed(result)`` once the layers show a run's results; ``failed(message)``."""
+    """``computed(result)`` once the layers show a run's results, ``ssim_computed(value)`` when
+    the slower SSIM follows; ``failed(message)``."""
 
     computed = Signal(object)
+    ssim_computed = Signal(float)
     failed = Signal(str)
 
 
@@ -131,6 +134,7 @@ class PatchExplorer(Container):
         self._grid = None
         self._shown = None  # (grid, batched, planes) of the layers on screen
         self._hw = (1, 1)  # the image's last two spatial sizes, for the layout
+        self._readout_lines: list[str] = []
         self._syncing = False
         self._timer = QTimer()
         self._timer.setSingleShot(True)
@@ -236,7 +240,8 @@ class PatchExplorer(Container):
         """Start a run with the current parameters; a newer run makes older results stale."""
         try:
             job = self._job()
-            gen = iter_process(job.image, job.grid, **job.kwargs)  # validates everything
+            # validates everything; SSIM (the slow metric) follows once the layers are shown
+            gen = iter_process(job.image, job.grid, ssim=False, **job.kwargs)
         except (ValueError, TypeError, MemoryError) as exc:
             self._fail(str(exc))
             return
@@ -247,16 +252,27 @@ class PatchExplorer(Container):
         # Progress shows in the widget's own bar (napari's activity-dialog bar re-enters the
         # event loop when several runs start back to back).
         worker = create_worker(_compute, gen, job, _start_thread=False, _ignore_errors=True)
-        worker.yielded.connect(partial(self._on_progress, self._generation))
-        worker.returned.connect(partial(self._on_result, self._generation, job))
+        worker.yielded.connect(partial(self._on_progress, self._generation, job))
+        worker.returned.connect(partial(self._on_ssim, self._generation))
         worker.errored.connect(partial(self._on_error, self._generation))
         self._worker = worker
         worker.start()
 
-    def _on_progress(self, generation, value):
-        if generation == self._generation:
-            done, total = value
-            self.progress.value = int(1000 * done / max(total, 1))
+    def _on_progress(self, generation, job, value):
+        if generation != self._generation:
+            return
+        if value[0] == "layers":
+            self._on_result(generation, job, value[1:])
+            return
+        done, total = value
+        self.progress.value = int(1000 * done / max(total, 1))
+
+    def _on_ssim(self, generation, value):
+        if generation == self._generation and self._readout_lines:
+            self._readout_lines[-1] = self._readout_lines[-1].replace("SSIM: …",
+                                                                      f"SSIM: {value:.4f}")
+            self.readout.value = "\n".join(self._readout_lines)
+            self.signals.ssim_computed.emit(value)
 
     def _on_error(self, generation, exc):
         if generation == self._generation:
@@ -304,12 +320,13 @@ class PatchExplorer(Container):
         cov = [c for c in job.grid.coverage_1d()]
         cmin, cmax = int(np.prod([c.min() for c in cov])), int(np.prod([c.max() for c in cov]))
         self.readout.native.setStyleSheet("")
-        self.readout.value = "\n".join([
+        self._readout_lines = [
             f"patches: {result.plan.n_patches:,}   grid: {' x '.join(map(str, job.grid.grid_shape))}",
             f"coverage: {cmin}–{cmax}   est. memory: {_fmt_bytes(result.plan.peak_bytes)}",
             f"compute time: {result.elapsed * 1e3:.0f} ms",
             f"max |err|: {m['max_abs']:.3g}   RMSE: {m['rmse']:.3g}",
-            f"PSNR: {m['psnr']:.1f} dB   SSIM: {m['ssim']:.4f}"])
+            f"PSNR: {m['psnr']:.1f} dB   SSIM: …"]
+        self.readout.value = "\n".join(self._readout_lines)
 
     def _show(self, name, data, kwargs):
         layer = self._layers.get(name)
@@ -398,6 +415,9 @@ class PatchExplorer(Container):
 
 
 def _compute(gen, job: Job):
-    """Worker body: stream the run (yielding progress), then build the lazy patch stack."""
+    """Worker body: stream the run (yielding progress), hand over the layers' data, then
+    compute the slow SSIM and return it."""
     result = yield from gen
-    return result, _layers.PatchStack(job.image, job.grid, job.batched)
+    yield ("layers", result, _layers.PatchStack(job.image, job.grid, job.batched))
+    channel_axis = None if job.grid.channel_axis is None else job.grid.channel_axis + job.batched
+    return ssim_of(result.merged, result.reference, channel_axis=channel_axis)

@@ -88,7 +88,7 @@ class Result:
 
 def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
                  window="uniform", window_params=None, reduce="mean", reference="input",
-                 dtype=None, batch_bytes=None, max_bytes=None):
+                 dtype=None, batch_bytes=None, max_bytes=None, ssim=True):
     """Generator form of :func:`process`: yields ``(patches_done, patches_total)`` after each
     batch and returns the :class:`Result` (``StopIteration.value``; napari's ``thread_worker``
     emits it as ``returned``). Closing the generator cancels the run.
@@ -113,11 +113,11 @@ def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_para
     check_bytes(plan.peak_bytes, "this run", max_bytes,
                 "use a smaller batch_bytes, or the dask path for images larger than memory")
     return _run(image, grid, filt, params, window, dict(window_params or {}), reduce, reference,
-                dtype, batched, plan)
+                dtype, batched, plan, ssim)
 
 
 def _run(image, grid, filt, params, window, window_params, reduce, reference, dtype, batched,
-         plan):
+         plan, ssim=True):
     start = time.perf_counter()
     nd = grid.ndim
     canon = to_canonical(image, grid, batched)
@@ -154,14 +154,14 @@ def _run(image, grid, filt, params, window, window_params, reduce, reference, dt
         ref = image
     error = error_map(merged, ref)
     channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
-    metrics = compute_metrics(merged, ref, channel_axis=channel_axis)
+    metrics = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim)
     weights = weight_map(grid, window, **window_params)
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
 
 
 def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
             window="uniform", window_params=None, reduce="mean", reference="input", dtype=None,
-            batch_bytes=None, max_bytes=None, progress=None) -> Result:
+            batch_bytes=None, max_bytes=None, progress=None, ssim=True) -> Result:
     """Cut ``image`` into patches, filter each patch, merge them back and measure the error.
 
     Parameters
@@ -186,6 +186,8 @@ def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=No
         Refuse runs whose estimated peak memory exceeds this (default 4 GiB).
     progress : callable, optional
         Called as ``progress(patches_done, patches_total)`` after every batch.
+    ssim : bool, optional
+        Compute SSIM (the costly metric); False leaves ``metrics["ssim"]`` NaN.
 
     Returns
     -------
@@ -203,7 +205,7 @@ def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=No
     """
     gen = iter_process(image, grid, patch_filter, filter_params=filter_params, window=window,
                        window_params=window_params, reduce=reduce, reference=reference,
-                       dtype=dtype, batch_bytes=batch_bytes, max_bytes=max_bytes)
+                       dtype=dtype, batch_bytes=batch_bytes, max_bytes=max_bytes, ssim=ssim)
     while True:
         try:
             done, total = next(gen)

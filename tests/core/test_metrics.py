@@ -54,3 +54,17 @@ def test_bad_input():
         compute_metrics(np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError, match="data_range"):
         compute_metrics(np.zeros(3), np.zeros(3), data_range=0)
+
+
+def test_ssim_can_be_deferred():
+    rng = np.random.default_rng(3)
+    ref = rng.random((24, 24))
+    merged = ref + rng.normal(0, 0.1, ref.shape)
+    fast = compute_metrics(merged, ref, ssim=False)
+    full = compute_metrics(merged, ref)
+    assert math.isnan(fast["ssim"])
+    assert {k: v for k, v in fast.items() if k != "ssim"} == {
+        k: v for k, v in full.items() if k != "ssim"}
+    from patch_viewer.core.metrics import ssim_of
+
+    assert ssim_of(merged, ref) == full["ssim"]

@@ -53,6 +53,12 @@ def test_classic_identity_is_exact(explorer, qtbot, classic):
     assert lo == -hi  # symmetric, diverging
     assert "3,844" in w.readout.value and "PSNR: inf" in w.readout.value
     assert result.metrics["max_abs"] == 0
+    assert w._worker is not None
+    with qtbot.waitSignal(w.signals.ssim_computed, timeout=10_000, raising=False) as ssim:
+        pass
+    if not ssim.signal_triggered:  # it may have arrived already
+        assert "SSIM: 1.0000" in w.readout.value
+    assert "SSIM: 1.0000" in w.readout.value
     assert w.index.max == 3843
 
 
