@@ -70,14 +70,11 @@ def patches_to_canonical(patches: np.ndarray, grid: PatchGrid) -> tuple[np.ndarr
     shape = tuple(patches.shape)
     ps = grid.patch_shape
     gs = grid.grid_shape
-    forms = {
-        gs + ps: (False, False),
-        (grid.n_patches,) + ps: (False, True),
-    }
+    forms = (gs + ps, (grid.n_patches,) + ps)
     if shape in forms:
-        batched, flat = forms[shape]
+        batched = False
     elif shape[1:] in forms:
-        batched, flat = True, forms[shape[1:]][1]
+        batched = True
     else:
         raise ValueError(
             f"`patches` shape {shape} does not match the grid: expected {gs + ps} "

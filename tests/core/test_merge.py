@@ -171,7 +171,6 @@ def test_random_stack_matches_brute_force(grid, reduce, window, dtype, seed):
 @settings(max_examples=200, deadline=None)
 @given(grids(), st.sampled_from(NAMED[:-1]))
 def test_weight_map_matches_brute_force(grid, window):
-    ones = np.ones(grid.patches_shape[:grid.ndim] + grid.patch_size)
     w = weight_map(grid, window)
     if window == "uniform":
         np.testing.assert_array_equal(w, brute_coverage(grid))
@@ -188,7 +187,6 @@ def test_weight_map_matches_brute_force(grid, window):
     np.testing.assert_allclose(w, expected, rtol=1e-12)
     # An arbitrary array window goes through the general overlap-add path.
     np.testing.assert_allclose(weight_map(grid, win), expected, rtol=1e-12)
-    del ones
 
 
 @settings(max_examples=200, deadline=None)

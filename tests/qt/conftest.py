@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from patch_viewer._sample_data import load
