@@ -75,15 +75,19 @@ def compute_metrics(merged, reference, *, channel_axis=None, data_range=None,
     with np.errstate(divide="ignore"):
         psnr = float(peak_signal_noise_ratio(ref64[mask], ref64[mask] + e, data_range=dr))
     return {"max_abs": max_abs, "rmse": rmse, "psnr": psnr,
-            "ssim": _ssim(ref64, np.where(mask, merged, ref64), channel_axis, dr) if ssim
-            else math.nan,
+            "ssim": ssim_of(merged, reference, channel_axis=channel_axis, data_range=dr)
+            if ssim else math.nan,
             "covered": covered}
 
 
 def ssim_of(merged, reference, *, channel_axis=None, data_range=None) -> float:
-    """SSIM of ``merged`` against ``reference``, as in :func:`compute_metrics`."""
-    return compute_metrics(merged, reference, channel_axis=channel_axis,
-                           data_range=data_range)["ssim"]
+    """SSIM of ``merged`` against ``reference``, as in :func:`compute_metrics` (pixels where
+    either is not finite take the reference's value)."""
+    ref64 = np.asarray(reference).astype(np.float64)
+    merged64 = np.asarray(merged).astype(np.float64)
+    dr = data_range_of(reference) if data_range is None else float(data_range)
+    mask = np.isfinite(merged64) & np.isfinite(ref64)
+    return _ssim(ref64, np.where(mask, merged64, ref64), channel_axis, dr)
 
 
 def _ssim(ref, merged, channel_axis, dr) -> float:
