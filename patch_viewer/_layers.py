@@ -10,7 +10,7 @@ import math
 import numpy as np
 
 from .core import PatchGrid
-from .core._layout import window_view
+from .core._layout import pad_canonical, to_canonical, window_view
 
 GRID_COLOR = (0.0, 0.9, 1.0, 0.55)
 SELECTED_COLOR = (1.0, 0.85, 0.0, 1.0)
@@ -98,8 +98,6 @@ class PatchStack:
     """
 
     def __init__(self, image: np.ndarray, grid: PatchGrid, batched: bool = False):
-        from .core._layout import pad_canonical, to_canonical
-
         canon = pad_canonical(to_canonical(image, grid, batched), grid)
         self._view = window_view(canon, grid)  # (b, *positions, *patch, C)
         self._grid = grid

@@ -317,8 +317,7 @@ class PatchExplorer(Container):
         self.index.value = min(self.index.value, n - 1)
         self._select(job.grid.patch_index(self.index.value))
         m = result.metrics
-        cov = [c for c in job.grid.coverage_1d()]
-        cmin, cmax = int(np.prod([c.min() for c in cov])), int(np.prod([c.max() for c in cov]))
+        cmin, cmax = job.grid.coverage_range()
         self.readout.native.setStyleSheet("")
         self._readout_lines = [
             f"patches: {result.plan.n_patches:,}   grid: {' x '.join(map(str, job.grid.grid_shape))}",

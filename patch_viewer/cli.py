@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._sample_data import read_array
 from .core import FILTERS, WINDOWS
 
 
@@ -20,11 +21,7 @@ def read_image(path: str) -> np.ndarray:
     if not p.is_file():
         raise SystemExit(f"patch-viewer: no such file: {path}")
     try:
-        if p.suffix.lower() == ".npy":
-            return np.load(p)
-        from skimage import io
-
-        return io.imread(p)
+        return read_array(p)
     except Exception as exc:  # any reader failure becomes one clear message
         raise SystemExit(f"patch-viewer: cannot read {path}: {exc}") from None
 

@@ -186,6 +186,11 @@ class PatchGrid:
             out.append(np.cumsum(c)[:n])
         return out
 
+    def coverage_range(self) -> tuple[int, int]:
+        """Fewest and most patches covering any one pixel (products of the per-axis counts)."""
+        cov = self.coverage_1d()
+        return math.prod(int(c.min()) for c in cov), math.prod(int(c.max()) for c in cov)
+
     def patch_index(self, flat_index: int) -> tuple[int, ...]:
         """Grid index ``(i, j, ...)`` of the patch with the given flat (C-order) index."""
         n = self.n_patches

@@ -247,9 +247,9 @@ class Merger:
         nd = grid.ndim
         extent = tuple(n + s for n, s in zip(grid.padded_shape, grid.stride))
         shape = (n_images,) + extent + (n_channels,)
-        max_cover = math.prod(int(c.max()) for c in grid.coverage_1d())
-        self.anchor = _needs_anchor(dtype, self.work, self.window is None, max_cover)
-        if self.mode == "pick" or (self.mode == "mean" and self.anchor):
+        self.anchor = _needs_anchor(dtype, self.work, self.window is None,
+                                    grid.coverage_range()[1])
+        if self._uses_ref:
             self.ref = np.empty(shape, self.work)  # every covered pixel is owned once
             rule = "first" if self.mode == "mean" else "centre"
             self._owned = [_owned_segments(o, p, rule) for o, p in zip(grid.origins, grid.patch_size)]
@@ -428,12 +428,16 @@ class Merger:
         return _finish(out, covered, dtype, fill_value, self.work)
 
 
+def _outer(factors, ufunc) -> np.ndarray:
+    """``ufunc.outer`` over a list of 1-D arrays: the nD map of a separable quantity."""
+    out = factors[0]
+    for f in factors[1:]:
+        out = ufunc.outer(out, f)
+    return out
+
+
 def _coverage_mask(grid: PatchGrid) -> np.ndarray:
-    cov = [c > 0 for c in grid.coverage_1d()]
-    mask = cov[0]
-    for c in cov[1:]:
-        mask = np.logical_and.outer(mask, c)
-    return mask
+    return _outer([c > 0 for c in grid.coverage_1d()], np.logical_and)
 
 
 def _finish(out, covered, dtype, fill_value, work):
@@ -559,10 +563,7 @@ def _weights(grid: PatchGrid, window, window_params: dict, dtype) -> np.ndarray:
             for k in range(len(f)):  # loops over the patch extent, not over patches
                 w[o + k] += f[k]
             sums.append(w[:n].astype(dtype))
-        out = sums[0]
-        for s in sums[1:]:
-            out = np.multiply.outer(out, s)
-        return out
+        return _outer(sums, np.multiply)
     win = make_window(window, grid.patch_size, **window_params)
     extent = tuple(n + s for n, s in zip(grid.padded_shape, grid.stride))
     acc = np.zeros((1,) + extent + (1,), dtype)

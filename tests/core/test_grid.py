@@ -14,6 +14,7 @@ def test_classic_case():
     assert g.n_patches == 3844
     assert g.patches_shape == (62, 62, 39, 39)
     assert g.is_regular and g.is_covering
+    assert g.coverage_range() == (1, 39 * 39)
 
 
 @pytest.mark.parametrize(
@@ -34,12 +35,14 @@ def test_shift_moves_last_patch_flush():
     assert g.origins[0].tolist() == [0, 3, 6, 7]
     assert not g.is_regular
     assert g.coverage_1d()[0].tolist() == [1, 1, 1, 2, 1, 1, 2, 2, 2, 2, 1]
+    assert g.coverage_range() == (1, 2)
 
 
 def test_drop_leaves_uncovered_tail_and_gaps():
     g = PatchGrid((10,), 3, stride=4, edge="drop")
     assert g.origins[0].tolist() == [0, 4]
     assert g.coverage_1d()[0].tolist() == [1, 1, 1, 0, 1, 1, 1, 0, 0, 0]
+    assert g.coverage_range() == (0, 1)
     assert not g.is_covering
 
 
