@@ -45,6 +45,10 @@ class PatchFilter:
     func: Callable
     params: dict = field(default_factory=dict)
     doc: str = ""
+    #: ``halo(**params) -> int``: how far (px) the filter reaches when applied to a whole image,
+    #: or None for filters built on per-image statistics (invert, zscore, ...). The chunked
+    #: path needs it to compute ``reference="filter"`` block by block.
+    halo: Callable | None = None
 
     def validate(self, params: dict | None) -> dict:
         """Parameters with defaults filled in, checked against their declared ranges."""
@@ -70,7 +74,7 @@ FILTERS: dict[str, PatchFilter] = {}
 
 
 def register_filter(name: str, func: Callable | None = None, *, params: dict | None = None,
-                    batched: bool = True, doc: str = ""):
+                    batched: bool = True, doc: str = "", halo: Callable | None = None):
     """Add a filter to the registry (usable as a decorator).
 
     Parameters
@@ -85,6 +89,12 @@ def register_filter(name: str, func: Callable | None = None, *, params: dict | N
         Declared parameters with defaults and ranges.
     batched : bool, optional
         Whether ``func`` handles a whole stack; per-patch callables are looped over (slower).
+    doc : str, optional
+        One-line description (default: the function's docstring).
+    halo : callable, optional
+        ``halo(**params) -> int``, the filter's reach in pixels when applied to a whole image
+        (a 3x3 kernel reaches 1). Declaring it lets the chunked (dask) path compute
+        ``reference="filter"``; leave it None when the filter uses whole-image statistics.
 
     Examples
     --------
@@ -99,7 +109,8 @@ def register_filter(name: str, func: Callable | None = None, *, params: dict | N
         if not isinstance(name, str) or not name:
             raise TypeError("filter `name` must be a non-empty string")
         call = f if batched else _per_patch(f)
-        FILTERS[name] = PatchFilter(name, call, dict(params or {}), doc or (f.__doc__ or "").strip())
+        FILTERS[name] = PatchFilter(name, call, dict(params or {}),
+                                    doc or (f.__doc__ or "").strip(), halo)
         return f
 
     return deco if func is None else deco(func)
@@ -134,36 +145,43 @@ def _float(stack):
     return stack if stack.dtype.kind == "f" else stack.astype(np.float32)
 
 
+def _gauss_reach(sigma: float) -> int:
+    return int(4.0 * sigma + 0.5)  # scipy.ndimage's default truncate=4.0
+
+
 def _per_axis(stack, spatial_axes, value, other):
     return [value if ax in spatial_axes else other for ax in range(stack.ndim)]
 
 
 # --------------------------------------------------------------------------- built-in filters
-@register_filter("identity")
+@register_filter("identity", halo=lambda: 0)
 def identity(stack, spatial_axes):
     """No change (the merge then reproduces the image exactly)."""
     return stack
 
 
-@register_filter("gaussian", params={"sigma": Param(1.0, 0.1, 20.0, float, "blur radius (px)")})
+@register_filter("gaussian", params={"sigma": Param(1.0, 0.1, 20.0, float, "blur radius (px)")},
+                 halo=lambda sigma: _gauss_reach(sigma))
 def gaussian(stack, spatial_axes, sigma):
     """Gaussian blur inside each patch (reflecting at the patch border)."""
     return ndi.gaussian_filter(_float(stack), _per_axis(stack, spatial_axes, sigma, 0.0))
 
 
-@register_filter("median", params={"size": Param(3, 1, 31, int, "window size (px)")})
+@register_filter("median", params={"size": Param(3, 1, 31, int, "window size (px)")},
+                 halo=lambda size: size // 2)
 def median(stack, spatial_axes, size):
     """Median filter inside each patch."""
     return ndi.median_filter(stack, size=_per_axis(stack, spatial_axes, size, 1))
 
 
-@register_filter("uniform", params={"size": Param(3, 1, 31, int, "window size (px)")})
+@register_filter("uniform", params={"size": Param(3, 1, 31, int, "window size (px)")},
+                 halo=lambda size: size // 2)
 def uniform(stack, spatial_axes, size):
     """Moving-average (box) filter inside each patch."""
     return ndi.uniform_filter(_float(stack), size=_per_axis(stack, spatial_axes, size, 1))
 
 
-@register_filter("sobel")
+@register_filter("sobel", halo=lambda: 1)
 def sobel(stack, spatial_axes):
     """Gradient magnitude (Sobel) inside each patch."""
     x = _float(stack)
@@ -182,7 +200,7 @@ def sobel(stack, spatial_axes):
 @register_filter("unsharp", params={
     "radius": Param(1.0, 0.1, 20.0, float, "blur radius (px)"),
     "amount": Param(1.0, 0.0, 10.0, float, "sharpening strength"),
-})
+}, halo=lambda radius, amount: _gauss_reach(radius))
 def unsharp(stack, spatial_axes, radius, amount):
     """Unsharp mask: ``x + amount * (x - gaussian(x, radius))`` inside each patch."""
     x = _float(stack)

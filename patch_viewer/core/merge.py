@@ -512,6 +512,12 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
     """
     if not isinstance(grid, PatchGrid):
         raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    if type(patches).__module__.startswith(("dask.", "zarr.")):
+        raise TypeError(
+            "`patches` must be an in-memory array: a patch stack is many times larger than its "
+            "image; for images larger than memory pass the dask or zarr image to "
+            "patch_viewer.process(), which cuts, filters and merges chunk by chunk"
+        )
     patches = np.asanyarray(patches)
     canon, batched = patches_to_canonical(patches, grid)
     merger = Merger(grid, canon.shape[0], canon.shape[-1], canon.dtype, window=window,

@@ -21,6 +21,7 @@ from ._layout import (
     to_canonical,
     window_view,
 )
+from .chunked import chunked_process, is_lazy
 from .filters import get_filter
 from .grid import PatchGrid
 from .merge import REDUCTIONS, Merger, weight_map
@@ -86,44 +87,14 @@ class Result:
     elapsed: float
 
 
-def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
-                 window="uniform", window_params=None, reduce="mean", reference="input",
-                 dtype=None, batch_bytes=None, max_bytes=None, ssim=True):
-    """Generator form of :func:`process`: yields ``(patches_done, patches_total)`` after each
-    batch and returns the :class:`Result` (``StopIteration.value``; napari's ``thread_worker``
-    emits it as ``returned``). Closing the generator cancels the run.
-
-    All arguments are validated before the generator is returned.
-    """
-    if not isinstance(grid, PatchGrid):
-        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
-    image = np.asanyarray(image)
-    if image.dtype.kind not in "biuf":
-        raise TypeError(f"`image` must hold real numbers, got dtype {image.dtype}")
-    batched = is_batched(image.shape, grid)
-    filt = get_filter(patch_filter)
-    params = filt.validate(filter_params) if filt.params or filter_params else {}
-    if reference not in REFERENCES:
-        raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
-    make_window(window, grid.patch_size, **(window_params or {}))  # validates
-    n_images = image.shape[0] if batched else 1
-    plan = make_plan(grid, n_images, batch_bytes=batch_bytes)
-    check_bytes(plan.peak_bytes, "this run", max_bytes,
-                "use a smaller batch_bytes, or the dask path for images larger than memory")
-    return _run(image, grid, filt, params, window, dict(window_params or {}), reduce, reference,
-                dtype, batched, plan, ssim)
-
-
-def _run(image, grid, filt, params, window, window_params, reduce, reference, dtype, batched,
-         plan, ssim=True):
-    start = time.perf_counter()
+def merge_stream(canon, grid, filt, params, window, window_params, reduce, rows, total):
+    """Generator: filter and overlap-add the patches of canonical images ``(b, *spatial, C)``,
+    ``rows`` patch rows at a time; yields ``(patches_done, total)`` after each batch and
+    returns the filled :class:`Merger`. The one streaming loop behind :func:`process` and the
+    chunked path."""
     nd = grid.ndim
-    canon = to_canonical(image, grid, batched)
     view = window_view(pad_canonical(canon, grid), grid)
     spatial_axes = tuple(range(2 + nd - 1, 2 + 2 * nd - 1))
-    rows = plan.rows_per_batch
     g0 = grid.grid_shape[0]
     rest = tuple(
         slice(int(o[0]), int(o[-1]) + 1, s) if grid.is_regular else o
@@ -145,7 +116,58 @@ def _run(image, grid, filt, params, window, window_params, reduce, reference, dt
                                 reduce=reduce, window_params=window_params)
             merger.add(out, b, r0)
             done += out.shape[1] * math.prod(grid.grid_shape[1:])
-            yield done, plan.n_patches
+            yield done, total
+    return merger
+
+
+def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
+                 window="uniform", window_params=None, reduce="mean", reference="input",
+                 dtype=None, batch_bytes=None, max_bytes=None, ssim=True):
+    """Generator form of :func:`process`: yields ``(patches_done, patches_total)`` after each
+    batch and returns the :class:`Result` (``StopIteration.value``; napari's ``thread_worker``
+    emits it as ``returned``). Closing the generator cancels the run.
+
+    All arguments are validated before the generator is returned. A dask or zarr ``image``
+    gives a lazy :class:`Result` at once (see :func:`process`).
+    """
+    if not isinstance(grid, PatchGrid):
+        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    if is_lazy(image):
+        return _lazy(chunked_process(image, grid, patch_filter, filter_params=filter_params,
+                                     window=window, window_params=window_params, reduce=reduce,
+                                     reference=reference, dtype=dtype, batch_bytes=batch_bytes,
+                                     ssim=ssim))
+    image = np.asanyarray(image)
+    if image.dtype.kind not in "biuf":
+        raise TypeError(f"`image` must hold real numbers, got dtype {image.dtype}")
+    batched = is_batched(image.shape, grid)
+    filt = get_filter(patch_filter)
+    params = filt.validate(filter_params) if filt.params or filter_params else {}
+    if reference not in REFERENCES:
+        raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}")
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
+    make_window(window, grid.patch_size, **(window_params or {}))  # validates
+    n_images = image.shape[0] if batched else 1
+    plan = make_plan(grid, n_images, batch_bytes=batch_bytes)
+    check_bytes(plan.peak_bytes, "this run", max_bytes,
+                "use a smaller batch_bytes, or the dask path for images larger than memory")
+    return _run(image, grid, filt, params, window, dict(window_params or {}), reduce, reference,
+                dtype, batched, plan, ssim)
+
+
+def _lazy(result):
+    return result
+    yield  # a generator that returns at once
+
+
+def _run(image, grid, filt, params, window, window_params, reduce, reference, dtype, batched,
+         plan, ssim=True):
+    start = time.perf_counter()
+    nd = grid.ndim
+    canon = to_canonical(image, grid, batched)
+    merger = yield from merge_stream(canon, grid, filt, params, window, window_params, reduce,
+                                     plan.rows_per_batch, plan.n_patches)
     merged = from_canonical(merger.result(dtype), grid, batched)
     if reference == "filter":
         ref = np.asarray(filt(canon, tuple(range(1, nd + 1)), **params))
@@ -166,8 +188,9 @@ def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=No
 
     Parameters
     ----------
-    image : array_like
-        An image of shape ``grid.image_shape``, or a batch of them (leading axis).
+    image : array_like, dask array or zarr array
+        An image of shape ``grid.image_shape``, or a batch of them (leading axis). A dask or
+        zarr array is processed lazily, chunk by chunk (see Notes).
     grid : PatchGrid
         The patch geometry.
     patch_filter : str, PatchFilter or callable, optional
@@ -194,6 +217,16 @@ def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=No
     Result
         ``merged``, ``weights``, ``reference``, ``error``, ``metrics`` (max_abs, rmse, psnr,
         ssim, covered), ``grid``, ``plan`` and ``elapsed`` seconds.
+
+    Notes
+    -----
+    For a dask or zarr image nothing is computed here: ``merged``, ``weights``, ``reference``
+    and ``error`` are dask arrays and ``metrics`` holds 0-d dask arrays (evaluate them together
+    with ``dask.compute(result.merged, result.metrics)``). Each output chunk is computed from
+    its input chunk plus a halo of ``patch - 1``, from exactly the global grid's patches that
+    touch it, so the result equals the in-memory one (up to the rounding of the summation
+    order) whatever the chunking, and runs unchanged on ``dask.distributed``. ``progress``
+    and ``max_bytes`` do not apply (use dask's own progress bars and memory limits).
 
     Examples
     --------

@@ -1,0 +1,394 @@
+"""The same flow on dask arrays: lazy in, lazy out, equal to the in-memory result.
+
+Each output chunk is computed from its input chunk plus a halo of ``patch - 1`` pixels
+(``dask.array.overlap``), from exactly the patches of the GLOBAL grid that touch the chunk. Those
+patches are re-gridded locally (same stride, same shifted last patch) and run through the
+in-memory engine, so every pixel sees the same patches, the same window weights and the same
+anchor as in memory; the result does not depend on the chunking. Only chunks that are computed
+read their input, so napari can display the merged image of a whole-slide scan lazily, and
+``dask.distributed`` runs the graph on a cluster unchanged (everything here pickles).
+
+Notes
+-----
+- Patches are counted in every chunk they touch, so work grows by about
+  ``(chunk + patch - stride) / chunk`` per axis: use chunks several patches wide.
+- ``reference="filter"`` needs filters that declare their reach (``PatchFilter.halo``);
+  whole-image statistics (invert, zscore, minmax, otsu) cannot be computed chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import time
+from functools import partial
+
+import numpy as np
+
+from .filters import get_filter
+from .grid import PatchGrid
+from .merge import _weights, work_dtype
+from .metrics import data_range_of
+
+#: Chunk edge (pixels per spatial axis) used for arrays that come without useful chunks.
+DEFAULT_CHUNK = 2048
+
+
+def is_lazy(array) -> bool:
+    """Whether ``array`` is a dask or zarr array (handled by this module without loading it)."""
+    mod = type(array).__module__
+    return mod.startswith(("dask.", "zarr."))
+
+
+def as_dask(array, grid: PatchGrid | None = None):
+    """A dask array for a dask, zarr or NumPy array (zarr keeps its on-disk chunks)."""
+    import dask.array as da
+
+    if isinstance(array, da.Array):
+        return array
+    chunks = getattr(array, "chunks", None)
+    if not isinstance(chunks, tuple) or not all(isinstance(c, int) for c in chunks):
+        chunks = tuple(min(n, DEFAULT_CHUNK) for n in np.shape(array))
+    return da.from_array(array, chunks=chunks)
+
+
+def _canonical(image, grid: PatchGrid, batched: bool):
+    """Dask counterpart of ``to_canonical``: ``(batch, *spatial, channels)``."""
+    import dask.array as da
+
+    if not batched:
+        image = image[None]
+    if grid.channel_axis is None:
+        return image[..., None]
+    return da.moveaxis(image, grid.channel_axis + 1, -1)
+
+
+def _from_canonical(canon, grid: PatchGrid, batched: bool):
+    import dask.array as da
+
+    out = canon[..., 0] if grid.channel_axis is None else da.moveaxis(canon, -1, grid.channel_axis + 1)
+    return out if batched else out[0]
+
+
+def _pad(canon, grid: PatchGrid):
+    """Pad the far side of each spatial axis to ``grid.padded_shape`` exactly as ``np.pad``
+    does (dask's own reflect/wrap differ from NumPy's once the pad is wider than the image)."""
+    import dask.array as da
+
+    for ax, (n, m) in enumerate(zip(grid.spatial_shape, grid.padded_shape), start=1):
+        if m == n:
+            continue
+        if grid.pad_mode == "constant":
+            widths = [(0, 0)] * canon.ndim
+            widths[ax] = (0, m - n)
+            canon = da.pad(canon, widths, mode="constant")
+        else:
+            # reflect/edge/wrap only move pixels: pad the indices, then gather them.
+            index = np.pad(np.arange(n), (0, m - n), mode=grid.pad_mode)[n:]
+            tail = da.take(canon, index, axis=ax)
+            canon = da.concatenate([canon, tail], axis=ax)
+    return canon
+
+
+def _min_chunks(canon, depth: tuple[int, ...]):
+    """Rechunk so that every spatial chunk is at least as wide as its halo."""
+    from dask.array.overlap import ensure_minimum_chunksize
+
+    chunks = list(canon.chunks)
+    for ax, d in enumerate(depth, start=1):
+        chunks[ax] = ensure_minimum_chunksize(max(d, 1), chunks[ax])
+    return canon.rechunk(tuple(chunks)) if tuple(chunks) != canon.chunks else canon
+
+
+def _starts(chunks) -> list[np.ndarray]:
+    return [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
+
+
+def _local(grid: PatchGrid, starts, block_id, depth):
+    """For the spatial block ``block_id``: which part of the halo'd block holds the patches of
+    the global grid touching the block's core, and where their merge lands in the core.
+
+    Returns ``(local_grid, in_block, from_local, to_core)`` (slices per spatial axis), or None
+    when no patch touches the core (every core pixel is uncovered).
+    """
+    in_block, from_local, to_core, shape = [], [], [], []
+    for ax, i in enumerate(block_id):
+        s, e = int(starts[ax][i]), int(starts[ax][i + 1])
+        halo_before = 0 if i == 0 else depth[ax]
+        o, p = grid.origins[ax], grid.patch_size[ax]
+        k0 = int(np.searchsorted(o, s - p + 1))  # first origin with o + p > s
+        k1 = int(np.searchsorted(o, e))  # origins before the core's end
+        if k0 >= k1:
+            return None
+        a, z = int(o[k0]), int(o[k1 - 1]) + p
+        in_block.append(slice(a - s + halo_before, z - s + halo_before))
+        lo, hi = max(s, a), min(e, z)
+        from_local.append(slice(lo - a, hi - a))
+        to_core.append(slice(lo - s, hi - s))
+        shape.append(z - a)
+    # The touching origins are a run of the global ones; re-gridding the region they span with
+    # edge="shift" gives back exactly that run (including a shifted last patch).
+    local = PatchGrid(tuple(shape), grid.patch_size, grid.stride, edge="shift")
+    return local, tuple(in_block), tuple(from_local), tuple(to_core)
+
+
+def _merged_block(block, *, grid, starts, depth, filt, params, window, window_params, reduce,
+                  dtype, fill, batch_bytes, block_id=None):
+    from .pipeline import make_plan, merge_stream
+
+    nd = grid.ndim
+    core = (block.shape[0],) + tuple(int(starts[ax][i + 1] - starts[ax][i])
+                                     for ax, i in enumerate(block_id[1:nd + 1])) + block.shape[-1:]
+    out = np.full(core, fill, dtype)
+    found = _local(grid, starts, block_id[1:nd + 1], depth)
+    if found is None:
+        return out
+    local, in_block, from_local, to_core = found
+    sub = block[(slice(None),) + in_block]
+    rows = make_plan(local, batch_bytes=batch_bytes).rows_per_batch
+    gen = merge_stream(sub, local, filt, params, window, window_params, reduce, rows, 0)
+    try:
+        while True:
+            next(gen)
+    except StopIteration as stop:
+        merger = stop.value
+    merged = merger.result(dtype, fill)
+    out[(slice(None),) + to_core] = merged[(slice(None),) + from_local]
+    return out
+
+
+def _weights_block(*, grid, starts, depth, window, window_params, block_id=None):
+    core = tuple(int(st[i + 1] - st[i]) for st, i in zip(starts, block_id))
+    out = np.zeros(core, np.float64)
+    found = _local(grid, starts, block_id, depth)
+    if found is not None:
+        local, _, from_local, to_core = found
+        out[to_core] = _weights(local, window, window_params, np.float64)[from_local]
+    return out
+
+
+def _filter_block(block, *, filt, params, nd):
+    return np.asarray(filt(block, tuple(range(1, nd + 1)), **params))
+
+
+def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
+                  window="uniform", window_params=None, reduce="mean", dtype=None,
+                  fill_value=None, batch_bytes=None):
+    """Lazily cut a dask (or zarr) image into patches, filter them and merge them back.
+
+    The dask counterpart of the streamed :func:`patch_viewer.process` merge; see the module
+    docstring for how chunks stay equal to the in-memory result.
+
+    Returns
+    -------
+    (merged, weights) : tuple of dask arrays
+        ``merged`` in the image's layout (with a leading batch axis if the image had one) and
+        the weight map over the spatial axes (float64).
+
+    Examples
+    --------
+    >>> import dask.array as da
+    >>> image = da.random.default_rng(0).random((300, 300), chunks=100)
+    >>> grid = PatchGrid(image.shape, 39, stride=8)
+    >>> merged, weights = chunked_merge(image, grid)
+    >>> bool(np.array_equal(merged.compute(), image.compute()))
+    True
+    """
+    import dask.array as da
+
+    from ._layout import is_batched
+    from .windows import make_window
+
+    image = as_dask(image)
+    if image.dtype.kind not in "biuf":
+        raise TypeError(f"`image` must hold real numbers, got dtype {image.dtype}")
+    batched = is_batched(image.shape, grid)
+    filt = get_filter(patch_filter)
+    params = filt.validate(filter_params) if filt.params or filter_params else {}
+    window_params = dict(window_params or {})
+    make_window(window, grid.patch_size, **window_params)  # validates
+    nd = grid.ndim
+    canon = _canonical(image, grid, batched)
+    # Chunk only the spatial axes; channels stay whole (filters see every channel of a patch).
+    canon = canon.rechunk({nd + 1: -1})
+    depth = tuple(p - 1 for p in grid.patch_size)
+    canon = _min_chunks(_pad(canon, grid), depth)
+    chunks = canon.chunks
+    starts = _starts(chunks[1:nd + 1])
+
+    probe = np.asarray(filt(np.zeros((1, 1) + grid.patch_size + (canon.shape[-1],), image.dtype),
+                            tuple(range(2, nd + 2)), **params))
+    out_dtype = np.dtype(dtype) if dtype is not None else work_dtype(probe.dtype)
+    if not grid.is_covering and fill_value is None and out_dtype.kind != "f":
+        raise ValueError(
+            "some pixels are covered by no patch (edge='drop' or stride > patch_size): "
+            f"pass `fill_value` to mark them in an integer output dtype ({out_dtype})"
+        )
+    if fill_value is not None:
+        fill = fill_value
+    else:  # NaN marks uncovered pixels; integer outputs here have none (checked above)
+        fill = np.nan if out_dtype.kind == "f" else 0
+
+    ov = da.overlap.overlap(canon, depth={ax: d for ax, d in enumerate(depth, start=1)},
+                            boundary="none", allow_rechunk=False)
+    merged = da.map_blocks(
+        partial(_merged_block, grid=grid, starts=starts, depth=depth, filt=filt, params=params,
+                window=window, window_params=window_params, reduce=reduce, dtype=out_dtype,
+                fill=fill, batch_bytes=batch_bytes),
+        ov, chunks=chunks, dtype=out_dtype, meta=np.empty((0,) * canon.ndim, out_dtype),
+        name="patch-merge",
+    )
+    crop = (slice(None),) + tuple(slice(0, n) for n in grid.spatial_shape)
+    merged = _from_canonical(merged[crop], grid, batched)
+    weights = da.map_blocks(
+        partial(_weights_block, grid=grid, starts=starts, depth=depth, window=window,
+                window_params=window_params),
+        chunks=chunks[1:nd + 1], dtype=np.float64, meta=np.empty((0,) * nd, np.float64),
+        name="patch-weights",
+    )[crop[1:]]
+    return merged, weights
+
+
+def chunked_reference(image, grid: PatchGrid, patch_filter, filter_params=None):
+    """The filter applied to the whole (dask) image, chunk by chunk with the filter's halo."""
+    from ._layout import is_batched
+
+    image = as_dask(image)
+    batched = is_batched(image.shape, grid)
+    filt = get_filter(patch_filter)
+    params = filt.validate(filter_params) if filt.params or filter_params else {}
+    if filt.halo is None:
+        raise ValueError(
+            f"reference='filter' with filter {filt.name!r} needs the whole image at once (the "
+            f"filter declares no halo); on the chunked path use reference='input', or a filter "
+            f"with a bounded reach"
+        )
+    reach = int(filt.halo(**params))
+    nd = grid.ndim
+    canon = _canonical(image, grid, batched).rechunk({nd + 1: -1})
+    canon = _min_chunks(canon, (reach,) * nd)
+    ref = canon.map_overlap(partial(_filter_block, filt=filt, params=params, nd=nd),
+                            depth={ax: reach for ax in range(1, nd + 1)}, boundary="none",
+                            trim=True, allow_rechunk=False,
+                            meta=np.empty((0,) * canon.ndim, np.float32))
+    return _from_canonical(ref, grid, batched)
+
+
+def _ssim_block(ref, merged, dr, *, channel, win):
+    from skimage.metrics import structural_similarity
+
+    ref = ref.astype(np.float64)
+    merged = merged.astype(np.float64)
+    ref = np.where(np.isfinite(ref), ref, 0.0)
+    merged = np.where(np.isfinite(merged), merged, ref)
+    _, full = structural_similarity(ref, merged, data_range=float(np.ravel(dr)[0]), win_size=win, full=True,
+                                    channel_axis=-1 if channel else None)
+    return full
+
+
+def chunked_metrics(merged, reference, *, channel_axis=None, ssim=True) -> dict:
+    """Lazy metrics (0-d dask arrays), equal to :func:`patch_viewer.compute_metrics`.
+
+    SSIM is computed from per-chunk SSIM maps (a halo of half the 7-pixel window), cropped as
+    skimage crops the whole image, so it equals the whole-image value.
+    """
+    import dask.array as da
+
+    err_dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
+    err = (merged.astype(err_dtype) - reference.astype(err_dtype)).astype(np.float64)
+    mask = da.isfinite(err)
+    n = da.sum(mask)
+    e = da.where(mask, err, 0.0)
+    max_abs = da.max(da.where(mask, da.fabs(err), -np.inf))
+    if reference.dtype.kind in "biu":
+        dr = da.from_array(np.float64(data_range_of(np.zeros(1, reference.dtype))))
+    else:
+        ref64 = reference.astype(np.float64)
+        finite = da.isfinite(ref64)
+        span = (da.max(da.where(finite, ref64, -np.inf))
+                - da.min(da.where(finite, ref64, np.inf)))
+        dr = da.where(da.isfinite(span) & (span > 0), span, 1.0)
+    summary = da.map_blocks(_summary, n, da.sum(e * e), max_abs, dr, dtype=np.float64,
+                            new_axis=0, chunks=((3,),), meta=np.empty(0, np.float64))
+    return {
+        "max_abs": summary[0],
+        "rmse": summary[1],
+        "psnr": summary[2],
+        "ssim": _chunked_ssim(merged, reference, dr, channel_axis) if ssim else
+        da.from_array(np.float64(np.nan)),
+        "covered": n / max(mask.size, 1),
+    }
+
+
+def _summary(n, sum_sq, max_abs, dr):
+    """max-abs, RMSE and PSNR from the reductions, as :func:`compute_metrics` reports them."""
+    if n == 0:
+        return np.full(3, np.nan)
+    mse = sum_sq / n
+    with np.errstate(divide="ignore"):
+        psnr = 10 * np.log10(dr * dr / mse)
+    return np.array([max_abs, np.sqrt(mse), psnr], np.float64)
+
+
+def _chunked_ssim(merged, reference, dr, channel_axis):
+    import dask.array as da
+
+    channel = channel_axis is not None
+    if channel:
+        merged = da.moveaxis(merged, channel_axis, -1)
+        reference = da.moveaxis(reference, channel_axis, -1)
+    spatial = reference.shape[:-1] if channel else reference.shape
+    win = min(7, min(spatial))
+    win -= 1 - win % 2
+    if win < 3:
+        return da.from_array(np.float64(np.nan))
+    pad = (win - 1) // 2
+    nd = len(spatial)
+    depth = {ax: pad for ax in range(nd)}
+    if channel:
+        reference = reference.rechunk({nd: -1})
+        merged = merged.rechunk({nd: -1})
+        depth[nd] = 0
+    from dask.array.overlap import ensure_minimum_chunksize
+
+    chunks = tuple(ensure_minimum_chunksize(max(pad, 1), c) if ax < nd else c
+                   for ax, c in enumerate(reference.chunks))
+    reference, merged = reference.rechunk(chunks), merged.rechunk(chunks)
+    dr_block = dr.reshape((1,) * reference.ndim)
+    smap = da.map_overlap(partial(_ssim_block, channel=channel, win=win),
+                          reference, merged, dr_block,
+                          depth=[depth, depth, {ax: 0 for ax in range(reference.ndim)}],
+                          boundary="none", trim=True, allow_rechunk=False,
+                          align_arrays=False, dtype=np.float64,
+                          meta=np.empty((0,) * reference.ndim, np.float64))
+    crop = tuple(slice(pad, n - pad) for n in spatial)
+    return smap[crop].mean()
+
+
+def chunked_process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
+                    window="uniform", window_params=None, reduce="mean", reference="input",
+                    dtype=None, batch_bytes=None, ssim=True):
+    """:func:`patch_viewer.process` for dask/zarr images: every array in the result is lazy,
+    and ``metrics`` holds 0-d dask arrays (``dask.compute(result.metrics)`` evaluates them)."""
+    from .pipeline import REFERENCES, Result, make_plan
+
+    start = time.perf_counter()
+    if reference not in REFERENCES:
+        raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}")
+    image = as_dask(image)
+    merged, weights = chunked_merge(image, grid, patch_filter, filter_params=filter_params,
+                                    window=window, window_params=window_params, reduce=reduce,
+                                    dtype=dtype, batch_bytes=batch_bytes)
+    if reference == "filter":
+        ref = chunked_reference(image, grid, patch_filter, filter_params)
+    else:
+        ref = image
+    err_dtype = np.result_type(merged.dtype, ref.dtype, np.float32)
+    error = merged.astype(err_dtype) - ref.astype(err_dtype)
+    batched = image.ndim == len(grid.image_shape) + 1
+    channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
+    metrics = chunked_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim)
+    n_images = image.shape[0] if batched else 1
+    plan = make_plan(grid, n_images, batch_bytes=batch_bytes)
+    return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
+
+
+__all__ = ["chunked_merge", "chunked_metrics", "chunked_process", "chunked_reference", "is_lazy"]
