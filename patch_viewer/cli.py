@@ -1,6 +1,8 @@
-"""`patch-viewer`: open napari with an image, the Patch Explorer docked and the result computed.
+"""`patch-viewer`: open napari with an image, the Patch Explorer docked and the result computed;
+or, with the ``process`` subcommand, run many files through the core in batch (no napari).
 
     patch-viewer [IMAGE] [--patch-size N [N ...]] [--stride N [N ...]] [--filter NAME]
+    patch-viewer process INPUT... -o OUTPUT [--patch-size ...] [--stride ...] [--filter ...]
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ._sample_data import read_array
-from .core import FILTERS, WINDOWS
+from .core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, REFERENCES, WINDOWS
 
 
 def read_image(path: str) -> np.ndarray:
@@ -30,7 +32,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="patch-viewer",
         description="Open napari with an image (default: the classic 100x100 sample), the "
-                    "Patch Explorer docked and the result computed.")
+                    "Patch Explorer docked and the result computed.",
+        epilog="Batch processing without a window: patch-viewer process --help")
     ap.add_argument("image", nargs="?", help="image file (.npy, .tif, .png, .jpg)")
     ap.add_argument("--patch-size", type=int, nargs="+", metavar="N",
                     help="patch size (one value, or one per spatial axis); default 39 for the "
@@ -45,7 +48,146 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _bytes(text: str) -> int:
+    units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
+             "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40,
+             "tib": 2**40}
+    t = text.strip().lower()
+    num = t.rstrip("abgikmt")
+    try:
+        value = float(num) * units[t[len(num):].strip()]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 500MB)") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    return int(value)
+
+
+def _param(text: str):
+    name, sep, value = text.partition("=")
+    try:
+        if not sep:
+            raise ValueError
+        return name.strip(), float(value) if any(c in value for c in ".eE") else int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected NAME=NUMBER, got {text!r}") from None
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def build_process_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="patch-viewer process",
+        description="Cut every input image into overlapping patches, filter each patch, merge "
+                    "them back, and write the merged images (and, on request, error maps and a "
+                    "CSV of metrics). Prints the plan first; shows progress with rate and ETA.")
+    ap.add_argument("inputs", nargs="+", metavar="INPUT",
+                    help="image files (.tif, .png, .jpg, .npy, .zarr) or folders of them")
+    ap.add_argument("-o", "--output", required=True, type=Path, metavar="OUTPUT",
+                    help="folder for the results (created if missing)")
+    ap.add_argument("--patch-size", type=_positive, nargs="+", default=[32], metavar="N",
+                    help="patch size, one value or one per spatial axis (default 32)")
+    ap.add_argument("--stride", type=_positive, nargs="+", default=[16], metavar="N",
+                    help="stride, one value or one per spatial axis (default 16)")
+    ap.add_argument("--edge", choices=EDGE_MODES, default="shift")
+    ap.add_argument("--pad-mode", choices=PAD_MODES, default="reflect")
+    ap.add_argument("--channel-axis", default="auto", metavar="AXIS",
+                    help="axis holding channels: auto (RGB(A) images: last), none, or an integer")
+    ap.add_argument("--filter", choices=sorted(FILTERS), default="identity",
+                    help="per-patch filter (default identity)")
+    ap.add_argument("--param", type=_param, action="append", default=[], metavar="NAME=VALUE",
+                    help="filter parameter, e.g. --param sigma=2 (repeatable)")
+    ap.add_argument("--window", choices=WINDOWS, default="uniform", help="blending window")
+    ap.add_argument("--window-sigma", type=float, metavar="S",
+                    help="sigma of the gaussian window, as a fraction of the patch size")
+    ap.add_argument("--reduce", choices=REDUCTIONS, default="mean")
+    ap.add_argument("--reference", choices=REFERENCES, default="input",
+                    help="what errors are measured against (default: the input image)")
+    ap.add_argument("--dtype", choices=("input", "float32", "float64"), default="input",
+                    help="merged image dtype (default: the input's, integers rounded)")
+    ap.add_argument("--format", dest="out_format", default="same",
+                    choices=("same", "tiff", "png", "npy", "zarr"),
+                    help="output format (default: the input's; zarr for streamed images; JPEG "
+                         "inputs are re-encoded at quality 95, use png or tiff for lossless)")
+    ap.add_argument("--errors", action="store_true", help="also write signed error maps")
+    ap.add_argument("--metrics", type=Path, metavar="CSV",
+                    help="write max-abs, RMSE, PSNR and SSIM per image to this CSV")
+    ap.add_argument("--no-ssim", dest="ssim", action="store_false",
+                    help="leave SSIM out of the metrics (the costly one)")
+    ap.add_argument("--max-memory", type=_bytes, default=2 * 2**30, metavar="SIZE",
+                    help="memory budget (default 2GiB); larger images are streamed through "
+                         "dask, or refused when their format cannot be streamed")
+    ap.add_argument("--workers", type=_positive, default=None, metavar="N",
+                    help="threads (default: all cores)")
+    ap.add_argument("--chunk", type=_positive, default=2048, metavar="PX",
+                    help="chunk edge for streamed images (default 2048)")
+    ap.add_argument("--batch-images", type=_positive, metavar="N",
+                    help="small images per in-memory batch (default: about 8 MiB of them)")
+    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ap.add_argument("--dry-run", action="store_true", help="print the plan and stop")
+    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    return ap
+
+
+def process_main(argv) -> int:
+    """``patch-viewer process``: exit 0 on success, 2 for bad input, 1 if the run failed."""
+    import os
+
+    from . import batch
+
+    args = build_process_parser().parse_args(argv)
+    opts = batch.Options(
+        output=args.output, patch_size=tuple(args.patch_size), stride=tuple(args.stride),
+        edge=args.edge, pad_mode=args.pad_mode, channel_axis=args.channel_axis,
+        patch_filter=args.filter, filter_params=dict(args.param), window=args.window,
+        window_params={} if args.window_sigma is None else {"sigma": args.window_sigma},
+        reduce=args.reduce, reference=args.reference, dtype=args.dtype,
+        out_format=args.out_format, errors=args.errors, metrics=args.metrics, ssim=args.ssim,
+        max_memory=args.max_memory, workers=args.workers or os.cpu_count() or 1,
+        chunk=args.chunk, batch_images=args.batch_images, overwrite=args.overwrite)
+    if opts.channel_axis not in ("auto", "none"):
+        try:
+            int(opts.channel_axis)
+        except ValueError:
+            print(f"patch-viewer process: --channel-axis must be auto, none or an integer, got "
+                  f"{opts.channel_axis!r}", file=sys.stderr)
+            return 2
+    try:
+        FILTERS[opts.patch_filter].validate(opts.filter_params)
+        plan = batch.make_batch_plan(args.inputs, opts)
+    except (batch.PlanError, ValueError, TypeError) as exc:
+        print(f"patch-viewer process: {exc}", file=sys.stderr)
+        return 2
+    print(batch.describe(plan, opts), flush=True)
+    if args.dry_run:
+        return 0
+    try:
+        batch.run(plan, opts, quiet=args.quiet)
+    except KeyboardInterrupt:
+        print("patch-viewer process: interrupted; files already written are complete",
+              file=sys.stderr)
+        return 130
+    except Exception as exc:  # noqa: BLE001 - report, keep what was written, exit non-zero
+        print(f"patch-viewer process: failed: {exc}; files already written are complete",
+              file=sys.stderr)
+        return 1
+    print(f"wrote {len(plan.items):,} image(s) to {opts.output}/"
+          + (f"; metrics in {opts.metrics}" if opts.metrics else ""))
+    return 0
+
+
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["process"]:
+        return process_main(argv[1:])
     args = build_parser().parse_args(argv)
     data = read_image(args.image) if args.image else None
     import napari

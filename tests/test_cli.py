@@ -1,0 +1,213 @@
+"""`patch-viewer process`: formats, batching, streaming, metrics, progress and every refusal."""
+
+import csv
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+import patch_viewer as pv
+from patch_viewer import batch, register_filter
+from patch_viewer.cli import main
+from patch_viewer.core import FILTERS
+
+
+def _run(capsys, *argv):
+    code = main(["process", *map(str, argv)])
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    arrays = {}
+    for i in range(5):
+        arrays[f"a{i}.npy"] = rng.random((60, 50), dtype=np.float32)
+        np.save(folder / f"a{i}.npy", arrays[f"a{i}.npy"])
+    arrays["rgb.png"] = rng.integers(0, 256, (40, 45, 3), dtype=np.uint8)
+    iio.imwrite(folder / "rgb.png", arrays["rgb.png"])
+    arrays["t.tif"] = rng.integers(0, 60000, (70, 64), dtype=np.uint16)
+    tifffile.imwrite(folder / "t.tif", arrays["t.tif"])
+    arrays["g.jpg"] = rng.integers(0, 256, (48, 48), dtype=np.uint8)
+    iio.imwrite(folder / "g.jpg", arrays["g.jpg"])
+    z = zarr.open_array(str(folder / "v.zarr"), mode="w", shape=(30, 32, 28), chunks=(16, 16, 16),
+                        dtype=np.float64)
+    arrays["v.zarr"] = rng.random((30, 32, 28))
+    z[...] = arrays["v.zarr"]
+    return folder, arrays
+
+
+def _read(path):
+    return batch.io.probe(path).read()
+
+
+def test_every_format_round_trips_exactly_with_metrics(images, tmp_path, capsys):
+    folder, arrays = images
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, folder, "-o", out, "--patch-size", "16", "--stride", "5",
+                             "--errors", "--metrics", tmp_path / "m.csv", "--batch-images", "2")
+    assert code == 0, err
+    assert stdout.startswith("plan: 9 image(s)") and "batch(es)" in stdout
+    assert "done:" in err and "patches/s" in err and "ETA" in err
+    jpg = iio.imread(folder / "g.jpg")  # JPEG is lossy: compare with what was decoded
+    for name, arr in arrays.items():
+        stem, ext = name.rsplit(".", 1)
+        merged = _read(out / name)
+        expected = jpg if ext == "jpg" else arr
+        assert merged.dtype == expected.dtype
+        if ext == "jpg":  # JPEG re-encodes lossily (quality 95); the error map stays exact
+            assert np.abs(merged.astype(int) - expected).mean() < 3
+        else:
+            np.testing.assert_array_equal(merged, expected)  # identity filter: exact
+        err_ext = "tif" if ext in ("png", "jpg") else ext
+        assert not _read(out / f"{stem}_error.{err_ext}").any()
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert [r["input"].rsplit("/", 1)[1] for r in rows] == sorted(arrays)
+    assert all(float(r["max_abs"]) == 0 and r["psnr"] == "inf" for r in rows)
+    rgb = next(r for r in rows if r["input"].endswith("rgb.png"))
+    assert int(rgb["patches"]) == pv.PatchGrid((40, 45, 3), 16, 5, channel_axis=-1).n_patches
+    assert not list(out.glob(".*"))  # no temporary files left
+
+
+def test_filtered_results_and_metrics_equal_the_api(images, tmp_path, capsys):
+    folder, arrays = images
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, folder / "a0.npy", folder / "a1.npy", "-o", out,
+                        "--patch-size", "12", "--stride", "4", "--filter", "gaussian",
+                        "--param", "sigma=1.5", "--window", "hann", "--metrics", out / "m.csv",
+                        "--reference", "filter")
+    assert code == 0, err
+    rows = list(csv.DictReader(open(out / "m.csv")))
+    for name, row in zip(("a0.npy", "a1.npy"), rows):
+        grid = pv.PatchGrid(arrays[name].shape, 12, 4)
+        r = pv.process(arrays[name], grid, "gaussian", filter_params={"sigma": 1.5},
+                       window="hann", reference="filter")
+        np.testing.assert_array_equal(np.load(out / name), r.merged)
+        for k in ("max_abs", "rmse", "psnr", "ssim"):
+            assert float(row[k]) == pytest.approx(r.metrics[k], rel=1e-8)
+
+
+def test_large_images_stream_through_dask_to_zarr(tmp_path, capsys):
+    rng = np.random.default_rng(1)
+    image = rng.random((1000, 900), dtype=np.float32)
+    tifffile.imwrite(tmp_path / "big.tif", image, tile=(128, 128))
+    out = tmp_path / "out"
+    code, stdout, err = _run(capsys, tmp_path / "big.tif", "-o", out, "--patch-size", "48",
+                             "--stride", "32", "--filter", "median", "--max-memory", "50MB", "--workers", "2",
+                             "--chunk", "256", "--errors", "--metrics", tmp_path / "m.csv")
+    assert code == 0, err
+    assert "streamed through dask: 1 image(s)" in stdout
+    r = pv.process(image, pv.PatchGrid(image.shape, 48, 32), "median")
+    np.testing.assert_array_equal(zarr.open_array(str(out / "big.zarr"))[...], r.merged)
+    np.testing.assert_array_equal(zarr.open_array(str(out / "big_error.zarr"))[...], r.error)
+    row = next(csv.DictReader(open(tmp_path / "m.csv")))
+    assert float(row["ssim"]) == pytest.approx(r.metrics["ssim"], rel=1e-8)
+    assert f"{r.grid.n_patches:,}/{r.grid.n_patches:,}" in err
+
+
+def test_many_small_images_are_batched(tmp_path, capsys):
+    folder = tmp_path / "many"
+    folder.mkdir()
+    stack = np.random.default_rng(2).integers(0, 255, (40, 20, 20), dtype=np.uint8)
+    for i, im in enumerate(stack):
+        np.save(folder / f"{i:03d}.npy", im)
+    plan = batch.make_batch_plan([folder], batch.Options(output=tmp_path / "o", patch_size=(9,),
+                                                         stride=(1,)))
+    assert len(plan.batches) == 1 and len(plan.batches[0]) == 40
+    code, _, err = _run(capsys, folder, "-o", tmp_path / "o", "--patch-size", "9", "--stride",
+                        "1", "--filter", "invert", "-q")
+    assert code == 0 and err == ""
+    grid = pv.PatchGrid((20, 20), 9, 1)
+    expected = pv.process(stack, grid, "invert", dtype=np.uint8).merged
+    got = np.stack([np.load(tmp_path / "o" / f"{i:03d}.npy") for i in range(40)])
+    np.testing.assert_array_equal(got, expected)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["missing.tif"], "no such file"),
+    (["notes.txt"], "unsupported format"),
+    (["broken.npy"], "cannot read"),
+    (["a.npy", "--patch-size", "4", "4", "4"], "patch_size"),
+    (["a.npy", "--patch-size", "65"], "larger than the image"),
+    (["a.npy", "--param", "sigma=2"], "takes parameters"),
+    (["a.npy", "--filter", "gaussian", "--param", "sigma=99"], "sigma"),
+    (["a.npy", "--channel-axis", "x"], "--channel-axis"),
+    (["a.npy", "--channel-axis", "5"], "channel_axis"),
+    (["a.npy", "--format", "png", "--dtype", "float32"], "8- or 16-bit"),
+    (["photo.png", "--max-memory", "100KB"], "cannot be streamed"),
+    (["a.npy", "--metrics", "a.npy"], "would overwrite an input"),
+])
+def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys, monkeypatch, argv,
+                                                          message):
+    monkeypatch.chdir(tmp_path)
+    np.save("a.npy", np.zeros((64, 64), np.float32))
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "broken.npy").write_bytes(b"not a numpy file")
+    iio.imwrite("photo.png", np.zeros((200, 200), np.uint8))
+    code, _, err = _run(capsys, *argv, "-o", "out")
+    assert code == 2
+    assert message in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_output_over_an_input_or_an_existing_file(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.zeros((64, 64), np.float32))
+    code, _, err = _run(capsys, tmp_path / "a.npy", "-o", tmp_path)
+    assert code == 2 and "would overwrite an input" in err
+    out = tmp_path / "out"
+    assert _run(capsys, tmp_path / "a.npy", "-o", out)[0] == 0
+    code, _, err = _run(capsys, tmp_path / "a.npy", "-o", out)
+    assert code == 2 and "--overwrite" in err
+    assert _run(capsys, tmp_path / "a.npy", "-o", out, "--overwrite")[0] == 0
+
+
+def test_a_failure_mid_run_leaves_only_complete_files(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(6):
+        np.save(folder / f"{i}.npy", np.full((20, 20), i, np.float32))
+
+    @register_filter("explode_on_4")
+    def explode(stack, spatial_axes):
+        if (stack == 4).any():
+            raise RuntimeError("filter failed on image 4")
+        return stack
+
+    try:
+        code, _, err = _run(capsys, folder, "-o", tmp_path / "out", "--patch-size", "5",
+                            "--stride", "2", "--filter", "explode_on_4", "--batch-images", "1", "--workers", "1")
+    finally:
+        del FILTERS["explode_on_4"]
+    assert code == 1 and "filter failed on image 4" in err
+    written = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert written == ["0.npy", "1.npy", "2.npy", "3.npy"]  # complete, nothing half-written
+    for name in written:
+        np.testing.assert_array_equal(np.load(tmp_path / "out" / name),
+                                      np.load(folder / name))
+
+
+def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.zeros((100, 100), np.float32))
+    code, stdout, _ = _run(capsys, tmp_path / "a.npy", "-o", tmp_path / "out", "--patch-size",
+                           "39", "--stride", "1", "--dry-run")
+    assert code == 0 and "3,844 patches of 39x39" in stdout and "peak memory" in stdout
+    assert not (tmp_path / "out").exists()
+
+
+def test_command_line_entry_point(tmp_path):
+    np.save(tmp_path / "a.npy", np.ones((30, 30), np.float32))
+    out = subprocess.run([sys.executable, "-m", "patch_viewer", "process", str(tmp_path / "a.npy"),
+                          "-o", str(tmp_path / "out"), "--patch-size", "8"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "out" / "a.npy").is_file()
+    helped = subprocess.run([sys.executable, "-m", "patch_viewer", "process", "--help"],
+                            capture_output=True, text=True, timeout=120)
+    assert helped.returncode == 0 and "--max-memory" in helped.stdout
