@@ -239,9 +239,10 @@ def describe(plan: Plan, opts: Options) -> str:
     lazy = [it for it in plan.items if it.lazy]
     shapes = sorted({it.image.shape for it in plan.items})
     ps = "x".join(map(str, plan.items[0].grid.patch_size)) if plan.items else "-"
+    listed = ", ".join("x".join(map(str, s)) for s in shapes[:3])
+    listed += ", ..." if len(shapes) > 3 else ""
     lines = [
-        f"plan: {len(plan.items):,} image(s) of {len(shapes)} shape(s) "
-        f"({', '.join('x'.join(map(str, s)) for s in shapes[:3])}{', ...' if len(shapes) > 3 else ''}), "
+        f"plan: {len(plan.items):,} image(s) of {len(shapes)} shape(s) ({listed}), "
         f"{plan.n_patches:,} patches of {ps}, stride {'x'.join(map(str, opts.stride))}, "
         f"filter {opts.patch_filter}, window {opts.window}",
         f"      in memory: {sum(map(len, plan.batches)):,} image(s) in {len(plan.batches):,} "

@@ -100,8 +100,9 @@ def test_large_images_stream_through_dask_to_zarr(tmp_path, capsys):
     tifffile.imwrite(tmp_path / "big.tif", image, tile=(128, 128))
     out = tmp_path / "out"
     code, stdout, err = _run(capsys, tmp_path / "big.tif", "-o", out, "--patch-size", "48",
-                             "--stride", "32", "--filter", "median", "--max-memory", "50MB", "--workers", "2",
-                             "--chunk", "256", "--errors", "--metrics", tmp_path / "m.csv")
+                             "--stride", "32", "--filter", "median", "--max-memory", "50MB",
+                             "--workers", "2", "--chunk", "256", "--errors", "--metrics",
+                             tmp_path / "m.csv")
     assert code == 0, err
     assert "streamed through dask: 1 image(s)" in stdout
     r = pv.process(image, pv.PatchGrid(image.shape, 48, 32), "median")
@@ -182,7 +183,8 @@ def test_a_failure_mid_run_leaves_only_complete_files(tmp_path, capsys):
 
     try:
         code, _, err = _run(capsys, folder, "-o", tmp_path / "out", "--patch-size", "5",
-                            "--stride", "2", "--filter", "explode_on_4", "--batch-images", "1", "--workers", "1")
+                            "--stride", "2", "--filter", "explode_on_4", "--batch-images", "1",
+                            "--workers", "1")
     finally:
         del FILTERS["explode_on_4"]
     assert code == 1 and "filter failed on image 4" in err

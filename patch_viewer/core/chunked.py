@@ -64,7 +64,10 @@ def _canonical(image, grid: PatchGrid, batched: bool):
 def _from_canonical(canon, grid: PatchGrid, batched: bool):
     import dask.array as da
 
-    out = canon[..., 0] if grid.channel_axis is None else da.moveaxis(canon, -1, grid.channel_axis + 1)
+    if grid.channel_axis is None:
+        out = canon[..., 0]
+    else:
+        out = da.moveaxis(canon, -1, grid.channel_axis + 1)
     return out if batched else out[0]
 
 
@@ -279,7 +282,8 @@ def _ssim_block(ref, merged, dr, *, channel, win):
     merged = merged.astype(np.float64)
     ref = np.where(np.isfinite(ref), ref, 0.0)
     merged = np.where(np.isfinite(merged), merged, ref)
-    _, full = structural_similarity(ref, merged, data_range=float(np.ravel(dr)[0]), win_size=win, full=True,
+    _, full = structural_similarity(ref, merged, data_range=float(np.ravel(dr)[0]),
+                                    win_size=win, full=True,
                                     channel_axis=-1 if channel else None)
     return full
 
