@@ -148,6 +148,73 @@ class PatchStack:
         return out if dtype is None else out.astype(dtype)
 
 
+class LazyPatchStack:
+    """:class:`PatchStack` over a dask or zarr image: each patch napari looks at is read (and
+    padded as the grid pads) on demand, so nothing image-sized is ever loaded."""
+
+    def __init__(self, image, grid: PatchGrid, batched: bool = False):
+        self._image, self._grid, self._batched = image, grid, batched
+        nd = grid.ndim
+        lead = (image.shape[0],) if batched else ()
+        self.shape = grid.patches_shape[:nd] + lead + grid.patches_shape[nd:]
+        self.dtype = np.dtype(image.dtype)
+        self.ndim = len(self.shape)
+        # Per spatial axis: padded coordinate -> image coordinate (-1: constant padding).
+        self._index = []
+        for n, m in zip(grid.spatial_shape, grid.padded_shape):
+            mode = grid.pad_mode if m > n else "edge"
+            extra = {"constant_values": -1} if mode == "constant" else {}
+            self._index.append(np.pad(np.arange(n), (0, m - n), mode=mode, **extra))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def _patch(self, index: tuple, b) -> np.ndarray:
+        """One patch ``(*patch_size[, C])`` of image ``b`` (None: a single image)."""
+        grid = self._grid
+        image = self._image if b is None else self._image[b]
+        spatial = [ax for ax in range(image.ndim) if grid.channel_axis is None
+                   or ax != grid.channel_axis % len(grid.image_shape)]
+        picks = [self._index[k][o:o + p] for k, (o, p) in
+                 enumerate(zip(grid.patch_origin(index), grid.patch_size))]
+        lo = [int(np.clip(pk, 0, None).min()) for pk in picks]
+        hi = [int(pk.max()) + 1 for pk in picks]
+        region = [slice(None)] * image.ndim
+        for ax, a, z in zip(spatial, lo, hi):
+            region[ax] = slice(a, z)
+        block = np.asarray(image[tuple(region)])  # the bounding box: one small read
+        for ax, pk, a in zip(spatial, picks, lo):
+            block = np.take(block, np.clip(pk, 0, None) - a, axis=ax)
+            if (pk < 0).any():  # constant padding
+                shape = [1] * block.ndim
+                shape[ax] = len(pk)
+                block = np.where((pk >= 0).reshape(shape), block, 0).astype(block.dtype)
+        if grid.channel_axis is not None:
+            block = np.moveaxis(block, grid.channel_axis % len(grid.image_shape), -1)
+        return block
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        if any(k is Ellipsis for k in key):
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
+        key = key + (slice(None),) * (self.ndim - len(key))
+        nd, b = self._grid.ndim, int(self._batched)
+        lead = key[:nd + b]
+        ranges = [np.arange(n)[k] for n, k in zip(self.shape[:nd + b], lead)]
+        picked = np.empty([np.size(r) for r in ranges] + list(self.shape[nd + b:]), self.dtype)
+        for pos in np.ndindex(*[np.size(r) for r in ranges]):
+            at = tuple(int(np.ravel(r)[i]) for r, i in zip(ranges, pos))
+            picked[pos] = self._patch(at[:nd], at[nd] if b else None)
+        drop = tuple(0 if np.ndim(r) == 0 else slice(None) for r in ranges)
+        return picked[drop][(Ellipsis,) + tuple(key[nd + b:])]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
 # ------------------------------------------------------------------------- layer styling
 #: Where each result sits beside the source image: (row, column) tiles in one canvas.
 TILES = {"merged": (0, 1), "error": (0, 2), "overlap weights": (1, 0), "patches": (1, 1)}
@@ -166,8 +233,9 @@ def line_width(image_hw) -> float:
     return max(0.5, max(image_hw) / 300)
 
 
-def weights_kwargs(weights: np.ndarray) -> dict:
-    hi = float(np.nanmax(weights)) if weights.size else 1.0
+def weights_kwargs(weights: np.ndarray, hi: float | None = None) -> dict:
+    if hi is None:
+        hi = float(np.nanmax(weights)) if weights.size else 1.0
     return dict(colormap="viridis", contrast_limits=(0.0, hi if hi > 0 else 1.0),
                 blending="translucent", opacity=1.0)
 
@@ -177,10 +245,12 @@ def error_data(error: np.ndarray, rgb: bool) -> np.ndarray:
     return error.mean(axis=-1) if rgb else error
 
 
-def error_kwargs(error: np.ndarray) -> dict:
-    finite = np.abs(error[np.isfinite(error)])
-    m = float(finite.max()) if finite.size else 0.0
-    m = m if m > 0 else 1e-12
+def error_kwargs(error: np.ndarray, max_abs: float | None = None) -> dict:
+    """Diverging colormap with symmetric limits (``max_abs`` when the error is lazy)."""
+    if max_abs is None:
+        finite = np.abs(error[np.isfinite(error)])
+        max_abs = float(finite.max()) if finite.size else 0.0
+    m = max_abs if max_abs > 0 and math.isfinite(max_abs) else 1e-12
     return dict(colormap="PiYG", contrast_limits=(-m, m))
 
 

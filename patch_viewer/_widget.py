@@ -6,7 +6,8 @@ runs in a napari thread worker; results land on the main thread, and only the ne
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from functools import partial
 
 import napari
@@ -21,6 +22,8 @@ from qtpy.QtWidgets import QSizePolicy
 from . import _layers
 from .core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, WINDOWS, PatchGrid, iter_process
 from .core._layout import _fmt_bytes
+from .core.chunked import is_lazy
+from .core.merge import max_weight
 from .core.metrics import ssim_of
 
 LAYER_NAMES = ("patch grid", "overlap weights", "patches", "merged", "error")
@@ -90,6 +93,8 @@ class Job:
     rgb: bool
     kwargs: dict
     limits: tuple
+    lazy: bool = False  # a dask/zarr image: results stay lazy, napari computes what it shows
+    cancel: threading.Event = field(default_factory=threading.Event)
 
 
 class PatchExplorer(Container):
@@ -135,6 +140,7 @@ class PatchExplorer(Container):
         self._shown = None  # (grid, batched, planes) of the layers on screen
         self._hw = (1, 1)  # the image's last two spatial sizes, for the layout
         self._readout_lines: list[str] = []
+        self._job_running = None
         self._syncing = False
         self._timer = QTimer()
         self._timer.setSingleShot(True)
@@ -221,7 +227,10 @@ class PatchExplorer(Container):
         layer = self.image.value
         if layer is None:
             raise ValueError("pick an image layer first")
-        data = np.asarray(layer.data)
+        data = layer.data[0] if layer.multiscale else layer.data  # full resolution
+        lazy = is_lazy(data)
+        if not lazy:
+            data = np.asarray(data)
         rgb = bool(layer.rgb)
         per_plane = data.ndim - rgb == 3 and self.volume_mode.value == VOLUME_MODES[1]
         shape = data.shape[1:] if per_plane else data.shape
@@ -233,7 +242,7 @@ class PatchExplorer(Container):
                       window=self.window.value, window_params=window_params,
                       reduce=self.reduce.value, reference=self.reference.value,
                       max_bytes=GUI_MAX_BYTES)
-        return Job(data, grid, per_plane, rgb, kwargs, tuple(layer.contrast_limits))
+        return Job(data, grid, per_plane, rgb, kwargs, tuple(layer.contrast_limits), lazy)
 
     # ------------------------------------------------------------------ running
     def run(self, *_):
@@ -241,11 +250,14 @@ class PatchExplorer(Container):
         try:
             job = self._job()
             # validates everything; SSIM (the slow metric) follows once the layers are shown
-            gen = iter_process(job.image, job.grid, ssim=False, **job.kwargs)
+            gen = iter_process(job.image, job.grid, ssim=job.lazy, **job.kwargs)
         except (ValueError, TypeError, MemoryError) as exc:
             self._fail(str(exc))
             return
         self._generation += 1
+        if self._job_running is not None:
+            self._job_running.cancel.set()  # stops a lazy metrics pass at its next task
+        self._job_running = job
         if self._worker is not None:
             self._worker.quit()
         self.progress.max, self.progress.value = 1000, 0  # per mille of patches done
@@ -268,11 +280,20 @@ class PatchExplorer(Container):
         self.progress.value = int(1000 * done / max(total, 1))
 
     def _on_ssim(self, generation, value):
-        if generation == self._generation and self._readout_lines:
+        if generation != self._generation or not self._readout_lines or value is None:
+            return
+        if isinstance(value, dict):  # a lazy run: every metric arrives now
+            self._readout_lines[-2:] = _metric_lines(value)
+            err = self._layers.get("error")
+            if err is not None and err in self.viewer.layers:
+                err.contrast_limits = _layers.error_kwargs(None, value["max_abs"])[
+                    "contrast_limits"]
+            value = value["ssim"]
+        else:
             self._readout_lines[-1] = self._readout_lines[-1].replace("SSIM: …",
                                                                       f"SSIM: {value:.4f}")
-            self.readout.value = "\n".join(self._readout_lines)
-            self.signals.ssim_computed.emit(value)
+        self.readout.value = "\n".join(self._readout_lines)
+        self.signals.ssim_computed.emit(value)
 
     def _on_error(self, generation, exc):
         if generation == self._generation:
@@ -303,10 +324,17 @@ class PatchExplorer(Container):
         hw = job.grid.spatial_shape[-2:] if job.grid.ndim >= 2 else (1, job.grid.spatial_shape[0])
         self._hw = hw
         err = _layers.error_data(result.error, job.rgb)
+        if job.lazy:  # limits without computing the lazy arrays; error limits follow metrics
+            kw = job.kwargs
+            weights_kw = _layers.weights_kwargs(w, max_weight(job.grid, kw["window"],
+                                                              **kw["window_params"]))
+            error_kw = _layers.error_kwargs(None, 0.05 * abs(job.limits[1] - job.limits[0]))
+        else:
+            weights_kw, error_kw = _layers.weights_kwargs(w), _layers.error_kwargs(err)
         for name, data, kwargs in [
-            ("overlap weights", w, _layers.weights_kwargs(w)),
+            ("overlap weights", w, weights_kw),
             ("merged", result.merged, _layers.image_kwargs(job.limits, job.rgb)),
-            ("error", err, _layers.error_kwargs(err)),
+            ("error", err, error_kw),
             ("patches", stack, _layers.image_kwargs(job.limits, job.rgb)),
         ]:
             ndim = np.ndim(data) - (1 if kwargs.get("rgb") else 0)
@@ -322,9 +350,10 @@ class PatchExplorer(Container):
         self._readout_lines = [
             f"patches: {result.plan.n_patches:,}   grid: {' x '.join(map(str, job.grid.grid_shape))}",
             f"coverage: {cmin}–{cmax}   est. memory: {_fmt_bytes(result.plan.peak_bytes)}",
-            f"compute time: {result.elapsed * 1e3:.0f} ms",
-            f"max |err|: {m['max_abs']:.3g}   RMSE: {m['rmse']:.3g}",
-            f"PSNR: {m['psnr']:.1f} dB   SSIM: …"]
+            f"compute time: {result.elapsed * 1e3:.0f} ms"
+            + ("  (lazy: napari computes what it shows)" if job.lazy else ""),
+            *(["max |err|: …   RMSE: …", "PSNR: …   SSIM: …"] if job.lazy
+              else _metric_lines(m, ssim=False))]
         self.readout.value = "\n".join(self._readout_lines)
 
     def _show(self, name, data, kwargs):
@@ -413,10 +442,41 @@ class PatchExplorer(Container):
             self._select(tuple(step))
 
 
+def _metric_lines(m: dict, ssim: bool = True) -> list[str]:
+    return [f"max |err|: {float(m['max_abs']):.3g}   RMSE: {float(m['rmse']):.3g}",
+            f"PSNR: {float(m['psnr']):.1f} dB   "
+            + (f"SSIM: {float(m['ssim']):.4f}" if ssim else "SSIM: …")]
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _lazy_metrics(result, job: Job):
+    """Compute a lazy run's metrics (a full pass over the image), given up as soon as a newer
+    run starts."""
+    import dask
+    from dask.callbacks import Callback
+
+    def check(*_):
+        if job.cancel.is_set():
+            raise _Cancelled
+
+    try:
+        with Callback(pretask=check):
+            (metrics,) = dask.compute(result.metrics, scheduler="threads")
+    except _Cancelled:
+        return None
+    return {k: float(v) for k, v in metrics.items()}
+
+
 def _compute(gen, job: Job):
     """Worker body: stream the run (yielding progress), hand over the layers' data, then
-    compute the slow SSIM and return it."""
+    compute the slow SSIM (for a lazy run: every metric) and return it."""
     result = yield from gen
-    yield ("layers", result, _layers.PatchStack(job.image, job.grid, job.batched))
+    stack_cls = _layers.LazyPatchStack if job.lazy else _layers.PatchStack
+    yield ("layers", result, stack_cls(job.image, job.grid, job.batched))
+    if job.lazy:
+        return _lazy_metrics(result, job)
     channel_axis = None if job.grid.channel_axis is None else job.grid.channel_axis + job.batched
     return ssim_of(result.merged, result.reference, channel_axis=channel_axis)

@@ -237,7 +237,7 @@ def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_par
                 window=window, window_params=window_params, reduce=reduce, dtype=out_dtype,
                 fill=fill, batch_bytes=batch_bytes),
         ov, chunks=chunks, dtype=out_dtype, meta=np.empty((0,) * canon.ndim, out_dtype),
-        name="patch-merge",
+        token="patch-merge",
     )
     crop = (slice(None),) + tuple(slice(0, n) for n in grid.spatial_shape)
     merged = _from_canonical(merged[crop], grid, batched)
@@ -245,7 +245,7 @@ def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_par
         partial(_weights_block, grid=grid, starts=starts, depth=depth, window=window,
                 window_params=window_params),
         chunks=chunks[1:nd + 1], dtype=np.float64, meta=np.empty((0,) * nd, np.float64),
-        name="patch-weights",
+        token="patch-weights",
     )[crop[1:]]
     return merged, weights
 

@@ -555,21 +555,47 @@ def weight_map(grid: PatchGrid, window="uniform", **window_params) -> np.ndarray
     return _weights(grid, window, window_params, np.float64)
 
 
+def _weight_sums(grid: PatchGrid, window, window_params: dict):
+    """Per-axis 1-D weight sums of a separable window (the weight map is their outer
+    product), or None for windows that do not separate."""
+    factors = separable_factors(window, grid.patch_size, **window_params)
+    if factors is None:
+        return None
+    sums = []
+    for f, o, n in zip(factors, grid.origins, grid.spatial_shape):
+        w = np.zeros(max(n, int(o[-1]) + len(f)))
+        for k in range(len(f)):  # loops over the patch extent, not over patches
+            w[o + k] += f[k]
+        sums.append(w[:n])
+    return sums
+
+
+def max_weight(grid: PatchGrid, window="uniform", **window_params) -> float:
+    """The largest value of :func:`weight_map`, in O(H + W) for the named windows (no map is
+    made): the contrast limit of a weight heatmap that is computed lazily.
+
+    Examples
+    --------
+    >>> max_weight(PatchGrid((100, 100), 39, stride=1))
+    1521.0
+    """
+    if isinstance(window, str) and window == "overlap-tile":
+        return 1.0
+    sums = _weight_sums(grid, window, window_params)
+    if sums is None:
+        return float(weight_map(grid, window, **window_params).max())
+    return float(math.prod(float(w.max()) for w in sums))
+
+
 def _weights(grid: PatchGrid, window, window_params: dict, dtype) -> np.ndarray:
     """:func:`weight_map` computed in ``dtype``."""
     if isinstance(window, str) and window == "overlap-tile":
         if window_params:
             raise TypeError("window 'overlap-tile' takes no parameters")
         return _coverage_mask(grid).astype(dtype)
-    factors = separable_factors(window, grid.patch_size, **window_params)
-    if factors is not None:
-        sums = []
-        for f, o, n in zip(factors, grid.origins, grid.spatial_shape):
-            w = np.zeros(max(n, int(o[-1]) + len(f)))
-            for k in range(len(f)):  # loops over the patch extent, not over patches
-                w[o + k] += f[k]
-            sums.append(w[:n].astype(dtype))
-        return _outer(sums, np.multiply)
+    sums = _weight_sums(grid, window, window_params)
+    if sums is not None:
+        return _outer([w.astype(dtype) for w in sums], np.multiply)
     win = make_window(window, grid.patch_size, **window_params)
     extent = tuple(n + s for n, s in zip(grid.padded_shape, grid.stride))
     acc = np.zeros((1,) + extent + (1,), dtype)

@@ -151,3 +151,14 @@ def test_runs_unchanged_on_a_two_worker_local_cluster():
         merged, metrics = client.compute([r.merged, r.metrics], sync=True)
     _close(merged, expected.merged, merged.dtype)
     assert metrics["rmse"] == pytest.approx(expected.metrics["rmse"], rel=1e-6)
+
+
+def test_different_runs_never_share_task_keys():
+    """Key names are hashes of the inputs: caches (napari's dask cache) never mix two runs."""
+    a = da.zeros((64, 64), chunks=32)
+    b = da.ones((64, 64), chunks=32)
+    grid = PatchGrid(a.shape, 16, stride=8)
+    ra, rb = process(a, grid), process(b, grid)
+    assert ra.merged.name != rb.merged.name
+    assert process(a, grid, window="hann").weights.name != ra.weights.name
+    np.testing.assert_array_equal(rb.merged.compute(), 1)

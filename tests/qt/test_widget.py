@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import patch_viewer as pv
+from patch_viewer import _layers as _layers_mod
 from patch_viewer import _widget
 from patch_viewer._layers import PatchStack, TILES
 
@@ -188,6 +189,51 @@ def test_volume_3d_patches_or_2d_per_plane(make_napari_viewer, qtbot, mode):
                      else (5, 5, 64, 16, 16))
     w._on_click(viewer, SimpleNamespace(position=tuple(viewer.dims.point[:-3]) + (30, 40, 50)))
     assert w.index.value > 0
+
+
+@pytest.mark.parametrize("backend", ["dask", "zarr", "multiscale"])
+def test_dask_and_zarr_layers_stay_lazy(make_napari_viewer, qtbot, tmp_path, backend):
+    import dask.array as da
+    import zarr
+
+    image = np.random.default_rng(0).random((300, 260)).astype(np.float32)
+    if backend == "zarr":
+        data = zarr.open_array(str(tmp_path / "im.zarr"), mode="w", shape=image.shape,
+                               chunks=(128, 128), dtype=image.dtype)
+        data[...] = image
+    else:
+        data = da.from_array(image, chunks=100)
+    viewer = make_napari_viewer()
+    if backend == "multiscale":
+        viewer.add_image([data, data[::2, ::2]], name="lazy", multiscale=True,
+                         contrast_limits=(0, 1))
+    else:
+        viewer.add_image(data, name="lazy", contrast_limits=(0, 1))
+    _, w = viewer.window.add_plugin_dock_widget("patch-viewer", "Patch Explorer")
+    w.live.value = False
+    w.image.value = viewer.layers["lazy"]
+    w.patch_size.set_value([32])
+    w.stride.set_value([12])
+    w.filter.value = "gaussian"
+    w.window.value = "hann"
+    with qtbot.waitSignal(w.signals.ssim_computed, timeout=60_000) as metrics:
+        run(qtbot, w, timeout=60_000)
+    for name in ("merged", "error", "overlap weights"):
+        assert isinstance(viewer.layers[name].data, da.Array), name  # napari computes it
+    expected = pv.process(image, pv.PatchGrid(image.shape, 32, 12), "gaussian", window="hann")
+    np.testing.assert_allclose(np.asarray(viewer.layers["merged"].data), expected.merged,
+                               rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(viewer.layers["overlap weights"].data),
+                               expected.weights)
+    assert viewer.layers["overlap weights"].contrast_limits[1] == pytest.approx(
+        expected.weights.max())
+    assert metrics.args[0] == pytest.approx(expected.metrics["ssim"], rel=1e-6)
+    lo, hi = viewer.layers["error"].contrast_limits
+    assert -lo == hi == pytest.approx(expected.metrics["max_abs"], rel=1e-6)
+    assert f"RMSE: {expected.metrics['rmse']:.3g}" in w.readout.value
+    patches = viewer.layers["patches"].data
+    assert isinstance(patches, _layers_mod.LazyPatchStack)
+    np.testing.assert_array_equal(patches[3, 4], pv.extract_patches(image, w._grid)[3, 4])
 
 
 def test_bad_parameters_show_a_message_and_keep_the_last_layers(explorer, qtbot):
