@@ -43,7 +43,7 @@ def main(argv=None):
     def job(chunk):
         start, n = chunk
         images = np.random.default_rng(start).random((n, 100, 100), dtype=np.float32)
-        r = pv.process(images, grid, filt, batch_bytes=2 * 2**20)
+        r = pv.process(images, grid, filt, ssim=False)
         assert r.merged.shape == images.shape
         return n * grid.n_patches
 

@@ -8,6 +8,7 @@ on every other axis, and per-patch statistics reduce over ``spatial_axes`` only.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Callable
 
@@ -208,20 +209,47 @@ def unsharp(stack, spatial_axes, radius, amount):
     return x + amount * (x - blurred)
 
 
+def _reduce(ufunc, x, axes):
+    """``ufunc.reduce`` over the patch ``axes`` (kept as size 1), one axis at a time from the
+    outermost in memory (whole blocks combine elementwise, then a much smaller array is
+    reduced along its inner axis): fast whatever the stack's layout, including the
+    offset-major stacks the streaming pipeline hands out."""
+    other = [abs(x.strides[a]) for a in range(x.ndim) if a not in axes and x.shape[a] > 1]
+    if all(abs(x.strides[a]) < min(other, default=np.inf) for a in axes if x.shape[a] > 1):
+        return ufunc.reduce(x, axis=tuple(axes), keepdims=True)  # patch-major: one pass
+    out = x
+    for ax in sorted(axes, key=lambda a: -abs(x.strides[a])):
+        out = ufunc.reduce(out, axis=ax, keepdims=True)
+    return out
+
+
+def _apply(ufunc, a, b, like):
+    """``ufunc(a, b)`` into a new array laid out like ``like``, iterating in its memory order
+    (NumPy's default order is slow when a per-patch operand is broadcast)."""
+    out = np.empty_like(like, dtype=np.result_type(a, b))
+    mem = np.argsort([-st if n > 1 else 0 for st, n in zip(like.strides, like.shape)],
+                     kind="stable")
+    t = lambda v: np.broadcast_to(v, like.shape).transpose(mem)  # noqa: E731
+    ufunc(t(a), t(b), out=out.transpose(mem))
+    return out
+
+
 @register_filter("invert")
 def invert(stack, spatial_axes):
     """Invert each patch within its own range: ``min + max - x``."""
     x = _float(stack)
-    return x.min(axis=spatial_axes, keepdims=True) + x.max(axis=spatial_axes, keepdims=True) - x
+    total = _reduce(np.minimum, x, spatial_axes) + _reduce(np.maximum, x, spatial_axes)
+    return _apply(np.subtract, total, x, x)
 
 
 @register_filter("zscore")
 def zscore(stack, spatial_axes):
     """Per-patch normalisation to zero mean and unit variance (constant patches become 0)."""
     x = _float(stack)
-    mean = x.mean(axis=spatial_axes, keepdims=True)
-    std = x.std(axis=spatial_axes, keepdims=True)
-    out = x - mean
+    n = math.prod(x.shape[a] for a in spatial_axes)
+    mean = _reduce(np.add, x, spatial_axes) / n
+    out = _apply(np.subtract, x, mean, x)
+    std = np.sqrt(_reduce(np.add, out * out, spatial_axes) / n)
     np.divide(out, std, out=out, where=std > 0)
     out[np.broadcast_to(std == 0, out.shape)] = 0
     return out
@@ -231,9 +259,9 @@ def zscore(stack, spatial_axes):
 def minmax(stack, spatial_axes):
     """Per-patch rescale to [0, 1] (constant patches become 0)."""
     x = _float(stack)
-    lo = x.min(axis=spatial_axes, keepdims=True)
-    span = x.max(axis=spatial_axes, keepdims=True) - lo
-    out = x - lo
+    lo = _reduce(np.minimum, x, spatial_axes)
+    span = _reduce(np.maximum, x, spatial_axes) - lo
+    out = _apply(np.subtract, x, lo, x)
     np.divide(out, span, out=out, where=span > 0)
     out[np.broadcast_to(span == 0, out.shape)] = 0
     return out

@@ -40,21 +40,31 @@ REDUCTIONS = ("mean", "max", "min")
 
 # Target size of one piece of the patch stack processed at a time (fits the L2/L3 caches).
 _PIECE_BYTES = 2 * 2**20
+# ... and for the offset-major rows-first path (its steps move whole blocks; see _rows_first).
+_ROWS_FIRST_PIECE_BYTES = 16 * 2**20
 # Use one product loop over all block offsets when it has at most this many steps.
 _DIRECT_MAX_STEPS = 8
 
 
-def _needs_anchor(dtype, work: np.dtype, uniform: bool, max_cover: int) -> bool:
-    """Whether a plain sum could break the exact identity round trip (see the module docstring).
+def _accumulation(dtype, work: np.dtype, uniform: bool, max_cover: int) -> tuple[np.dtype, bool]:
+    """The dtype sums are kept in, and whether they need the anchor (see the module docstring).
 
-    A sum of ``m`` copies of an integer with ``b`` bits is exact in a float whose mantissa has
-    at least ``b + log2(m)`` bits; then ``sum / m`` gives the value back and no anchor is needed.
+    A sum of ``m`` copies of a value with ``b`` significant bits is exact in a float whose
+    mantissa has at least ``b + log2(m)`` bits; then ``sum / m`` gives the value back and no
+    anchor is needed. That holds in the work dtype for small integers, and in float64 for
+    float32/float16 patches (24 + log2(m) <= 53 bits): the plain sum is exact and cheaper than
+    subtracting an anchor. Non-uniform windows and float64 patches need the anchor.
     """
     dtype = np.dtype(dtype)
-    if dtype.kind not in "biu" or not uniform:
-        return True
-    bits = 1 if dtype.kind == "b" else 8 * dtype.itemsize
-    return bits + math.log2(max(max_cover, 1)) > np.finfo(work).nmant + 1
+    if not uniform:
+        return work, True
+    cover = math.log2(max(max_cover, 1))
+    if dtype.kind in "biu":
+        bits = 1 if dtype.kind == "b" else 8 * dtype.itemsize
+        return work, bits + cover > np.finfo(work).nmant + 1
+    if dtype.kind == "f" and np.finfo(dtype).nmant + 1 + cover <= np.finfo(np.float64).nmant + 1:
+        return np.dtype(np.float64), False
+    return work, True
 
 
 def work_dtype(dtype) -> np.dtype:
@@ -149,6 +159,72 @@ def _antidiagonal_reduce(padded: np.ndarray, ax: int, g: int, d: int, s: int, uf
     ufunc.reduce(view, axis=-1, out=_block_view(out, [ax], [s]))
 
 
+def _antidiagonal_reduce_unit(t: np.ndarray, ax: int, ufunc, identity: float,
+                              out: np.ndarray) -> None:
+    """Stride-1 form of :func:`_antidiagonal_reduce` that needs no identity margins, so it
+    reads the patches where they are (no copy): ``out[..., x, ...]`` reduces
+    ``t[..., x - e, e, ...]`` over the valid ``e``, in ascending ``e`` everywhere.
+
+    Where all ``p`` terms exist (``p - 1 <= x < g``) one strided ``ufunc.reduce`` does it; the
+    two borders add one in-patch offset at a time.
+    """
+    g, p = t.shape[ax], t.shape[ax + 1]
+    lead = (slice(None),) * ax
+    borders = [(0, g + p - 1)]
+    if g >= p:
+        st = t.strides
+        base = t[lead + (slice(p - 1, None),)]
+        shape = t.shape[:ax] + (g - p + 1,) + t.shape[ax + 2:] + (p,)
+        strides = st[:ax] + (st[ax],) + st[ax + 2:] + (st[ax + 1] - st[ax],)
+        view = np.lib.stride_tricks.as_strided(base, shape, strides, writeable=False)
+        ufunc.reduce(view, axis=-1, out=out[lead + (slice(p - 1, g),)])
+        borders = [(0, p - 1), (g, g + p - 1)]
+    for a, z in borders:
+        out[lead + (slice(a, z),)] = identity
+        for e in range(p):
+            lo, hi = max(a, e), min(z, g + e)  # pixels x with a valid patch x - e
+            if lo < hi:
+                target = out[lead + (slice(lo, hi),)]
+                ufunc(target, t[lead + (slice(lo - e, hi - e), e)], out=target)
+
+
+def _offset_major_reduce(t: np.ndarray, ufunc, identity: float, out: np.ndarray) -> None:
+    """``out[x] = ufunc.reduce`` of ``t[e, x - e]`` over the valid in-patch offsets ``e``.
+
+    ``t`` is ``(p, g, *rest)`` and ``out`` ``(g + p - 1, *rest)``. Every step moves whole
+    ``rest`` blocks (contiguous when the stack is offset-major), so NumPy's inner loops are
+    long: one strided reduce where all ``p`` terms exist, one ufunc call per offset on the
+    two borders. Terms are combined in ascending ``e`` everywhere.
+    """
+    p, g = t.shape[:2]
+    borders = [(0, g + p - 1)]
+    if g >= p:
+        se, sg = t.strides[:2]
+        base = t[0, p - 1:]
+        view = np.lib.stride_tricks.as_strided(base, (g - p + 1, p) + t.shape[2:],
+                                               (sg, se - sg) + t.strides[2:], writeable=False)
+        ufunc.reduce(view, axis=1, out=out[p - 1:g])
+        borders = [(0, p - 1), (g, g + p - 1)]
+    for a, z in borders:
+        out[a:z] = identity
+        for e in range(p):
+            lo, hi = max(a, e), min(z, g + e)  # outputs with a valid patch x - e
+            if lo < hi:
+                ufunc(out[lo:hi], t[e, lo - e:hi - e], out=out[lo:hi])
+
+
+def _rows_first(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity: float) -> None:
+    """2-D overlap-add with stride 1 along the rows: reduce the row offsets first (the bulk of
+    the work, on whole contiguous blocks when ``a`` is offset-major, see :func:`stack_order`),
+    then overlap-add the rows that result along the columns."""
+    b, g0, g1, p0, p1, c = a.shape
+    rows = np.empty((b, g0 + p0 - 1, g1, p1, c), canvas.dtype)
+    _offset_major_reduce(a.transpose(3, 1, 0, 2, 4, 5), op, identity, rows.transpose(1, 0, 2, 3, 4))
+    y0, x0 = origin
+    for bi in range(b):  # each image's rows are a batch of 1-D patch rows
+        overlap_add(canvas[bi, y0:y0 + g0 + p0 - 1], rows[bi], (x0,), (stride[1],), op, identity)
+
+
 def overlap_add(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity: float,
                 padded: np.ndarray | None = None) -> None:
     """Overlap-add a regular sub-grid of patches ``a`` (``(b, *G, *p, C)``) into ``canvas``.
@@ -159,6 +235,9 @@ def overlap_add(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity:
     on the last spatial axis (see :func:`_antidiagonal_reduce`), used for deep overlaps.
     """
     nd = len(stride)
+    if isinstance(padded, str) and padded == "rows-first":
+        _rows_first(canvas, a, origin, stride, op, identity)
+        return
     p = a.shape[1 + nd: 1 + 2 * nd]
     depth = [-(-pk // sk) for pk, sk in zip(p, stride)]
     t = _interleave(a, nd)
@@ -172,7 +251,10 @@ def overlap_add(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity:
         shape = list(t.shape)
         g = shape[ax]
         shape[ax: ax + 2] = [(g + depth[j] - 1) * stride[j]]
-        if padded is not None and j == nd - 1:
+        if isinstance(padded, str) and j == nd - 1:  # "unit": stride 1, read t as it is
+            nxt = np.empty(shape, dtype=canvas.dtype)
+            _antidiagonal_reduce_unit(t, ax, op, identity, nxt)
+        elif padded is not None and j == nd - 1:
             nxt = np.empty(shape, dtype=canvas.dtype)
             _antidiagonal_reduce(padded, ax, g, depth[j], stride[j], op, nxt)
         else:
@@ -216,6 +298,41 @@ def _owned_segments(origins: np.ndarray, p: int, rule: str) -> list[tuple[int, i
     return runs
 
 
+#: Memory order of a 2-D stack ``(b, g0, g1, p0, p1, C)`` for :func:`_rows_first`: row offset,
+#: grid row, image, then each patch row's column data.
+ROWS_FIRST_ORDER = (3, 1, 0, 2, 4, 5)
+
+
+def stack_order(grid: PatchGrid) -> tuple[int, ...] | None:
+    """Memory order (axes of a canonical ``(b, *G, *p, C)`` stack, outermost first) in which
+    the merge reads a stack fastest, or None where the plain patch-major order is best.
+
+    Deep overlaps (stride 1) are merged by a cascade that reads the last axis' in-patch offset
+    before its grid index (element-major, as ``torch.unfold`` lays patches out); a stack made
+    in that order is merged without a transpose. The streaming pipeline extracts patches that
+    way, and element-wise filters keep the order.
+    """
+    nd = grid.ndim
+    depth = [-(-p // s) for p, s in zip(grid.patch_size, grid.stride)]
+    if math.prod(depth) <= _DIRECT_MAX_STEPS:
+        return None
+    if nd == 2 and grid.stride[0] == 1:  # offset-major rows, see _rows_first
+        return ROWS_FIRST_ORDER
+    if depth[-1] <= 1:
+        return None
+    order = [0]
+    for k in range(nd - 1):
+        order += [1 + k, 1 + nd + k]
+    return tuple(order + [2 * nd, nd, 2 * nd + 1])
+
+
+def empty_in_order(shape, order, dtype) -> np.ndarray:
+    """An uninitialised array of ``shape`` whose memory runs in ``order`` (see
+    :func:`stack_order`)."""
+    mem = np.empty([shape[a] for a in order], dtype)
+    return mem.transpose(np.argsort(order))
+
+
 def _copy(target, value, out):  # an overlap-add "op" that assigns
     np.copyto(out, value)
 
@@ -247,8 +364,10 @@ class Merger:
         nd = grid.ndim
         extent = tuple(n + s for n, s in zip(grid.padded_shape, grid.stride))
         shape = (n_images,) + extent + (n_channels,)
-        self.anchor = _needs_anchor(dtype, self.work, self.window is None,
-                                    grid.coverage_range()[1])
+        self.acc_dtype, self.anchor = _accumulation(dtype, self.work, self.window is None,
+                                                    grid.coverage_range()[1])
+        if reduce != "mean":
+            self.acc_dtype = self.work
         if self._uses_ref:
             self.ref = np.empty(shape, self.work)  # every covered pixel is owned once
             rule = "first" if self.mode == "mean" else "centre"
@@ -256,19 +375,21 @@ class Merger:
         if self.mode != "pick":
             fill = {"mean": 0.0, "max": -np.inf, "min": np.inf}[self.mode]
             self._identity = fill
-            self.acc = np.full(shape, fill, self.work)
+            self.acc = np.full(shape, fill, self.acc_dtype)
             self._op = {"mean": np.add, "max": np.maximum, "min": np.minimum}[self.mode]
         self._runs = [split_regular(o, s) for o, s in zip(grid.origins, grid.stride)]
         self._win = None if self.window is None else self.window[..., None].astype(self.work)
         self._nd = nd
         self._buffers: dict = {}
+        rows_first = stack_order(grid) == ROWS_FIRST_ORDER
+        self._piece_bytes = _ROWS_FIRST_PIECE_BYTES if rows_first else _PIECE_BYTES
 
     # -- adding ---------------------------------------------------------------------------
     def _parts(self, piece: np.ndarray, b0: int, row0: int):
         """Split a piece into cache-sized parts ``(part, first image, first row)``."""
         b, g0 = piece.shape[:2]
         row_bytes = n_elements(piece.shape[2:]) * self.work.itemsize
-        rows = max(1, _PIECE_BYTES // max(row_bytes, 1))
+        rows = max(1, self._piece_bytes // max(row_bytes, 1))
         if rows >= g0 and b > 1:
             per = max(1, rows // g0)
             for i in range(0, b, per):
@@ -347,6 +468,14 @@ class Merger:
         depth = [-(-pk // sk) for pk, sk in zip(p, stride)]
         anchor = self.mode == "mean" and self.anchor
         padded = None
+        if (math.prod(depth) > _DIRECT_MAX_STEPS and nd == 2 and stride[0] == 1
+                and not anchor and self._win is None):
+            return sub, "rows-first"
+        if (math.prod(depth) > _DIRECT_MAX_STEPS and nd > 1 and stride[-1] == 1
+                and not anchor and self._win is None):
+            # The cascade reads the stack as it is (in the sum's dtype: one streaming pass when
+            # the stack is element-major, and no casting in the many small border steps).
+            return sub.astype(self.acc_dtype, order="K", copy=False), "unit"
         if math.prod(depth) > _DIRECT_MAX_STEPS and depth[-1] > 1 and g[-1] >= depth[-1]:
             d, s = depth[-1], stride[-1]
             logical = [sub.shape[0]] + [x for k in range(nd) for x in (g[k], p[k])] + [sub.shape[-1]]
@@ -418,7 +547,7 @@ class Merger:
         else:
             out = self.acc[crop]
         if self.mode == "mean":
-            w = _weights(grid, self._window_spec[0], self._window_spec[1], self.work)
+            w = _weights(grid, self._window_spec[0], self._window_spec[1], self.acc_dtype)
             # Uncovered pixels (0/0, and an anchor never written) are replaced by the fill.
             with np.errstate(divide="ignore", invalid="ignore"):
                 np.divide(out, w[None, ..., None], out=out)
