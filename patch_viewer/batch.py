@@ -56,7 +56,7 @@ class Options:
     ssim: bool = True
     max_memory: int = 2 * 2**30
     workers: int = 2
-    chunk: int = 2048
+    chunk: int = 1024
     batch_images: int | None = None
     overwrite: bool = False
 

@@ -127,8 +127,8 @@ def build_process_parser() -> argparse.ArgumentParser:
                          "dask, or refused when their format cannot be streamed")
     ap.add_argument("--workers", type=_positive, default=None, metavar="N",
                     help="threads (default: all cores)")
-    ap.add_argument("--chunk", type=_positive, default=2048, metavar="PX",
-                    help="chunk edge for streamed images (default 2048)")
+    ap.add_argument("--chunk", type=_positive, default=1024, metavar="PX",
+                    help="chunk edge for streamed images (default 1024)")
     ap.add_argument("--batch-images", type=_positive, metavar="N",
                     help="small images per in-memory batch (default: about 8 MiB of them)")
     ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")

@@ -74,7 +74,9 @@ class ImageFile:
 
         if self.format == "zarr":
             z = _open_zarr(self.path)
-            return da.from_array(z, chunks=_chunks(self.shape, chunk, z.chunks))
+            # Read whole stored chunks (each decoded once), then split them in memory.
+            return da.from_array(z, chunks=_chunks(self.shape, chunk, z.chunks)).rechunk(
+                _chunks(self.shape, chunk))
         if self.format == "npy":
             return da.from_array(np.load(self.path, mmap_mode="r"),
                                  chunks=_chunks(self.shape, chunk))

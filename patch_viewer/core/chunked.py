@@ -291,26 +291,28 @@ def _ssim_block(ref, merged, dr, *, channel, win):
 def chunked_metrics(merged, reference, *, channel_axis=None, ssim=True) -> dict:
     """Lazy metrics (0-d dask arrays), equal to :func:`patch_viewer.compute_metrics`.
 
-    SSIM is computed from per-chunk SSIM maps (a halo of half the 7-pixel window), cropped as
-    skimage crops the whole image, so it equals the whole-image value.
+    Each chunk is reduced to a few partial sums in one task (one chunk-sized temporary), so a
+    metrics pass costs little memory beside the merge. SSIM is computed from per-chunk SSIM
+    maps (a halo of half the 7-pixel window), cropped as skimage crops the whole image, so it
+    equals the whole-image value.
     """
     import dask.array as da
 
     err_dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
-    err = (merged.astype(err_dtype) - reference.astype(err_dtype)).astype(np.float64)
-    mask = da.isfinite(err)
-    n = da.sum(mask)
-    e = da.where(mask, err, 0.0)
-    max_abs = da.max(da.where(mask, da.fabs(err), -np.inf))
-    if reference.dtype.kind in "biu":
+    integer = reference.dtype.kind in "biu"
+    merged = merged.rechunk(reference.chunks)
+    parts = da.map_blocks(_partials, merged, reference, err_dtype=err_dtype,
+                          dtype=np.float64, new_axis=merged.ndim,
+                          chunks=(1,) * merged.ndim + (6,),
+                          meta=np.empty((0,) * (merged.ndim + 1), np.float64))
+    n, sum_sq = parts[..., 0].sum(), parts[..., 1].sum()
+    max_abs = parts[..., 2].max()
+    if integer:
         dr = da.from_array(np.float64(data_range_of(np.zeros(1, reference.dtype))))
     else:
-        ref64 = reference.astype(np.float64)
-        finite = da.isfinite(ref64)
-        span = (da.max(da.where(finite, ref64, -np.inf))
-                - da.min(da.where(finite, ref64, np.inf)))
+        span = parts[..., 4].max() - parts[..., 3].min()
         dr = da.where(da.isfinite(span) & (span > 0), span, 1.0)
-    summary = da.map_blocks(_summary, n, da.sum(e * e), max_abs, dr, dtype=np.float64,
+    summary = da.map_blocks(_summary, n, sum_sq, max_abs, dr, dtype=np.float64,
                             new_axis=0, chunks=((3,),), meta=np.empty(0, np.float64))
     return {
         "max_abs": summary[0],
@@ -318,8 +320,29 @@ def chunked_metrics(merged, reference, *, channel_axis=None, ssim=True) -> dict:
         "psnr": summary[2],
         "ssim": _chunked_ssim(merged, reference, dr, channel_axis) if ssim else
         da.from_array(np.float64(np.nan)),
-        "covered": n / max(mask.size, 1),
+        "covered": n / max(merged.size, 1),
     }
+
+
+def _partials(merged, reference, *, err_dtype):
+    """One chunk's ``[count, sum of squares, max |err|, ref min, ref max, 0]`` over the pixels
+    where the error is finite (the reference's range over its finite pixels)."""
+    err = np.subtract(merged, reference, dtype=err_dtype)
+    finite = np.isfinite(err)
+    if finite.all():
+        e = err.ravel()
+        count = e.size
+    else:
+        e = err[finite]
+        count = int(finite.sum())
+    e = e.astype(np.float64, copy=False)
+    sum_sq = float(np.dot(e, e)) if e.size else 0.0
+    max_abs = float(max(e.max(), -e.min())) if e.size else -np.inf
+    ref = reference if reference.dtype.kind != "f" else reference[np.isfinite(reference)]
+    lo = float(ref.min()) if ref.size else np.inf
+    hi = float(ref.max()) if ref.size else -np.inf
+    out = np.array([count, sum_sq, max_abs, lo, hi, 0.0], np.float64)
+    return out.reshape((1,) * merged.ndim + (6,))
 
 
 def _summary(n, sum_sq, max_abs, dr):

@@ -533,6 +533,22 @@ class Merger:
             _ola(region, _interleave(sub, self._nd), list(range(1, self._nd + 1)),
                  [c[4] for c in combo], _copy)
 
+    def _divide_by_weights(self, out: np.ndarray) -> None:
+        """``out /= weights``; for separable windows one axis at a time (no image-sized weight
+        map: the chunked path runs this per chunk). Exact where ``out`` is an exact multiple
+        of the weights (the identity round trip): each step divides out one exact factor."""
+        window, params = self._window_spec
+        is_tile = isinstance(window, str) and window == "overlap-tile"
+        sums = None if is_tile else _weight_sums(self.grid, window, params)
+        if sums is None:
+            w = _weights(self.grid, window, params, self.acc_dtype)
+            np.divide(out, w[None, ..., None], out=out)
+            return
+        for k, w in enumerate(sums):
+            shape = [1] * out.ndim
+            shape[1 + k] = len(w)
+            np.divide(out, w.astype(self.acc_dtype).reshape(shape), out=out)
+
     # -- result ----------------------------------------------------------------------------
     def result(self, dtype=None, fill_value=None) -> np.ndarray:
         """The merged images, canonical ``(b, *spatial, C)``, uncovered pixels set to fill.
@@ -547,10 +563,9 @@ class Merger:
         else:
             out = self.acc[crop]
         if self.mode == "mean":
-            w = _weights(grid, self._window_spec[0], self._window_spec[1], self.acc_dtype)
             # Uncovered pixels (0/0, and an anchor never written) are replaced by the fill.
             with np.errstate(divide="ignore", invalid="ignore"):
-                np.divide(out, w[None, ..., None], out=out)
+                self._divide_by_weights(out)
                 if self.anchor:
                     out += self.ref[crop]
         covered = None if grid.is_covering else _coverage_mask(grid)[None, ..., None]
