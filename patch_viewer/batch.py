@@ -193,6 +193,7 @@ def _stem(path: Path) -> str:
 def _check_outputs(files, items: list[Item], opts: Options) -> list[str]:
     problems = []
     inputs = {p.resolve() for p in files}
+    zarr_inputs = [i for i in inputs if io.is_zarr_dir(i)]
     seen = {}
     targets = [(it.output, it) for it in items]
     targets += [(it.error_output, it) for it in items if it.error_output is not None]
@@ -200,7 +201,7 @@ def _check_outputs(files, items: list[Item], opts: Options) -> list[str]:
         targets.append((opts.metrics, None))
     for out, it in targets:
         r = out.resolve()
-        if r in inputs or any(r.is_relative_to(i) for i in inputs if io.is_zarr_dir(i)):
+        if r in inputs or any(r.is_relative_to(i) for i in zarr_inputs):
             problems.append(f"{out}: would overwrite an input; choose another -o/--output")
         elif r in seen:
             problems.append(f"{out}: written twice (from {seen[r]} and "

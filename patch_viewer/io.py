@@ -113,8 +113,11 @@ def probe(path) -> ImageFile:
         raise ImageError(f"{path}: no such file")
     try:
         if fmt == "npy":
-            arr = np.load(path, mmap_mode="r")
-            shape, dtype = arr.shape, arr.dtype
+            with open(path, "rb") as f:  # the header only
+                fmt_ = np.lib.format
+                major, _ = fmt_.read_magic(f)
+                read = fmt_.read_array_header_1_0 if major == 1 else fmt_.read_array_header_2_0
+                shape, _, dtype = read(f)
         elif fmt == "zarr":
             z = _open_zarr(path)
             shape, dtype = z.shape, np.dtype(z.dtype)

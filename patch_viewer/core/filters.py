@@ -224,13 +224,27 @@ def _reduce(ufunc, x, axes):
 
 
 def _apply(ufunc, a, b, like):
-    """``ufunc(a, b)`` into a new array laid out like ``like``, iterating in its memory order
-    (NumPy's default order is slow when a per-patch operand is broadcast)."""
+    """``ufunc(a, b)`` into a new array laid out like ``like``, iterating in its memory order.
+
+    A per-patch operand (size 1 on the patch axes) is first spread over every axis but the
+    outermost in memory (a copy 1/p the size of the stack), so that the main pass runs over
+    long contiguous blocks instead of one patch row at a time.
+    """
     out = np.empty_like(like, dtype=np.result_type(a, b))
     mem = np.argsort([-st if n > 1 else 0 for st, n in zip(like.strides, like.shape)],
                      kind="stable")
-    t = lambda v: np.broadcast_to(v, like.shape).transpose(mem)  # noqa: E731
-    ufunc(t(a), t(b), out=out.transpose(mem))
+    outer = int(mem[0])
+    block = like[(slice(None),) * outer + (slice(0, 1),)]
+
+    def spread(v):
+        v = np.asarray(v)
+        if v.shape == like.shape or v.ndim != like.ndim or v.shape[outer] != 1:
+            return np.broadcast_to(v, like.shape)
+        full = np.empty_like(block, dtype=v.dtype)
+        np.copyto(full, v)
+        return np.broadcast_to(full, like.shape)
+
+    ufunc(spread(a).transpose(mem), spread(b).transpose(mem), out=out.transpose(mem))
     return out
 
 

@@ -104,7 +104,8 @@ def merge_stream(canon, grid, filt, params, window, window_params, reduce, rows,
     returns the filled :class:`Merger`. The one streaming loop behind :func:`process` and the
     chunked path."""
     nd = grid.ndim
-    view = window_view(pad_canonical(canon, grid), grid)
+    padded = pad_canonical(canon, grid)
+    view = window_view(padded, grid)
     spatial_axes = tuple(range(2 + nd - 1, 2 + 2 * nd - 1))
     g0 = grid.grid_shape[0]
     rest = tuple(
@@ -117,12 +118,14 @@ def merge_stream(canon, grid, filt, params, window, window_params, reduce, rows,
     for b in range(canon.shape[0]):
         for r0 in range(0, g0, rows):
             o0 = grid.origins[0][r0:r0 + rows]
-            if grid.is_regular:
+            if order == ROWS_FIRST_ORDER:  # extract in the order the merge reads
+                batch = _offset_major_rows(padded, b, o0, rest[0], grid)
+            elif grid.is_regular:
                 batch = view[(slice(b, b + 1), slice(int(o0[0]), int(o0[-1]) + 1, grid.stride[0]))
                              + rest]
             else:
                 batch = view[(slice(b, b + 1),) + np.ix_(o0, *rest)]
-            if order is not None:  # extract in the order the merge reads (a streaming copy)
+            if order is not None and order != ROWS_FIRST_ORDER:
                 batch = _copy_in_order(batch, order)
             out = np.asarray(filt(batch, spatial_axes, **params))
             if merger is None:
@@ -132,6 +135,25 @@ def merge_stream(canon, grid, filt, params, window, window_params, reduce, rows,
             done += out.shape[1] * math.prod(grid.grid_shape[1:])
             yield done, total
     return merger
+
+
+def _offset_major_rows(padded, b, rows, cols, grid):
+    """The patches of grid rows ``rows`` (consecutive origins, stride 1) of image ``b``, in
+    :data:`ROWS_FIRST_ORDER` memory: for each row offset ``e``, the patch rows of image rows
+    ``rows + e``. Every patch row of an image row is cut once (a small sliding-window copy);
+    the stack is then ``p0`` contiguous block copies."""
+    p0, p1 = grid.patch_size
+    n = len(rows)
+    y0 = int(rows[0])
+    lines = np.lib.stride_tricks.sliding_window_view(
+        padded[b:b + 1, y0:y0 + n + p0 - 1], p1, axis=2, writeable=False)[:, :, cols]
+    lines = np.ascontiguousarray(np.moveaxis(lines, 3, -1).transpose(1, 0, 2, 3, 4))
+    out = empty_in_order((1, n) + lines.shape[2:3] + (p0,) + lines.shape[3:], ROWS_FIRST_ORDER,
+                         padded.dtype)
+    mem = out.transpose(ROWS_FIRST_ORDER)  # (p0, n, 1, g1, p1, C), contiguous
+    for e in range(p0):
+        mem[e] = lines[e:e + n]
+    return out
 
 
 def _copy_in_order(batch, order):
