@@ -35,15 +35,18 @@ def main(argv=None):
     ap.add_argument("--chunk", type=int, default=32, help="images per process() call")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--filter", default="scale", help="'scale' or a registered filter name")
+    ap.add_argument("--batch-mib", type=float, default=None,
+                    help="streamed batch size (default: process()'s own)")
     args = ap.parse_args(argv)
     grid = pv.PatchGrid((100, 100), 39, stride=1)
     filt = scale if args.filter == "scale" else args.filter
+    batch_bytes = None if args.batch_mib is None else int(args.batch_mib * 2**20)
     chunks = [(i, min(args.chunk, args.images - i)) for i in range(0, args.images, args.chunk)]
 
     def job(chunk):
         start, n = chunk
         images = np.random.default_rng(start).random((n, 100, 100), dtype=np.float32)
-        r = pv.process(images, grid, filt, ssim=False)
+        r = pv.process(images, grid, filt, ssim=False, batch_bytes=batch_bytes)
         assert r.merged.shape == images.shape
         return n * grid.n_patches
 

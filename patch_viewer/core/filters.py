@@ -165,35 +165,40 @@ def identity(stack, spatial_axes):
                  halo=lambda sigma: _gauss_reach(sigma))
 def gaussian(stack, spatial_axes, sigma):
     """Gaussian blur inside each patch (reflecting at the patch border)."""
-    return ndi.gaussian_filter(_float(stack), _per_axis(stack, spatial_axes, sigma, 0.0))
+    x = _float(stack)
+    return ndi.gaussian_filter(x, _per_axis(stack, spatial_axes, sigma, 0.0),
+                               output=np.empty_like(x))
 
 
 @register_filter("median", params={"size": Param(3, 1, 31, int, "window size (px)")},
                  halo=lambda size: size // 2)
 def median(stack, spatial_axes, size):
     """Median filter inside each patch."""
-    return ndi.median_filter(stack, size=_per_axis(stack, spatial_axes, size, 1))
+    return ndi.median_filter(stack, size=_per_axis(stack, spatial_axes, size, 1),
+                             output=np.empty_like(stack))
 
 
 @register_filter("uniform", params={"size": Param(3, 1, 31, int, "window size (px)")},
                  halo=lambda size: size // 2)
 def uniform(stack, spatial_axes, size):
     """Moving-average (box) filter inside each patch."""
-    return ndi.uniform_filter(_float(stack), size=_per_axis(stack, spatial_axes, size, 1))
+    x = _float(stack)
+    return ndi.uniform_filter(x, size=_per_axis(stack, spatial_axes, size, 1),
+                              output=np.empty_like(x))
 
 
 @register_filter("sobel", halo=lambda: 1)
 def sobel(stack, spatial_axes):
     """Gradient magnitude (Sobel) inside each patch."""
     x = _float(stack)
-    total = np.zeros(x.shape, x.dtype)
+    total = np.zeros_like(x)  # keeps the stack's memory order (as do the outputs below)
     for ax in spatial_axes:
         # ndi.sobel would smooth along every other axis, patch axes included: smooth only
         # along the other spatial axes so that patches never mix.
-        g = ndi.correlate1d(x, [-1, 0, 1], axis=ax)
+        g = ndi.correlate1d(x, [-1, 0, 1], axis=ax, output=np.empty_like(x))
         for other in spatial_axes:
             if other != ax:
-                g = ndi.correlate1d(g, [1, 2, 1], axis=other)
+                g = ndi.correlate1d(g, [1, 2, 1], axis=other, output=np.empty_like(x))
         total += g * g
     return np.sqrt(total, out=total)
 
@@ -205,7 +210,8 @@ def sobel(stack, spatial_axes):
 def unsharp(stack, spatial_axes, radius, amount):
     """Unsharp mask: ``x + amount * (x - gaussian(x, radius))`` inside each patch."""
     x = _float(stack)
-    blurred = ndi.gaussian_filter(x, _per_axis(stack, spatial_axes, radius, 0.0))
+    blurred = ndi.gaussian_filter(x, _per_axis(stack, spatial_axes, radius, 0.0),
+                                  output=np.empty_like(x))
     return x + amount * (x - blurred)
 
 
