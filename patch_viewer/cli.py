@@ -17,9 +17,17 @@ from ._sample_data import read_array
 from .core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, REFERENCES, WINDOWS
 
 
-def read_image(path: str) -> np.ndarray:
-    """Read a NumPy .npy, TIFF, PNG or JPEG file, with a clear error for anything else."""
+def read_image(path: str):
+    """Read a NumPy .npy, TIFF, PNG or JPEG file, with a clear error for anything else; a zarr
+    folder opens lazily (a dask array: the Patch Explorer then keeps its results lazy)."""
     p = Path(path)
+    from . import io
+
+    if io.is_zarr_dir(p):
+        try:
+            return io.probe(p).lazy(1024)
+        except io.ImageError as exc:
+            raise SystemExit(f"patch-viewer: {exc}") from None
     if not p.is_file():
         raise SystemExit(f"patch-viewer: no such file: {path}")
     try:
@@ -34,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Open napari with an image (default: the classic 100x100 sample), the "
                     "Patch Explorer docked and the result computed.",
         epilog="Batch processing without a window: patch-viewer process --help")
-    ap.add_argument("image", nargs="?", help="image file (.npy, .tif, .png, .jpg)")
+    ap.add_argument("image", nargs="?",
+                    help="image file (.npy, .tif, .png, .jpg), or a .zarr folder (opened lazily)")
     ap.add_argument("--patch-size", type=int, nargs="+", metavar="N",
                     help="patch size (one value, or one per spatial axis); default 39 for the "
                          "sample, 32 otherwise")
@@ -198,7 +207,15 @@ def main(argv=None) -> int:
         size, stride = args.patch_size or [39], args.stride or [1]
     else:
         rgb = data.ndim == 3 and data.shape[-1] in (3, 4)
-        viewer.add_image(data, name=Path(args.image).stem, rgb=rgb)
+        limits = {}
+        if not isinstance(data, np.ndarray):  # lazy: don't let napari scan the whole image
+            lo, hi = (0, 255) if data.dtype == np.uint8 else (0.0, 1.0)
+            sample = np.asarray(data[tuple(slice(0, min(n, 512)) for n in data.shape)])
+            if data.dtype != np.uint8 and sample.size:
+                lo, hi = float(np.nanmin(sample)), float(np.nanmax(sample))
+            limits = {"contrast_limits": (lo, hi if hi > lo else lo + 1)}
+        viewer.add_image(data, name=Path(args.image).stem.removesuffix(".zarr"), rgb=rgb,
+                         **limits)
         size, stride = args.patch_size or [32], args.stride or [16]
     _, widget = viewer.window.add_plugin_dock_widget("patch-viewer", "Patch Explorer")
     widget.live.value = False  # set everything, then run once

@@ -213,3 +213,17 @@ def test_command_line_entry_point(tmp_path):
     helped = subprocess.run([sys.executable, "-m", "patch_viewer", "process", "--help"],
                             capture_output=True, text=True, timeout=120)
     assert helped.returncode == 0 and "--max-memory" in helped.stdout
+
+
+def test_launcher_opens_zarr_lazily(tmp_path):
+    import dask.array as da
+
+    from patch_viewer.cli import read_image
+
+    z = zarr.open_array(str(tmp_path / "im.zarr"), mode="w", shape=(300, 200), chunks=(100, 100),
+                        dtype=np.uint8)
+    z[...] = 7
+    data = read_image(str(tmp_path / "im.zarr"))
+    assert isinstance(data, da.Array) and int(data[5, 5].compute()) == 7
+    np.save(tmp_path / "a.npy", np.ones((4, 4)))
+    assert isinstance(read_image(str(tmp_path / "a.npy")), np.ndarray)
