@@ -274,6 +274,7 @@ class PatchExplorer(Container):
         if generation != self._generation:
             return
         if value[0] == "layers":
+            self.progress.value = self.progress.max  # a lazy run yields no batches
             self._on_result(generation, job, value[1:])
             return
         done, total = value
@@ -351,7 +352,7 @@ class PatchExplorer(Container):
             f"patches: {result.plan.n_patches:,}   grid: {' x '.join(map(str, job.grid.grid_shape))}",
             f"coverage: {cmin}–{cmax}   est. memory: {_fmt_bytes(result.plan.peak_bytes)}",
             f"compute time: {result.elapsed * 1e3:.0f} ms"
-            + ("  (lazy: napari computes what it shows)" if job.lazy else ""),
+            + ("  (lazy)" if job.lazy else ""),
             *(["max |err|: …   RMSE: …", "PSNR: …   SSIM: …"] if job.lazy
               else _metric_lines(m, ssim=False))]
         self.readout.value = "\n".join(self._readout_lines)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -240,8 +241,12 @@ def main(argv=None) -> int:
 def _screenshot_when_done(viewer, widget, path):
     from qtpy.QtCore import QTimer
 
+    start = time.monotonic()
+
     def shoot():
-        if widget._worker is not None and widget._worker.is_running:
+        busy = widget._worker is not None and widget._worker.is_running
+        pending = "…" in str(widget.readout.value)  # metrics still on their way
+        if (busy or pending) and time.monotonic() - start < 120:
             QTimer.singleShot(200, shoot)
             return
         viewer.screenshot(path, canvas_only=False, flash=False)
