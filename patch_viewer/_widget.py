@@ -403,6 +403,17 @@ class PatchExplorer(Container):
             first = self.viewer.dims.ndim - stack.ndim  # grid axes lead the stack
             for k, i in enumerate(index):
                 step[first + k] = i
+            if grid.ndim == 3 and planes is None:
+                # 3-D patches: the stack's patch-z axis shares the image's z slider; move it to
+                # the selected patch's planes so the tile shows the patch, not empty space.
+                z0, pz = grid.patch_origin(index)[0], grid.patch_size[0]
+                translate = list(stack.translate)
+                if translate[-3] != z0:
+                    translate[-3] = z0
+                    stack.translate = translate
+                z = self.viewer.dims.ndim - 3
+                if not z0 <= step[z] < z0 + pz:
+                    step[z] = z0 + pz // 2
             self.viewer.dims.current_step = tuple(step)
 
     def _on_index(self, value):

@@ -189,6 +189,11 @@ def test_volume_3d_patches_or_2d_per_plane(make_napari_viewer, qtbot, mode):
                      else (5, 5, 64, 16, 16))
     w._on_click(viewer, SimpleNamespace(position=tuple(viewer.dims.point[:-3]) + (30, 40, 50)))
     assert w.index.value > 0
+    if mode == _widget.VOLUME_MODES[0]:  # the patch tile follows the selected patch in z
+        index = w._grid.patch_index(w.index.value)
+        z0 = w._grid.patch_origin(index)[0]
+        assert viewer.layers["patches"].translate[-3] == z0 > 0
+        assert z0 <= viewer.dims.current_step[-3] < z0 + 16
 
 
 @pytest.mark.parametrize("backend", ["dask", "zarr", "multiscale"])
