@@ -24,7 +24,7 @@ from .core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, WINDOWS, PatchGrid
 from .core._layout import _fmt_bytes
 from .core.chunked import is_lazy
 from .core.merge import max_weight
-from .core.metrics import ssim_of
+from .core.metrics import iter_ssim
 
 LAYER_NAMES = ("patch grid", "overlap weights", "patches", "merged", "error")
 VOLUME_MODES = ("3-D patches", "2-D patches per plane")
@@ -271,8 +271,8 @@ class PatchExplorer(Container):
         worker.start()
 
     def _on_progress(self, generation, job, value):
-        if generation != self._generation:
-            return
+        if generation != self._generation or not isinstance(value, tuple):
+            return  # stale, or an SSIM band done
         if value[0] == "layers":
             self.progress.value = self.progress.max  # a lazy run yields no batches
             self._on_result(generation, job, value[1:])
@@ -491,4 +491,6 @@ def _compute(gen, job: Job):
     if job.lazy:
         return _lazy_metrics(result, job)
     channel_axis = None if job.grid.channel_axis is None else job.grid.channel_axis + job.batched
-    return ssim_of(result.merged, result.reference, channel_axis=channel_axis)
+    # In bands, yielding between them: a newer run's quit() stops a stale SSIM at once
+    # instead of letting it compete with the new run for the CPU.
+    return (yield from iter_ssim(result.merged, result.reference, channel_axis=channel_axis))

@@ -90,6 +90,63 @@ def ssim_of(merged, reference, *, channel_axis=None, data_range=None) -> float:
     return _ssim(ref64, np.where(mask, merged64, ref64), channel_axis, dr)
 
 
+def iter_ssim(merged, reference, *, channel_axis=None, data_range=None, band=128):
+    """Generator form of :func:`ssim_of`: computes the SSIM map in bands of ``band`` rows
+    (each with a halo of half the window, so every value is the whole-image one), yields after
+    each band and returns the same value as :func:`ssim_of` (``StopIteration.value``).
+    Closing the generator stops the work between bands (a GUI cancels a stale run that way).
+
+    Examples
+    --------
+    >>> a = np.random.default_rng(0).random((300, 40))
+    >>> b = a + 0.1
+    >>> g = iter_ssim(a, b, band=64)
+    >>> while True:
+    ...     try:
+    ...         _ = next(g)
+    ...     except StopIteration as stop:
+    ...         value = stop.value
+    ...         break
+    >>> bool(np.isclose(value, ssim_of(a, b)))
+    True
+    """
+    ref64 = np.asarray(reference).astype(np.float64)
+    merged64 = np.asarray(merged).astype(np.float64)
+    dr = data_range_of(reference) if data_range is None else float(data_range)
+    mask = np.isfinite(merged64) & np.isfinite(ref64)
+    merged64 = np.where(mask, merged64, ref64)
+    ref64 = np.where(np.isfinite(ref64), ref64, 0.0)
+    merged64 = np.where(np.isfinite(merged64), merged64, ref64)
+    ch = None if channel_axis is None else channel_axis % ref64.ndim
+    spatial_axes = [i for i in range(ref64.ndim) if i != ch]
+    win = min(7, min(ref64.shape[i] for i in spatial_axes))
+    win -= 1 - win % 2
+    if win < 3:
+        return math.nan
+    pad = (win - 1) // 2
+    ax = spatial_axes[0]
+    n = ref64.shape[ax]
+    if n <= band + 2 * pad:
+        return _ssim(ref64, merged64, channel_axis, dr)
+    total, count = 0.0, 0
+    for a in range(pad, n - pad, band):  # the rows skimage keeps: [pad, n - pad)
+        z = min(a + band, n - pad)
+        lo, hi = max(0, a - pad), min(n, z + pad)
+        take = [slice(None)] * ref64.ndim
+        take[ax] = slice(lo, hi)
+        _, smap = structural_similarity(ref64[tuple(take)], merged64[tuple(take)],
+                                        data_range=dr, channel_axis=channel_axis,
+                                        win_size=win, full=True)
+        keep = [slice(pad, m - pad) if i in spatial_axes else slice(None)
+                for i, m in enumerate(smap.shape)]
+        keep[ax] = slice(a - lo, z - lo)
+        part = smap[tuple(keep)]
+        total += float(part.sum(dtype=np.float64))
+        count += part.size
+        yield a
+    return total / count
+
+
 def _ssim(ref, merged, channel_axis, dr) -> float:
     ref = np.where(np.isfinite(ref), ref, 0.0)
     merged = np.where(np.isfinite(merged), merged, ref)

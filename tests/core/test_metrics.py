@@ -68,3 +68,29 @@ def test_ssim_can_be_deferred():
     from patch_viewer.core.metrics import ssim_of
 
     assert ssim_of(merged, ref) == full["ssim"]
+
+
+@pytest.mark.parametrize("shape, channel_axis", [((700, 500), None), ((400, 300, 3), -1),
+                                                 ((40, 90, 80), None), ((130, 20), None)])
+def test_banded_ssim_equals_whole_image_ssim_and_can_stop(shape, channel_axis):
+    from patch_viewer.core.metrics import iter_ssim, ssim_of
+
+    rng = np.random.default_rng(1)
+    a = rng.random(shape)
+    b = a + rng.normal(0, 0.1, shape)
+    b[3, 5] = np.nan  # uncovered pixels take the reference's value, as in ssim_of
+    gen = iter_ssim(b, a, channel_axis=channel_axis, band=50)
+    steps = 0
+    while True:
+        try:
+            next(gen)
+            steps += 1
+        except StopIteration as stop:
+            value = stop.value
+            break
+    assert value == pytest.approx(ssim_of(b, a, channel_axis=channel_axis), abs=1e-12)
+    assert steps == (0 if shape[0] <= 56 + 6 else -(-(shape[0] - 6) // 50))
+    gen = iter_ssim(b, a, channel_axis=channel_axis, band=50)
+    if shape[0] > 56:
+        next(gen)
+        gen.close()  # stopping between bands is clean
