@@ -15,7 +15,7 @@ import time
 
 import napari
 import numpy as np
-from napari.qt.threading import wait_for_workers_to_quit
+from superqt.utils._qthreading import WorkerBase
 from qtpy.QtCore import QEventLoop
 from qtpy.QtWidgets import QApplication
 
@@ -77,7 +77,7 @@ def main(repeats: int = 3):
             times.append(time.perf_counter() - t0)
         print(f"| {w._grid.n_patches:,} | {len(viewer.layers['patch grid'].data):,} | "
               f"{statistics.median(times) * 1e3:.1f} |")
-    wait_for_workers_to_quit(10_000)  # SSIM may still be on its way; let it land first
+    WorkerBase.await_workers(10_000)  # SSIM may still be on its way; let it land first
     viewer.close()
 
 

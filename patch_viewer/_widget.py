@@ -24,7 +24,7 @@ from .core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, WINDOWS, PatchGrid
 from .core._layout import _fmt_bytes
 from .core.chunked import is_lazy
 from .core.merge import max_weight
-from .core.metrics import iter_ssim
+from .core.metrics import compute_metrics, iter_ssim
 
 LAYER_NAMES = ("patch grid", "overlap weights", "patches", "merged", "error")
 VOLUME_MODES = ("3-D patches", "2-D patches per plane")
@@ -250,7 +250,10 @@ class PatchExplorer(Container):
         try:
             job = self._job()
             # validates everything; SSIM (the slow metric) follows once the layers are shown
-            gen = iter_process(job.image, job.grid, ssim=job.lazy, **job.kwargs)
+            # Lazy runs compute every metric in one pass after the layers show; in-memory runs
+            # show the layers first, then the metrics, then SSIM (see _compute).
+            gen = iter_process(job.image, job.grid, ssim=job.lazy, metrics=job.lazy,
+                               **job.kwargs)
         except (ValueError, TypeError, MemoryError) as exc:
             self._fail(str(exc))
             return
@@ -277,18 +280,27 @@ class PatchExplorer(Container):
             self.progress.value = self.progress.max  # a lazy run yields no batches
             self._on_result(generation, job, value[1:])
             return
+        if value[0] == "metrics":
+            self._on_metrics(value[1])
+            return
         done, total = value
         self.progress.value = int(1000 * done / max(total, 1))
+
+    def _on_metrics(self, m: dict, ssim: bool = False):
+        """Metrics arrived (after the layers): the read-out, and the error's symmetric limits."""
+        if not self._readout_lines:
+            return
+        self._readout_lines[-2:] = _metric_lines(m, ssim=ssim)
+        self.readout.value = "\n".join(self._readout_lines)
+        err = self._layers.get("error")
+        if err is not None and err in self.viewer.layers:
+            err.contrast_limits = _layers.error_kwargs(None, m["max_abs"])["contrast_limits"]
 
     def _on_ssim(self, generation, value):
         if generation != self._generation or not self._readout_lines or value is None:
             return
         if isinstance(value, dict):  # a lazy run: every metric arrives now
-            self._readout_lines[-2:] = _metric_lines(value)
-            err = self._layers.get("error")
-            if err is not None and err in self.viewer.layers:
-                err.contrast_limits = _layers.error_kwargs(None, value["max_abs"])[
-                    "contrast_limits"]
+            self._on_metrics(value, ssim=True)
             value = value["ssim"]
         else:
             self._readout_lines[-1] = self._readout_lines[-1].replace("SSIM: …",
@@ -325,13 +337,16 @@ class PatchExplorer(Container):
         hw = job.grid.spatial_shape[-2:] if job.grid.ndim >= 2 else (1, job.grid.spatial_shape[0])
         self._hw = hw
         err = _layers.error_data(result.error, job.rgb)
-        if job.lazy:  # limits without computing the lazy arrays; error limits follow metrics
-            kw = job.kwargs
-            weights_kw = _layers.weights_kwargs(w, max_weight(job.grid, kw["window"],
-                                                              **kw["window_params"]))
-            error_kw = _layers.error_kwargs(None, 0.05 * abs(job.limits[1] - job.limits[0]))
+        # Limits without a pass over the images: the weights' from the grid, the error's
+        # (symmetric, max |error|) follow with the metrics; until then the last run's stay.
+        kw = job.kwargs
+        weights_kw = _layers.weights_kwargs(w, max_weight(job.grid, kw["window"],
+                                                          **kw["window_params"]))
+        old = self._layers.get("error")
+        if old is not None and old in self.viewer.layers:
+            error_kw = _layers.error_kwargs(None, float(old.contrast_limits[1]))
         else:
-            weights_kw, error_kw = _layers.weights_kwargs(w), _layers.error_kwargs(err)
+            error_kw = _layers.error_kwargs(None, 0.05 * abs(job.limits[1] - job.limits[0]))
         for name, data, kwargs in [
             ("overlap weights", w, weights_kw),
             ("merged", result.merged, _layers.image_kwargs(job.limits, job.rgb)),
@@ -345,7 +360,6 @@ class PatchExplorer(Container):
         self.index.max = n - 1
         self.index.value = min(self.index.value, n - 1)
         self._select(job.grid.patch_index(self.index.value))
-        m = result.metrics
         cmin, cmax = job.grid.coverage_range()
         self.readout.native.setStyleSheet("")
         self._readout_lines = [
@@ -353,8 +367,7 @@ class PatchExplorer(Container):
             f"coverage: {cmin}–{cmax}   est. memory: {_fmt_bytes(result.plan.peak_bytes)}",
             f"compute time: {result.elapsed * 1e3:.0f} ms"
             + ("  (lazy)" if job.lazy else ""),
-            *(["max |err|: …   RMSE: …", "PSNR: …   SSIM: …"] if job.lazy
-              else _metric_lines(m, ssim=False))]
+            "max |err|: …   RMSE: …", "PSNR: …   SSIM: …"]
         self.readout.value = "\n".join(self._readout_lines)
 
     def _show(self, name, data, kwargs):
@@ -491,6 +504,8 @@ def _compute(gen, job: Job):
     if job.lazy:
         return _lazy_metrics(result, job)
     channel_axis = None if job.grid.channel_axis is None else job.grid.channel_axis + job.batched
+    yield ("metrics", compute_metrics(result.merged, result.reference, channel_axis=channel_axis,
+                                      ssim=False))
     # In bands, yielding between them: a newer run's quit() stops a stale SSIM at once
     # instead of letting it compete with the new run for the CPU.
     return (yield from iter_ssim(result.merged, result.reference, channel_axis=channel_axis))

@@ -32,7 +32,7 @@ from .merge import (
     stack_order,
     weight_map,
 )
-from .metrics import compute_metrics, error_map
+from .metrics import METRICS, compute_metrics, error_map
 from .windows import make_window
 
 REFERENCES = ("input", "filter")
@@ -164,7 +164,7 @@ def _copy_in_order(batch, order):
 
 def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
                  window="uniform", window_params=None, reduce="mean", reference="input",
-                 dtype=None, batch_bytes=None, max_bytes=None, ssim=True):
+                 dtype=None, batch_bytes=None, max_bytes=None, ssim=True, metrics=True):
     """Generator form of :func:`process`: yields ``(patches_done, patches_total)`` after each
     batch and returns the :class:`Result` (``StopIteration.value``; napari's ``thread_worker``
     emits it as ``returned``). Closing the generator cancels the run.
@@ -195,7 +195,7 @@ def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_para
     check_bytes(plan.peak_bytes, "this run", max_bytes,
                 "use a smaller batch_bytes, or the dask path for images larger than memory")
     return _run(image, grid, filt, params, window, dict(window_params or {}), reduce, reference,
-                dtype, batched, plan, ssim)
+                dtype, batched, plan, ssim, metrics)
 
 
 def _lazy(result):
@@ -204,7 +204,7 @@ def _lazy(result):
 
 
 def _run(image, grid, filt, params, window, window_params, reduce, reference, dtype, batched,
-         plan, ssim=True):
+         plan, ssim=True, metrics=True):
     start = time.perf_counter()
     nd = grid.ndim
     canon = to_canonical(image, grid, batched)
@@ -218,14 +218,18 @@ def _run(image, grid, filt, params, window, window_params, reduce, reference, dt
         ref = image
     error = error_map(merged, ref)
     channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
-    metrics = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim)
+    if metrics:
+        metrics = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim)
+    else:
+        metrics = dict.fromkeys(METRICS + ("covered",), math.nan)
     weights = weight_map(grid, window, **window_params)
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
 
 
 def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
             window="uniform", window_params=None, reduce="mean", reference="input", dtype=None,
-            batch_bytes=None, max_bytes=None, progress=None, ssim=True) -> Result:
+            batch_bytes=None, max_bytes=None, progress=None, ssim=True,
+            metrics=True) -> Result:
     """Cut ``image`` into patches, filter each patch, merge them back and measure the error.
 
     Parameters
@@ -254,6 +258,9 @@ def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=No
         Called as ``progress(patches_done, patches_total)`` after every batch.
     ssim : bool, optional
         Compute SSIM (the costly metric); False leaves ``metrics["ssim"]`` NaN.
+    metrics : bool, optional
+        Compute the metrics at all; False leaves every one NaN (an interactive caller shows
+        the images first and computes them after, with :func:`compute_metrics`).
 
     Returns
     -------
@@ -281,7 +288,8 @@ def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=No
     """
     gen = iter_process(image, grid, patch_filter, filter_params=filter_params, window=window,
                        window_params=window_params, reduce=reduce, reference=reference,
-                       dtype=dtype, batch_bytes=batch_bytes, max_bytes=max_bytes, ssim=ssim)
+                       dtype=dtype, batch_bytes=batch_bytes, max_bytes=max_bytes, ssim=ssim,
+                       metrics=metrics)
     while True:
         try:
             done, total = next(gen)
