@@ -326,8 +326,8 @@ def _run_batch(batch: list[Item], opts: Options, progress: Progress) -> list[dic
         if im.shape != it.image.shape or im.dtype != it.image.dtype:
             raise io.ImageError(f"{it.image.path}: read {im.shape} {im.dtype}, but its header "
                                 f"said {it.image.shape} {it.image.dtype}")
-    r = process(images, first.grid, dtype=_out_dtype(first.image, opts), ssim=False,
-                progress=None, **_process_kwargs(opts))
+    r = process(images, first.grid, dtype=_out_dtype(first.image, opts), metrics=False,
+                **_process_kwargs(opts))  # metrics per image, below, when asked
     rows = []
     channel_axis = first.grid.channel_axis
     for k, it in enumerate(batch):

@@ -66,7 +66,7 @@ def make_plan(grid: PatchGrid, n_images: int = 1, *, batch_bytes: int | None = N
     --------
     >>> p = make_plan(PatchGrid((100, 100), 39))
     >>> p.n_patches, p.rows_per_batch, p.n_batches
-    (3844, 44, 2)
+    (3844, 31, 2)
     """
     if batch_bytes is None:
         # Offset-major stacks merge fastest in larger batches (see merge.stack_order).
@@ -78,6 +78,7 @@ def make_plan(grid: PatchGrid, n_images: int = 1, *, batch_bytes: int | None = N
     item = 4
     row_bytes = math.prod(grid.grid_shape[1:]) * math.prod(grid.patch_shape) * item
     rows = max(1, min(grid.grid_shape[0], batch_bytes // row_bytes))
+    rows = math.ceil(grid.grid_shape[0] / math.ceil(grid.grid_shape[0] / rows))  # even batches
     n_batches = n_images * math.ceil(grid.grid_shape[0] / rows)
     image_bytes = n_images * math.prod(grid.padded_shape) * (grid.n_channels or 1) * 8
     return Plan(n_images, n_images * grid.n_patches, rows, n_batches, rows * row_bytes,
