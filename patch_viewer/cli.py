@@ -136,7 +136,8 @@ def build_process_parser() -> argparse.ArgumentParser:
                     help="memory budget (default 2GiB); larger images are streamed through "
                          "dask, or refused when their format cannot be streamed")
     ap.add_argument("--workers", type=_positive, default=None, metavar="N",
-                    help="threads (default: all cores)")
+                    help="worker processes for in-memory batches, threads for streamed images "
+                         "(default: all cores)")
     ap.add_argument("--chunk", type=_positive, default=1024, metavar="PX",
                     help="chunk edge for streamed images (default 1024)")
     ap.add_argument("--batch-images", type=_positive, metavar="N",
