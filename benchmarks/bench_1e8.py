@@ -16,11 +16,11 @@ from __future__ import annotations
 
 import argparse
 import functools
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import numpy as np
+from _memory import tree_peak
 
 import patch_viewer as pv
 
@@ -39,28 +39,6 @@ def job(chunk, filt, batch_bytes):
                    batch_bytes=batch_bytes)
     assert r.merged.shape == images.shape
     return n * grid.n_patches
-
-
-def tree_peak():
-    """Start sampling the summed resident memory of this process and its children."""
-    import psutil
-
-    root, peak, done = psutil.Process(), [0], threading.Event()
-
-    def loop():
-        while not done.is_set():
-            total = 0
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            peak[0] = max(peak[0], total)
-            done.wait(0.05)
-
-    t = threading.Thread(target=loop, daemon=True)
-    t.start()
-    return lambda: (done.set(), t.join(), peak[0])[2]
 
 
 def main(argv=None):

@@ -18,11 +18,11 @@ import argparse
 import json
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
+from _memory import tree_peak
 
 
 def make_input(path: Path, size: int, chunk: int) -> None:
@@ -37,37 +37,6 @@ def make_input(path: Path, size: int, chunk: int) -> None:
           flush=True)
 
 
-def peak_sampler(pid: int):
-    """Start sampling the resident memory of ``pid`` and its children; returns a stop()
-    that gives the peak in bytes."""
-    import psutil
-
-    root = psutil.Process(pid)
-    peak = [0]
-    done = threading.Event()
-
-    def loop():
-        while not done.is_set():
-            total = 0
-            for p in [root, *root.children(recursive=True)]:
-                try:
-                    total += p.memory_info().rss
-                except psutil.Error:
-                    pass
-            peak[0] = max(peak[0], total)
-            done.wait(0.05)
-
-    thread = threading.Thread(target=loop, daemon=True)
-    thread.start()
-
-    def stop():
-        done.set()
-        thread.join()
-        return peak[0]
-
-    return stop
-
-
 def run_mode(mode: str, src: Path, out: Path, patch: int, stride: int, ssim: bool,
              work_chunk: int) -> dict:
     """One measured run (called in a fresh process)."""
@@ -77,7 +46,7 @@ def run_mode(mode: str, src: Path, out: Path, patch: int, stride: int, ssim: boo
 
     import patch_viewer as pv
 
-    stop = peak_sampler(__import__("os").getpid())
+    stop = tree_peak()
     client = cluster = None
     if mode == "cluster":
         import distributed
