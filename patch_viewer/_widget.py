@@ -21,8 +21,7 @@ from qtpy.QtWidgets import QSizePolicy
 
 from . import _layers
 from .core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, WINDOWS, PatchGrid, iter_process
-from .core._layout import _fmt_bytes
-from .core.chunked import is_lazy
+from .core._layout import _fmt_bytes, is_lazy
 from .core.merge import max_weight
 from .core.metrics import compute_metrics, iter_ssim
 

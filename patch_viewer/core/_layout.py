@@ -34,6 +34,12 @@ def _fmt_bytes(n: int) -> str:
     raise AssertionError  # pragma: no cover
 
 
+def is_lazy(array) -> bool:
+    """Whether ``array`` is a dask or zarr array (the chunked path handles it without loading
+    it; in-memory functions refuse it)."""
+    return type(array).__module__.startswith(("dask.", "zarr."))
+
+
 def is_batched(shape: tuple[int, ...], grid: PatchGrid, name: str = "image") -> bool:
     """Whether an image array of ``shape`` is one image of the grid, or a batch of them."""
     if tuple(shape) == grid.image_shape:
@@ -47,7 +53,7 @@ def is_batched(shape: tuple[int, ...], grid: PatchGrid, name: str = "image") -> 
 
 
 def to_canonical(image: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarray:
-    """View ``image`` as ``(batch, *spatial, channels)``."""
+    """View ``image`` as ``(batch, *spatial, channels)`` (a dask array stays a dask array)."""
     if not batched:
         image = image[None]
     if grid.channel_axis is None:

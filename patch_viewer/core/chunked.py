@@ -23,6 +23,7 @@ from functools import partial
 
 import numpy as np
 
+from ._layout import from_canonical, to_canonical
 from .filters import get_filter
 from .grid import PatchGrid
 from .merge import _weights, work_dtype
@@ -32,13 +33,7 @@ from .metrics import data_range_of
 DEFAULT_CHUNK = 2048
 
 
-def is_lazy(array) -> bool:
-    """Whether ``array`` is a dask or zarr array (handled by this module without loading it)."""
-    mod = type(array).__module__
-    return mod.startswith(("dask.", "zarr."))
-
-
-def as_dask(array, grid: PatchGrid | None = None):
+def as_dask(array):
     """A dask array for a dask, zarr or NumPy array (zarr keeps its on-disk chunks)."""
     import dask.array as da
 
@@ -48,27 +43,6 @@ def as_dask(array, grid: PatchGrid | None = None):
     if not isinstance(chunks, tuple) or not all(isinstance(c, int) for c in chunks):
         chunks = tuple(min(n, DEFAULT_CHUNK) for n in np.shape(array))
     return da.from_array(array, chunks=chunks)
-
-
-def _canonical(image, grid: PatchGrid, batched: bool):
-    """Dask counterpart of ``to_canonical``: ``(batch, *spatial, channels)``."""
-    import dask.array as da
-
-    if not batched:
-        image = image[None]
-    if grid.channel_axis is None:
-        return image[..., None]
-    return da.moveaxis(image, grid.channel_axis + 1, -1)
-
-
-def _from_canonical(canon, grid: PatchGrid, batched: bool):
-    import dask.array as da
-
-    if grid.channel_axis is None:
-        out = canon[..., 0]
-    else:
-        out = da.moveaxis(canon, -1, grid.channel_axis + 1)
-    return out if batched else out[0]
 
 
 def _pad(canon, grid: PatchGrid):
@@ -209,7 +183,7 @@ def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_par
     window_params = dict(window_params or {})
     make_window(window, grid.patch_size, **window_params)  # validates
     nd = grid.ndim
-    canon = _canonical(image, grid, batched)
+    canon = to_canonical(image, grid, batched)
     # Chunk only the spatial axes; channels stay whole (filters see every channel of a patch).
     canon = canon.rechunk({nd + 1: -1})
     depth = tuple(p - 1 for p in grid.patch_size)
@@ -240,7 +214,7 @@ def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_par
         token="patch-merge",
     )
     crop = (slice(None),) + tuple(slice(0, n) for n in grid.spatial_shape)
-    merged = _from_canonical(merged[crop], grid, batched)
+    merged = from_canonical(merged[crop], grid, batched)
     weights = da.map_blocks(
         partial(_weights_block, grid=grid, starts=starts, depth=depth, window=window,
                 window_params=window_params),
@@ -266,13 +240,13 @@ def chunked_reference(image, grid: PatchGrid, patch_filter, filter_params=None):
         )
     reach = int(filt.halo(**params))
     nd = grid.ndim
-    canon = _canonical(image, grid, batched).rechunk({nd + 1: -1})
+    canon = to_canonical(image, grid, batched).rechunk({nd + 1: -1})
     canon = _min_chunks(canon, (reach,) * nd)
     ref = canon.map_overlap(partial(_filter_block, filt=filt, params=params, nd=nd),
                             depth={ax: reach for ax in range(1, nd + 1)}, boundary="none",
                             trim=True, allow_rechunk=False,
                             meta=np.empty((0,) * canon.ndim, np.float32))
-    return _from_canonical(ref, grid, batched)
+    return from_canonical(ref, grid, batched)
 
 
 def _ssim_block(ref, merged, dr, *, channel, win):
@@ -418,4 +392,4 @@ def chunked_process(image, grid: PatchGrid, patch_filter="identity", *, filter_p
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
 
 
-__all__ = ["chunked_merge", "chunked_metrics", "chunked_process", "chunked_reference", "is_lazy"]
+__all__ = ["chunked_merge", "chunked_metrics", "chunked_process", "chunked_reference"]

@@ -29,6 +29,7 @@ import numpy as np
 
 from ._layout import (
     from_canonical,
+    is_lazy,
     n_elements,
     patches_to_canonical,
     split_regular,
@@ -656,7 +657,7 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
     """
     if not isinstance(grid, PatchGrid):
         raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
-    if type(patches).__module__.startswith(("dask.", "zarr.")):
+    if is_lazy(patches):
         raise TypeError(
             "`patches` must be an in-memory array: a patch stack is many times larger than its "
             "image; for images larger than memory pass the dask or zarr image to "

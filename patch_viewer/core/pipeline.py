@@ -17,11 +17,12 @@ from ._layout import (
     check_bytes,
     from_canonical,
     is_batched,
+    is_lazy,
     pad_canonical,
     to_canonical,
     window_view,
 )
-from .chunked import chunked_process, is_lazy
+from .chunked import chunked_process
 from .filters import get_filter
 from .grid import PatchGrid
 from .merge import (
