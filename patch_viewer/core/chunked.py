@@ -27,7 +27,7 @@ from ._layout import from_canonical, to_canonical
 from .filters import get_filter
 from .grid import PatchGrid
 from .merge import _weights, work_dtype
-from .metrics import data_range_of
+from .metrics import data_range_of, ssim_clean, ssim_window
 
 #: Chunk edge (pixels per spatial axis) used for arrays that come without useful chunks.
 DEFAULT_CHUNK = 2048
@@ -252,10 +252,7 @@ def chunked_reference(image, grid: PatchGrid, patch_filter, filter_params=None):
 def _ssim_block(ref, merged, dr, *, channel, win):
     from skimage.metrics import structural_similarity
 
-    ref = ref.astype(np.float64)
-    merged = merged.astype(np.float64)
-    ref = np.where(np.isfinite(ref), ref, 0.0)
-    merged = np.where(np.isfinite(merged), merged, ref)
+    ref, merged = ssim_clean(ref.astype(np.float64), merged.astype(np.float64))
     _, full = structural_similarity(ref, merged, data_range=float(np.ravel(dr)[0]),
                                     win_size=win, full=True,
                                     channel_axis=-1 if channel else None)
@@ -337,8 +334,7 @@ def _chunked_ssim(merged, reference, dr, channel_axis):
         merged = da.moveaxis(merged, channel_axis, -1)
         reference = da.moveaxis(reference, channel_axis, -1)
     spatial = reference.shape[:-1] if channel else reference.shape
-    win = min(7, min(spatial))
-    win -= 1 - win % 2
+    win = ssim_window(reference.shape, -1 if channel else None)
     if win < 3:
         return da.from_array(np.float64(np.nan))
     pad = (win - 1) // 2

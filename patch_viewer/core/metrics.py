@@ -83,11 +83,33 @@ def compute_metrics(merged, reference, *, channel_axis=None, data_range=None,
 def ssim_of(merged, reference, *, channel_axis=None, data_range=None) -> float:
     """SSIM of ``merged`` against ``reference``, as in :func:`compute_metrics` (pixels where
     either is not finite take the reference's value)."""
-    ref64 = np.asarray(reference).astype(np.float64)
-    merged64 = np.asarray(merged).astype(np.float64)
+    ref64, merged64, dr = _ssim_inputs(merged, reference, data_range)
+    return _ssim(ref64, merged64, channel_axis, dr)
+
+
+def _ssim_inputs(merged, reference, data_range):
+    """Both images in float64 with non-finite pixels settled (the reference's missing ones
+    become 0, the merged image's take the reference's value), and the data range."""
     dr = data_range_of(reference) if data_range is None else float(data_range)
-    mask = np.isfinite(merged64) & np.isfinite(ref64)
-    return _ssim(ref64, np.where(mask, merged64, ref64), channel_axis, dr)
+    ref64, merged64 = ssim_clean(np.asarray(reference).astype(np.float64),
+                                 np.asarray(merged).astype(np.float64))
+    return ref64, merged64, dr
+
+
+def ssim_clean(ref64, merged64):
+    """The non-finite rule of :func:`ssim_of` on float64 arrays (also per chunk, lazily)."""
+    merged64 = np.where(np.isfinite(merged64) & np.isfinite(ref64), merged64, ref64)
+    ref64 = np.where(np.isfinite(ref64), ref64, 0.0)
+    return ref64, np.where(np.isfinite(merged64), merged64, ref64)
+
+
+def ssim_window(shape, channel_axis) -> int:
+    """skimage's default SSIM window (7), shrunk to the smallest spatial side and kept odd;
+    below 3 there is nothing structural to compare."""
+    spatial = [n for i, n in enumerate(shape)
+               if channel_axis is None or i != channel_axis % len(shape)]
+    win = min(7, min(spatial))
+    return win - (1 - win % 2)
 
 
 def iter_ssim(merged, reference, *, channel_axis=None, data_range=None, band=128):
@@ -110,17 +132,10 @@ def iter_ssim(merged, reference, *, channel_axis=None, data_range=None, band=128
     >>> bool(np.isclose(value, ssim_of(a, b)))
     True
     """
-    ref64 = np.asarray(reference).astype(np.float64)
-    merged64 = np.asarray(merged).astype(np.float64)
-    dr = data_range_of(reference) if data_range is None else float(data_range)
-    mask = np.isfinite(merged64) & np.isfinite(ref64)
-    merged64 = np.where(mask, merged64, ref64)
-    ref64 = np.where(np.isfinite(ref64), ref64, 0.0)
-    merged64 = np.where(np.isfinite(merged64), merged64, ref64)
+    ref64, merged64, dr = _ssim_inputs(merged, reference, data_range)
     ch = None if channel_axis is None else channel_axis % ref64.ndim
     spatial_axes = [i for i in range(ref64.ndim) if i != ch]
-    win = min(7, min(ref64.shape[i] for i in spatial_axes))
-    win -= 1 - win % 2
+    win = ssim_window(ref64.shape, channel_axis)
     if win < 3:
         return math.nan
     pad = (win - 1) // 2
@@ -148,11 +163,8 @@ def iter_ssim(merged, reference, *, channel_axis=None, data_range=None, band=128
 
 
 def _ssim(ref, merged, channel_axis, dr) -> float:
-    ref = np.where(np.isfinite(ref), ref, 0.0)
-    merged = np.where(np.isfinite(merged), merged, ref)
-    spatial = [n for i, n in enumerate(ref.shape) if channel_axis is None or i != channel_axis % ref.ndim]
-    win = min(7, min(spatial))
-    win -= 1 - win % 2  # odd
+    """SSIM of images already settled by :func:`ssim_clean`."""
+    win = ssim_window(ref.shape, channel_axis)
     if win < 3:
         return math.nan  # too small for a structural comparison
     return float(structural_similarity(ref, merged, data_range=dr, channel_axis=channel_axis,

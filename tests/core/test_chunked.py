@@ -162,3 +162,21 @@ def test_different_runs_never_share_task_keys():
     assert ra.merged.name != rb.merged.name
     assert process(a, grid, window="hann").weights.name != ra.weights.name
     np.testing.assert_array_equal(rb.merged.compute(), 1)
+
+
+def test_chunked_metrics_settle_missing_pixels_as_in_memory():
+    """NaN in the reference or the merged image: the chunked metrics (SSIM included) follow
+    the same rule as compute_metrics."""
+    from patch_viewer import compute_metrics
+    from patch_viewer.core.chunked import chunked_metrics
+
+    rng = np.random.default_rng(4)
+    reference = rng.random((90, 80))
+    merged = reference + rng.normal(0, 0.05, reference.shape)
+    reference[10:13, 20:40] = np.nan
+    merged[50:52, 5:9] = np.nan
+    expected = compute_metrics(merged, reference)
+    (got,) = dask.compute(chunked_metrics(da.from_array(merged, chunks=30),
+                                          da.from_array(reference, chunks=30)))
+    for k, v in expected.items():
+        assert float(got[k]) == pytest.approx(v, rel=1e-9), k
