@@ -259,8 +259,15 @@ def _ssim_block(ref, merged, dr, *, channel, win):
     return full
 
 
-def chunked_metrics(merged, reference, *, channel_axis=None, ssim=True) -> dict:
+def chunked_error(merged, reference):
+    """Lazy :func:`patch_viewer.error_map`: ``merged - reference`` in the same dtype."""
+    err_dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
+    return merged.astype(err_dtype) - reference.astype(err_dtype)
+
+
+def chunked_metrics(merged, reference, *, error=None, channel_axis=None, ssim=True) -> dict:
     """Lazy metrics (0-d dask arrays), equal to :func:`patch_viewer.compute_metrics`.
+    ``error``, when the caller has it already, is :func:`chunked_error` of the two.
 
     Each chunk is reduced to a few partial sums in one task (one chunk-sized temporary), so a
     metrics pass costs little memory beside the merge. SSIM is computed from per-chunk SSIM
@@ -269,13 +276,13 @@ def chunked_metrics(merged, reference, *, channel_axis=None, ssim=True) -> dict:
     """
     import dask.array as da
 
-    err_dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
     integer = reference.dtype.kind in "biu"
     merged = merged.rechunk(reference.chunks)
-    parts = da.map_blocks(_partials, merged, reference, err_dtype=err_dtype,
-                          dtype=np.float64, new_axis=merged.ndim,
-                          chunks=(1,) * merged.ndim + (6,),
-                          meta=np.empty((0,) * (merged.ndim + 1), np.float64))
+    error = chunked_error(merged, reference) if error is None else error
+    parts = da.map_blocks(_partials, error.rechunk(reference.chunks), reference,
+                          dtype=np.float64, new_axis=error.ndim,
+                          chunks=(1,) * error.ndim + (5,),
+                          meta=np.empty((0,) * (error.ndim + 1), np.float64))
     n, sum_sq = parts[..., 0].sum(), parts[..., 1].sum()
     max_abs = parts[..., 2].max()
     if integer:
@@ -295,10 +302,9 @@ def chunked_metrics(merged, reference, *, channel_axis=None, ssim=True) -> dict:
     }
 
 
-def _partials(merged, reference, *, err_dtype):
-    """One chunk's ``[count, sum of squares, max |err|, ref min, ref max, 0]`` over the pixels
+def _partials(err, reference):
+    """One chunk's ``[count, sum of squares, max |err|, ref min, ref max]`` over the pixels
     where the error is finite (the reference's range over its finite pixels)."""
-    err = np.subtract(merged, reference, dtype=err_dtype)
     finite = np.isfinite(err)
     if finite.all():
         e = err.ravel()
@@ -312,8 +318,8 @@ def _partials(merged, reference, *, err_dtype):
     ref = reference if reference.dtype.kind != "f" else reference[np.isfinite(reference)]
     lo = float(ref.min()) if ref.size else np.inf
     hi = float(ref.max()) if ref.size else -np.inf
-    out = np.array([count, sum_sq, max_abs, lo, hi, 0.0], np.float64)
-    return out.reshape((1,) * merged.ndim + (6,))
+    out = np.array([count, sum_sq, max_abs, lo, hi], np.float64)
+    return out.reshape((1,) * err.ndim + (5,))
 
 
 def _summary(n, sum_sq, max_abs, dr):
@@ -378,14 +384,14 @@ def chunked_process(image, grid: PatchGrid, patch_filter="identity", *, filter_p
         ref = chunked_reference(image, grid, patch_filter, filter_params)
     else:
         ref = image
-    err_dtype = np.result_type(merged.dtype, ref.dtype, np.float32)
-    error = merged.astype(err_dtype) - ref.astype(err_dtype)
+    error = chunked_error(merged, ref)
     batched = image.ndim == len(grid.image_shape) + 1
     channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
-    metrics = chunked_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim)
+    metrics = chunked_metrics(merged, ref, error=error, channel_axis=channel_axis, ssim=ssim)
     n_images = image.shape[0] if batched else 1
     plan = make_plan(grid, n_images, batch_bytes=batch_bytes)
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
 
 
-__all__ = ["chunked_merge", "chunked_metrics", "chunked_process", "chunked_reference"]
+__all__ = ["chunked_error", "chunked_merge", "chunked_metrics", "chunked_process",
+           "chunked_reference"]
