@@ -233,9 +233,8 @@ def line_width(image_hw) -> float:
     return max(0.5, max(image_hw) / 300)
 
 
-def weights_kwargs(weights: np.ndarray, hi: float | None = None) -> dict:
-    if hi is None:
-        hi = float(np.nanmax(weights)) if weights.size else 1.0
+def weights_kwargs(hi: float) -> dict:
+    """Perceptual colormap from 0 to the largest weight ``hi`` (see ``max_weight``)."""
     return dict(colormap="viridis", contrast_limits=(0.0, hi if hi > 0 else 1.0),
                 blending="translucent", opacity=1.0)
 
@@ -245,11 +244,8 @@ def error_data(error: np.ndarray, rgb: bool) -> np.ndarray:
     return error.mean(axis=-1) if rgb else error
 
 
-def error_kwargs(error: np.ndarray, max_abs: float | None = None) -> dict:
-    """Diverging colormap with symmetric limits (``max_abs`` when the error is lazy)."""
-    if max_abs is None:
-        finite = np.abs(error[np.isfinite(error)])
-        max_abs = float(finite.max()) if finite.size else 0.0
+def error_kwargs(max_abs: float) -> dict:
+    """Diverging colormap with symmetric limits ``±max_abs`` (from the metrics)."""
     m = max_abs if max_abs > 0 and math.isfinite(max_abs) else 1e-12
     return dict(colormap="PiYG", contrast_limits=(-m, m))
 

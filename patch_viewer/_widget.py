@@ -293,7 +293,7 @@ class PatchExplorer(Container):
         self.readout.value = "\n".join(self._readout_lines)
         err = self._layers.get("error")
         if err is not None and err in self.viewer.layers:
-            err.contrast_limits = _layers.error_kwargs(None, m["max_abs"])["contrast_limits"]
+            err.contrast_limits = _layers.error_kwargs(m["max_abs"])["contrast_limits"]
 
     def _on_ssim(self, generation, value):
         if generation != self._generation or not self._readout_lines or value is None:
@@ -339,13 +339,13 @@ class PatchExplorer(Container):
         # Limits without a pass over the images: the weights' from the grid, the error's
         # (symmetric, max |error|) follow with the metrics; until then the last run's stay.
         kw = job.kwargs
-        weights_kw = _layers.weights_kwargs(w, max_weight(job.grid, kw["window"],
-                                                          **kw["window_params"]))
+        weights_kw = _layers.weights_kwargs(max_weight(job.grid, kw["window"],
+                                                       **kw["window_params"]))
         old = self._layers.get("error")
         if old is not None and old in self.viewer.layers:
-            error_kw = _layers.error_kwargs(None, float(old.contrast_limits[1]))
+            error_kw = _layers.error_kwargs(float(old.contrast_limits[1]))
         else:
-            error_kw = _layers.error_kwargs(None, 0.05 * abs(job.limits[1] - job.limits[0]))
+            error_kw = _layers.error_kwargs(0.05 * abs(job.limits[1] - job.limits[0]))
         for name, data, kwargs in [
             ("overlap weights", w, weights_kw),
             ("merged", result.merged, _layers.image_kwargs(job.limits, job.rgb)),

@@ -149,12 +149,12 @@ def _batch_bytes(batch: list[Item]) -> int:
 
 def _plan_item(image: io.ImageFile, opts: Options) -> Item:
     grid = _grid(image, opts)
-    in_memory = make_plan(grid).peak_bytes <= opts.max_memory // max(opts.workers, 1)
-    lazy = not in_memory
+    in_memory_bytes = make_plan(grid).peak_bytes
+    lazy = in_memory_bytes > opts.max_memory // max(opts.workers, 1)
     if lazy:
         if image.format not in io.LAZY:
             raise io.ImageError(
-                f"{image.path}: {_fmt_bytes(make_plan(grid).peak_bytes)} to process in memory, "
+                f"{image.path}: {_fmt_bytes(in_memory_bytes)} to process in memory, "
                 f"over the budget of {_fmt_bytes(opts.max_memory)} per run (--max-memory), and "
                 f"{image.format} files cannot be streamed; convert it to TIFF or zarr, or raise "
                 f"--max-memory")

@@ -47,10 +47,6 @@ class ImageFile:
     shape: tuple[int, ...]
     dtype: np.dtype
 
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * self.dtype.itemsize
-
     def read(self) -> np.ndarray:
         """All pixels, in memory."""
         try:

@@ -469,15 +469,15 @@ class Merger:
         depth = [-(-pk // sk) for pk, sk in zip(p, stride)]
         anchor = self.mode == "mean" and self.anchor
         padded = None
-        if (math.prod(depth) > _DIRECT_MAX_STEPS and nd == 2 and stride[0] == 1
-                and not anchor and self._win is None):
+        cascade = math.prod(depth) > _DIRECT_MAX_STEPS
+        as_is = cascade and not anchor and self._win is None  # the values need no preparing
+        if as_is and nd == 2 and stride[0] == 1:
             return sub, "rows-first"
-        if (math.prod(depth) > _DIRECT_MAX_STEPS and nd > 1 and stride[-1] == 1
-                and not anchor and self._win is None):
+        if as_is and nd > 1 and stride[-1] == 1:
             # The cascade reads the stack as it is (in the sum's dtype: one streaming pass when
             # the stack is element-major, and no casting in the many small border steps).
             return sub.astype(self.acc_dtype, order="K", copy=False), "unit"
-        if math.prod(depth) > _DIRECT_MAX_STEPS and depth[-1] > 1 and g[-1] >= depth[-1]:
+        if cascade and depth[-1] > 1 and g[-1] >= depth[-1]:
             d, s = depth[-1], stride[-1]
             logical = [sub.shape[0]] + [x for k in range(nd) for x in (g[k], p[k])] + [sub.shape[-1]]
             logical[-3:-1] = [g[-1] + 2 * (d - 1), d * s]
