@@ -244,8 +244,14 @@ def error_data(error: np.ndarray, rgb: bool) -> np.ndarray:
     return error.mean(axis=-1) if rgb else error
 
 
+def error_limit(error: np.ndarray) -> float:
+    """The largest finite ``|error|`` of the error as displayed (see :func:`error_data`)."""
+    finite = np.abs(error[np.isfinite(error)])
+    return float(finite.max()) if finite.size else 0.0
+
+
 def error_kwargs(max_abs: float) -> dict:
-    """Diverging colormap with symmetric limits ``±max_abs`` (from the metrics)."""
+    """Diverging colormap with symmetric limits ``±max_abs``."""
     m = max_abs if max_abs > 0 and math.isfinite(max_abs) else 1e-12
     return dict(colormap="PiYG", contrast_limits=(-m, m))
 

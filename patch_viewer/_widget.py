@@ -280,26 +280,27 @@ class PatchExplorer(Container):
             self._on_result(generation, job, value[1:])
             return
         if value[0] == "metrics":
-            self._on_metrics(value[1])
+            self._on_metrics(*value[1:])
             return
         done, total = value
         self.progress.value = int(1000 * done / max(total, 1))
 
-    def _on_metrics(self, m: dict, ssim: bool = False):
-        """Metrics arrived (after the layers): the read-out, and the error's symmetric limits."""
+    def _on_metrics(self, m: dict, limit: float, ssim: bool = False):
+        """Metrics arrived (after the layers): the read-out, and the error layer's symmetric
+        limits ``±limit`` (max |error| as displayed: RGB errors are shown channel-averaged)."""
         if not self._readout_lines:
             return
         self._readout_lines[-2:] = _metric_lines(m, ssim=ssim)
         self.readout.value = "\n".join(self._readout_lines)
         err = self._layers.get("error")
         if err is not None and err in self.viewer.layers:
-            err.contrast_limits = _layers.error_kwargs(m["max_abs"])["contrast_limits"]
+            err.contrast_limits = _layers.error_kwargs(limit)["contrast_limits"]
 
     def _on_ssim(self, generation, value):
         if generation != self._generation or not self._readout_lines or value is None:
             return
         if isinstance(value, dict):  # a lazy run: every metric arrives now
-            self._on_metrics(value, ssim=True)
+            self._on_metrics(value, value["max_abs"], ssim=True)
             value = value["ssim"]
         else:
             self._readout_lines[-1] = self._readout_lines[-1].replace("SSIM: …",
@@ -504,7 +505,8 @@ def _compute(gen, job: Job):
         return _lazy_metrics(result, job)
     channel_axis = None if job.grid.channel_axis is None else job.grid.channel_axis + job.batched
     yield ("metrics", compute_metrics(result.merged, result.reference, channel_axis=channel_axis,
-                                      ssim=False))
+                                      ssim=False),
+           _layers.error_limit(_layers.error_data(result.error, job.rgb)))
     # In bands, yielding between them: a newer run's quit() stops a stale SSIM at once
     # instead of letting it compete with the new run for the CPU.
     return (yield from iter_ssim(result.merged, result.reference, channel_axis=channel_axis))

@@ -172,6 +172,20 @@ def test_rgb_is_never_patched_across_channels(make_napari_viewer, qtbot):
     assert viewer.layers["error"].data.shape == image.shape[:2]
 
 
+def test_error_limits_match_the_displayed_error(make_napari_viewer, qtbot):
+    """RGB errors are shown channel-averaged; the symmetric limits follow what is shown."""
+    viewer = make_napari_viewer()
+    viewer.open_sample("patch-viewer", "rgb")
+    _, w = viewer.window.add_plugin_dock_widget("patch-viewer", "Patch Explorer")
+    w.live.value = False
+    w.filter.value = "gaussian"
+    with qtbot.waitSignal(w.signals.ssim_computed, timeout=30_000):
+        run(qtbot, w)
+    error = viewer.layers["error"]
+    lo, hi = error.contrast_limits
+    assert -lo == hi == pytest.approx(float(np.nanmax(np.abs(error.data))))
+
+
 @pytest.mark.parametrize("mode", _widget.VOLUME_MODES)
 def test_volume_3d_patches_or_2d_per_plane(make_napari_viewer, qtbot, mode):
     viewer = make_napari_viewer()
