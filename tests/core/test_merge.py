@@ -297,6 +297,43 @@ def test_threaded_accumulation_equals_single_thread(grid, reduce, window, worker
         np.testing.assert_array_equal(many, one)
 
 
+@settings(max_examples=150, deadline=None)
+@given(grids(), st.sampled_from(["mean", "max", "min"]), st.sampled_from([np.float32, np.uint8]),
+       st.integers(1, 3), st.sampled_from([1, 64, 2**20]), st.integers(0, 2**32 - 1))
+def test_banded_merge_equals_streaming(grid, reduce, dtype, workers, band_bytes, seed):
+    """The banded merge (bands of one stride of rows, or of a few rows, or of whole images, on
+    1-3 threads) gives exactly what the streaming accumulator gives."""
+    rng = np.random.default_rng(seed)
+    p = rng.integers(0, 200, (2,) + grid.patches_shape).astype(dtype)  # two images
+    canon, _ = patches_to_canonical(p, grid)
+    merger = Merger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
+    assume(merger.bandable)
+    import patch_viewer.core.merge as m
+    old, m._BAND_BYTES = m._BAND_BYTES, band_bytes
+    try:
+        banded = merger.finish(merger.merge_banded(canon, workers))
+    finally:
+        m._BAND_BYTES = old
+    streamed = Merger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
+    streamed.add(canon)
+    np.testing.assert_array_equal(banded, streamed.result())
+    assert banded.dtype == streamed.result().dtype
+
+
+def test_banded_merge_with_channels_last():
+    """RGB patches at a wide stride: the weights spread over the channel axis."""
+    rng = np.random.default_rng(5)
+    image = rng.integers(0, 256, (70, 90, 3), dtype=np.uint8)
+    grid = PatchGrid(image.shape, 32, stride=24, channel_axis=-1)
+    p = extract_patches(image, grid, copy=True).astype(np.float32)
+    p += rng.standard_normal(p.shape).astype(np.float32)
+    for workers in (1, 2):
+        merged = merge_patches(p, grid, workers=workers)
+        expected = to_user_layout(brute_merge(p, grid), grid)
+        np.testing.assert_allclose(merged, expected, rtol=1e-6, atol=1e-4)
+    np.testing.assert_array_equal(merge_patches(extract_patches(image, grid), grid), image)
+
+
 def test_workers_argument_is_checked():
     grid = PatchGrid((10, 10), 4, stride=2)
     with pytest.raises(ValueError, match="workers.*>= 1"):
