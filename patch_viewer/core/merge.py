@@ -20,6 +20,7 @@ is also more accurate than a plain one.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import math
 import os
@@ -123,6 +124,28 @@ def _ola(out: np.ndarray, a: np.ndarray, axes: list[int], strides: list[int], op
             ai[ax + j + 1] = slice(k * s, k * s + w)
         target = ov[tuple(oi)]
         op(target, a[tuple(ai)], out=target)
+
+
+@contextlib.contextmanager
+def _short_buffers(grid: PatchGrid, channels: int):
+    """NumPy buffer size for the direct overlap-add's steps, a few blocks long.
+
+    NumPy buffers strided operands that need a cast (patches are summed in a wider dtype) in
+    chunks of its buffer size (8192 elements); where a step's contiguous blocks are short,
+    gathering whole buffers of them costs more than the sum. Measured: 2x faster steps at
+    32-pixel blocks, neutral at long ones; the deep (cascade) paths gain nothing, so they
+    keep NumPy's default.
+    """
+    depth = [-(-p // s) for p, s in zip(grid.patch_size, grid.stride)]
+    if math.prod(depth) > _DIRECT_MAX_STEPS:
+        yield
+        return
+    block = grid.stride[-1] * channels
+    old = np.setbufsize(int(min(max(8 * block, 128), 8192)) // 16 * 16)  # multiples of 16
+    try:
+        yield
+    finally:
+        np.setbufsize(old)
 
 
 def _interleave(a: np.ndarray, nd: int) -> np.ndarray:
@@ -463,6 +486,11 @@ class Merger:
 
     def _accumulate(self, part: np.ndarray, b0: int, row0: int, acc: np.ndarray,
                     buffers: dict) -> None:
+        with _short_buffers(self.grid, part.shape[-1]):
+            self._accumulate_in(part, b0, row0, acc, buffers)
+
+    def _accumulate_in(self, part: np.ndarray, b0: int, row0: int, acc: np.ndarray,
+                       buffers: dict) -> None:
         b, g0 = part.shape[:2]
         images = slice(b0, b0 + b)
         grid = self.grid
@@ -650,19 +678,10 @@ class Merger:
         combos = list(itertools.product(*self._runs[1:]))
         starts = [tuple(int(o[a]) for o, (a, _) in zip(grid.origins[1:], c)) for c in combos]
         self._weight_factors()
-        # NumPy buffers strided operands that need a cast (the patches are summed in a wider
-        # dtype) in chunks of its buffer size; where blocks are short, copying whole blocks
-        # into buffers much longer than them costs more than the sum: keep the chunks a few
-        # blocks long (measured: 2x faster at 32-pixel blocks, neutral at long ones).
-        block = grid.stride[-1] * stack.shape[-1]
-        bufsize = int(min(max(8 * block, 128), 8192)) // 16 * 16  # NumPy wants multiples of 16
 
         def run(chunk):
-            old = np.setbufsize(bufsize)
-            try:
+            with _short_buffers(grid, stack.shape[-1]):
                 _bands(chunk, np.empty(shape + rest, self.acc_dtype))
-            finally:
-                np.setbufsize(old)
 
         def _bands(chunk, buf):
             for b0, b1, y0, y1 in chunk:
