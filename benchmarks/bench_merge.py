@@ -236,6 +236,10 @@ def check(make, image, grid, stack):
 
 # ------------------------------------------------------------------------------ run
 def run_workload(name, spec, repeats, out=sys.stdout):
+    # torch's OpenMP threads spin for a while after a parallel region; let the previous
+    # workload's go idle so they do not compete with the next workload's first measurements.
+    gc.collect()
+    time.sleep(1.0)
     rng = np.random.default_rng(0)
     image = (rng.random(spec["shape"]) * 250).astype(spec["dtype"])
     grid = pv.PatchGrid(image.shape, spec["patch"], spec["stride"],

@@ -42,8 +42,9 @@ REDUCTIONS = ("mean", "max", "min")
 
 # Target size of one piece of the patch stack processed at a time (fits the L2/L3 caches).
 _PIECE_BYTES = 2 * 2**20
-# ... and for the offset-major rows-first path (its steps move whole blocks; see _rows_first).
-_ROWS_FIRST_PIECE_BYTES = 16 * 2**20
+# ... and for the rows-first path (its steps move whole blocks, and its bulk is one strided
+# reduce over the rows of a part: tall parts pay; measured best at 32-64 MiB; see _rows_first).
+_ROWS_FIRST_PIECE_BYTES = 48 * 2**20
 # Target size of one band of sums in the banded merge (fits the L2 cache).
 _BAND_BYTES = 1048576
 # Use one product loop over all block offsets when it has at most this many steps.
@@ -419,8 +420,9 @@ class Merger:
         self._piece_bytes = _ROWS_FIRST_PIECE_BYTES if rows_first else _PIECE_BYTES
 
     # -- adding ---------------------------------------------------------------------------
-    def _parts(self, piece: np.ndarray, b0: int, row0: int):
-        """Split a piece into cache-sized parts ``(part, first image, first row)``."""
+    def _parts(self, piece: np.ndarray, b0: int, row0: int, min_parts: int = 1):
+        """Split a piece into cache-sized parts ``(part, first image, first row)``; an image's
+        rows go in even parts, at least ``min_parts`` of them (one per thread)."""
         b, g0 = piece.shape[:2]
         row_bytes = n_elements(piece.shape[2:]) * self.work.itemsize
         rows = max(1, self._piece_bytes // max(row_bytes, 1))
@@ -429,6 +431,8 @@ class Merger:
             for i in range(0, b, per):
                 yield piece[i:i + per], b0 + i, row0
             return
+        n = min(g0, max(-(-g0 // rows), min_parts if b == 1 else 1))
+        rows = -(-g0 // n)
         for bi in range(b):
             for r in range(0, g0, rows):
                 yield piece[bi:bi + 1, r:r + rows], b0 + bi, row0 + r
@@ -460,7 +464,7 @@ class Merger:
         """Add a whole stack at once, accumulating on ``workers`` threads (NumPy releases the
         GIL). Each thread sums a contiguous block into its own canvas; the canvases are then
         combined in a fixed order, so the result does not depend on thread timing."""
-        parts = list(self._parts(stack, 0, 0))
+        parts = list(self._parts(stack, 0, 0, workers))
         if self._uses_ref:
             for part, b, r in parts:
                 self._set_ref(part, slice(b, b + part.shape[0]), r)
