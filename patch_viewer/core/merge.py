@@ -901,10 +901,9 @@ def _weight_sums(grid: PatchGrid, window, window_params: dict):
         return None
     sums = []
     for f, o, n in zip(factors, grid.origins, grid.spatial_shape):
-        w = np.zeros(max(n, int(o[-1]) + len(f)))
-        for k in range(len(f)):  # loops over the patch extent, not over patches
-            w[o + k] += f[k]
-        sums.append(w[:n])
+        starts = np.zeros(max(n, int(o[-1]) + 1))
+        starts[o] = 1.0  # origins are distinct
+        sums.append(np.convolve(starts, f)[:n])  # each origin contributes f from there on
     return sums
 
 
