@@ -91,7 +91,10 @@ def test_edge_and_window_controls_match_the_core(explorer, qtbot, classic, edge,
     params = {"sigma": 0.3} if window == "gaussian" else {}
     expected = pv.process(classic, grid, window=window, window_params=params)
     np.testing.assert_array_equal(viewer.layers["merged"].data, expected.merged)
-    np.testing.assert_array_equal(viewer.layers["overlap weights"].data, expected.weights)
+    # shown in float32 (what the GPU takes; converted in the worker, not on the main thread)
+    assert viewer.layers["overlap weights"].data.dtype == np.float32
+    np.testing.assert_array_equal(viewer.layers["overlap weights"].data,
+                                  expected.weights.astype(np.float32))
     np.testing.assert_array_equal(viewer.layers["error"].data, expected.error)
 
 
@@ -373,3 +376,31 @@ def test_launcher(tmp_path):
     img = io.imread(png)
     assert img.shape[0] > 500 and img.std() > 10
     assert not math.isnan(img.mean())
+
+
+def test_progress_is_throttled_but_every_batch_still_yields():
+    from patch_viewer._widget import _throttled
+
+    closed = []
+
+    def run():
+        try:
+            for k in range(5):
+                yield (k, 5)
+            return "result"
+        finally:
+            closed.append(True)
+
+    gen = _throttled(run(), interval=3600)
+    items = []
+    try:
+        while True:
+            items.append(next(gen))
+    except StopIteration as stop:
+        assert stop.value == "result"
+    assert items == [None] * 5  # one per batch (so quit() is seen), none shown: a short run
+    assert list(_throttled(run(), interval=0)) == [(k, 5) for k in range(5)]
+    gen = _throttled(run(), interval=0)
+    next(gen)
+    gen.close()  # cancelling the worker closes the run
+    assert closed == [True, True, True]
