@@ -312,9 +312,9 @@ def _partials(err, reference):
     else:
         e = err[finite]
         count = int(finite.sum())
-    e = e.astype(np.float64, copy=False)
-    sum_sq = float(np.dot(e, e)) if e.size else 0.0
-    max_abs = float(max(e.max(), -e.min())) if e.size else -np.inf
+    max_abs = float(np.abs(e).max()) if e.size else -np.inf
+    # not np.dot: its BLAS threads would oversubscribe dask's
+    sum_sq = float(np.square(e, dtype=np.float64).sum()) if e.size else 0.0
     ref = reference if reference.dtype.kind != "f" else reference[np.isfinite(reference)]
     lo = float(ref.min()) if ref.size else np.inf
     hi = float(ref.max()) if ref.size else -np.inf

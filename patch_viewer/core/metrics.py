@@ -72,8 +72,8 @@ def compute_metrics(merged, reference, *, channel_axis=None, data_range=None,
                 "covered": covered}
     e = err if n == err.size else err[mask]  # no gather when every pixel counts
     max_abs = float(np.abs(e).max())
-    e = e.astype(np.float64).ravel()
-    mse = float(np.dot(e, e)) / e.size
+    e = np.square(e, dtype=np.float64)  # not np.dot: BLAS threads oversubscribe workers
+    mse = float(e.sum()) / e.size
     rmse = math.sqrt(mse)
     # skimage's peak_signal_noise_ratio is this formula on its own MSE (which would take two
     # more image-sized float64 copies); a test checks that the two agree.
