@@ -248,15 +248,14 @@ def _rows_first(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity:
     rows = np.empty((b, g0 + p0 - 1, g1, p1, c), canvas.dtype)
     _offset_major_reduce(a.transpose(3, 1, 0, 2, 4, 5), op, identity, rows.transpose(1, 0, 2, 3, 4))
     y0, x0 = origin
+    if stride[1] == 1:  # every image at once: one strided reduce along the anti-diagonals
+        summed = np.empty((b, g0 + p0 - 1, g1 + p1 - 1, c), canvas.dtype)
+        _antidiagonal_reduce_unit(rows, 2, op, identity, summed)
+        target = canvas[:, y0:y0 + g0 + p0 - 1, x0:x0 + g1 + p1 - 1]
+        op(target, summed, out=target)
+        return
     for bi in range(b):  # each image's rows are a batch of 1-D patch rows
-        region = canvas[bi, y0:y0 + g0 + p0 - 1]
-        if stride[1] == 1:  # one strided reduce along the columns' anti-diagonals
-            summed = np.empty((g0 + p0 - 1, g1 + p1 - 1, c), canvas.dtype)
-            _antidiagonal_reduce_unit(rows[bi], 1, op, identity, summed)
-            target = region[:, x0:x0 + g1 + p1 - 1]
-            op(target, summed, out=target)
-        else:
-            overlap_add(region, rows[bi], (x0,), (stride[1],), op, identity)
+        overlap_add(canvas[bi, y0:y0 + g0 + p0 - 1], rows[bi], (x0,), (stride[1],), op, identity)
 
 
 def overlap_add(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity: float,
