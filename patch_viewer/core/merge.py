@@ -187,13 +187,16 @@ def _antidiagonal_reduce(padded: np.ndarray, ax: int, g: int, d: int, s: int, uf
 
 
 def _antidiagonal_reduce_unit(t: np.ndarray, ax: int, ufunc, identity: float,
-                              out: np.ndarray) -> None:
+                              out: np.ndarray, offsets_last: bool = True) -> None:
     """Stride-1 form of :func:`_antidiagonal_reduce` that needs no identity margins, so it
     reads the patches where they are (no copy): ``out[..., x, ...]`` reduces
     ``t[..., x - e, e, ...]`` over the valid ``e``, in ascending ``e`` everywhere.
 
     Where all ``p`` terms exist (``p - 1 <= x < g``) one strided ``ufunc.reduce`` does it; the
-    two borders add one in-patch offset at a time.
+    two borders add one in-patch offset at a time. The reduce runs over a last axis of offsets
+    (``offsets_last``: the terms of a pixel are summed in registers), or over the offsets
+    where they are, so that NumPy's inner loops run along the axes after them (long when those
+    are contiguous blocks, as in an offset-major stack: see :func:`_rows_first`).
     """
     g, p = t.shape[ax], t.shape[ax + 1]
     lead = (slice(None),) * ax
@@ -201,10 +204,17 @@ def _antidiagonal_reduce_unit(t: np.ndarray, ax: int, ufunc, identity: float,
     if g >= p:
         st = t.strides
         base = t[lead + (slice(p - 1, None),)]
-        shape = t.shape[:ax] + (g - p + 1,) + t.shape[ax + 2:] + (p,)
-        strides = st[:ax] + (st[ax],) + st[ax + 2:] + (st[ax + 1] - st[ax],)
+        step = st[ax + 1] - st[ax]  # from term e to e + 1 of one pixel
+        if offsets_last:
+            shape = t.shape[:ax] + (g - p + 1,) + t.shape[ax + 2:] + (p,)
+            strides = st[:ax] + (st[ax],) + st[ax + 2:] + (step,)
+            axis = -1
+        else:
+            shape = t.shape[:ax] + (g - p + 1, p) + t.shape[ax + 2:]
+            strides = st[:ax] + (st[ax], step) + st[ax + 2:]
+            axis = ax + 1
         view = np.lib.stride_tricks.as_strided(base, shape, strides, writeable=False)
-        ufunc.reduce(view, axis=-1, out=out[lead + (slice(p - 1, g),)])
+        ufunc.reduce(view, axis=axis, out=out[lead + (slice(p - 1, g),)])
         borders = [(0, p - 1), (g, g + p - 1)]
     for a, z in borders:
         out[lead + (slice(a, z),)] = identity
@@ -215,38 +225,16 @@ def _antidiagonal_reduce_unit(t: np.ndarray, ax: int, ufunc, identity: float,
                 ufunc(target, t[lead + (slice(lo - e, hi - e), e)], out=target)
 
 
-def _offset_major_reduce(t: np.ndarray, ufunc, identity: float, out: np.ndarray) -> None:
-    """``out[x] = ufunc.reduce`` of ``t[e, x - e]`` over the valid in-patch offsets ``e``.
-
-    ``t`` is ``(p, g, *rest)`` and ``out`` ``(g + p - 1, *rest)``. Every step moves whole
-    ``rest`` blocks (contiguous when the stack is offset-major), so NumPy's inner loops are
-    long: one strided reduce where all ``p`` terms exist, one ufunc call per offset on the
-    two borders. Terms are combined in ascending ``e`` everywhere.
-    """
-    p, g = t.shape[:2]
-    borders = [(0, g + p - 1)]
-    if g >= p:
-        se, sg = t.strides[:2]
-        base = t[0, p - 1:]
-        view = np.lib.stride_tricks.as_strided(base, (g - p + 1, p) + t.shape[2:],
-                                               (sg, se - sg) + t.strides[2:], writeable=False)
-        ufunc.reduce(view, axis=1, out=out[p - 1:g])
-        borders = [(0, p - 1), (g, g + p - 1)]
-    for a, z in borders:
-        out[a:z] = identity
-        for e in range(p):
-            lo, hi = max(a, e), min(z, g + e)  # outputs with a valid patch x - e
-            if lo < hi:
-                ufunc(out[lo:hi], t[e, lo - e:hi - e], out=out[lo:hi])
-
-
 def _rows_first(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity: float) -> None:
     """2-D overlap-add with stride 1 along the rows: reduce the row offsets first (the bulk of
     the work, on whole contiguous blocks when ``a`` is offset-major, see :func:`stack_order`),
     then overlap-add the rows that result along the columns."""
     b, g0, g1, p0, p1, c = a.shape
     rows = np.empty((b, g0 + p0 - 1, g1, p1, c), canvas.dtype)
-    _offset_major_reduce(a.transpose(3, 1, 0, 2, 4, 5), op, identity, rows.transpose(1, 0, 2, 3, 4))
+    # (g0, p0, b, g1, p1, C): each step moves whole (b, g1, p1, C) blocks, contiguous when the
+    # stack is offset-major
+    _antidiagonal_reduce_unit(a.transpose(1, 3, 0, 2, 4, 5), 0, op, identity,
+                              rows.transpose(1, 0, 2, 3, 4), offsets_last=False)
     y0, x0 = origin
     if stride[1] == 1:  # every image at once: one strided reduce along the anti-diagonals
         summed = np.empty((b, g0 + p0 - 1, g1 + p1 - 1, c), canvas.dtype)
