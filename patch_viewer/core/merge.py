@@ -127,6 +127,17 @@ def _ola(out: np.ndarray, a: np.ndarray, axes: list[int], strides: list[int], op
         op(target, a[tuple(ai)], out=target)
 
 
+def _depth(grid: PatchGrid) -> list[int]:
+    """Block offsets per axis: how many stride blocks one patch spans."""
+    return [-(-p // s) for p, s in zip(grid.patch_size, grid.stride)]
+
+
+def _is_direct(grid: PatchGrid) -> bool:
+    """Whether the grid's overlap is shallow enough for one product loop over all block
+    offsets (otherwise the axes are merged one after another, a cascade)."""
+    return math.prod(_depth(grid)) <= _DIRECT_MAX_STEPS
+
+
 @contextlib.contextmanager
 def _short_buffers(grid: PatchGrid, channels: int):
     """NumPy buffer size for the direct overlap-add's steps, a few blocks long.
@@ -137,8 +148,7 @@ def _short_buffers(grid: PatchGrid, channels: int):
     32-pixel blocks, neutral at long ones; the deep (cascade) paths gain nothing, so they
     keep NumPy's default.
     """
-    depth = [-(-p // s) for p, s in zip(grid.patch_size, grid.stride)]
-    if math.prod(depth) > _DIRECT_MAX_STEPS:
+    if not _is_direct(grid):
         yield
         return
     block = grid.stride[-1] * channels
@@ -334,12 +344,11 @@ def stack_order(grid: PatchGrid) -> tuple[int, ...] | None:
     way, and element-wise filters keep the order.
     """
     nd = grid.ndim
-    depth = [-(-p // s) for p, s in zip(grid.patch_size, grid.stride)]
-    if math.prod(depth) <= _DIRECT_MAX_STEPS:
+    if _is_direct(grid):
         return None
     if nd == 2 and grid.stride[0] == 1:  # offset-major rows, see _rows_first
         return ROWS_FIRST_ORDER
-    if depth[-1] <= 1:
+    if _depth(grid)[-1] <= 1:
         return None
     order = [0]
     for k in range(nd - 1):
@@ -605,7 +614,7 @@ class Merger:
             f = inv if recip else w
             f = f[rows] if k == 0 else f
             target = dst if k == last else region
-            if k == last and region.ndim >= 3:
+            if k == last:
                 # Spread the last axis' factor over the channels, so that the inner loop runs
                 # along whole rows instead of the channel axis (a factor broadcast over it).
                 a, t = _fuse_last(region), _fuse_last(target)
@@ -636,8 +645,7 @@ class Merger:
     def bandable(self) -> bool:
         """Whether :meth:`merge_banded` applies: shallow overlaps (the direct path's few block
         offsets) and plain sums (no anchor, no pick: those need a whole reference image)."""
-        depth = [-(-p // s) for p, s in zip(self.grid.patch_size, self.grid.stride)]
-        return not self._uses_ref and math.prod(depth) <= _DIRECT_MAX_STEPS
+        return not self._uses_ref and _is_direct(self.grid)
 
     def merge_banded(self, stack: np.ndarray, workers: int = 1) -> np.ndarray:
         """Merge a whole canonical stack band by band: the result in the work dtype.
