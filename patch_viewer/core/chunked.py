@@ -27,7 +27,7 @@ from ._layout import from_canonical, to_canonical
 from .filters import get_filter
 from .grid import PatchGrid
 from .merge import _weights, work_dtype
-from .metrics import data_range_of, ssim_clean, ssim_window
+from .metrics import data_range_of, error_sums, error_summary, ssim_clean, ssim_window
 
 #: Chunk edge (pixels per spatial axis) used for arrays that come without useful chunks.
 DEFAULT_CHUNK = 2048
@@ -305,16 +305,7 @@ def chunked_metrics(merged, reference, *, error=None, channel_axis=None, ssim=Tr
 def _partials(err, reference):
     """One chunk's ``[count, sum of squares, max |err|, ref min, ref max]`` over the pixels
     where the error is finite (the reference's range over its finite pixels)."""
-    finite = np.isfinite(err)
-    if finite.all():
-        e = err.ravel()
-        count = e.size
-    else:
-        e = err[finite]
-        count = int(finite.sum())
-    max_abs = float(np.abs(e).max()) if e.size else -np.inf
-    # not np.dot: its BLAS threads would oversubscribe dask's
-    sum_sq = float(np.square(e, dtype=np.float64).sum()) if e.size else 0.0
+    count, sum_sq, max_abs = error_sums(err)
     ref = reference if reference.dtype.kind != "f" else reference[np.isfinite(reference)]
     lo = float(ref.min()) if ref.size else np.inf
     hi = float(ref.max()) if ref.size else -np.inf
@@ -323,13 +314,9 @@ def _partials(err, reference):
 
 
 def _summary(n, sum_sq, max_abs, dr):
-    """max-abs, RMSE and PSNR from the reductions, as :func:`compute_metrics` reports them."""
-    if n == 0:
-        return np.full(3, np.nan)
-    mse = sum_sq / n
-    with np.errstate(divide="ignore"):
-        psnr = 10 * np.log10(dr * dr / mse)
-    return np.array([max_abs, np.sqrt(mse), psnr], np.float64)
+    """max-abs, RMSE and PSNR from the reductions (0-d arrays), as one array."""
+    return np.array(error_summary(float(n), float(sum_sq), float(max_abs), float(dr)),
+                    np.float64)
 
 
 def _chunked_ssim(merged, reference, dr, channel_axis):

@@ -42,6 +42,30 @@ def data_range_of(reference) -> float:
     return span if span > 0 else 1.0
 
 
+def error_sums(err) -> tuple[int, float, float]:
+    """``(count, sum of squares, max |err|)`` over the finite pixels of an error map: the
+    reductions behind max-abs, RMSE and PSNR, whole-image or per chunk (see
+    :func:`error_summary`). No gather when every pixel is finite; the squares are summed in
+    float64 without ``np.dot``, whose BLAS threads would oversubscribe worker processes and
+    dask's threads."""
+    finite = np.isfinite(err)
+    e = err if finite.all() else err[finite]
+    if e.size == 0:
+        return 0, 0.0, -math.inf
+    return e.size, float(np.square(e, dtype=np.float64).sum()), float(np.abs(e).max())
+
+
+def error_summary(n, sum_sq, max_abs, data_range) -> tuple[float, float, float]:
+    """``(max_abs, rmse, psnr)`` from :func:`error_sums` (added up over chunks if need be).
+    PSNR is skimage's ``peak_signal_noise_ratio`` formula on this MSE (calling it would take
+    two more image-sized float64 copies); a test checks that the two agree."""
+    if n == 0:
+        return math.nan, math.nan, math.nan
+    mse = sum_sq / n
+    psnr = 10 * math.log10(data_range * data_range / mse) if mse > 0 else math.inf
+    return max_abs, math.sqrt(mse), psnr
+
+
 def compute_metrics(merged, reference, *, channel_axis=None, data_range=None,
                     ssim: bool = True) -> dict:
     """Max-abs error, RMSE, PSNR (dB) and SSIM of ``merged`` against ``reference``.
@@ -61,23 +85,15 @@ def compute_metrics(merged, reference, *, channel_axis=None, data_range=None,
     merged = np.asarray(merged)
     reference = np.asarray(reference)
     err = error_map(merged, reference)
-    mask = np.isfinite(err)
-    n = int(np.count_nonzero(mask))
-    covered = n / mask.size if mask.size else 0.0
+    n, sum_sq, max_abs = error_sums(err)
+    covered = n / err.size if err.size else 0.0
     dr = data_range_of(reference) if data_range is None else float(data_range)
     if not (dr > 0 and math.isfinite(dr)):
         raise ValueError(f"`data_range` must be a positive finite number, got {data_range!r}")
     if n == 0:
         return {"max_abs": math.nan, "rmse": math.nan, "psnr": math.nan, "ssim": math.nan,
                 "covered": covered}
-    e = err if n == err.size else err[mask]  # no gather when every pixel counts
-    max_abs = float(np.abs(e).max())
-    e = np.square(e, dtype=np.float64)  # not np.dot: BLAS threads oversubscribe workers
-    mse = float(e.sum()) / e.size
-    rmse = math.sqrt(mse)
-    # skimage's peak_signal_noise_ratio is this formula on its own MSE (which would take two
-    # more image-sized float64 copies); a test checks that the two agree.
-    psnr = 10 * math.log10(dr * dr / mse) if mse > 0 else math.inf
+    max_abs, rmse, psnr = error_summary(n, sum_sq, max_abs, dr)
     return {"max_abs": max_abs, "rmse": rmse, "psnr": psnr,
             "ssim": ssim_of(merged, reference, channel_axis=channel_axis, data_range=dr)
             if ssim else math.nan,
