@@ -291,19 +291,19 @@ def main(argv=None):
     args = ap.parse_args(argv)
     chosen = [w for w in WORKLOADS if not args.workloads
               or any(w.startswith(a) for a in args.workloads)]
+    header = (f"numpy {np.__version__}, patch_viewer {pv.__version__}, "
+              f"{time.strftime('%Y-%m-%d')}, medians over repeats")
     if len(chosen) > 1:
         # One fresh process per workload: the heap a previous workload's peers leave behind
         # (hundreds of MiB of index arrays and tile lists) slowed later measurements by up to
         # 1.8x, for every method alike.
-        print(f"numpy {np.__version__}, patch_viewer {pv.__version__}, "
-              f"{time.strftime('%Y-%m-%d')}, medians over repeats, one process per workload")
+        print(header + ", one process per workload")
         for name in chosen:
             cmd = [sys.executable, __file__, name] + (["--quick"] if args.quick else [])
             out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
             print(out.split("\n", 1)[1], end="", flush=True)  # without its header line
         return
-    print(f"numpy {np.__version__}, patch_viewer {pv.__version__}, "
-          f"{time.strftime('%Y-%m-%d')}, medians over repeats")
+    print(header)
     for name in chosen:
         run_workload(name, WORKLOADS[name], 3 if args.quick else 9)
 
