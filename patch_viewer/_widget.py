@@ -536,7 +536,7 @@ def _compute(gen, job: Job):
         return _lazy_metrics(result, job)
     channel_axis = None if job.grid.channel_axis is None else job.grid.channel_axis + job.batched
     yield ("metrics", compute_metrics(result.merged, result.reference, channel_axis=channel_axis,
-                                      ssim=False),
+                                      ssim=False, error=result.error),
            _layers.error_limit(error))
     # In bands, yielding between them: a newer run's quit() stops a stale SSIM at once
     # instead of letting it compete with the new run for the CPU.

@@ -337,7 +337,7 @@ def _run_batch(batch: list[Item], opts: Options) -> list[dict]:
             io.write(it.error_output, r.error[k], it.error_format)
         if opts.metrics is not None:
             m = compute_metrics(r.merged[k], r.reference[k], channel_axis=channel_axis,
-                                ssim=opts.ssim)
+                                ssim=opts.ssim, error=r.error[k])
             rows.append(_row(it, m))
     return rows
 

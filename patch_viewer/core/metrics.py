@@ -67,14 +67,15 @@ def error_summary(n, sum_sq, max_abs, data_range) -> tuple[float, float, float]:
 
 
 def compute_metrics(merged, reference, *, channel_axis=None, data_range=None,
-                    ssim: bool = True) -> dict:
+                    ssim: bool = True, error=None) -> dict:
     """Max-abs error, RMSE, PSNR (dB) and SSIM of ``merged`` against ``reference``.
 
     Pixels where either image is not finite (pixels no patch covers are NaN) are left out of
     max-abs, RMSE and PSNR; for SSIM they take the reference's value (zero error there).
     ``covered`` in the result is the fraction of pixels that count. SSIM is the costly one
     (about 0.2 µs per pixel); ``ssim=False`` leaves it NaN, to be computed later with
-    :func:`ssim_of`.
+    :func:`ssim_of`. ``error``, when the caller has it already, is :func:`error_map` of the
+    two (it is not computed again).
 
     Examples
     --------
@@ -84,7 +85,7 @@ def compute_metrics(merged, reference, *, channel_axis=None, data_range=None,
     """
     merged = np.asarray(merged)
     reference = np.asarray(reference)
-    err = error_map(merged, reference)
+    err = error_map(merged, reference) if error is None else np.asarray(error)
     n, sum_sq, max_abs = error_sums(err)
     covered = n / err.size if err.size else 0.0
     dr = data_range_of(reference) if data_range is None else float(data_range)

@@ -221,7 +221,8 @@ def _run(image, grid, filt, params, window, window_params, reduce, reference, dt
     error = error_map(merged, ref)
     channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
     if metrics:
-        metrics = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim)
+        metrics = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim,
+                                  error=error)
     else:
         metrics = dict.fromkeys(METRICS + ("covered",), math.nan)
     weights = weight_map(grid, window, **window_params)

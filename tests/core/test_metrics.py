@@ -94,3 +94,12 @@ def test_banded_ssim_equals_whole_image_ssim_and_can_stop(shape, channel_axis):
     if shape[0] > 56:
         next(gen)
         gen.close()  # stopping between bands is clean
+
+
+def test_metrics_take_the_error_the_caller_has():
+    rng = np.random.default_rng(7)
+    ref = rng.random((20, 30))
+    merged = ref + rng.standard_normal(ref.shape) * 0.01
+    merged[3, 4] = np.nan
+    err = error_map(merged, ref)
+    assert compute_metrics(merged, ref, error=err) == compute_metrics(merged, ref)
