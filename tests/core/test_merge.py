@@ -4,7 +4,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from patch_viewer import PatchGrid, extract_patches, merge_patches, weight_map
-from patch_viewer.core.merge import Merger, _owned_segments
+from patch_viewer.core.merge import Merger, _narrow_sums_exact, _owned_segments
 from patch_viewer.core._layout import patches_to_canonical
 
 from .reference import brute_coverage, brute_merge, to_user_layout
@@ -299,25 +299,82 @@ def test_threaded_accumulation_equals_single_thread(grid, reduce, window, worker
 
 @settings(max_examples=150, deadline=None)
 @given(grids(), st.sampled_from(["mean", "max", "min"]), st.sampled_from([np.float32, np.uint8]),
-       st.integers(1, 3), st.sampled_from([1, 64, 2**20]), st.integers(0, 2**32 - 1))
-def test_banded_merge_equals_streaming(grid, reduce, dtype, workers, band_bytes, seed):
+       st.integers(1, 3), st.sampled_from([1, 64, 2**20]), st.sampled_from([None, 1, 300, 2**20]),
+       st.integers(0, 2**32 - 1))
+def test_banded_merge_equals_streaming(grid, reduce, dtype, workers, band_bytes, stage_bytes,
+                                       seed):
     """The banded merge (bands of one stride of rows, or of a few rows, or of whole images, on
-    1-3 threads) gives exactly what the streaming accumulator gives."""
+    1-3 threads; patches read in place or staged one, a few or all columns at a time) gives
+    exactly what the streaming accumulator gives."""
     rng = np.random.default_rng(seed)
     p = rng.integers(0, 200, (2,) + grid.patches_shape).astype(dtype)  # two images
     canon, _ = patches_to_canonical(p, grid)
     merger = Merger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
     assume(merger.bandable)
     import patch_viewer.core.merge as m
-    old, m._BAND_BYTES = m._BAND_BYTES, band_bytes
+    saved = m._BAND_BYTES, m._STAGE_BYTES, m._STAGE_MIN_COLUMNS
+    m._BAND_BYTES = band_bytes
+    if stage_bytes is None:
+        m._STAGE_BYTES = 0
+    else:  # at least one column per group, so staging always runs
+        m._STAGE_BYTES, m._STAGE_MIN_COLUMNS = stage_bytes, 0
     try:
         banded = merger.finish(merger.merge_banded(canon, workers))
     finally:
-        m._BAND_BYTES = old
+        m._BAND_BYTES, m._STAGE_BYTES, m._STAGE_MIN_COLUMNS = saved
     streamed = Merger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
     streamed.add(canon)
     np.testing.assert_array_equal(banded, streamed.result())
     assert banded.dtype == streamed.result().dtype
+
+
+@pytest.mark.parametrize("count, exact", [(1, True), (2, True), (3, False), (4, True), (8, False)])
+def test_float32_sums_of_agreeing_values_exact_only_for_1_2_4(count, exact):
+    """The claim behind _narrow_sums_exact, for EVERY float32 in [1, 2) (scaling by powers of
+    two changes nothing short of overflow): adding `count` copies one after another in float32
+    and dividing by `count` gives the value back for 1, 2 and 4 copies only."""
+    v = (np.arange(2**23, dtype=np.uint32) | np.uint32(127 << 23)).view(np.float32)
+    total = v.copy()
+    for _ in range(count - 1):
+        total += v
+    assert bool(np.array_equal(total / np.float32(count), v)) is exact
+
+
+def test_narrow_sums_chosen_by_coverage_counts():
+    half = PatchGrid((1024, 1024), 64, stride=32)  # counts 1, 2, 4
+    assert _narrow_sums_exact(half)
+    assert Merger(half, 1, 1, np.float32, narrow=True).acc_dtype == np.float32
+    assert Merger(half, 1, 1, np.float32).acc_dtype == np.float64  # streaming: not asked
+    assert Merger(half, 1, 1, np.float32, narrow=True, window="hann").acc_dtype == np.float32
+    assert not Merger(half, 1, 1, np.float32, narrow=True, window="hann").narrow
+    assert not _narrow_sums_exact(PatchGrid((1000, 1000), 64, stride=32))  # shifted: 3 and 6
+    assert not _narrow_sums_exact(PatchGrid((64, 64, 64), 32, stride=16))  # 8 in 3-D
+    rng = np.random.default_rng(3)
+    image = rng.standard_normal((256, 200)).astype(np.float32)
+    grid = PatchGrid(image.shape, 16, stride=8)
+    np.testing.assert_array_equal(merge_patches(extract_patches(image, grid), grid), image)
+    p = rng.standard_normal(grid.patches_shape).astype(np.float32)
+    expected = to_user_layout(brute_merge(p[..., None], grid), grid)
+    np.testing.assert_allclose(merge_patches(p, grid), expected, rtol=4e-7, atol=1e-6)
+
+
+def test_narrow_sums_overflow_falls_back_to_float64():
+    """Values near the float32 limit overflow a float32 sum of two: the merge starts again
+    with float64 sums, exact and without warnings."""
+    image = np.full((64, 48), 3e38, np.float32)
+    image[::3] = -2.9e38
+    grid = PatchGrid(image.shape, 16, stride=8)
+    assert Merger(grid, 1, 1, np.float32, narrow=True).narrow
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for workers in (1, 2):
+            merged = merge_patches(extract_patches(image, grid), grid, workers=workers)
+            np.testing.assert_array_equal(merged, image)
+    merger = Merger(grid, 1, 1, np.float32, narrow=True)
+    canon, _ = patches_to_canonical(extract_patches(image, grid), grid)
+    with pytest.raises(FloatingPointError):
+        merger.merge_banded(canon)
 
 
 def test_banded_merge_with_channels_last():
