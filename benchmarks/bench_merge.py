@@ -236,6 +236,19 @@ def check(make, image, grid, stack):
 
 
 # ------------------------------------------------------------------------------ run
+def merge_layout_row(image, grid, stack, repeats):
+    """The same patches copied in the order the merge reads fastest (row offset first at
+    stride 1, as torch.unfold lays them out; what process() streams): the like-for-like
+    comparison with torch fold, which is handed its own layout too. None where that order is
+    the plain one."""
+    ordered = pv.extract_patches(image, grid, copy=True, layout="merge")
+    if ordered.strides == stack.strides:
+        return None
+    t = timeit(lambda: pv.merge_patches(ordered, grid), repeats)
+    return ("patch_viewer merge, stack in merge layout", t,
+            peak_bytes(lambda: pv.merge_patches(ordered, grid)), True)
+
+
 def run_workload(name, spec, repeats, out=sys.stdout):
     # torch's OpenMP threads spin for a while after a parallel region; let the previous
     # workload's go idle so they do not compete with the next workload's first measurements.
@@ -259,6 +272,9 @@ def run_workload(name, spec, repeats, out=sys.stdout):
     rows = [("patch_viewer merge", ours, peak_bytes(lambda: pv.merge_patches(stack, grid)), True),
             ("patch_viewer extract (view) + merge", both, None, True),
             ("patch_viewer merge, 1 thread", one, None, True)]
+    row = merge_layout_row(image, grid, stack, repeats)
+    if row is not None:
+        rows.insert(1, row)
     for peer, make in PEERS.items():
         fn = make(image, grid, stack)
         if fn is None:

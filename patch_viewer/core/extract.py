@@ -13,9 +13,14 @@ from ._layout import (
     window_view,
 )
 from .grid import PatchGrid
+from .merge import empty_in_order, stack_order
 
 
-def extract_patches(image, grid: PatchGrid, *, copy: bool = False, max_bytes: int | None = None):
+LAYOUTS = ("C", "merge")
+
+
+def extract_patches(image, grid: PatchGrid, *, copy: bool = False, layout: str = "C",
+                    max_bytes: int | None = None):
     """Cut ``image`` into the patches of ``grid``.
 
     Parameters
@@ -25,7 +30,14 @@ def extract_patches(image, grid: PatchGrid, *, copy: bool = False, max_bytes: in
     grid : PatchGrid
         The patch geometry.
     copy : bool, optional
-        Return a writeable, C-contiguous copy instead of a read-only view.
+        Return a writeable copy instead of a read-only view.
+    layout : {"C", "merge"}, optional
+        Memory order of a copy (the shape is the same either way). ``"C"`` (default):
+        C-contiguous, patch after patch. ``"merge"``: the order :func:`merge_patches` reads
+        fastest for this grid, which :func:`process` uses too: at stride 1, row offset first
+        (as ``torch.unfold`` lays patches out), 2-5x faster to merge; C order where the
+        overlap is shallow. Element-wise operations and ``np.empty_like`` keep the order, so
+        patches processed that way merge at that speed.
     max_bytes : int, optional
         Refuse (``MemoryError``) to materialise a patch stack larger than this; default 4 GiB.
 
@@ -55,6 +67,11 @@ def extract_patches(image, grid: PatchGrid, *, copy: bool = False, max_bytes: in
     """
     if not isinstance(grid, PatchGrid):
         raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    if layout not in LAYOUTS:
+        raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
+    if layout != "C" and not copy:
+        raise ValueError("`layout` applies to a copy: pass copy=True with layout='merge' "
+                         "(a view keeps the image's memory order)")
     image = np.asanyarray(image)
     batched = is_batched(image.shape, grid)
     if grid.is_regular and not copy and grid.padded_shape == grid.spatial_shape:
@@ -69,7 +86,7 @@ def extract_patches(image, grid: PatchGrid, *, copy: bool = False, max_bytes: in
         if copy:
             check_bytes(patches.size * patches.itemsize, "the patch stack", max_bytes,
                         "use the read-only view (copy=False) or patch_viewer.process")
-            patches = np.ascontiguousarray(patches)
+            patches = _copy_in_layout(patches, grid, layout)
     else:
         shape = (canon.shape[0],) + grid.patches_shape[:nd] + grid.patch_size + (canon.shape[-1],)
         check_bytes(int(np.prod(shape)) * canon.itemsize, "the patch stack (edge='shift' makes "
@@ -79,9 +96,21 @@ def extract_patches(image, grid: PatchGrid, *, copy: bool = False, max_bytes: in
         patches = view[(slice(None),) + index]
         if not copy:
             patches.flags.writeable = False
+        elif layout != "C":
+            patches = _copy_in_layout(patches, grid, layout)
     if grid.channel_axis is None:
         patches = patches[..., 0]
     return patches if batched else patches[0]
+
+
+def _copy_in_layout(patches: np.ndarray, grid: PatchGrid, layout: str) -> np.ndarray:
+    """A copy of a canonical ``(b, *G, *p, C)`` stack, C-contiguous or in the merge's order."""
+    order = stack_order(grid) if layout == "merge" else None
+    if order is None:
+        return patches.copy(order="C")  # a copy even where the view is contiguous already
+    out = empty_in_order(patches.shape, order, patches.dtype)
+    np.copyto(out, patches)
+    return out
 
 
 def _regular_view(image: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarray:

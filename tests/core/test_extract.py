@@ -5,7 +5,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from patch_viewer import PatchGrid, extract_patches
+from patch_viewer import PatchGrid, extract_patches, merge_patches
+from patch_viewer.core.merge import stack_order
 
 from .reference import brute_patches
 from .strategies import DTYPES, grids, images
@@ -70,6 +71,47 @@ def test_matches_brute_force_every_layout(grid, dtype, seed):
     np.testing.assert_array_equal(image, before)
 
 
+@settings(max_examples=150, deadline=None)
+@given(grids(), st.sampled_from(DTYPES), st.booleans(), st.integers(0, 2**32 - 1))
+def test_merge_layout_same_patches_same_merge(grid, dtype, batched, seed):
+    """layout='merge' changes only the memory order: same values and shape, writeable, not
+    sharing the image; merging it gives exactly what merging the C-order copy gives (summed
+    in the same order), for single images and batches."""
+    image = images(grid, dtype, seed)
+    if batched:
+        image = np.stack([image, image[::-1].copy() if grid.ndim else image])
+    c = extract_patches(image, grid, copy=True)
+    m = extract_patches(image, grid, copy=True, layout="merge")
+    assert m.shape == c.shape and m.dtype == c.dtype and m.flags.writeable
+    assert not np.shares_memory(m, image)
+    np.testing.assert_array_equal(m, c)
+    if stack_order(grid) is not None:
+        assert m.strides != c.strides
+    for reduce in ("mean", "max"):
+        np.testing.assert_array_equal(merge_patches(m, grid, reduce=reduce),
+                                      merge_patches(c, grid, reduce=reduce))
+
+
+def test_merge_layout_at_stride_1_is_row_offset_major():
+    image = np.arange(100.0).reshape(10, 10)
+    grid = PatchGrid(image.shape, 4, stride=1)
+    m = extract_patches(image, grid, copy=True, layout="merge")
+    # for each row offset, the patch rows of every patch: (p0, g0, g1, p1) in memory
+    assert m.strides == (7 * 4 * 8, 4 * 8, 7 * 7 * 4 * 8, 8)
+    assert m.reshape(grid.n_patches, 4, 4).base is not None  # flat view, no copy
+    out = np.empty_like(m)  # patches processed into empty_like, or element-wise, keep it
+    np.multiply(m, 2, out=out)
+    assert out.strides == (m * 2).strides == m.strides
+    np.testing.assert_array_equal(merge_patches(out, grid), 2 * image)
+
+
+def test_copy_of_a_contiguous_view_is_still_a_copy():
+    image = np.arange(8.0)
+    for layout in ("C", "merge"):
+        p = extract_patches(image, PatchGrid(image.shape, 8), copy=True, layout=layout)
+        assert p.flags.writeable and not np.shares_memory(p, image)
+
+
 def test_batch_axis():
     images_ = np.random.default_rng(1).random((5, 20, 21))
     grid = PatchGrid((20, 21), 6, stride=4)
@@ -94,3 +136,11 @@ def test_refuses_huge_copy_with_size_and_alternative():
 def test_bad_input(image, grid, exc, match):
     with pytest.raises(exc, match=match):
         extract_patches(image, grid)
+
+
+def test_bad_layout_names_the_choices():
+    grid = PatchGrid((10, 10), 3)
+    with pytest.raises(ValueError, match=r"layout.*'C', 'merge'.*'F'"):
+        extract_patches(np.zeros((10, 10)), grid, copy=True, layout="F")
+    with pytest.raises(ValueError, match="layout.*copy=True"):
+        extract_patches(np.zeros((10, 10)), grid, layout="merge")
