@@ -253,16 +253,29 @@ def _antidiagonal_reduce_unit(t: np.ndarray, ax: int, ufunc, identity: float,
                 ufunc(target, t[lead + (slice(lo - e, hi - e), e)], out=target)
 
 
-def _rows_first(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity: float) -> None:
+def _rows_first(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity: float,
+                prepare=None) -> None:
     """2-D overlap-add with stride 1 along the rows: reduce the row offsets first (the bulk of
     the work, on whole contiguous blocks when ``a`` is offset-major, see :func:`stack_order`),
-    then overlap-add the rows that result along the columns."""
+    then overlap-add the rows that result along the columns.
+
+    ``prepare(e)``, when given, returns the values to add for row offset ``e`` (anchored or
+    weighed, ``(g0, b, g1, p1, C)``) in place of ``a``'s: they are added one offset at a time,
+    in the same order as the reduce, so no prepared copy of the whole part is ever made.
+    """
     b, g0, g1, p0, p1, c = a.shape
     rows = np.empty((b, g0 + p0 - 1, g1, p1, c), canvas.dtype)
-    # (g0, p0, b, g1, p1, C): each step moves whole (b, g1, p1, C) blocks, contiguous when the
-    # stack is offset-major
-    _antidiagonal_reduce_unit(a.transpose(1, 3, 0, 2, 4, 5), 0, op, identity,
-                              rows.transpose(1, 0, 2, 3, 4), offsets_last=False)
+    by_row = rows.transpose(1, 0, 2, 3, 4)  # (y, b, g1, p1, C)
+    if prepare is None:
+        # (g0, p0, b, g1, p1, C): each step moves whole (b, g1, p1, C) blocks, contiguous when
+        # the stack is offset-major
+        _antidiagonal_reduce_unit(a.transpose(1, 3, 0, 2, 4, 5), 0, op, identity, by_row,
+                                  offsets_last=False)
+    else:
+        by_row[...] = identity
+        for e in range(p0):  # ascending offsets at every pixel, as the reduce adds them
+            target = by_row[e:e + g0]
+            op(target, prepare(e), out=target)
     y0, x0 = origin
     if stride[1] == 1:  # every image at once: one strided reduce along the anti-diagonals
         summed = np.empty((b, g0 + p0 - 1, g1 + p1 - 1, c), canvas.dtype)
@@ -281,11 +294,16 @@ def overlap_add(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity:
     ``canvas`` is ``(b, *extent, C)``; patch ``(i, j, ...)`` lands at
     ``origin + (i, j, ...) * stride``. ``canvas`` must extend ``stride`` past the last patch.
     ``padded``, when given, is the same data in the interleaved layout with identity margins
-    on the last spatial axis (see :func:`_antidiagonal_reduce`), used for deep overlaps.
+    on the last spatial axis (see :func:`_antidiagonal_reduce`), used for deep overlaps; or
+    ``"rows-first"``, or a callable that prepares the values of one row offset (both: see
+    :func:`_rows_first`).
     """
     nd = len(stride)
     if isinstance(padded, str) and padded == "rows-first":
         _rows_first(canvas, a, origin, stride, op, identity)
+        return
+    if callable(padded):  # rows-first, with the values prepared one row offset at a time
+        _rows_first(canvas, a, origin, stride, op, identity, prepare=padded)
         return
     p = a.shape[1 + nd: 1 + 2 * nd]
     depth = [-(-pk // sk) for pk, sk in zip(p, stride)]
@@ -554,6 +572,9 @@ class Merger:
             return sub.astype(self.acc_dtype, order="K", copy=False), "unit"
         if rows_first:
             # Anchored or windowed values, in the stack's own memory order (see _rows_first).
+            prepare = self._offset_preparer(sub, images, origin, anchor, buffers)
+            if prepare is not None:
+                return sub, prepare
             key = ("rows-first", sub.shape, sub.strides)
             out = buffers.get(key)
             if out is None:
@@ -594,6 +615,51 @@ class Merger:
             win = np.broadcast_to(self._win, out.shape).transpose(mem)
             np.multiply(out.transpose(mem), win, out=out.transpose(mem))
         return out, padded
+
+    def _offset_preparer(self, sub, images, origin, anchor, buffers):
+        """For a stride-1 2-D part whose memory is offset-major (:data:`ROWS_FIRST_ORDER`, as
+        :func:`process` and ``extract_patches(layout="merge")`` make it): a function giving
+        ``(values - ref) * window`` of one row offset (see :func:`_rows_first`), or None for
+        any other memory order.
+
+        For row offset ``e`` the patch rows of all patches lie in one contiguous block, and the
+        pixels they anchor to are image rows ``e .. e + g0`` cut into overlapping windows:
+        that cut (``lines``) is made once, so each offset is one subtraction (and one product)
+        over long blocks, into a buffer that stays in the cache.
+        """
+        s_mem = sub.transpose(ROWS_FIRST_ORDER)  # (p0, g0, b, g1, p1, C)
+        if not s_mem[0, 0, 0].flags.c_contiguous:
+            return None
+        b, g0, g1, p0, p1, c = sub.shape
+        y0, x0 = origin
+        s1 = self.grid.stride[1]
+        lines = tiled = None
+        if anchor:
+            ref = self.ref[images, y0:y0 + g0 + p0 - 1]
+            cut = np.lib.stride_tricks.sliding_window_view(ref, p1, axis=2, writeable=False)
+            cut = np.moveaxis(cut, -1, 3)[:, :, x0:x0 + (g1 - 1) * s1 + 1:s1]
+            lines = np.ascontiguousarray(cut.transpose(1, 0, 2, 3, 4))  # (rows, b, g1, p1, C)
+        if self._win is not None:
+            key = ("window rows", g1, c)
+            tiled = buffers.get(key)
+            if tiled is None:  # the window's row e, repeated for every patch of a grid row
+                tiled = buffers[key] = np.ascontiguousarray(
+                    np.broadcast_to(self._win[:, None], (p0, g1, p1, c)))
+        key = ("offset block", g0, b, g1, p1, c)
+        out = buffers.get(key)
+        if out is None:
+            out = buffers[key] = np.empty((g0, b, g1, p1, c), self.work)
+
+        def prepare(e):
+            if anchor:
+                np.subtract(s_mem[e], lines[e:e + g0], out=out)
+            else:
+                np.copyto(out, s_mem[e])
+            if tiled is not None:
+                np.multiply(out, tiled[e], out=out)
+            return out
+
+        return prepare
 
     def _set_ref(self, part: np.ndarray, images: slice, row0: int) -> None:
         """Copy into ``ref`` the pixels that the patches of this part own (a partition, so no

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from patch_viewer import PatchGrid, extract_patches, merge_patches
 from patch_viewer.core.merge import stack_order
 
-from .reference import brute_patches
+from .reference import brute_merge, brute_patches
 from .strategies import DTYPES, grids, images
 
 
@@ -87,9 +87,17 @@ def test_merge_layout_same_patches_same_merge(grid, dtype, batched, seed):
     np.testing.assert_array_equal(m, c)
     if stack_order(grid) is not None:
         assert m.strides != c.strides
-    for reduce in ("mean", "max"):
-        np.testing.assert_array_equal(merge_patches(m, grid, reduce=reduce),
-                                      merge_patches(c, grid, reduce=reduce))
+    # processed patches (overlaps disagree), kept in each layout
+    noise = np.random.default_rng(seed).integers(0, 3, c.shape).astype(c.dtype)
+    pm, pc = np.empty_like(m), np.empty_like(c)
+    np.add(m, noise, out=pm)
+    np.add(c, noise, out=pc)
+    assert [st for st, n in zip(pm.strides, pm.shape) if n > 1] == [
+        st for st, n in zip(m.strides, m.shape) if n > 1]
+    for reduce, window in (("mean", "uniform"), ("max", "uniform"), ("mean", "hann")):
+        for a, b in ((m, c), (pm, pc)):
+            np.testing.assert_array_equal(merge_patches(a, grid, reduce=reduce, window=window),
+                                          merge_patches(b, grid, reduce=reduce, window=window))
 
 
 def test_merge_layout_at_stride_1_is_row_offset_major():
@@ -103,6 +111,29 @@ def test_merge_layout_at_stride_1_is_row_offset_major():
     np.multiply(m, 2, out=out)
     assert out.strides == (m * 2).strides == m.strides
     np.testing.assert_array_equal(merge_patches(out, grid), 2 * image)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.float32, np.uint8])
+@pytest.mark.parametrize("window", ["uniform", "hann", "triangular"])
+def test_merge_layout_processed_patches_merge_the_same(dtype, window):
+    """Stride 1 along the rows (2 along the columns), RGB, two images: processed patches kept
+    in the merge layout merge exactly as the same patches in C order (anchored and weighed
+    one row offset at a time there), and match the brute-force weighted mean."""
+    rng = np.random.default_rng(7)
+    images_ = (rng.random((2, 23, 30, 3)) * 200).astype(dtype)
+    grid = PatchGrid((23, 30, 3), (9, 7), stride=(1, 2), channel_axis=-1)
+    m = extract_patches(images_, grid, copy=True, layout="merge")
+    noise = rng.integers(0, 40, m.shape).astype(dtype)
+    pm = np.empty_like(m)
+    np.add(m, noise, out=pm)
+    pc = np.ascontiguousarray(pm)
+    assert pm.strides != pc.strides
+    merged = merge_patches(pm, grid, window=window)
+    np.testing.assert_array_equal(merged, merge_patches(pc, grid, window=window))
+    for i in range(2):
+        expected = brute_merge(pc[i].astype(np.float64), grid, window=window)
+        np.testing.assert_allclose(merged[i], expected, rtol=1e-5)
+    np.testing.assert_array_equal(merge_patches(m, grid, window=window, dtype=dtype), images_)
 
 
 def test_copy_of_a_contiguous_view_is_still_a_copy():
