@@ -939,6 +939,17 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
     ndarray
         Shape ``grid.image_shape`` (with the batch axis first if given).
 
+    Notes
+    -----
+    Any memory order is accepted; a stack laid out as
+    ``extract_patches(..., copy=True, layout="merge")`` lays it out (what :func:`process`
+    streams) merges fastest: 2-5x faster at stride 1 than a C-order stack.
+
+    float32 patches on a grid that covers every pixel 1, 2 or 4 times with the uniform window
+    are summed in float32 (exact for equal values, so round trips stay exact); elsewhere, and
+    in :func:`process`, float32 patches are summed in float64. The two can differ in the last
+    bit or two where overlapping values disagree.
+
     Examples
     --------
     >>> import numpy as np
