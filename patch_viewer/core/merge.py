@@ -553,7 +553,8 @@ class Merger:
 
         For a cascade (deep overlap, e.g. stride 1) the data go into a reused buffer in the
         interleaved layout, last axis in-patch offset first, with identity margins: ``padded``
-        for :func:`_antidiagonal_reduce`.
+        for :func:`_antidiagonal_reduce`. For the rows-first path nothing is copied: ``padded``
+        is ``"rows-first"``, or the function that prepares one row offset at a time.
         """
         nd = self._nd
         stride = self.grid.stride
@@ -570,17 +571,9 @@ class Merger:
             # The cascade reads the stack as it is (in the sum's dtype: one streaming pass when
             # the stack is element-major, and no casting in the many small border steps).
             return sub.astype(self.acc_dtype, order="K", copy=False), "unit"
-        if rows_first:
-            # Anchored or windowed values, in the stack's own memory order (see _rows_first).
-            prepare = self._offset_preparer(sub, images, origin, anchor, buffers)
-            if prepare is not None:
-                return sub, prepare
-            key = ("rows-first", sub.shape, sub.strides)
-            out = buffers.get(key)
-            if out is None:
-                out = buffers[key] = np.empty_like(sub, dtype=self.work)
-            padded = "rows-first"
-        elif cascade and depth[-1] > 1 and g[-1] >= depth[-1]:
+        if rows_first:  # anchored or weighed one row offset at a time (see _rows_first)
+            return sub, self._row_offset_preparer(sub, images, origin, anchor, buffers)
+        if cascade and depth[-1] > 1 and g[-1] >= depth[-1]:
             d, s = depth[-1], stride[-1]
             logical = [sub.shape[0]] + [x for k in range(nd) for x in (g[k], p[k])] + [sub.shape[-1]]
             logical[-3:-1] = [g[-1] + 2 * (d - 1), d * s]
@@ -616,20 +609,19 @@ class Merger:
             np.multiply(out.transpose(mem), win, out=out.transpose(mem))
         return out, padded
 
-    def _offset_preparer(self, sub, images, origin, anchor, buffers):
-        """For a stride-1 2-D part whose memory is offset-major (:data:`ROWS_FIRST_ORDER`, as
-        :func:`process` and ``extract_patches(layout="merge")`` make it): a function giving
-        ``(values - ref) * window`` of one row offset (see :func:`_rows_first`), or None for
-        any other memory order.
+    def _row_offset_preparer(self, sub, images, origin, anchor, buffers):
+        """For a stride-1 2-D part (see :func:`_rows_first`): a function giving
+        ``(values - ref) * window`` of one row offset, ``(g0, b, g1, p1, C)``.
 
-        For row offset ``e`` the patch rows of all patches lie in one contiguous block, and the
-        pixels they anchor to are image rows ``e .. e + g0`` cut into overlapping windows:
-        that cut (``lines``) is made once, so each offset is one subtraction (and one product)
-        over long blocks, into a buffer that stays in the cache.
+        The pixels the patch rows of row offset ``e`` anchor to are image rows ``e .. e + g0``
+        cut into overlapping windows: that cut (``lines``) is made once per part, so each
+        offset is one subtraction (and one product) into a buffer that stays in the cache,
+        with no part-sized copy of prepared values (and its page faults). Where the stack is
+        offset-major (:data:`ROWS_FIRST_ORDER`, as :func:`process` and
+        ``extract_patches(layout="merge")`` make it) each offset's values are one contiguous
+        block, so those steps run long inner loops.
         """
         s_mem = sub.transpose(ROWS_FIRST_ORDER)  # (p0, g0, b, g1, p1, C)
-        if not s_mem[0, 0, 0].flags.c_contiguous:
-            return None
         b, g0, g1, p0, p1, c = sub.shape
         y0, x0 = origin
         s1 = self.grid.stride[1]
