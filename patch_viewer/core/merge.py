@@ -772,8 +772,10 @@ class Merger:
             staged = 0
 
         def run(chunk):
-            overflow = "raise" if self.narrow else "warn"
-            with _short_buffers(grid, stack.shape[-1]), np.errstate(over=overflow):
+            # float32 sums that overflow must stop the merge (see merge_patches); otherwise
+            # the caller's own error handling applies, as everywhere else
+            overflow = np.errstate(over="raise") if self.narrow else contextlib.nullcontext()
+            with _short_buffers(grid, stack.shape[-1]), overflow:
                 scratch = np.empty(shape[0] * staged * column_bytes // stack.dtype.itemsize,
                                    stack.dtype)
                 _bands(chunk, np.empty(shape + rest, self.acc_dtype), scratch)
@@ -962,8 +964,11 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
         )
     patches = np.asanyarray(patches)
     canon, batched = patches_to_canonical(patches, grid)
-    merger = Merger(grid, canon.shape[0], canon.shape[-1], canon.dtype, window=window,
-                    reduce=reduce, window_params=window_params, narrow=True)
+    def new_merger(narrow):
+        return Merger(grid, canon.shape[0], canon.shape[-1], canon.dtype, window=window,
+                      reduce=reduce, window_params=window_params, narrow=narrow)
+
+    merger = new_merger(narrow=True)
     if workers is None:
         # Threads pay off when there are many patches to read (8 MiB or more) and the
         # per-thread canvases they need are small beside them. The banded merge needs no
@@ -980,8 +985,7 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
         try:
             merged = merger.merge_banded(canon, workers)
         except FloatingPointError:  # float32 sums overflowed (values near the float32 limit)
-            merger = Merger(grid, canon.shape[0], canon.shape[-1], canon.dtype, window=window,
-                            reduce=reduce, window_params=window_params)
+            merger = new_merger(narrow=False)
             merged = merger.merge_banded(canon, workers)
         merged = merger.finish(merged, dtype, fill_value)
     else:
