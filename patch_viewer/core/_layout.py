@@ -133,3 +133,53 @@ def split_regular(origins: np.ndarray, stride: int) -> list[tuple[int, int]]:
 
 def n_elements(shape) -> int:
     return math.prod(shape)
+
+
+# Use one product loop over all block offsets when it has at most this many steps.
+DIRECT_MAX_STEPS = 8
+
+
+def depth(grid: PatchGrid) -> list[int]:
+    """Block offsets per axis: how many stride blocks one patch spans."""
+    return [-(-p // s) for p, s in zip(grid.patch_size, grid.stride)]
+
+
+def is_direct(grid: PatchGrid) -> bool:
+    """Whether the grid's overlap is shallow enough for one product loop over all block
+    offsets (otherwise the axes are merged one after another, a cascade)."""
+    return math.prod(depth(grid)) <= DIRECT_MAX_STEPS
+
+
+#: Memory order of a 2-D stack ``(b, g0, g1, p0, p1, C)`` for :func:`_rows_first`: row offset,
+#: grid row, image, then each patch row's column data.
+ROWS_FIRST_ORDER = (3, 1, 0, 2, 4, 5)
+
+
+def stack_order(grid: PatchGrid) -> tuple[int, ...] | None:
+    """Memory order (axes of a canonical ``(b, *G, *p, C)`` stack, outermost first) in which
+    the merge reads a stack fastest, or None where the plain patch-major order is best.
+
+    Deep overlaps (stride 1) are merged by a cascade that reads the last axis' in-patch offset
+    before its grid index (element-major, as ``torch.unfold`` lays patches out); a stack made
+    in that order is merged without a transpose. The streaming pipeline extracts patches that
+    way, and element-wise filters keep the order.
+    """
+    nd = grid.ndim
+    if is_direct(grid):
+        return None
+    if nd == 2 and grid.stride[0] == 1:  # offset-major rows, see _rows_first
+        return ROWS_FIRST_ORDER
+    if depth(grid)[-1] <= 1:
+        return None
+    order = [0]
+    for k in range(nd - 1):
+        order += [1 + k, 1 + nd + k]
+    return tuple(order + [2 * nd, nd, 2 * nd + 1])
+
+
+def empty_in_order(shape, order, dtype) -> np.ndarray:
+    """An uninitialised array of ``shape`` whose memory runs in ``order`` (see
+    :func:`stack_order`)."""
+    mem = np.empty([shape[a] for a in order], dtype)
+    return mem.transpose(np.argsort(order))
+

@@ -26,7 +26,8 @@ import numpy as np
 from ._layout import from_canonical, to_canonical
 from .filters import get_filter
 from .grid import PatchGrid
-from .merge import _weights, work_dtype
+from .merge.precision import work_dtype
+from .merge.weights import weights_in
 from .metrics import data_range_of, error_sums, error_summary, ssim_clean, ssim_window
 
 #: Chunk edge (pixels per spatial axis) used for arrays that come without useful chunks.
@@ -138,7 +139,7 @@ def _weights_block(*, grid, starts, depth, window, window_params, block_id=None)
     found = _local(grid, starts, block_id, depth)
     if found is not None:
         local, _, from_local, to_core = found
-        out[to_core] = _weights(local, window, window_params, np.float64)[from_local]
+        out[to_core] = weights_in(local, window, window_params, np.float64)[from_local]
     return out
 
 

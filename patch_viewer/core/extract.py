@@ -6,14 +6,15 @@ import numpy as np
 
 from ._layout import (
     check_bytes,
+    empty_in_order,
     is_batched,
     pad_canonical,
     regular_slices,
+    stack_order,
     to_canonical,
     window_view,
 )
 from .grid import PatchGrid
-from .merge import empty_in_order, stack_order
 
 
 LAYOUTS = ("C", "merge")

@@ -14,25 +14,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from ._layout import (
+    ROWS_FIRST_ORDER,
     check_bytes,
+    empty_in_order,
     from_canonical,
     is_batched,
     is_lazy,
     pad_canonical,
+    stack_order,
     to_canonical,
     window_view,
 )
 from .chunked import chunked_process
 from .filters import get_filter
 from .grid import PatchGrid
-from .merge import (
-    REDUCTIONS,
-    ROWS_FIRST_ORDER,
-    Merger,
-    empty_in_order,
-    stack_order,
-    weight_map,
-)
+from .merge import REDUCTIONS, Merger, weight_map
 from .metrics import METRICS, compute_metrics, error_map
 from .windows import make_window
 

@@ -14,6 +14,9 @@ from patch_viewer.core.chunked import chunked_merge
 from .strategies import grids
 
 
+pytestmark = pytest.mark.usefixtures("backend")
+
+
 def _close(a, b, dtype):
     """Equal up to the rounding of a different summation order (a few ulp of the data)."""
     a, b = np.asarray(a), np.asarray(b)

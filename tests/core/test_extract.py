@@ -6,7 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from patch_viewer import PatchGrid, extract_patches, merge_patches
-from patch_viewer.core.merge import stack_order
+from patch_viewer.core._layout import stack_order
 
 from .reference import brute_merge, brute_patches
 from .strategies import DTYPES, grids, images

@@ -1,14 +1,21 @@
 import numpy as np
+from unittest import mock
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from patch_viewer import PatchGrid, extract_patches, merge_patches, weight_map
-from patch_viewer.core.merge import Merger, _narrow_sums_exact, _owned_segments
+from patch_viewer.core.merge import Merger, plan
+from patch_viewer.core.merge import numpy_merger as nm
+from patch_viewer.core.merge.numpy_merger import NumpyMerger
+from patch_viewer.core.merge.kernels_numpy import owned_segments as _owned_segments
+from patch_viewer.core.merge.numpy_merger import _narrow_sums_exact
 from patch_viewer.core._layout import patches_to_canonical
 
 from .reference import brute_coverage, brute_merge, to_user_layout
 from .strategies import DTYPES, grids, images
+
+pytestmark = pytest.mark.usefixtures("backend")
 
 NAMED = ["uniform", "triangular", "hann", "gaussian", "overlap-tile"]
 
@@ -283,46 +290,35 @@ def test_nan_in_patches_stays_local():
 def test_threaded_accumulation_equals_single_thread(grid, reduce, window, workers, seed):
     assume(reduce == "mean" or window == "uniform")
     rng = np.random.default_rng(seed)
-    p = rng.integers(-50, 50, (3,) + grid.patches_shape).astype(np.float32)  # batch of 3 images
-    import patch_viewer.core.merge as m
-    small, m._PIECE_BYTES = m._PIECE_BYTES, 256  # many parts, so every thread gets some
-    try:
+    p = rng.standard_normal((3,) + grid.patches_shape)  # batch of 3 images, float64
+    # many parts (NumPy) or bands (numba), so that every thread gets some
+    with mock.patch.object(nm, "_PIECE_BYTES", 256), mock.patch.object(plan, "BAND_BYTES", 64):
         one = merge_patches(p, grid, window=window, reduce=reduce, workers=1)
-        many = merge_patches(p, grid, window=window, reduce=reduce, workers=workers)
-    finally:
-        m._PIECE_BYTES = small
-    if window == "hann":
-        np.testing.assert_allclose(many, one, rtol=1e-5, atol=1e-4)
-    else:
-        np.testing.assert_array_equal(many, one)
+        for n in (2, workers):
+            many = merge_patches(p, grid, window=window, reduce=reduce, workers=n)
+            np.testing.assert_array_equal(many, one)  # the same bits, whatever the threads
 
 
 @settings(max_examples=150, deadline=None)
 @given(grids(), st.sampled_from(["mean", "max", "min"]), st.sampled_from([np.float32, np.uint8]),
        st.integers(1, 3), st.sampled_from([1, 64, 2**20]), st.sampled_from([None, 1, 300, 2**20]),
        st.integers(0, 2**32 - 1))
-def test_banded_merge_equals_streaming(grid, reduce, dtype, workers, band_bytes, stage_bytes,
+def test_numpy_banded_merge_equals_streaming(grid, reduce, dtype, workers, band_bytes, stage_bytes,
                                        seed):
-    """The banded merge (bands of one stride of rows, or of a few rows, or of whole images, on
+    """The NumPy banded merge (bands of one stride of rows, or of a few rows, or of whole images, on
     1-3 threads; patches read in place or staged one, a few or all columns at a time) gives
     exactly what the streaming accumulator gives."""
     rng = np.random.default_rng(seed)
     p = rng.integers(0, 200, (2,) + grid.patches_shape).astype(dtype)  # two images
     canon, _ = patches_to_canonical(p, grid)
-    merger = Merger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
+    merger = NumpyMerger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
     assume(merger.bandable)
-    import patch_viewer.core.merge as m
-    saved = m._BAND_BYTES, m._STAGE_BYTES, m._STAGE_MIN_COLUMNS
-    m._BAND_BYTES = band_bytes
-    if stage_bytes is None:
-        m._STAGE_BYTES = 0
-    else:  # at least one column per group, so staging always runs
-        m._STAGE_BYTES, m._STAGE_MIN_COLUMNS = stage_bytes, 0
-    try:
+    # at least one column per group where staging runs, so that it always does
+    stage = {"_STAGE_BYTES": 0} if stage_bytes is None else {"_STAGE_BYTES": stage_bytes,
+                                                             "_STAGE_MIN_COLUMNS": 0}
+    with mock.patch.multiple(nm, _BAND_BYTES=band_bytes, **stage):
         banded = merger.finish(merger.merge_banded(canon, workers))
-    finally:
-        m._BAND_BYTES, m._STAGE_BYTES, m._STAGE_MIN_COLUMNS = saved
-    streamed = Merger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
+    streamed = NumpyMerger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
     streamed.add(canon)
     np.testing.assert_array_equal(banded, streamed.result())
     assert banded.dtype == streamed.result().dtype
@@ -343,10 +339,10 @@ def test_float32_sums_of_agreeing_values_exact_only_for_1_2_4(count, exact):
 def test_narrow_sums_chosen_by_coverage_counts():
     half = PatchGrid((1024, 1024), 64, stride=32)  # counts 1, 2, 4
     assert _narrow_sums_exact(half)
-    assert Merger(half, 1, 1, np.float32, narrow=True).acc_dtype == np.float32
-    assert Merger(half, 1, 1, np.float32).acc_dtype == np.float64  # streaming: not asked
-    assert Merger(half, 1, 1, np.float32, narrow=True, window="hann").acc_dtype == np.float32
-    assert not Merger(half, 1, 1, np.float32, narrow=True, window="hann").narrow
+    assert NumpyMerger(half, 1, 1, np.float32, narrow=True).acc_dtype == np.float32
+    assert NumpyMerger(half, 1, 1, np.float32).acc_dtype == np.float64  # streaming: not asked
+    assert NumpyMerger(half, 1, 1, np.float32, narrow=True, window="hann").acc_dtype == np.float32
+    assert not NumpyMerger(half, 1, 1, np.float32, narrow=True, window="hann").narrow
     assert not _narrow_sums_exact(PatchGrid((1000, 1000), 64, stride=32))  # shifted: 3 and 6
     assert not _narrow_sums_exact(PatchGrid((64, 64, 64), 32, stride=16))  # 8 in 3-D
     rng = np.random.default_rng(3)
@@ -364,14 +360,14 @@ def test_narrow_sums_overflow_falls_back_to_float64():
     image = np.full((64, 48), 3e38, np.float32)
     image[::3] = -2.9e38
     grid = PatchGrid(image.shape, 16, stride=8)
-    assert Merger(grid, 1, 1, np.float32, narrow=True).narrow
+    assert NumpyMerger(grid, 1, 1, np.float32, narrow=True).narrow
     import warnings
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for workers in (1, 2):
             merged = merge_patches(extract_patches(image, grid), grid, workers=workers)
             np.testing.assert_array_equal(merged, image)
-    merger = Merger(grid, 1, 1, np.float32, narrow=True)
+    merger = NumpyMerger(grid, 1, 1, np.float32, narrow=True)
     canon, _ = patches_to_canonical(extract_patches(image, grid), grid)
     with pytest.raises(FloatingPointError):
         merger.merge_banded(canon)

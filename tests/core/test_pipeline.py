@@ -12,6 +12,9 @@ from patch_viewer import (FILTERS, PatchGrid, extract_patches, iter_process, mak
 from .strategies import grids
 
 
+pytestmark = pytest.mark.usefixtures("backend")
+
+
 def test_identity_is_exact_with_zero_error():
     image = np.random.default_rng(0).random((100, 100)).astype(np.float32)
     r = process(image, PatchGrid(image.shape, 39, stride=1), batch_bytes=2**20)

@@ -1,0 +1,315 @@
+"""The compiled engine: a whole stack merged band by band, and the streaming accumulator.
+
+Both run the kernels of :mod:`.kernels_numba` on the canonical stack of :func:`.plan.kernel_view`.
+A whole stack (:func:`merge_bands`) is cut into bands of output rows whose sums fit the cache:
+each band reads the patch rows that touch it, is weighed and written once, and no image-sized
+canvas is made. Bands go to threads (the kernels release the GIL). The streaming
+:class:`NumbaMerger` keeps one canvas per image and adds pieces of patch rows as they come.
+"""
+
+from __future__ import annotations
+
+import math
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..grid import PatchGrid
+from . import kernels_numba as K
+from .plan import AXES3, MergePlan, band_rows, kernel_view, three_axes
+from .precision import anchored_finish, finish, split_mean
+from .weights import coverage_mask
+
+__all__ = ["NumbaMerger", "merge_bands"]
+
+
+class _Geometry:
+    """The grid on the kernels' three axes: origins, padded extents, weight denominators and
+    the owner maps of the anchor ("first" patch) and of overlap-tile ("centre")."""
+
+    def __init__(self, grid: PatchGrid, plan: MergePlan, c: int):
+        self.grid, self.plan, self.c = grid, plan, c
+        one = np.zeros(1, np.int64)
+        # writeable copies: read-only arrays would compile a second signature of each kernel
+        self.origins = three_axes([np.array(o, np.int64) for o in grid.origins], grid, one)
+        self.patch = three_axes(grid.patch_size, grid, 1)
+        self.extent = three_axes(
+            [max(n, int(o[-1]) + p) for n, o, p in zip(grid.spatial_shape, grid.origins,
+                                                      grid.patch_size)], grid, 1)
+        self.spatial = three_axes(grid.spatial_shape, grid, 1)
+        n0, n1, n2 = self.extent
+        self.wc = n2 * c
+        self.row_len = n1 * self.wc  # elements of one band row
+
+    def geo(self, piece_shape) -> np.ndarray:
+        nd = self.grid.ndim
+        g = three_axes(piece_shape[1:1 + nd], self.grid, 1)
+        return np.array([self.patch[0], self.patch[1], self.patch[2] * self.c, g[1], g[2]],
+                        np.int64)
+
+    def piece_origins(self, row0: int, rows: int):
+        """Origins on the three axes for a piece of grid rows ``row0 .. row0 + rows``."""
+        o = list(self.origins)
+        ax = AXES3[self.grid.ndim][0]
+        o[ax] = o[ax][row0:row0 + rows]
+        o2c = o[2] * self.c
+        return o[0], o[1], o2c
+
+    def denominators(self):
+        """``(den0, den1, denk)`` for :func:`kernels_numba.weigh` (see :class:`MergePlan`)."""
+        plan = self.plan
+        n0, n1, n2 = self.extent
+        if plan.weights is not None:  # a window that does not separate: the whole map
+            w = np.ones(self.extent + [self.c])
+            w[:self.spatial[0], :self.spatial[1], :self.spatial[2]] = plan.weights.reshape(
+                self.spatial + [1])
+            return np.ones(n0), np.ones(n1), w.reshape(n0 * n1, self.wc)
+        factors = plan.factors
+        if factors is None:  # max, min, pick: not weighed
+            return None
+        dens = []
+        for f, n in zip(three_axes(factors, self.grid, np.ones(1)), self.extent):
+            d = np.ones(n)
+            d[:len(f)] = f
+            dens.append(d)
+        return dens[0], dens[1], np.repeat(dens[2], self.c)[None, :]
+
+    def owner_maps(self, st, rule: str, row0: int = 0, rows: int | None = None):
+        """Stack offsets of each pixel's owner along the three axes (-1: none in this piece)."""
+        maps = []
+        ax0 = AXES3[self.grid.ndim][0]
+        for ax, (o, p, n) in enumerate(zip(self.origins, self.patch, self.extent)):
+            idx, off = _owners(o, p, n, rule)
+            if ax == ax0 and rows is not None:
+                idx = np.where((idx >= row0) & (idx < row0 + rows), idx - row0, -1)
+            stride_g, stride_p = st[1 + ax], (st[4 + ax] if ax < 2 else self.c)
+            maps.append(np.where(idx >= 0, idx * stride_g + off * stride_p, -1))
+        cols = (maps[2][:, None] + np.arange(self.c)[None, :]).ravel()
+        cols[np.repeat(maps[2] < 0, self.c)] = -1
+        return maps[0].astype(np.int64), maps[1].astype(np.int64), cols.astype(np.int64)
+
+
+def _owners(o: np.ndarray, p: int, n: int, rule: str):
+    """Per pixel of one axis: the grid index of the patch that owns it (the first covering
+    patch, or the one whose centre is nearest, ties to the first), -1 where none covers it,
+    and the pixel's offset in that patch."""
+    x = np.arange(n)
+    first = np.searchsorted(o + p, x, side="right")
+    last = np.searchsorted(o, x, side="right") - 1
+    idx = first
+    if rule == "centre":
+        centre = o + (p - 1) / 2
+        k = np.searchsorted(centre, x)
+        a = np.clip(k - 1, first, np.maximum(last, first))
+        b = np.clip(k, first, np.maximum(last, first))
+        idx = np.where(np.abs(x - centre[np.minimum(b, len(o) - 1)])
+                       < np.abs(x - centre[np.minimum(a, len(o) - 1)]), b, a)
+    idx = np.where(first <= last, idx, -1)
+    off = x - o[np.clip(idx, 0, len(o) - 1)]
+    return idx, off
+
+
+def _identity(dtype: np.dtype, mode: str):
+    if dtype.kind == "f":
+        return -np.inf if mode == "max" else np.inf
+    info = np.iinfo(dtype)
+    return info.min if mode == "max" else info.max
+
+
+class _Canvas:
+    """The arrays one band (or one whole image) accumulates into, flat and contiguous."""
+
+    def __init__(self, plan: MergePlan, size: int):
+        mode = plan.mode
+        self.acc = np.empty(size, plan.acc)
+        self.lo = np.empty(size, np.int64) if mode == "split" else None
+        self.ref = np.empty(size, plan.data) if mode in ("anchored", "pick") else None
+        self.mode = mode
+
+    def clear(self, n: int):
+        if self.mode in ("max", "min"):
+            self.acc[:n] = _identity(self.acc.dtype, self.mode)
+        else:
+            self.acc[:n] = 0
+        if self.lo is not None:
+            self.lo[:n] = 0
+
+
+def _add(geo3: _Geometry, canvas: _Canvas, flat, st, geo, origins, bi, i0, i1, y0, y1,
+         maps=None):
+    """Add the patch rows ``i0 .. i1`` of image ``bi`` to ``canvas`` (rows ``y0 .. y1``)."""
+    plan = geo3.plan
+    o0, o1, o2c = origins
+    n1, wc = geo3.extent[1], geo3.wc
+    args = (flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc)
+    mode = plan.mode
+    if maps is not None:  # the anchor (or the picked value) first
+        K.band_gather(flat, st, bi, y0, y1, maps[0], maps[1], maps[2], canvas.ref)
+    if mode == "sum":
+        K.band_sum(*args, canvas.acc)
+    elif mode == "split":
+        K.band_sum_split(*args, canvas.acc, canvas.lo)
+    elif mode == "weighted":
+        K.band_weighted(*args, plan.window, canvas.acc)
+    elif mode == "anchored":
+        K.band_anchored(*args, plan.window, canvas.ref, canvas.acc)
+    elif mode == "max":
+        K.band_max(*args, canvas.acc)
+    elif mode == "min":
+        K.band_min(*args, canvas.acc)
+
+
+class _Result:
+    """Image-sized outputs of a merge before they are finished into the output dtype."""
+
+    def __init__(self, geo3: _Geometry, n_images: int, dtype):
+        plan = geo3.plan
+        shape = (n_images, geo3.spatial[0], geo3.spatial[1], geo3.spatial[2] * geo3.c)
+        mode = plan.mode
+        # means for an integer output are rounded from float64 (float32 could round a
+        # fraction just below .5 up to it)
+        work = np.float64 if dtype is not None and np.dtype(dtype).kind in "biu" else plan.work
+        out = {"sum": work, "weighted": work, "anchored": np.float64,
+               "split": np.int64}.get(mode, plan.data)
+        self.out = np.empty(shape, out)
+        self.ref = np.empty(shape, plan.data) if mode == "anchored" else None
+        self.lo = np.empty(shape, np.int64) if mode == "split" else None
+        self.geo3, self.plan = geo3, plan
+        self.dens = geo3.denominators()
+
+    def write(self, canvas: _Canvas, bi: int, y0: int, y1: int):
+        """Weigh (or copy) a band's canvas into rows ``y0 .. y1`` of image ``bi``."""
+        geo3 = self.geo3
+        n1, wc = geo3.extent[1], geo3.wc
+        mode = self.plan.mode
+        dst = self.out[bi, y0:y1]
+        if not dst.shape[0]:
+            return
+        if mode in ("sum", "weighted", "anchored"):
+            K.weigh(canvas.acc, y0, n1, wc, *self.dens, dst)
+        elif mode == "pick":
+            K.copy_band(canvas.ref, y0, n1, wc, dst)
+        else:
+            K.copy_band(canvas.acc, y0, n1, wc, dst)
+        if mode == "anchored":
+            K.copy_band(canvas.ref, y0, n1, wc, self.ref[bi, y0:y1])
+        if mode == "split":
+            K.copy_band(canvas.lo, y0, n1, wc, self.lo[bi, y0:y1])
+
+    def finish(self, grid: PatchGrid, dtype, fill_value) -> np.ndarray:
+        """The merged images, canonical ``(b, *spatial, C)``, in ``dtype``."""
+        plan, geo3 = self.plan, self.geo3
+        mode = plan.mode
+        out, covered = self.out, self.covered(grid)
+        if mode == "split":
+            target = np.dtype(plan.work if dtype is None else dtype)
+            count = self.counts().reshape(out.shape[1:])
+            out = split_mean(out, self.lo, count, target if target.kind in "biu" else
+                             np.float64, plan.data.kind == "u")
+        elif mode == "anchored":
+            return self._shaped(anchored_finish(self.ref, out, covered, dtype, fill_value,
+                                                plan.work), grid)
+        return self._shaped(finish(out, covered, dtype, fill_value, plan.work), grid)
+
+    def counts(self) -> np.ndarray:
+        geo3 = self.geo3
+        counts = [c.astype(np.int64) for c in self.geo3.grid.coverage_1d()]
+        c3 = three_axes(counts, geo3.grid, np.ones(1, np.int64))
+        full = c3[0][:, None, None] * c3[1][None, :, None] * c3[2][None, None, :]
+        return np.repeat(full, geo3.c, axis=2)
+
+    def covered(self, grid: PatchGrid):
+        """Covered pixels (broadcastable to ``out``), or None where all are."""
+        plan = self.plan
+        if plan.weights is not None:
+            mask = plan.weights > 0
+        elif grid.is_covering:
+            return None
+        else:
+            mask = coverage_mask(grid)
+        mask = mask.reshape(self.geo3.spatial)
+        return np.repeat(mask, self.geo3.c, axis=2)[None]
+
+    def _shaped(self, out: np.ndarray, grid: PatchGrid) -> np.ndarray:
+        return out.reshape((out.shape[0],) + grid.spatial_shape + (self.geo3.c,))
+
+
+def merge_bands(canon: np.ndarray, grid: PatchGrid, plan: MergePlan, workers: int, dtype,
+                fill_value) -> np.ndarray:
+    """Merge a whole canonical stack ``(b, *G, *p, C)``: canonical ``(b, *spatial, C)``."""
+    b, c = canon.shape[0], canon.shape[-1]
+    geo3 = _Geometry(grid, plan, c)
+    flat, st = kernel_view(canon, grid, plan.data)
+    geo = geo3.geo(canon.shape)
+    origins = geo3.piece_origins(0, grid.grid_shape[0])
+    maps = None
+    if plan.mode in ("anchored", "pick"):
+        maps = geo3.owner_maps(st, "first" if plan.mode == "anchored" else "centre")
+    result = _Result(geo3, b, dtype)
+    n0 = geo3.extent[0]
+    rows = band_rows(geo3.row_len * plan.acc.itemsize, n0, b, workers)
+    bands = [(bi, y, min(n0, y + rows)) for bi in range(b) for y in range(0, n0, rows)]
+    o0, p0 = origins[0], geo3.patch[0]
+
+    def run(chunk):
+        canvas = _Canvas(plan, rows * geo3.row_len)
+        for bi, y0, y1 in chunk:
+            canvas.clear((y1 - y0) * geo3.row_len)
+            i0 = int(np.searchsorted(o0 + p0, y0, side="right"))
+            i1 = int(np.searchsorted(o0, y1, side="left"))
+            _add(geo3, canvas, flat, st, geo, origins, bi, i0, i1, y0, y1, maps)
+            result.write(canvas, bi, y0, y1)
+
+    workers = max(1, min(workers, len(bands)))
+    if workers == 1:
+        run(bands)
+    else:
+        cuts = np.linspace(0, len(bands), workers + 1).round().astype(int)
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(run, [bands[cuts[k]:cuts[k + 1]] for k in range(workers)]))
+    return result.finish(grid, dtype, fill_value)
+
+
+class NumbaMerger:
+    """Streaming accumulator on the compiled kernels: add pieces of a patch stack (grid rows
+    ``row0 .. row0 + g`` of images ``b0 .. b0 + b``, rows of one image in ascending order),
+    then take the result. One canvas per image; the same sums, in the same order per pixel,
+    as :func:`merge_bands`, so both give the same bits."""
+
+    def __init__(self, grid: PatchGrid, n_images: int, n_channels: int, plan: MergePlan):
+        self.grid, self.plan = grid, plan
+        self.geo3 = _Geometry(grid, plan, n_channels)
+        self.n_images = n_images
+        size = math.prod(self.geo3.extent) * n_channels
+        self._canvases = [None] * n_images
+        self._size = size
+
+    def _canvas(self, bi: int) -> _Canvas:
+        if self._canvases[bi] is None:
+            canvas = _Canvas(self.plan, self._size)
+            canvas.clear(self._size)
+            self._canvases[bi] = canvas
+        return self._canvases[bi]
+
+    def add(self, piece: np.ndarray, b0: int = 0, row0: int = 0) -> None:
+        """Add a canonical piece ``(b, g, *grid_shape[1:], *patch_size, C)``."""
+        plan, geo3 = self.plan, self.geo3
+        rows = piece.shape[1]
+        flat, st = kernel_view(piece, self.grid, plan.data)
+        geo = geo3.geo(piece.shape)
+        origins = geo3.piece_origins(row0, rows)
+        maps = None
+        if plan.mode in ("anchored", "pick"):
+            rule = "first" if plan.mode == "anchored" else "centre"
+            maps = geo3.owner_maps(st, rule, row0, rows)
+        n0 = geo3.extent[0]
+        i1 = len(origins[0])
+        for bi in range(piece.shape[0]):
+            _add(geo3, self._canvas(b0 + bi), flat, st, geo, origins, bi, 0, i1, 0, n0, maps)
+
+    def result(self, dtype=None, fill_value=None) -> np.ndarray:
+        """The merged images, canonical ``(b, *spatial, C)``."""
+        result = _Result(self.geo3, self.n_images, dtype)
+        for bi in range(self.n_images):
+            result.write(self._canvas(bi), bi, 0, self.geo3.extent[0])
+        return result.finish(self.grid, dtype, fill_value)

@@ -1,0 +1,211 @@
+"""Compiled merge kernels (numba): plain loop nests over flat arrays, no mode flags.
+
+Every kernel sees a patch stack in one canonical form, whatever the grid's dimensions:
+
+* ``flat``: the stack's memory as a read-only 1-D array, and ``st``, its element strides for
+  the axes ``(b, g0, g1, g2, p0, p1, L)``: images, three grid axes, three in-patch axes, where
+  the last in-patch axis is fused with the channels (``L = p_last * C``, contiguous). 1-D and
+  2-D grids have size-1 axes inserted (see :mod:`.plan`).
+* ``geo = (p0, p1, L, g1, g2)`` and the origins ``o0``, ``o1`` and ``o2c`` (the last axis'
+  origins times ``C``, i.e. in fused units).
+* a band: image ``bi``, output rows ``y0 .. y1`` of the first spatial axis, and the grid rows
+  ``i0 .. i1`` whose patches touch it. ``acc`` holds the band's sums, flat and contiguous, as
+  ``(y1 - y0, n1, WC)``.
+
+A pixel's contributions are added in patch order (grid rows, then columns), however the
+image is cut into bands, so the bits never depend on the number of threads. Offsets in the
+innermost loops are unsigned (numba then drops its negative-index checks and LLVM vectorises
+the loop). A CUDA port maps one thread to one output pixel of a band: the loops below become
+its body, the band its block.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+_JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
+_U = np.uint64
+
+
+# --------------------------------------------------------------------------- innermost runs
+@njit(inline="always", **_JIT)
+def _run_add(acc, a, flat, f, n):
+    for k in range(n):
+        acc[a + k] += flat[f + k]
+
+
+@njit(inline="always", **_JIT)
+def _run_add_split(hi, lo, a, flat, f, n):
+    for k in range(n):  # 64-bit integers as two exact 32-bit halves
+        v = flat[f + k]
+        hi[a + k] += v >> 32
+        lo[a + k] += v & 0xFFFFFFFF
+
+
+@njit(inline="always", **_JIT)
+def _run_add_weighted(acc, a, flat, f, w, wo, n):
+    for k in range(n):
+        acc[a + k] += w[wo + k] * flat[f + k]
+
+
+@njit(inline="always", **_JIT)
+def _run_add_anchored(acc, ref, a, flat, f, w, wo, n):
+    for k in range(n):
+        acc[a + k] += w[wo + k] * (np.float64(flat[f + k]) - np.float64(ref[a + k]))
+
+
+@njit(inline="always", **_JIT)
+def _run_max(acc, a, flat, f, n):
+    for k in range(n):
+        acc[a + k] = np.maximum(acc[a + k], flat[f + k])
+
+
+@njit(inline="always", **_JIT)
+def _run_min(acc, a, flat, f, n):
+    for k in range(n):
+        acc[a + k] = np.minimum(acc[a + k], flat[f + k])
+
+
+# --------------------------------------------------------------------------- band loops
+# One loop nest per operation (the innermost call is the only difference; numba inlines it).
+@njit(**_JIT)
+def band_sum(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
+    p0, p1, ln, g1, g2 = geo
+    for i in range(i0, i1):
+        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
+        for m in range(g1):
+            for j in range(g2):
+                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
+                for r in range(r0, r1):
+                    row = (o0[i] + r - y0) * n1 + o1[m]
+                    for q in range(p1):
+                        _run_add(acc, _U((row + q) * wc + o2c[j]), flat,
+                                 _U(base + r * st[4] + q * st[5]), _U(ln))
+
+
+@njit(**_JIT)
+def band_sum_split(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, hi, lo):
+    p0, p1, ln, g1, g2 = geo
+    for i in range(i0, i1):
+        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
+        for m in range(g1):
+            for j in range(g2):
+                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
+                for r in range(r0, r1):
+                    row = (o0[i] + r - y0) * n1 + o1[m]
+                    for q in range(p1):
+                        _run_add_split(hi, lo, _U((row + q) * wc + o2c[j]), flat,
+                                       _U(base + r * st[4] + q * st[5]), _U(ln))
+
+
+@njit(**_JIT)
+def band_weighted(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, acc):
+    """``win`` is the window, flat ``(p0, p1, L)`` (float64, repeated over the channels)."""
+    p0, p1, ln, g1, g2 = geo
+    for i in range(i0, i1):
+        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
+        for m in range(g1):
+            for j in range(g2):
+                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
+                for r in range(r0, r1):
+                    row = (o0[i] + r - y0) * n1 + o1[m]
+                    for q in range(p1):
+                        _run_add_weighted(acc, _U((row + q) * wc + o2c[j]), flat,
+                                          _U(base + r * st[4] + q * st[5]), win,
+                                          _U((r * p1 + q) * ln), _U(ln))
+
+
+@njit(**_JIT)
+def band_anchored(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, ref, acc):
+    """Sums ``w * (v - ref)``; ``ref`` is laid out like ``acc`` (see :func:`band_gather`)."""
+    p0, p1, ln, g1, g2 = geo
+    for i in range(i0, i1):
+        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
+        for m in range(g1):
+            for j in range(g2):
+                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
+                for r in range(r0, r1):
+                    row = (o0[i] + r - y0) * n1 + o1[m]
+                    for q in range(p1):
+                        _run_add_anchored(acc, ref, _U((row + q) * wc + o2c[j]), flat,
+                                          _U(base + r * st[4] + q * st[5]), win,
+                                          _U((r * p1 + q) * ln), _U(ln))
+
+
+@njit(**_JIT)
+def band_max(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
+    p0, p1, ln, g1, g2 = geo
+    for i in range(i0, i1):
+        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
+        for m in range(g1):
+            for j in range(g2):
+                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
+                for r in range(r0, r1):
+                    row = (o0[i] + r - y0) * n1 + o1[m]
+                    for q in range(p1):
+                        _run_max(acc, _U((row + q) * wc + o2c[j]), flat,
+                                 _U(base + r * st[4] + q * st[5]), _U(ln))
+
+
+@njit(**_JIT)
+def band_min(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
+    p0, p1, ln, g1, g2 = geo
+    for i in range(i0, i1):
+        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
+        for m in range(g1):
+            for j in range(g2):
+                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
+                for r in range(r0, r1):
+                    row = (o0[i] + r - y0) * n1 + o1[m]
+                    for q in range(p1):
+                        _run_min(acc, _U((row + q) * wc + o2c[j]), flat,
+                                 _U(base + r * st[4] + q * st[5]), _U(ln))
+
+
+@njit(**_JIT)
+def band_gather(flat, st, bi, y0, y1, rows0, rows1, cols, out):
+    """``out`` (laid out like a band's ``acc``) = the value each pixel takes from the one patch
+    that owns it: ``rows0[y]`` / ``rows1[z]`` are the stack offsets of the owning patch's grid
+    index and in-patch offset along the first two axes (-1 where no patch owns the pixel), and
+    ``cols[k]`` the same along the fused last axis. Unowned pixels are left as they are."""
+    n1, wc = rows1.shape[0], cols.shape[0]
+    for y in range(y0, y1):
+        if rows0[y] < 0:
+            continue
+        for z in range(n1):
+            if rows1[z] < 0:
+                continue
+            base = bi * st[0] + rows0[y] + rows1[z]
+            a = ((y - y0) * n1 + z) * wc
+            for k in range(wc):
+                if cols[k] >= 0:
+                    out[a + k] = flat[base + cols[k]]
+
+
+# --------------------------------------------------------------------------- weighing
+@njit(**_JIT)
+def weigh(acc, y0, n1, wc, den0, den1, denk, out):
+    """``out[y - y0, z, k] = acc / (den0[y] * den1[z] * denk[r, k])`` for the rows, columns
+    and fused elements ``out`` holds (it may be cropped). ``denk`` has one row, or one per
+    ``(y, z)`` for windows that do not separate. 0/0 gives NaN: callers mark uncovered pixels."""
+    per_row = denk.shape[0] > 1
+    for y in range(y0, y0 + out.shape[0]):
+        for z in range(out.shape[1]):
+            d = den0[y] * den1[z]
+            dk = denk[y * n1 + z] if per_row else denk[0]
+            a = _U(((y - y0) * n1 + z) * wc)
+            o = out[y - y0, z]
+            for k in range(_U(o.shape[0])):
+                o[k] = acc[a + k] / (d * dk[k])
+
+
+@njit(**_JIT)
+def copy_band(acc, y0, n1, wc, out):
+    """``out[y - y0, z, k] = acc[...]`` (cast to ``out``'s dtype) for the part ``out`` holds."""
+    for y in range(y0, y0 + out.shape[0]):
+        for z in range(out.shape[1]):
+            a = _U(((y - y0) * n1 + z) * wc)
+            o = out[y - y0, z]
+            for k in range(_U(o.shape[0])):
+                o[k] = acc[a + k]
