@@ -1,4 +1,4 @@
-"""Merge speed and memory against peers, all measured in the same run.
+"""Merge speed and memory against peers, both backends, all measured in the same run.
 
     python benchmarks/bench_merge.py            # all workloads, all installed peers
     python benchmarks/bench_merge.py --quick W1 # fewer repeats, chosen workloads
@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import statistics
 import subprocess
 import sys
@@ -24,12 +25,25 @@ import tracemalloc
 import numpy as np
 
 import patch_viewer as pv
+from patch_viewer.core.merge.plan import BACKEND_ENV
+
+
+def _numba_version():
+    try:
+        import numba
+    except ImportError:
+        return "missing"
+    return numba.__version__
 
 WORKLOADS = {
     "W1-f64": dict(shape=(100, 100), dtype=np.float64, patch=39, stride=1),
     "W1-u8": dict(shape=(100, 100), dtype=np.uint8, patch=39, stride=1),
     "W2": dict(shape=(1024, 1024), dtype=np.float32, patch=64, stride=32),
     "W3": dict(shape=(2048, 2048, 3), dtype=np.uint8, patch=256, stride=192, channel_axis=-1),
+    "W3-drop": dict(shape=(2048, 2048, 3), dtype=np.uint8, patch=256, stride=192,
+                    channel_axis=-1, edge="drop"),
+    "W3-pad": dict(shape=(2048, 2048, 3), dtype=np.uint8, patch=256, stride=192,
+                   channel_axis=-1, edge="pad"),
     "W4": dict(shape=(128, 128, 128), dtype=np.float32, patch=32, stride=16),
     "W5": dict(shape=(512, 512), dtype=np.float32, patch=39, stride=1),
 }
@@ -230,23 +244,27 @@ def check(make, image, grid, stack):
     fn = make(image.astype(np.float64), grid, shifted, offsets=offsets)
     if fn is None:
         return None
-    truth = pv.merge_patches(shifted, grid)
+    truth = pv.merge_patches(shifted, grid, fill_value=0)
     result = np.asarray(fn(), dtype=np.float64)
     return result.shape == truth.shape and bool(np.allclose(result, truth, rtol=1e-4, atol=1e-3))
 
 
 # ------------------------------------------------------------------------------ run
-def merge_layout_row(image, grid, stack, repeats):
-    """The same patches copied in the order the merge reads fastest (row offset first at
-    stride 1, as torch.unfold lays them out; what process() streams): the like-for-like
-    comparison with torch fold, which is handed its own layout too. None where that order is
-    the plain one."""
-    ordered = pv.extract_patches(image, grid, copy=True, layout="merge")
-    if ordered.strides == stack.strides:
-        return None
-    t = timeit(lambda: pv.merge_patches(ordered, grid), repeats)
-    return ("patch_viewer merge, stack in merge layout", t,
-            peak_bytes(lambda: pv.merge_patches(ordered, grid)), True)
+def numpy_rows(image, grid, stack, repeats):
+    """The NumPy backend (the fallback where numba is missing): the C-order stack, and the
+    same patches in the order that engine reads fastest (row offset first at stride 1, as
+    torch.unfold lays them out)."""
+    os.environ[BACKEND_ENV] = "numpy"
+    try:
+        t = timeit(lambda: pv.merge_patches(stack, grid, fill_value=0), repeats)
+        rows = [("NumPy backend merge", t, None, True)]
+        ordered = pv.extract_patches(image, grid, copy=True, layout="merge")
+        if ordered.strides != stack.strides:
+            t = timeit(lambda: pv.merge_patches(ordered, grid, fill_value=0), repeats)
+            rows.append(("NumPy backend merge, stack in merge layout", t, None, True))
+    finally:
+        del os.environ[BACKEND_ENV]
+    return rows
 
 
 def run_workload(name, spec, repeats, out=sys.stdout):
@@ -257,24 +275,26 @@ def run_workload(name, spec, repeats, out=sys.stdout):
     rng = np.random.default_rng(0)
     image = (rng.random(spec["shape"]) * 250).astype(spec["dtype"])
     grid = pv.PatchGrid(image.shape, spec["patch"], spec["stride"],
-                        channel_axis=spec.get("channel_axis"))
+                        channel_axis=spec.get("channel_axis"), edge=spec.get("edge", "shift"))
     stack = pv.extract_patches(image, grid, copy=True)
-    merged = pv.merge_patches(stack, grid)
+    merged = pv.merge_patches(stack, grid, fill_value=0)
     out_dtype = merged.dtype
     buf = np.empty_like(stack)
     dst = np.empty(image.shape, out_dtype)
     src = image.astype(out_dtype)
     floor = timeit(lambda: (np.copyto(buf, stack), np.copyto(dst, src)), repeats)
+    stack_copy = timeit(lambda: np.copyto(buf, stack), repeats)
     view_s = per_call(lambda: pv.extract_patches(image, grid), 1000)
-    ours = timeit(lambda: pv.merge_patches(stack, grid), repeats)
-    both = timeit(lambda: pv.merge_patches(pv.extract_patches(image, grid), grid), repeats)
-    one = timeit(lambda: pv.merge_patches(stack, grid, workers=1), repeats)
-    rows = [("patch_viewer merge", ours, peak_bytes(lambda: pv.merge_patches(stack, grid)), True),
+    extract_copy = timeit(lambda: pv.extract_patches(image, grid, copy=True), repeats)
+    merge = lambda **kw: pv.merge_patches(stack, grid, fill_value=0, **kw)  # noqa: E731
+    ours = timeit(merge, repeats)
+    both = timeit(lambda: pv.merge_patches(pv.extract_patches(image, grid), grid, fill_value=0),
+                  repeats)
+    one = timeit(lambda: merge(workers=1), repeats)
+    rows = [(f"patch_viewer merge ({pv.backend()})", ours, peak_bytes(merge), True),
             ("patch_viewer extract (view) + merge", both, None, True),
             ("patch_viewer merge, 1 thread", one, None, True)]
-    row = merge_layout_row(image, grid, stack, repeats)
-    if row is not None:
-        rows.insert(1, row)
+    rows += numpy_rows(image, grid, stack, repeats)
     for peer, make in PEERS.items():
         fn = make(image, grid, stack)
         if fn is None:
@@ -288,7 +308,9 @@ def run_workload(name, spec, repeats, out=sys.stdout):
     print(f"\n### {name}: {image.shape} {image.dtype}, patch {spec['patch']}, stride "
           f"{spec['stride']} ({grid.n_patches:,} patches, stack {stack.nbytes / 2**20:.1f} MiB)",
           file=out)
-    print(f"floor {floor * 1e3:.2f} ms; extraction view {view_s * 1e6:.1f} µs\n", file=out)
+    print(f"floor {floor * 1e3:.2f} ms; extraction: view {view_s * 1e6:.1f} µs, copy "
+          f"{extract_copy * 1e3:.2f} ms = {extract_copy / stack_copy:.2f}x one np.copyto of the "
+          f"stack ({stack_copy * 1e3:.2f} ms)\n", file=out)
     print("| method | median ms | x floor | x patch_viewer | peak MiB | true mean |", file=out)
     print("|---|---:|---:|---:|---:|---|", file=out)
     for label, t, mem, correct in rows:
@@ -307,7 +329,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     chosen = [w for w in WORKLOADS if not args.workloads
               or any(w.startswith(a) for a in args.workloads)]
-    header = (f"numpy {np.__version__}, patch_viewer {pv.__version__}, "
+    header = (f"numpy {np.__version__}, numba {_numba_version()}, patch_viewer {pv.__version__}, "
               f"{time.strftime('%Y-%m-%d')}, medians over repeats")
     if len(chosen) > 1:
         # One fresh process per workload: the heap a previous workload's peers leave behind

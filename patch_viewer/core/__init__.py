@@ -1,4 +1,5 @@
-"""The NumPy core: geometry, extraction, merging, windows, filters, metrics, pipeline.
+"""The array core: geometry, extraction, merging (compiled kernels, or NumPy), windows,
+filters, metrics, pipeline.
 
 Nothing here imports napari, Qt or magicgui.
 """
@@ -6,14 +7,14 @@ Nothing here imports napari, Qt or magicgui.
 from .extract import extract_patches
 from .filters import FILTERS, Param, PatchFilter, get_filter, register_filter
 from .grid import EDGE_MODES, PAD_MODES, PatchGrid
-from .merge import REDUCTIONS, Merger, merge_patches, weight_map
+from .merge import REDUCTIONS, Merger, backend, merge_patches, weight_map
 from .metrics import METRICS, compute_metrics, error_map
 from .pipeline import REFERENCES, Plan, Result, iter_process, make_plan, process
 from .windows import WINDOW_PARAMS, WINDOWS, make_window
 
 __all__ = [
     "EDGE_MODES", "FILTERS", "METRICS", "PAD_MODES", "REDUCTIONS", "REFERENCES", "WINDOWS",
-    "WINDOW_PARAMS", "Merger", "Param", "PatchFilter", "PatchGrid", "Plan", "Result",
+    "WINDOW_PARAMS", "Merger", "backend", "Param", "PatchFilter", "PatchGrid", "Plan", "Result",
     "compute_metrics", "error_map", "extract_patches", "get_filter", "iter_process",
     "make_plan", "make_window", "merge_patches", "process", "register_filter", "weight_map",
 ]

@@ -62,7 +62,7 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
         only zero window weights cover. Default NaN; required for an integer ``dtype`` when
         such pixels exist.
     workers : int, optional
-        Threads to merge on. Default: every core for stacks of 4 MiB and more, one below.
+        Threads to merge on. Default: every core for stacks of 8 MiB and more, one below.
         The result does not depend on it.
 
     Returns

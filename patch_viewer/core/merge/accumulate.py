@@ -109,6 +109,11 @@ def _owners(o: np.ndarray, p: int, n: int, rule: str):
     return idx, off
 
 
+def _powers_of_two(arrays) -> bool:
+    """Whether every positive value is a power of two (zeros are uncovered pixels)."""
+    return all(bool(np.all((np.frexp(a)[0] == 0.5) | (a == 0))) for a in arrays)
+
+
 def _identity(dtype: np.dtype, mode: str):
     if dtype.kind == "f":
         return -np.inf if mode == "max" else np.inf
@@ -121,12 +126,19 @@ class _Canvas:
 
     def __init__(self, plan: MergePlan, size: int):
         mode = plan.mode
-        self.acc = np.empty(size, plan.acc)
-        self.lo = np.empty(size, np.int64) if mode == "split" else None
+        self.acc = np.zeros(size, plan.acc)
+        self.lo = np.zeros(size, np.int64) if mode == "split" else None
         self.ref = np.empty(size, plan.data) if mode in ("anchored", "pick") else None
         self.mode = mode
+        if mode in ("max", "min"):
+            self.acc[:] = _identity(self.acc.dtype, mode)
+        #: whether weighing a band leaves it cleared (so no separate pass is needed)
+        self.self_clearing = mode in ("sum", "weighted", "anchored")
 
     def clear(self, n: int):
+        """Reset the first ``n`` elements for the next band."""
+        if self.self_clearing:
+            return
         if self.mode in ("max", "min"):
             self.acc[:n] = _identity(self.acc.dtype, self.mode)
         else:
@@ -176,6 +188,11 @@ class _Result:
         self.lo = np.empty(shape, np.int64) if mode == "split" else None
         self.geo3, self.plan = geo3, plan
         self.dens = geo3.denominators()
+        self.weigh = K.weigh
+        if self.dens is not None and plan.weights is None and _powers_of_two(self.dens):
+            with np.errstate(divide="ignore"):  # 1/0 = inf: 0 * inf is NaN, uncovered
+                self.dens = tuple(1.0 / d for d in self.dens)
+            self.weigh = K.weigh_scaled
 
     def write(self, canvas: _Canvas, bi: int, y0: int, y1: int):
         """Weigh (or copy) a band's canvas into rows ``y0 .. y1`` of image ``bi``."""
@@ -183,10 +200,8 @@ class _Result:
         n1, wc = geo3.extent[1], geo3.wc
         mode = self.plan.mode
         dst = self.out[bi, y0:y1]
-        if not dst.shape[0]:
-            return
         if mode in ("sum", "weighted", "anchored"):
-            K.weigh(canvas.acc, y0, n1, wc, *self.dens, dst)
+            self.weigh(canvas.acc, y0, y1, n1, wc, *self.dens, dst)  # and clears the band
         elif mode == "pick":
             K.copy_band(canvas.ref, y0, n1, wc, dst)
         else:
@@ -198,11 +213,15 @@ class _Result:
 
     def finish(self, grid: PatchGrid, dtype, fill_value) -> np.ndarray:
         """The merged images, canonical ``(b, *spatial, C)``, in ``dtype``."""
-        plan, geo3 = self.plan, self.geo3
+        plan = self.plan
         mode = plan.mode
-        out, covered = self.out, self.covered(grid)
+        out = self.out
+        target = np.dtype(plan.work if dtype is None else dtype)
+        # a weighed sum is 0/0, NaN, where nothing covers: nothing to mark for a NaN fill
+        nan_marks = mode in ("sum", "weighted", "anchored") and target.kind == "f" and (
+            fill_value is None or np.isnan(fill_value))
+        covered = None if nan_marks else self.covered(grid)
         if mode == "split":
-            target = np.dtype(plan.work if dtype is None else dtype)
             count = self.counts().reshape(out.shape[1:])
             out = split_mean(out, self.lo, count, target if target.kind in "biu" else
                              np.float64, plan.data.kind == "u")
@@ -254,20 +273,29 @@ def merge_bands(canon: np.ndarray, grid: PatchGrid, plan: MergePlan, workers: in
     def run(chunk):
         canvas = _Canvas(plan, rows * geo3.row_len)
         for bi, y0, y1 in chunk:
-            canvas.clear((y1 - y0) * geo3.row_len)
             i0 = int(np.searchsorted(o0 + p0, y0, side="right"))
             i1 = int(np.searchsorted(o0, y1, side="left"))
             _add(geo3, canvas, flat, st, geo, origins, bi, i0, i1, y0, y1, maps)
             result.write(canvas, bi, y0, y1)
+            canvas.clear((y1 - y0) * geo3.row_len)
 
     workers = max(1, min(workers, len(bands)))
     if workers == 1:
         run(bands)
     else:
         cuts = np.linspace(0, len(bands), workers + 1).round().astype(int)
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, [bands[cuts[k]:cuts[k + 1]] for k in range(workers)]))
+        list(_pool().map(run, [bands[cuts[k]:cuts[k + 1]] for k in range(workers)]))
     return result.finish(grid, dtype, fill_value)
+
+
+_POOL: list = []
+
+
+def _pool() -> ThreadPoolExecutor:
+    """One thread pool for every merge (threads are started once, on first use)."""
+    if not _POOL:
+        _POOL.append(ThreadPoolExecutor(64, thread_name_prefix="patch_viewer-merge"))
+    return _POOL[0]
 
 
 class NumbaMerger:
@@ -286,9 +314,7 @@ class NumbaMerger:
 
     def _canvas(self, bi: int) -> _Canvas:
         if self._canvases[bi] is None:
-            canvas = _Canvas(self.plan, self._size)
-            canvas.clear(self._size)
-            self._canvases[bi] = canvas
+            self._canvases[bi] = _Canvas(self.plan, self._size)
         return self._canvases[bi]
 
     def add(self, piece: np.ndarray, b0: int = 0, row0: int = 0) -> None:

@@ -12,8 +12,9 @@ Every kernel sees a patch stack in one canonical form, whatever the grid's dimen
   ``i0 .. i1`` whose patches touch it. ``acc`` holds the band's sums, flat and contiguous, as
   ``(y1 - y0, n1, WC)``.
 
-A pixel's contributions are added in patch order (grid rows, then columns), however the
-image is cut into bands, so the bits never depend on the number of threads. Offsets in the
+A pixel's contributions are added in one fixed order (middle grid axis, grid rows, grid
+columns), however the image is cut into bands, so the bits never depend on the number of
+threads. Offsets in the
 innermost loops are unsigned (numba then drops its negative-index checks and LLVM vectorises
 the loop). A CUDA port maps one thread to one output pixel of a band: the loops below become
 its body, the band its block.
@@ -69,98 +70,135 @@ def _run_min(acc, a, flat, f, n):
 
 # --------------------------------------------------------------------------- band loops
 # One loop nest per operation (the innermost call is the only difference; numba inlines it).
+# The middle axis' grid index m and in-patch offset q run outermost, so that the hot nest
+# (grid rows, grid columns, patch rows) is the same simple one for 1-, 2- and 3-D grids:
+# with size-1 loops inside it, LLVM compiled 2-D merges 1.5-2.5x slower (measured).
 @njit(**_JIT)
 def band_sum(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
-    p0, p1, ln, g1, g2 = geo
-    for i in range(i0, i1):
-        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
-        for m in range(g1):
-            for j in range(g2):
-                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
-                for r in range(r0, r1):
-                    row = (o0[i] + r - y0) * n1 + o1[m]
-                    for q in range(p1):
-                        _run_add(acc, _U((row + q) * wc + o2c[j]), flat,
-                                 _U(base + r * st[4] + q * st[5]), _U(ln))
+    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
+    s1, s3, s4 = st[1], st[3], st[4]
+    n = _U(ln)
+    for m in range(g1):
+        for q in range(p1):
+            fm = bi * st[0] + m * st[2] + q * st[5]
+            am = (o1[m] + q) * wc
+            for i in range(i0, i1):
+                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
+                for j in range(g2):
+                    fj = fm + i * s1 + j * s3
+                    aj = am + o2c[j]
+                    for r in range(r0, r1):
+                        ao = _U((oi + r - y0) * n1 * wc + aj)
+                        fo = _U(fj + r * s4)
+                        _run_add(acc, ao, flat, fo, n)
 
 
 @njit(**_JIT)
 def band_sum_split(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, hi, lo):
-    p0, p1, ln, g1, g2 = geo
-    for i in range(i0, i1):
-        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
-        for m in range(g1):
-            for j in range(g2):
-                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
-                for r in range(r0, r1):
-                    row = (o0[i] + r - y0) * n1 + o1[m]
-                    for q in range(p1):
-                        _run_add_split(hi, lo, _U((row + q) * wc + o2c[j]), flat,
-                                       _U(base + r * st[4] + q * st[5]), _U(ln))
+    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
+    s1, s3, s4 = st[1], st[3], st[4]
+    n = _U(ln)
+    for m in range(g1):
+        for q in range(p1):
+            fm = bi * st[0] + m * st[2] + q * st[5]
+            am = (o1[m] + q) * wc
+            for i in range(i0, i1):
+                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
+                for j in range(g2):
+                    fj = fm + i * s1 + j * s3
+                    aj = am + o2c[j]
+                    for r in range(r0, r1):
+                        ao = _U((oi + r - y0) * n1 * wc + aj)
+                        fo = _U(fj + r * s4)
+                        _run_add_split(hi, lo, ao, flat, fo, n)
 
 
 @njit(**_JIT)
 def band_weighted(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, acc):
     """``win`` is the window, flat ``(p0, p1, L)`` (float64, repeated over the channels)."""
-    p0, p1, ln, g1, g2 = geo
-    for i in range(i0, i1):
-        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
-        for m in range(g1):
-            for j in range(g2):
-                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
-                for r in range(r0, r1):
-                    row = (o0[i] + r - y0) * n1 + o1[m]
-                    for q in range(p1):
-                        _run_add_weighted(acc, _U((row + q) * wc + o2c[j]), flat,
-                                          _U(base + r * st[4] + q * st[5]), win,
-                                          _U((r * p1 + q) * ln), _U(ln))
+    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
+    s1, s3, s4 = st[1], st[3], st[4]
+    n = _U(ln)
+    for m in range(g1):
+        for q in range(p1):
+            fm = bi * st[0] + m * st[2] + q * st[5]
+            am = (o1[m] + q) * wc
+            for i in range(i0, i1):
+                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
+                for j in range(g2):
+                    fj = fm + i * s1 + j * s3
+                    aj = am + o2c[j]
+                    for r in range(r0, r1):
+                        ao = _U((oi + r - y0) * n1 * wc + aj)
+                        fo = _U(fj + r * s4)
+                        _run_add_weighted(acc, ao, flat, fo, win, _U((r * p1 + q) * ln), n)
 
 
 @njit(**_JIT)
 def band_anchored(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, ref, acc):
     """Sums ``w * (v - ref)``; ``ref`` is laid out like ``acc`` (see :func:`band_gather`)."""
-    p0, p1, ln, g1, g2 = geo
-    for i in range(i0, i1):
-        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
-        for m in range(g1):
-            for j in range(g2):
-                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
-                for r in range(r0, r1):
-                    row = (o0[i] + r - y0) * n1 + o1[m]
-                    for q in range(p1):
-                        _run_add_anchored(acc, ref, _U((row + q) * wc + o2c[j]), flat,
-                                          _U(base + r * st[4] + q * st[5]), win,
-                                          _U((r * p1 + q) * ln), _U(ln))
+    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
+    s1, s3, s4 = st[1], st[3], st[4]
+    n = _U(ln)
+    for m in range(g1):
+        for q in range(p1):
+            fm = bi * st[0] + m * st[2] + q * st[5]
+            am = (o1[m] + q) * wc
+            for i in range(i0, i1):
+                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
+                for j in range(g2):
+                    fj = fm + i * s1 + j * s3
+                    aj = am + o2c[j]
+                    for r in range(r0, r1):
+                        ao = _U((oi + r - y0) * n1 * wc + aj)
+                        fo = _U(fj + r * s4)
+                        _run_add_anchored(acc, ref, ao, flat, fo, win, _U((r * p1 + q) * ln), n)
 
 
 @njit(**_JIT)
 def band_max(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
-    p0, p1, ln, g1, g2 = geo
-    for i in range(i0, i1):
-        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
-        for m in range(g1):
-            for j in range(g2):
-                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
-                for r in range(r0, r1):
-                    row = (o0[i] + r - y0) * n1 + o1[m]
-                    for q in range(p1):
-                        _run_max(acc, _U((row + q) * wc + o2c[j]), flat,
-                                 _U(base + r * st[4] + q * st[5]), _U(ln))
+    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
+    s1, s3, s4 = st[1], st[3], st[4]
+    n = _U(ln)
+    for m in range(g1):
+        for q in range(p1):
+            fm = bi * st[0] + m * st[2] + q * st[5]
+            am = (o1[m] + q) * wc
+            for i in range(i0, i1):
+                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
+                for j in range(g2):
+                    fj = fm + i * s1 + j * s3
+                    aj = am + o2c[j]
+                    for r in range(r0, r1):
+                        ao = _U((oi + r - y0) * n1 * wc + aj)
+                        fo = _U(fj + r * s4)
+                        _run_max(acc, ao, flat, fo, n)
 
 
 @njit(**_JIT)
 def band_min(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
-    p0, p1, ln, g1, g2 = geo
-    for i in range(i0, i1):
-        r0, r1 = max(y0 - o0[i], 0), min(y1 - o0[i], p0)
-        for m in range(g1):
-            for j in range(g2):
-                base = bi * st[0] + i * st[1] + m * st[2] + j * st[3]
-                for r in range(r0, r1):
-                    row = (o0[i] + r - y0) * n1 + o1[m]
-                    for q in range(p1):
-                        _run_min(acc, _U((row + q) * wc + o2c[j]), flat,
-                                 _U(base + r * st[4] + q * st[5]), _U(ln))
+    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
+    s1, s3, s4 = st[1], st[3], st[4]
+    n = _U(ln)
+    for m in range(g1):
+        for q in range(p1):
+            fm = bi * st[0] + m * st[2] + q * st[5]
+            am = (o1[m] + q) * wc
+            for i in range(i0, i1):
+                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
+                for j in range(g2):
+                    fj = fm + i * s1 + j * s3
+                    aj = am + o2c[j]
+                    for r in range(r0, r1):
+                        ao = _U((oi + r - y0) * n1 * wc + aj)
+                        fo = _U(fj + r * s4)
+                        _run_min(acc, ao, flat, fo, n)
 
 
 @njit(**_JIT)
@@ -185,10 +223,11 @@ def band_gather(flat, st, bi, y0, y1, rows0, rows1, cols, out):
 
 # --------------------------------------------------------------------------- weighing
 @njit(**_JIT)
-def weigh(acc, y0, n1, wc, den0, den1, denk, out):
+def weigh(acc, y0, y1, n1, wc, den0, den1, denk, out):
     """``out[y - y0, z, k] = acc / (den0[y] * den1[z] * denk[r, k])`` for the rows, columns
-    and fused elements ``out`` holds (it may be cropped). ``denk`` has one row, or one per
-    ``(y, z)`` for windows that do not separate. 0/0 gives NaN: callers mark uncovered pixels."""
+    and fused elements ``out`` holds (it may be cropped), and ``acc = 0`` there for the next
+    band. ``denk`` has one row, or one per ``(y, z)`` for windows that do not separate. 0/0
+    gives NaN: callers mark uncovered pixels."""
     per_row = denk.shape[0] > 1
     for y in range(y0, y0 + out.shape[0]):
         for z in range(out.shape[1]):
@@ -198,6 +237,35 @@ def weigh(acc, y0, n1, wc, den0, den1, denk, out):
             o = out[y - y0, z]
             for k in range(_U(o.shape[0])):
                 o[k] = acc[a + k] / (d * dk[k])
+                acc[a + k] = 0
+    _clear_outside(acc, y0, y1, n1, wc, out.shape[0], out.shape[1], out.shape[2])
+
+
+@njit(**_JIT)
+def weigh_scaled(acc, y0, y1, n1, wc, inv0, inv1, invk, out):
+    """:func:`weigh` by multiplying with reciprocals, for weights that are all powers of two
+    (then exact, so the same bits as dividing, at a fraction of the cost)."""
+    for y in range(y0, y0 + out.shape[0]):
+        for z in range(out.shape[1]):
+            d = inv0[y] * inv1[z]
+            dk = invk[0]
+            a = _U(((y - y0) * n1 + z) * wc)
+            o = out[y - y0, z]
+            for k in range(_U(o.shape[0])):
+                o[k] = acc[a + k] * (d * dk[k])
+                acc[a + k] = 0
+    _clear_outside(acc, y0, y1, n1, wc, out.shape[0], out.shape[1], out.shape[2])
+
+
+@njit(inline="always", **_JIT)
+def _clear_outside(acc, y0, y1, n1, wc, rows, cols, width):
+    """Zero what a cropped ``out`` did not take of a band (the padding of ``edge="pad"``)."""
+    for y in range(y1 - y0):
+        for z in range(n1):
+            a = (y * n1 + z) * wc
+            start = width if y < rows and z < cols else 0
+            for k in range(start, wc):
+                acc[a + k] = 0
 
 
 @njit(**_JIT)
