@@ -61,7 +61,7 @@ def _round_float(v: Fraction, dtype):
        st.sampled_from([np.float32, np.uint8, np.int16, np.int32]), st.integers(0, 2**32 - 1))
 def test_means_are_correctly_rounded(backend, grid, dtype, seed):
     """float32 and integer outputs are the exact mean rounded once (0.5 ulp) on the compiled
-    backend; the NumPy engine's float32 means are within 2 ulp (it divides one axis' weights
+    backend; the NumPy engine's float32 means are within 4 ulp (it divides one axis' weights
     at a time)."""
     assume(grid.is_covering)
     rng = np.random.default_rng(seed)
@@ -77,7 +77,7 @@ def test_means_are_correctly_rounded(backend, grid, dtype, seed):
     merged = merge_patches(p, grid, dtype=target)
     expected = nearest(exact, target)
     if backend == "numpy" and target == np.float32:
-        np.testing.assert_array_max_ulp(merged, expected, maxulp=2)
+        np.testing.assert_array_max_ulp(merged, expected, maxulp=4)
     else:
         np.testing.assert_array_equal(merged, expected)
 

@@ -16,7 +16,7 @@ import numpy as np
 
 from ..grid import PatchGrid
 from . import kernels_numba as K
-from .plan import AXES3, MergePlan, band_rows, kernel_view, three_axes
+from .plan import AXES3, MergePlan, Source, band_rows, stack_source, three_axes
 from .precision import anchored_finish, finish, split_mean
 from .weights import coverage_mask
 
@@ -41,11 +41,10 @@ class _Geometry:
         self.wc = n2 * c
         self.row_len = n1 * self.wc  # elements of one band row
 
-    def geo(self, piece_shape) -> np.ndarray:
-        nd = self.grid.ndim
-        g = three_axes(piece_shape[1:1 + nd], self.grid, 1)
-        return np.array([self.patch[0], self.patch[1], self.patch[2] * self.c, g[1], g[2]],
-                        np.int64)
+    def geo(self, src: Source) -> np.ndarray:
+        """``(p0, p1, L, g1, g2)`` for a source (whose tables count its grid indices)."""
+        return np.array([self.patch[0], self.patch[1], self.patch[2] * self.c, len(src[3]),
+                         len(src[4])], np.int64)
 
     def piece_origins(self, row0: int, rows: int):
         """Origins on the three axes for a piece of grid rows ``row0 .. row0 + rows``."""
@@ -74,16 +73,19 @@ class _Geometry:
             dens.append(d)
         return dens[0], dens[1], np.repeat(dens[2], self.c)[None, :]
 
-    def owner_maps(self, st, rule: str, row0: int = 0, rows: int | None = None):
-        """Stack offsets of each pixel's owner along the three axes (-1: none in this piece)."""
+    def owner_maps(self, src: Source, rule: str, row0: int = 0, rows: int | None = None):
+        """Source offsets of each pixel's owner along the three axes (-1: none in this piece;
+        ``src`` holds the grid rows ``row0 .. row0 + rows``)."""
         maps = []
         ax0 = AXES3[self.grid.ndim][0]
+        st, tables = src[1], src[2:]
         for ax, (o, p, n) in enumerate(zip(self.origins, self.patch, self.extent)):
             idx, off = _owners(o, p, n, rule)
             if ax == ax0 and rows is not None:
                 idx = np.where((idx >= row0) & (idx < row0 + rows), idx - row0, -1)
-            stride_g, stride_p = st[1 + ax], (st[4 + ax] if ax < 2 else self.c)
-            maps.append(np.where(idx >= 0, idx * stride_g + off * stride_p, -1))
+            stride_p = st[1 + ax] if ax < 2 else self.c
+            found = tables[ax][np.clip(idx, 0, len(tables[ax]) - 1)] + off * stride_p
+            maps.append(np.where(idx >= 0, found, -1))
         cols = (maps[2][:, None] + np.arange(self.c)[None, :]).ravel()
         cols[np.repeat(maps[2] < 0, self.c)] = -1
         return maps[0].astype(np.int64), maps[1].astype(np.int64), cols.astype(np.int64)
@@ -147,16 +149,16 @@ class _Canvas:
             self.lo[:n] = 0
 
 
-def _add(geo3: _Geometry, canvas: _Canvas, flat, st, geo, origins, bi, i0, i1, y0, y1,
+def _add(geo3: _Geometry, canvas: _Canvas, src: Source, origins, bi, i0, i1, y0, y1,
          maps=None):
     """Add the patch rows ``i0 .. i1`` of image ``bi`` to ``canvas`` (rows ``y0 .. y1``)."""
     plan = geo3.plan
     o0, o1, o2c = origins
     n1, wc = geo3.extent[1], geo3.wc
-    args = (flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc)
+    args = (*src, geo3.geo(src), o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc)
     mode = plan.mode
     if maps is not None:  # the anchor (or the picked value) first
-        K.band_gather(flat, st, bi, y0, y1, maps[0], maps[1], maps[2], canvas.ref)
+        K.band_gather(src[0], src[1], bi, y0, y1, maps[0], maps[1], maps[2], canvas.ref)
     if mode == "sum":
         K.band_sum(*args, canvas.acc)
     elif mode == "split":
@@ -258,12 +260,11 @@ def merge_bands(canon: np.ndarray, grid: PatchGrid, plan: MergePlan, workers: in
     """Merge a whole canonical stack ``(b, *G, *p, C)``: canonical ``(b, *spatial, C)``."""
     b, c = canon.shape[0], canon.shape[-1]
     geo3 = _Geometry(grid, plan, c)
-    flat, st = kernel_view(canon, grid, plan.data)
-    geo = geo3.geo(canon.shape)
+    src = stack_source(canon, grid, plan.data)
     origins = geo3.piece_origins(0, grid.grid_shape[0])
     maps = None
     if plan.mode in ("anchored", "pick"):
-        maps = geo3.owner_maps(st, "first" if plan.mode == "anchored" else "centre")
+        maps = geo3.owner_maps(src, "first" if plan.mode == "anchored" else "centre")
     result = _Result(geo3, b, dtype)
     n0 = geo3.extent[0]
     rows = band_rows(geo3.row_len * plan.acc.itemsize, n0, b, workers)
@@ -275,7 +276,7 @@ def merge_bands(canon: np.ndarray, grid: PatchGrid, plan: MergePlan, workers: in
         for bi, y0, y1 in chunk:
             i0 = int(np.searchsorted(o0 + p0, y0, side="right"))
             i1 = int(np.searchsorted(o0, y1, side="left"))
-            _add(geo3, canvas, flat, st, geo, origins, bi, i0, i1, y0, y1, maps)
+            _add(geo3, canvas, src, origins, bi, i0, i1, y0, y1, maps)
             result.write(canvas, bi, y0, y1)
             canvas.clear((y1 - y0) * geo3.row_len)
 
@@ -319,19 +320,22 @@ class NumbaMerger:
 
     def add(self, piece: np.ndarray, b0: int = 0, row0: int = 0) -> None:
         """Add a canonical piece ``(b, g, *grid_shape[1:], *patch_size, C)``."""
+        src = stack_source(piece, self.grid, self.plan.data)
+        self.add_source(src, range(b0, b0 + piece.shape[0]), row0, piece.shape[1], b0)
+
+    def add_source(self, src: Source, images, row0: int, rows: int, first: int = 0) -> None:
+        """Add the patches of grid rows ``row0 .. row0 + rows`` of ``images`` read from
+        ``src`` (which holds exactly those rows; its image ``b`` is image ``first + b``)."""
         plan, geo3 = self.plan, self.geo3
-        rows = piece.shape[1]
-        flat, st = kernel_view(piece, self.grid, plan.data)
-        geo = geo3.geo(piece.shape)
         origins = geo3.piece_origins(row0, rows)
         maps = None
         if plan.mode in ("anchored", "pick"):
             rule = "first" if plan.mode == "anchored" else "centre"
-            maps = geo3.owner_maps(st, rule, row0, rows)
+            maps = geo3.owner_maps(src, rule, row0, rows)
         n0 = geo3.extent[0]
         i1 = len(origins[0])
-        for bi in range(piece.shape[0]):
-            _add(geo3, self._canvas(b0 + bi), flat, st, geo, origins, bi, 0, i1, 0, n0, maps)
+        for b in images:
+            _add(geo3, self._canvas(b), src, origins, b - first, 0, i1, 0, n0, maps)
 
     def result(self, dtype=None, fill_value=None) -> np.ndarray:
         """The merged images, canonical ``(b, *spatial, C)``."""

@@ -1,11 +1,12 @@
 """Compiled merge kernels (numba): plain loop nests over flat arrays, no mode flags.
 
-Every kernel sees a patch stack in one canonical form, whatever the grid's dimensions:
+Every kernel reads patches from one canonical *source*, whatever the grid's dimensions:
 
-* ``flat``: the stack's memory as a read-only 1-D array, and ``st``, its element strides for
-  the axes ``(b, g0, g1, g2, p0, p1, L)``: images, three grid axes, three in-patch axes, where
-  the last in-patch axis is fused with the channels (``L = p_last * C``, contiguous). 1-D and
-  2-D grids have size-1 axes inserted (see :mod:`.plan`).
+* ``flat``: memory as a read-only 1-D array, either a patch stack's or an image's (then the
+  patches are read where they lie, with no stack made); ``st = (image, row, middle row)``
+  element strides, and ``f0``, ``f1``, ``f2``: the offset of each grid index along the three
+  grid axes. A patch's run of ``L = p_last * C`` elements (its last axis fused with the
+  channels) is contiguous. 1-D and 2-D grids have size-1 axes inserted (see :mod:`.plan`).
 * ``geo = (p0, p1, L, g1, g2)`` and the origins ``o0``, ``o1`` and ``o2c`` (the last axis'
   origins times ``C``, i.e. in fused units).
 * a band: image ``bi``, output rows ``y0 .. y1`` of the first spatial axis, and the grid rows
@@ -74,130 +75,130 @@ def _run_min(acc, a, flat, f, n):
 # (grid rows, grid columns, patch rows) is the same simple one for 1-, 2- and 3-D grids:
 # with size-1 loops inside it, LLVM compiled 2-D merges 1.5-2.5x slower (measured).
 @njit(**_JIT)
-def band_sum(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
+def band_sum(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    s1, s3, s4 = st[1], st[3], st[4]
+    sr = st[1]
     n = _U(ln)
     for m in range(g1):
         for q in range(p1):
-            fm = bi * st[0] + m * st[2] + q * st[5]
+            fm = bi * st[0] + f1[m] + q * st[2]
             am = (o1[m] + q) * wc
             for i in range(i0, i1):
-                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                oi, fi = o0[i], f0[i]  # locals: loads after a store to acc are not hoisted
                 r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
                 for j in range(g2):
-                    fj = fm + i * s1 + j * s3
+                    fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
                         ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * s4)
+                        fo = _U(fj + r * sr)
                         _run_add(acc, ao, flat, fo, n)
 
 
 @njit(**_JIT)
-def band_sum_split(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, hi, lo):
+def band_sum_split(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, hi, lo):
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    s1, s3, s4 = st[1], st[3], st[4]
+    sr = st[1]
     n = _U(ln)
     for m in range(g1):
         for q in range(p1):
-            fm = bi * st[0] + m * st[2] + q * st[5]
+            fm = bi * st[0] + f1[m] + q * st[2]
             am = (o1[m] + q) * wc
             for i in range(i0, i1):
-                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                oi, fi = o0[i], f0[i]  # locals: loads after a store to acc are not hoisted
                 r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
                 for j in range(g2):
-                    fj = fm + i * s1 + j * s3
+                    fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
                         ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * s4)
+                        fo = _U(fj + r * sr)
                         _run_add_split(hi, lo, ao, flat, fo, n)
 
 
 @njit(**_JIT)
-def band_weighted(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, acc):
+def band_weighted(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, acc):
     """``win`` is the window, flat ``(p0, p1, L)`` (float64, repeated over the channels)."""
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    s1, s3, s4 = st[1], st[3], st[4]
+    sr = st[1]
     n = _U(ln)
     for m in range(g1):
         for q in range(p1):
-            fm = bi * st[0] + m * st[2] + q * st[5]
+            fm = bi * st[0] + f1[m] + q * st[2]
             am = (o1[m] + q) * wc
             for i in range(i0, i1):
-                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                oi, fi = o0[i], f0[i]  # locals: loads after a store to acc are not hoisted
                 r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
                 for j in range(g2):
-                    fj = fm + i * s1 + j * s3
+                    fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
                         ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * s4)
+                        fo = _U(fj + r * sr)
                         _run_add_weighted(acc, ao, flat, fo, win, _U((r * p1 + q) * ln), n)
 
 
 @njit(**_JIT)
-def band_anchored(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, ref, acc):
+def band_anchored(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, ref, acc):
     """Sums ``w * (v - ref)``; ``ref`` is laid out like ``acc`` (see :func:`band_gather`)."""
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    s1, s3, s4 = st[1], st[3], st[4]
+    sr = st[1]
     n = _U(ln)
     for m in range(g1):
         for q in range(p1):
-            fm = bi * st[0] + m * st[2] + q * st[5]
+            fm = bi * st[0] + f1[m] + q * st[2]
             am = (o1[m] + q) * wc
             for i in range(i0, i1):
-                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                oi, fi = o0[i], f0[i]  # locals: loads after a store to acc are not hoisted
                 r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
                 for j in range(g2):
-                    fj = fm + i * s1 + j * s3
+                    fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
                         ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * s4)
+                        fo = _U(fj + r * sr)
                         _run_add_anchored(acc, ref, ao, flat, fo, win, _U((r * p1 + q) * ln), n)
 
 
 @njit(**_JIT)
-def band_max(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
+def band_max(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    s1, s3, s4 = st[1], st[3], st[4]
+    sr = st[1]
     n = _U(ln)
     for m in range(g1):
         for q in range(p1):
-            fm = bi * st[0] + m * st[2] + q * st[5]
+            fm = bi * st[0] + f1[m] + q * st[2]
             am = (o1[m] + q) * wc
             for i in range(i0, i1):
-                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                oi, fi = o0[i], f0[i]  # locals: loads after a store to acc are not hoisted
                 r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
                 for j in range(g2):
-                    fj = fm + i * s1 + j * s3
+                    fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
                         ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * s4)
+                        fo = _U(fj + r * sr)
                         _run_max(acc, ao, flat, fo, n)
 
 
 @njit(**_JIT)
-def band_min(flat, st, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
+def band_min(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    s1, s3, s4 = st[1], st[3], st[4]
+    sr = st[1]
     n = _U(ln)
     for m in range(g1):
         for q in range(p1):
-            fm = bi * st[0] + m * st[2] + q * st[5]
+            fm = bi * st[0] + f1[m] + q * st[2]
             am = (o1[m] + q) * wc
             for i in range(i0, i1):
-                oi = o0[i]  # locals: loads after a store to acc could not be hoisted
+                oi, fi = o0[i], f0[i]  # locals: loads after a store to acc are not hoisted
                 r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
                 for j in range(g2):
-                    fj = fm + i * s1 + j * s3
+                    fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
                         ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * s4)
+                        fo = _U(fj + r * sr)
                         _run_min(acc, ao, flat, fo, n)
 
 

@@ -16,8 +16,9 @@ overlap-tile           any                         ``band_gather`` (the nearest 
 =====================  ==========================  ===========================================
 
 The same table holds for 1-, 2- and 3-D grids, with or without channels, and for every edge
-mode: kernels see one canonical stack (:func:`kernel_view`), so the loop nests never branch on
-the grid. Bands of output rows go to threads; each pixel is summed in patch order within its
+mode: kernels see one canonical source of patches, so the loop nests never branch on
+the grid (:func:`stack_source`, or :func:`image_source` to read patches from the image
+itself). Bands of output rows go to threads; each pixel is summed in patch order within its
 band, so results do not depend on the number of threads.
 """
 
@@ -33,7 +34,8 @@ from ..grid import PatchGrid
 from ..windows import make_window
 from .precision import sum_dtype, work_dtype
 
-__all__ = ["BACKENDS", "REDUCTIONS", "MergePlan", "backend", "kernel_view", "make_merge_plan"]
+__all__ = ["BACKENDS", "REDUCTIONS", "MergePlan", "Source", "backend", "image_source",
+           "make_merge_plan", "stack_source"]
 
 REDUCTIONS = ("mean", "max", "min")
 BACKENDS = ("auto", "numba", "numpy")
@@ -165,28 +167,59 @@ def three_axes(values, grid: PatchGrid, fill):
     return out
 
 
-def kernel_view(canon: np.ndarray, grid: PatchGrid, data: np.dtype):
-    """A canonical stack ``(b, *G, *p, C)`` as the kernels read it: ``(flat, st)``, its memory
-    as a read-only 1-D array and its element strides over ``(b, g0, g1, g2, p0, p1, L)``.
+class Source(tuple):
+    """Where the kernels read patches: ``(flat, st, f0, f1, f2)`` (see
+    :mod:`.kernels_numba`)."""
 
-    The stack is copied only where that form cannot view it (another dtype than ``data``,
-    negative or unaligned strides, or a last patch axis not contiguous with the channels).
-    """
+    __slots__ = ()
+
+    def rows(self, row0: int, rows: int) -> Source:
+        """The same source restricted to the grid rows ``row0 .. row0 + rows``."""
+        flat, st, f0, f1, f2 = self
+        return Source((flat, st, f0[row0:row0 + rows].copy(), f1, f2))
+
+
+def _flat(a: np.ndarray) -> tuple[np.ndarray, list[int]]:
+    """``a``'s memory as a read-only 1-D array from its first element, and its strides in
+    elements (0 on length-1 axes)."""
+    item = a.itemsize
+    st = [0 if n == 1 else s // item for n, s in zip(a.shape, a.strides)]
+    span = 1 + sum((n - 1) * s for n, s in zip(a.shape, st))
+    return np.lib.stride_tricks.as_strided(a, (span,), (item,), writeable=False), st
+
+
+def _as_data(a: np.ndarray, data: np.dtype) -> np.ndarray:
+    """``a`` in the kernels' dtype and a layout they can read (copied only where needed:
+    another dtype, negative or unaligned strides, a last axis not contiguous with the
+    channels)."""
+    if a.dtype != data:
+        a = a.view(np.uint8) if a.dtype.kind == "b" else a.astype(data)
+    return a if _viewable(a) else np.ascontiguousarray(a)
+
+
+def stack_source(canon: np.ndarray, grid: PatchGrid, data: np.dtype) -> Source:
+    """A canonical stack ``(b, *G, *p, C)`` (any memory order) as a kernel :class:`Source`."""
     nd = grid.ndim
     b, c = canon.shape[0], canon.shape[-1]
     g = canon.shape[1:1 + nd]
     p = canon.shape[1 + nd:1 + 2 * nd]
-    if canon.dtype != data:
-        canon = canon.astype(data) if canon.dtype.kind != "b" else canon.view(np.uint8)
-    if not _viewable(canon):
-        canon = np.ascontiguousarray(canon)
+    canon = _as_data(canon, data)
     a = canon.reshape((b, *three_axes(g, grid, 1), *three_axes(p, grid, 1), c))
-    item = a.itemsize
-    st = [0 if n == 1 else s // item for n, s in zip(a.shape[:7], a.strides[:7])]
-    # the fused last axis: (p_last, C) is one contiguous run
-    span = 1 + sum((n - 1) * s for n, s in zip(a.shape[:7], st)) + (a.shape[6] * c - 1)
-    flat = np.lib.stride_tricks.as_strided(a, (span,), (item,), writeable=False)
-    return flat, np.array(st[:6] + [1], np.int64)
+    flat, st = _flat(a)
+    f = [np.arange(n, dtype=np.int64) * s for n, s in zip(a.shape[1:4], st[1:4])]
+    return Source((flat, np.array([st[0], st[4], st[5]], np.int64), *f))
+
+
+def image_source(canon: np.ndarray, grid: PatchGrid, data: np.dtype) -> Source:
+    """A canonical image ``(b, *padded spatial, C)`` as a kernel :class:`Source`: the grid's
+    patches are read where they lie (any grid, shifted last patches included; no copy)."""
+    b, c = canon.shape[0], canon.shape[-1]
+    canon = _as_data(canon, data)
+    a = canon.reshape((b, *three_axes(canon.shape[1:-1], grid, 1), c))
+    flat, st = _flat(a)
+    origins = three_axes(grid.origins, grid, np.zeros(1, np.int64))
+    f = [np.asarray(o, np.int64) * s for o, s in zip(origins, (st[1], st[2], c))]
+    return Source((flat, np.array([st[0], st[1], st[2]], np.int64), *f))
 
 
 def _viewable(a: np.ndarray) -> bool:
