@@ -5,6 +5,7 @@ Nothing here imports napari, Qt or magicgui.
 """
 
 from .extract import extract_patches
+from .fused import elementwise
 from .filters import FILTERS, Param, PatchFilter, get_filter, register_filter
 from .grid import EDGE_MODES, PAD_MODES, PatchGrid
 from .merge import REDUCTIONS, Merger, backend, merge_patches, weight_map
@@ -15,6 +16,6 @@ from .windows import WINDOW_PARAMS, WINDOWS, make_window
 __all__ = [
     "EDGE_MODES", "FILTERS", "METRICS", "PAD_MODES", "REDUCTIONS", "REFERENCES", "WINDOWS",
     "WINDOW_PARAMS", "Merger", "backend", "Param", "PatchFilter", "PatchGrid", "Plan", "Result",
-    "compute_metrics", "error_map", "extract_patches", "get_filter", "iter_process",
+    "compute_metrics", "elementwise", "error_map", "extract_patches", "get_filter", "iter_process",
     "make_plan", "make_window", "merge_patches", "process", "register_filter", "weight_map",
 ]

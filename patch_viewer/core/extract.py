@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ._layout import (
@@ -15,6 +17,7 @@ from ._layout import (
     window_view,
 )
 from .grid import PatchGrid
+from .merge.plan import backend
 
 
 LAYOUTS = ("C", "merge")
@@ -78,8 +81,16 @@ def extract_patches(image, grid: PatchGrid, *, copy: bool = False, layout: str =
     if grid.is_regular and not copy and grid.padded_shape == grid.spatial_shape:
         return _regular_view(image, grid, batched)
     canon = pad_canonical(to_canonical(image, grid, batched), grid)
-    view = window_view(canon, grid)
     nd = grid.ndim
+    if copy and layout == "C":  # one compiled pass, any grid
+        nbytes = canon.shape[0] * grid.n_patches * math.prod(grid.patch_shape) * canon.itemsize
+        check_bytes(nbytes, "the patch stack", max_bytes,
+                    "use the read-only view (copy=False) or patch_viewer.process")
+        patches = extract_rows(canon, grid)
+        if grid.channel_axis is None:
+            patches = patches[..., 0]
+        return patches if batched else patches[0]
+    view = window_view(canon, grid)
     if grid.is_regular:
         patches = view[(slice(None),) + tuple(
             regular_slices(o, s) for o, s in zip(grid.origins, grid.stride)
@@ -102,6 +113,35 @@ def extract_patches(image, grid: PatchGrid, *, copy: bool = False, layout: str =
     if grid.channel_axis is None:
         patches = patches[..., 0]
     return patches if batched else patches[0]
+
+
+def extract_rows(padded: np.ndarray, grid: PatchGrid, row0: int = 0,
+                 rows: int | None = None) -> np.ndarray:
+    """A C-ordered copy of the patches of grid rows ``row0 .. row0 + rows`` of a padded
+    canonical image ``(b, *padded_shape, C)``: canonical ``(b, rows, *G[1:], *p, C)``.
+
+    One compiled pass that reads each patch where it lies (any grid, shifted last patches
+    included), or NumPy's copy of the window view where numba is missing.
+    """
+    rows = grid.grid_shape[0] - row0 if rows is None else rows
+    b, c = padded.shape[0], padded.shape[-1]
+    shape = (b, rows) + grid.grid_shape[1:] + grid.patch_size + (c,)
+    out = np.empty(shape, padded.dtype)
+    if backend() == "numba" and padded.dtype.itemsize in (1, 2, 4, 8):
+        from .merge import kernels_numba as K
+        from .merge.plan import image_source, three_axes
+
+        bits = np.dtype(f"u{padded.dtype.itemsize}")  # a copy moves bits: any dtype will do
+        src = image_source(padded.view(bits), grid, bits).rows(grid, row0, rows)
+        p = three_axes(grid.patch_size, grid, 1)
+        geo = np.array([p[0], p[1], p[2] * c, len(src[3]), len(src[4])], np.int64)
+        K.copy_patches(*src, geo, b, out.view(bits).reshape(-1))
+        return out
+    view = window_view(padded, grid)
+    index = [slice(None)] + [np.asarray(o) for o in grid.origins]
+    index[1] = index[1][row0:row0 + rows]
+    np.copyto(out, view[(index[0],) + np.ix_(*index[1:])])
+    return out
 
 
 def _copy_in_layout(patches: np.ndarray, grid: PatchGrid, layout: str) -> np.ndarray:

@@ -28,7 +28,10 @@ from ._layout import (
 from .chunked import chunked_process
 from .filters import get_filter
 from .grid import PatchGrid
-from .merge import REDUCTIONS, Merger, weight_map
+from .extract import extract_rows
+from .fused import fused_form
+from .merge import REDUCTIONS, Merger, backend, weight_map
+from .merge.plan import image_source
 from .metrics import METRICS, compute_metrics, error_map
 from .windows import make_window
 
@@ -101,6 +104,9 @@ def merge_stream(canon, grid, filt, params, window, window_params, reduce, rows,
     ``rows`` patch rows at a time; yields ``(patches_done, total)`` after each batch and
     returns the filled :class:`Merger`. The one streaming loop behind :func:`process` and the
     chunked path."""
+    if backend() == "numba":
+        return (yield from _compiled_stream(canon, grid, filt, params, window, window_params,
+                                            reduce, rows, total))
     nd = grid.ndim
     padded = pad_canonical(canon, grid)
     view = window_view(padded, grid)
@@ -131,6 +137,42 @@ def merge_stream(canon, grid, filt, params, window, window_params, reduce, rows,
                                 reduce=reduce, window_params=window_params)
             merger.add(out, b, r0)
             done += out.shape[1] * math.prod(grid.grid_shape[1:])
+            yield done, total
+    return merger
+
+
+def _compiled_stream(canon, grid, filt, params, window, window_params, reduce, rows, total):
+    """:func:`merge_stream` on the compiled kernels. Patches are read where they lie in the
+    (padded) image: filters with a fused form (:mod:`.fused`) run inside the merge and no
+    patch is stored; others get each batch copied out by a compiled kernel, in C order."""
+    padded = pad_canonical(canon, grid)
+    b, c = canon.shape[0], canon.shape[-1]
+    fused = fused_form(filt, params, canon.dtype, c)
+    merger = None
+    if fused is not None:
+        merger = Merger(grid, b, c, fused.dtype, window=window, reduce=reduce,
+                        window_params=window_params)
+        if not merger.fuses(fused):
+            merger = fused = None
+    source = None
+    done = 0
+    per_row = math.prod(grid.grid_shape[1:])
+    for bi in range(b):
+        if fused is not None:
+            source = image_source(padded[bi:bi + 1], grid, fused.dtype)
+        for r0 in range(0, grid.grid_shape[0], rows):
+            n = min(rows, grid.grid_shape[0] - r0)
+            if fused is not None:
+                merger.add_fused(source.rows(grid, r0, n), bi, r0, n, fused)
+            else:
+                batch = extract_rows(padded[bi:bi + 1], grid, r0, n)
+                out = np.asarray(filt(batch, tuple(range(2 + grid.ndim - 1, 1 + 2 * grid.ndim)),
+                                      **params))
+                if merger is None:
+                    merger = Merger(grid, b, c, out.dtype, window=window, reduce=reduce,
+                                    window_params=window_params)
+                merger.add(out, bi, r0)
+            done += n * per_row
             yield done, total
     return merger
 

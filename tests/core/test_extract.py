@@ -12,6 +12,9 @@ from .reference import brute_merge, brute_patches
 from .strategies import DTYPES, grids, images
 
 
+pytestmark = pytest.mark.usefixtures("backend")
+
+
 def test_hand_computed():
     image = np.arange(16).reshape(4, 4)
     p = extract_patches(image, PatchGrid(image.shape, 2, stride=2))

@@ -343,3 +343,36 @@ class NumbaMerger:
         for bi in range(self.n_images):
             result.write(self._canvas(bi), bi, 0, self.geo3.extent[0])
         return result.finish(self.grid, dtype, fill_value)
+
+    def fuses(self, fused) -> bool:
+        """Whether :meth:`add_fused` can apply ``fused`` (a :class:`~patch_viewer.core.fused.
+        Fused`) for this merge's plan."""
+        mode = self.plan.mode
+        if fused.kind == "identity":
+            return True
+        return mode == "sum" or (mode == "weighted" and fused.kind != "map")
+
+    def add_fused(self, src: Source, image: int, row0: int, rows: int, fused) -> None:
+        """Filter and add the patches of grid rows ``row0 .. row0 + rows`` of one image, read
+        from ``src`` (that image's patches, those rows), without storing a filtered patch."""
+        if fused.kind == "identity":
+            self.add_source(src, [image], row0, rows, image)
+            return
+        plan, geo3 = self.plan, self.geo3
+        o0, o1, o2c = geo3.piece_origins(row0, rows)
+        n0, n1 = geo3.extent[0], geo3.extent[1]
+        geo = geo3.geo(src)
+        acc = self._canvas(image).acc
+        args = (*src, geo, o0, o1, o2c, 0, 0, len(o0), 0, n0, n1, geo3.wc)
+        if fused.kind == "map":
+            K.band_map(*args, fused.rule, acc)
+            return
+        shape = (1, len(src[2]), len(src[3]), len(src[4]))
+        a, b = np.empty(shape, fused.dtype), np.empty(shape, fused.dtype)
+        stats = K.patch_range if fused.kind == "range" else K.patch_moments
+        stats(*src, geo, 1, a, b)
+        cen, den = fused.rule(a, b)
+        if plan.mode == "sum":
+            K.band_affine(*args, cen, den, acc)
+        else:
+            K.band_affine_weighted(*args, cen, den, plan.window, acc)

@@ -173,10 +173,13 @@ class Source(tuple):
 
     __slots__ = ()
 
-    def rows(self, row0: int, rows: int) -> Source:
-        """The same source restricted to the grid rows ``row0 .. row0 + rows``."""
-        flat, st, f0, f1, f2 = self
-        return Source((flat, st, f0[row0:row0 + rows].copy(), f1, f2))
+    def rows(self, grid: PatchGrid, row0: int, rows: int) -> Source:
+        """The same source restricted to the grid rows ``row0 .. row0 + rows`` (the grid's
+        first axis)."""
+        parts = list(self)
+        ax = 2 + AXES3[grid.ndim][0]
+        parts[ax] = parts[ax][row0:row0 + rows].copy()
+        return Source(parts)
 
 
 def _flat(a: np.ndarray) -> tuple[np.ndarray, list[int]]:
