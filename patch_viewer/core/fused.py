@@ -106,3 +106,47 @@ def _compiled(fn):
     if fn not in _COMPILED:
         _COMPILED[fn] = njit(fn)
     return _COMPILED[fn]
+
+
+class PatchStats:
+    """Per-patch statistics of one padded canonical image ``(1, *spatial, 1)``, for grid rows
+    taken a batch at a time: ``(a, b)`` arrays of shape ``(1, rows, g1, g2)`` (the kernels'
+    three grid axes), the filter's ``rule`` then makes them ``(c, d)``.
+
+    Minima and maxima come from separable sliding-window filters over the image (scipy's
+    ``minimum_filter1d``: O(image), not O(patches x patch area)) sampled at the origins; an
+    image holding NaN takes a compiled per-patch pass instead (NaN then propagates, as in
+    ``np.min``). Means and deviations are one compiled two-pass per patch.
+    """
+
+    def __init__(self, fused: Fused, padded: np.ndarray, grid):
+        from scipy import ndimage as ndi
+
+        self.fused, self.grid = fused, grid
+        self.maps = None
+        if fused.kind == "range":
+            x = padded[0, ..., 0]
+            if not np.isnan(x).any():
+                lo = hi = x
+                for ax, p in enumerate(grid.patch_size):
+                    lo = ndi.minimum_filter1d(lo, p, axis=ax, origin=-(p // 2))
+                    hi = ndi.maximum_filter1d(hi, p, axis=ax, origin=-(p // 2))
+                self.maps = (lo, hi)
+
+    def __call__(self, src, geo, row0: int, rows: int):
+        from .merge import kernels_numba as K
+        from .merge.plan import three_axes
+
+        dtype = self.fused.dtype
+        shape = (1, len(src[2]), len(src[3]), len(src[4]))
+        if self.maps is not None:
+            origins = [np.asarray(o) for o in self.grid.origins]
+            origins[0] = origins[0][row0:row0 + rows]
+            index = np.ix_(*origins)
+            counts = three_axes([len(o) for o in origins], self.grid, 1)
+            a, b = (m[index].reshape([1, *counts]).astype(dtype) for m in self.maps)
+        else:
+            a, b = np.empty(shape, dtype), np.empty(shape, dtype)
+            stats = K.patch_range if self.fused.kind == "range" else K.patch_moments
+            stats(*src, geo, 1, a, b)
+        return self.fused.rule(a, b)

@@ -29,7 +29,7 @@ from .chunked import chunked_process
 from .filters import get_filter
 from .grid import PatchGrid
 from .extract import extract_rows
-from .fused import fused_form
+from .fused import PatchStats, fused_form
 from .merge import REDUCTIONS, Merger, backend, weight_map
 from .merge.plan import image_source
 from .metrics import METRICS, compute_metrics, error_map
@@ -159,11 +159,13 @@ def _compiled_stream(canon, grid, filt, params, window, window_params, reduce, r
     per_row = math.prod(grid.grid_shape[1:])
     for bi in range(b):
         if fused is not None:
-            source = image_source(padded[bi:bi + 1], grid, fused.dtype)
+            image = padded[bi:bi + 1]
+            source = image_source(image, grid, fused.dtype)
+            stats = PatchStats(fused, image, grid) if fused.rule is not None else None
         for r0 in range(0, grid.grid_shape[0], rows):
             n = min(rows, grid.grid_shape[0] - r0)
             if fused is not None:
-                merger.add_fused(source.rows(grid, r0, n), bi, r0, n, fused)
+                merger.add_fused(source.rows(grid, r0, n), bi, r0, n, fused, stats)
             else:
                 batch = extract_rows(padded[bi:bi + 1], grid, r0, n)
                 out = np.asarray(filt(batch, tuple(range(2 + grid.ndim - 1, 1 + 2 * grid.ndim)),

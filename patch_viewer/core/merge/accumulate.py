@@ -352,9 +352,12 @@ class NumbaMerger:
             return True
         return mode == "sum" or (mode == "weighted" and fused.kind != "map")
 
-    def add_fused(self, src: Source, image: int, row0: int, rows: int, fused) -> None:
+    def add_fused(self, src: Source, image: int, row0: int, rows: int, fused,
+                  stats=None) -> None:
         """Filter and add the patches of grid rows ``row0 .. row0 + rows`` of one image, read
-        from ``src`` (that image's patches, those rows), without storing a filtered patch."""
+        from ``src`` (that image's patches, those rows), without storing a filtered patch.
+        ``stats(src, geo, row0, rows) -> (c, d)`` gives the per-patch coefficients of
+        ``(v - c) / d`` (see :class:`~patch_viewer.core.fused.PatchStats`)."""
         if fused.kind == "identity":
             self.add_source(src, [image], row0, rows, image)
             return
@@ -367,11 +370,7 @@ class NumbaMerger:
         if fused.kind == "map":
             K.band_map(*args, fused.rule, acc)
             return
-        shape = (1, len(src[2]), len(src[3]), len(src[4]))
-        a, b = np.empty(shape, fused.dtype), np.empty(shape, fused.dtype)
-        stats = K.patch_range if fused.kind == "range" else K.patch_moments
-        stats(*src, geo, 1, a, b)
-        cen, den = fused.rule(a, b)
+        cen, den = stats(src, geo, row0, rows)
         if plan.mode == "sum":
             K.band_affine(*args, cen, den, acc)
         else:

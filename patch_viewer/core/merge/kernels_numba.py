@@ -365,7 +365,7 @@ def patch_range(flat, st, f0, f1, f2, geo, b, lo, hi):
                     hi[bi, i, m, j] = z
 
 
-@njit(**_JIT)
+@njit(fastmath={"reassoc", "contract"}, **_JIT)  # sums in any order: vectorised
 def patch_moments(flat, st, f0, f1, f2, geo, b, mean, std):
     """Per patch ``(b, rows, g1, g2)``: its mean and standard deviation (float64 sums)."""
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
