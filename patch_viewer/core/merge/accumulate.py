@@ -371,7 +371,9 @@ class NumbaMerger:
             K.band_map(*args, fused.rule, acc)
             return
         cen, den = stats(src, geo, row0, rows)
-        if plan.mode == "sum":
+        if plan.mode == "sum" and _powers_of_two([np.abs(den)]):  # invert: den = -1
+            K.band_affine_scaled(*args, cen, (1 / den).astype(den.dtype), acc)
+        elif plan.mode == "sum":
             K.band_affine(*args, cen, den, acc)
         else:
             K.band_affine_weighted(*args, cen, den, plan.window, acc)

@@ -285,6 +285,12 @@ def copy_band(acc, y0, n1, wc, out):
 # one (c, d) per patch (invert, minmax, zscore, a scale) computed in the filter's dtype, so
 # that no filtered patch is ever stored.
 @njit(inline="always", **_JIT)
+def _run_add_scaled(acc, a, flat, f, c, e, n):
+    for k in range(n):
+        acc[a + k] += (flat[f + k] - c) * e
+
+
+@njit(inline="always", **_JIT)
 def _run_add_affine(acc, a, flat, f, c, d, n):
     for k in range(n):
         acc[a + k] += (flat[f + k] - c) / d
@@ -317,6 +323,30 @@ def band_affine(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, 
                     c, d = cen[bi, i, m, j], den[bi, i, m, j]
                     for r in range(r0, r1):
                         _run_add_affine(acc, _U((oi + r - y0) * n1 * wc + aj), flat,
+                                        _U(fj + r * sr), c, d, n)
+
+
+@njit(**_JIT)
+def band_affine_scaled(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc,
+                       cen, inv, acc):
+    """:func:`band_affine` multiplying by ``inv = 1 / den``, for denominators that are powers
+    of two (then exact: the same bits, without a division per value)."""
+    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
+    sr = st[1]
+    n = _U(ln)
+    for m in range(g1):
+        for q in range(p1):
+            fm = bi * st[0] + f1[m] + q * st[2]
+            am = (o1[m] + q) * wc
+            for i in range(i0, i1):
+                oi, fi = o0[i], f0[i]
+                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
+                for j in range(g2):
+                    fj = fm + fi + f2[j]
+                    aj = am + o2c[j]
+                    c, d = cen[bi, i, m, j], inv[bi, i, m, j]
+                    for r in range(r0, r1):
+                        _run_add_scaled(acc, _U((oi + r - y0) * n1 * wc + aj), flat,
                                         _U(fj + r * sr), c, d, n)
 
 
