@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ._sample_data import read_array
 from .core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, REFERENCES, WINDOWS
 
 
@@ -32,9 +31,9 @@ def read_image(path: str):
     if not p.is_file():
         raise SystemExit(f"patch-viewer: no such file: {path}")
     try:
-        return read_array(p)
-    except Exception as exc:  # any reader failure becomes one clear message
-        raise SystemExit(f"patch-viewer: cannot read {path}: {exc}") from None
+        return io.read_image(p)
+    except io.ImageError as exc:
+        raise SystemExit(f"patch-viewer: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
