@@ -169,7 +169,8 @@ def test_output_over_an_input_or_an_existing_file(tmp_path, capsys):
     assert _run(capsys, tmp_path / "a.npy", "-o", out, "--overwrite")[0] == 0
 
 
-def test_a_failure_mid_run_leaves_only_complete_files(tmp_path, capsys):
+@pytest.mark.parametrize("fail_fast", [False, True])
+def test_a_failing_image_is_logged_and_the_rest_goes_on(tmp_path, capsys, fail_fast):
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(6):
@@ -184,15 +185,21 @@ def test_a_failure_mid_run_leaves_only_complete_files(tmp_path, capsys):
     try:
         code, _, err = _run(capsys, folder, "-o", tmp_path / "out", "--patch-size", "5",
                             "--stride", "2", "--filter", "explode_on_4", "--batch-images", "1",
-                            "--workers", "1")
+                            "--workers", "1", "--metrics", tmp_path / "m.csv",
+                            *(["--fail-fast"] if fail_fast else []))
     finally:
         del FILTERS["explode_on_4"]
     assert code == 1 and "filter failed on image 4" in err
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["0.npy", "1.npy", "2.npy", "3.npy"]  # complete, nothing half-written
+    expected = ["0.npy", "1.npy", "2.npy", "3.npy"] + ([] if fail_fast else ["5.npy"])
+    assert written == expected  # complete, nothing half-written
     for name in written:
         np.testing.assert_array_equal(np.load(tmp_path / "out" / name),
                                       np.load(folder / name))
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert [r["input"].rsplit("/", 1)[1] for r in rows] == expected  # rows earned are kept
+    if not fail_fast:
+        assert "1 of 6 image(s) failed" in err and "4.npy" in err
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
