@@ -365,6 +365,7 @@ def _check_outputs(files, items: list[Item], opts: Options) -> list[str]:
                             f"it, or --skip-existing to add to it")
     if problems:
         return problems
+    have_rows = {r["input"] for r in read_rows(opts.metrics)} if opts.metrics else set()
     for it in items:
         outs = [it.output] + ([it.error_output] if it.error_output else [])
         existing = [o for o in outs if o.exists()]
@@ -372,7 +373,8 @@ def _check_outputs(files, items: list[Item], opts: Options) -> list[str]:
             continue
         if opts.skip_existing and all(
                 _complete(o, it.image.shape, out_dtype(it.image.dtype, opts)
-                          if o == it.output else None) for o in outs):
+                          if o == it.output else None) for o in outs) and (
+                opts.metrics is None or str(it.image.path) in have_rows):
             it.skip = True
         elif not (opts.overwrite or opts.skip_existing):
             problems += [f"{o}: exists; pass --overwrite to replace it, or --skip-existing "
@@ -489,40 +491,58 @@ def _rate(per_s: float) -> str:
 
 # --------------------------------------------------------------------------- metrics CSV
 class MetricsLog:
-    """The metrics CSV, written as the run goes: a row per finished image, appended and
-    flushed at once (an interrupted or failed run keeps the rows it earned), then rewritten
-    atomically in input order by :meth:`close`. With ``keep`` (``--skip-existing``), rows of
-    a previous run for the images skipped now are kept."""
+    """The metrics CSV, written as the run goes: whoever finishes an image (a worker process
+    or the parent) appends its row at once, in one ``O_APPEND`` write (rows from several
+    processes never interleave), so an interrupted, killed or failed run keeps the rows it
+    earned. :meth:`close` reads them back and rewrites the file atomically in input order.
+    With ``keep`` (``--skip-existing``), rows of a previous run for the images skipped now
+    are kept."""
 
     def __init__(self, path: Path | None, keep: set[str] = frozenset()):
-        self.path, self.rows, self._file = path, {}, None
+        self.path = path
         if path is None:
             return
-        if keep and path.is_file():
-            with open(path, newline="") as f:
-                self.rows = {r["input"]: r for r in csv.DictReader(f) if r.get("input") in keep}
-        self._file = open(path, "w", newline="")  # noqa: SIM115 - kept open for the run
-        self._writer = csv.DictWriter(self._file, fieldnames=METRIC_COLUMNS)
-        self._writer.writeheader()
-        self._writer.writerows(self.rows.values())
-        self._file.flush()
+        rows = [r for r in read_rows(path) if r["input"] in keep] if keep else []
+        io.write_text(path, _csv_text(rows, header=True))
 
-    def add(self, row: dict) -> None:
-        self.rows[row["input"]] = row
-        if self._file is not None:
-            self._writer.writerow(row)
-            self._file.flush()
+    def add(self, row: dict | None) -> None:
+        if self.path is not None and row is not None:
+            append_row(self.path, row)
 
     def close(self, order: list[str]) -> list[dict]:
-        ordered = [self.rows[k] for k in order if k in self.rows]
-        if self._file is not None:
-            self._file.close()
-            text = _io.StringIO()
-            writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS)
-            writer.writeheader()
-            writer.writerows(ordered)
-            io.write_text(self.path, text.getvalue())
+        if self.path is None:
+            return []
+        rows = {r["input"]: r for r in read_rows(self.path)}
+        ordered = [rows[k] for k in order if k in rows]
+        io.write_text(self.path, _csv_text(ordered, header=True))
         return ordered
+
+
+def _csv_text(rows, header=False) -> str:
+    text = _io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS)
+    if header:
+        writer.writeheader()
+    writer.writerows(rows)
+    return text.getvalue()
+
+
+def append_row(path: Path, row: dict) -> None:
+    """Append one CSV row with a single ``O_APPEND`` write."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    try:
+        os.write(fd, _csv_text([row]).encode())
+    finally:
+        os.close(fd)
+
+
+def read_rows(path: Path) -> list[dict]:
+    """The whole rows of a metrics CSV (a row cut short by a hard kill is left out)."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f)
+                if r.get("input") and all(r.get(k) not in (None, "") for k in METRIC_COLUMNS)]
 
 
 # --------------------------------------------------------------------------- running
@@ -562,21 +582,26 @@ def _run_batch(batch: list[Item], opts: Options, tick=None) -> list[tuple[str, o
     r = process(np.stack(images), first.grid, dtype=out_dtype(first.image.dtype, opts),
                 metrics=False, progress=tick, **_process_kwargs(opts))
     for k, it in enumerate(good):
-        meta = it.image.meta if it.out_format == "tiff" else None
-        io.write(it.output, r.merged[k], it.out_format, meta)
-        if it.error_output is not None:
-            io.write(it.error_output, r.error[k], it.error_format, meta)
         row = None
         if opts.metrics is not None:
             m = compute_metrics(r.merged[k], r.reference[k], channel_axis=first.grid.channel_axis,
                                 ssim=opts.ssim, error=r.error[k])
             row = _row(it, m)
+        with _WRITING:  # an image and its row: a worker told to exit waits for both
+            meta = it.image.meta if it.out_format == "tiff" else None
+            io.write(it.output, r.merged[k], it.out_format, meta)
+            if it.error_output is not None:
+                io.write(it.error_output, r.error[k], it.error_format, meta)
+            if row is not None:
+                append_row(opts.metrics, row)
         out.append(("row", (str(it.image.path), row)))
     return out
 
 
-# Worker-process state: the shared patch counter, and the parent's liveness pipe.
+# Worker-process state: the shared patch counter, and the lock held while an image and its
+# metrics row are written.
 _COUNTER = None
+_WRITING = threading.Lock()
 
 
 def _init_worker(counter, alive_fd: int, parent_fd: int, parent_pid: int) -> None:
@@ -595,6 +620,7 @@ def _init_worker(counter, alive_fd: int, parent_fd: int, parent_pid: int) -> Non
 def _exit_with_parent(fd: int) -> None:
     while os.read(fd, 1):
         pass
+    _WRITING.acquire()  # never exit between an image and its metrics row
     os._exit(1)  # pragma: no cover - runs in a worker that is going away
 
 
@@ -652,9 +678,7 @@ class _Run:
             if kind == "failed":
                 self.fail(Path(value[0]), value[1])
             else:
-                self.written += 1
-                if value[1] is not None:
-                    self.log.add(value[1])
+                self.written += 1  # its metrics row is in the CSV already
 
     def fail(self, path: Path, why: str) -> None:
         self.failures.append((path, why))
@@ -698,6 +722,7 @@ class _Run:
             except Exception as exc:  # noqa: BLE001 - log it, go on (or stop: fail_fast)
                 self.fail(it.image.path, f"{it.image.path}: {exc}")
                 continue
+            self.log.add(row)
             self.outcome([("row", (str(it.image.path), row))])
 
 
