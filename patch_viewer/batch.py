@@ -41,7 +41,7 @@ BATCH_TARGET_BYTES = 8 * 2**20
 METRIC_COLUMNS = ("input", "output", "shape", "dtype", "patches", "max_abs", "rmse", "psnr",
                   "ssim", "covered")
 #: Seconds between progress refreshes while worker processes run.
-PROGRESS_EVERY = 0.25
+PROGRESS_EVERY = 0.1
 
 
 @dataclass(frozen=True)
@@ -356,13 +356,8 @@ def _check_outputs(files, items: list[Item], opts: Options) -> list[str]:
         elif out.is_dir() and not (it.out_format == "zarr" and io.is_zarr_dir(out)):
             problems.append(f"{out}: is a folder; outputs replace files only, never folders")
         seen[r] = it.image.path
-    if opts.metrics is not None:
-        if opts.metrics.resolve() in inputs | set(seen):
-            problems.append(f"{opts.metrics}: would overwrite an input or an output "
-                            f"(--metrics)")
-        elif opts.metrics.exists() and not (opts.overwrite or opts.skip_existing):
-            problems.append(f"--metrics {opts.metrics}: exists; pass --overwrite to replace "
-                            f"it, or --skip-existing to add to it")
+    if opts.metrics is not None and opts.metrics.resolve() in inputs | set(seen):
+        problems.append(f"{opts.metrics}: would overwrite an input or an output (--metrics)")
     if problems:
         return problems
     have_rows = {r["input"] for r in read_rows(opts.metrics)} if opts.metrics else set()
@@ -379,6 +374,10 @@ def _check_outputs(files, items: list[Item], opts: Options) -> list[str]:
         elif not (opts.overwrite or opts.skip_existing):
             problems += [f"{o}: exists; pass --overwrite to replace it, or --skip-existing "
                          f"to keep it" for o in existing]
+    if opts.metrics is not None and opts.metrics.exists() and not (opts.overwrite
+                                                                   or opts.skip_existing):
+        problems.append(f"--metrics {opts.metrics}: exists; pass --overwrite to replace it, or "
+                        f"--skip-existing to add to it")
     return problems
 
 
