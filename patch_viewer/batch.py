@@ -340,6 +340,26 @@ def _complete(path: Path, shape, dtype) -> bool:
 
 
 def _check_outputs(files, items: list[Item], opts: Options) -> list[str]:
+    """Collisions first (an output over an input, twice the same output, a folder in the
+    way); then what exists already: skipped (``--skip-existing``), replaced
+    (``--overwrite``) or refused."""
+    problems = _collisions(files, items, opts)
+    return problems or _existing(items, opts)
+
+
+def _collision(out: Path, it: Item, inputs, zarr_inputs, seen) -> str | None:
+    r = out.resolve()
+    if r in inputs or any(r.is_relative_to(i) for i in zarr_inputs):
+        return f"{out}: would overwrite an input; choose another -o/--output"
+    if r in seen:
+        return (f"{out}: written twice (from {seen[r]} and {it.image.path}); give the inputs "
+                f"distinct names")
+    if out.is_dir() and not (it.out_format == "zarr" and io.is_zarr_dir(out)):
+        return f"{out}: is a folder; outputs replace files only, never folders"
+    return None
+
+
+def _collisions(files, items: list[Item], opts: Options) -> list[str]:
     problems = []
     inputs = {p.resolve() for p in files}
     zarr_inputs = [i for i in inputs if io.is_zarr_dir(i)]
@@ -347,29 +367,31 @@ def _check_outputs(files, items: list[Item], opts: Options) -> list[str]:
     targets = [(it.output, it) for it in items]
     targets += [(it.error_output, it) for it in items if it.error_output is not None]
     for out, it in targets:
-        r = out.resolve()
-        if r in inputs or any(r.is_relative_to(i) for i in zarr_inputs):
-            problems.append(f"{out}: would overwrite an input; choose another -o/--output")
-        elif r in seen:
-            problems.append(f"{out}: written twice (from {seen[r]} and {it.image.path}); give "
-                            f"the inputs distinct names")
-        elif out.is_dir() and not (it.out_format == "zarr" and io.is_zarr_dir(out)):
-            problems.append(f"{out}: is a folder; outputs replace files only, never folders")
-        seen[r] = it.image.path
+        problem = _collision(out, it, inputs, zarr_inputs, seen)
+        if problem:
+            problems.append(problem)
+        seen[out.resolve()] = it.image.path
     if opts.metrics is not None and opts.metrics.resolve() in inputs | set(seen):
         problems.append(f"{opts.metrics}: would overwrite an input or an output (--metrics)")
-    if problems:
-        return problems
+    return problems
+
+
+def _done(it: Item, opts: Options, have_rows: set[str]) -> bool:
+    """Whether an image's outputs are all there and complete, and its metrics row too."""
+    outs = [(it.output, out_dtype(it.image.dtype, opts))]
+    outs += [(it.error_output, None)] if it.error_output else []
+    return all(_complete(o, it.image.shape, dt) for o, dt in outs) and (
+        opts.metrics is None or str(it.image.path) in have_rows)
+
+
+def _existing(items: list[Item], opts: Options) -> list[str]:
+    problems = []
     have_rows = {r["input"] for r in read_rows(opts.metrics)} if opts.metrics else set()
     for it in items:
-        outs = [it.output] + ([it.error_output] if it.error_output else [])
-        existing = [o for o in outs if o.exists()]
+        existing = [o for o in (it.output, it.error_output) if o is not None and o.exists()]
         if not existing:
             continue
-        if opts.skip_existing and all(
-                _complete(o, it.image.shape, out_dtype(it.image.dtype, opts)
-                          if o == it.output else None) for o in outs) and (
-                opts.metrics is None or str(it.image.path) in have_rows):
+        if opts.skip_existing and _done(it, opts, have_rows):
             it.skip = True
         elif not (opts.overwrite or opts.skip_existing):
             problems += [f"{o}: exists; pass --overwrite to replace it, or --skip-existing "
