@@ -186,7 +186,7 @@ def _error(text: str) -> None:
 def process_main(argv) -> int:
     """``patch-viewer process``: exit 0 on success, 2 for bad input (nothing done), 1 if any
     image failed or the run stopped (what was written is complete), 130 on Ctrl-C."""
-    from . import batch, io
+    from . import batch, batch_run, io
 
     args = build_process_parser().parse_args(argv)
     opts = _options(args)
@@ -199,12 +199,12 @@ def process_main(argv) -> int:
     if args.dry_run:
         return 0
     try:
-        report = batch.run(plan, opts, quiet=args.quiet)
+        report = batch_run.run(plan, opts, quiet=args.quiet)
     except KeyboardInterrupt:
         _error("interrupted; files already written are complete"
                + (f", and {opts.metrics} holds their metrics" if opts.metrics else ""))
         return 130
-    except (io.DiskFullError, batch.RunFailed) as exc:
+    except (io.DiskFullError, batch_run.RunFailed) as exc:
         _error(f"stopped: {exc}; files already written are complete")
         return 1
     except Exception as exc:  # noqa: BLE001 - report, keep what was written, exit non-zero

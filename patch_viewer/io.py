@@ -43,8 +43,10 @@ class ImageError(ValueError):
     """A file that cannot be read or written as an image (the message names the file)."""
 
 
-class DiskFullError(ImageError, OSError):
-    """A write failed because the disk is full (the message names the path)."""
+class DiskFullError(OSError):
+    """A write failed because the disk is full (the message names the path). One base class
+    only: exceptions travel back from worker processes by pickle, and tblib's pickling (which
+    dask installs) cannot rebuild an exception with two built-in bases."""
 
 
 def format_of(path) -> str | None:
@@ -215,6 +217,8 @@ def probe(path) -> ImageFile:
             f"{path}: unsupported format (supported: {', '.join(sorted(set(FORMATS)))})")
     if not path.exists():
         raise ImageError(f"{path}: no such file")
+    if path.is_file() and path.stat().st_size == 0:  # before a reader opens (and leaks) it
+        raise ImageError(f"cannot read {path}: the file is empty (0 bytes)")
     try:
         shape, dtype, meta = _probe_header(path, fmt)
     except Exception as exc:  # noqa: BLE001 - every reader failure becomes one message

@@ -91,8 +91,9 @@ def check_image(image, grid: PatchGrid):
 def check_reduce_window(reduce, window) -> None:
     """Windows weight the mean only: ``reduce="max"``/``"min"`` needs the uniform window."""
     if reduce != "mean" and not (isinstance(window, str) and window == "uniform"):
+        shown = window if isinstance(window, str) else "an array"
         raise ValueError(f"`window` must be 'uniform' with reduce={reduce!r} (windows weight "
-                         f"the mean only), got {window if isinstance(window, str) else 'an array'!r}")
+                         f"the mean only), got {shown!r}")
 
 
 def check_finite_for_integer(image: np.ndarray, dtype) -> None:

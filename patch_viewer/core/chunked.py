@@ -24,11 +24,11 @@ from functools import partial
 import numpy as np
 
 from ._layout import from_canonical, to_canonical
-from .filters import get_filter
 from .checks import check_reduce_window
+from .filters import get_filter
 from .grid import PatchGrid
 from .merge import _weights, work_dtype
-from .metrics import dtype_range, error_sums, error_summary, ssim_clean, ssim_window
+from .metrics import dtype_range, error_summary, error_sums, ssim_clean, ssim_window
 
 #: Chunk edge (pixels per spatial axis) used for arrays that come without useful chunks.
 DEFAULT_CHUNK = 2048

@@ -109,7 +109,8 @@ class PatchGrid:
             if p > n and self.edge != "pad":
                 raise ValueError(
                     f"`patch_size` {p} is larger than the image ({n} pixels) on spatial axis {ax}; "
-                    f"the allowed range is 1..{n}, or use edge='pad'" + _rgb_hint(shape, channel_axis)
+                    f"the allowed range is 1..{n}, or use edge='pad'"
+                    + _rgb_hint(shape, channel_axis)
                 )
             if self.edge == "drop":
                 g = (n - p) // s + 1
