@@ -343,7 +343,8 @@ def test_tiff_resolution_and_axes_are_kept(tmp_path, capsys):
 
 def test_channels_are_decided_by_format_and_metadata(tmp_path, capsys):
     iio.imwrite(tmp_path / "la.png", np.zeros((40, 40, 2), np.uint8))  # gray + alpha
-    tifffile.imwrite(tmp_path / "c.tif", np.zeros((4, 96, 96), np.uint16))
+    tifffile.imwrite(tmp_path / "c.tif", np.zeros((4, 96, 96), np.uint16), photometric="rgb",
+                     planarconfig="separate")
     plan = batch.make_batch_plan([tmp_path / "la.png", tmp_path / "c.tif"],
                                  batch.Options(output=tmp_path / "o", patch_size=(8,),
                                                stride=(4,)))
