@@ -216,16 +216,35 @@ def make_batch_plan(paths, opts: Options) -> Plan:
     except io.ImageError as exc:
         raise PlanError("\n".join([*problems, str(exc)])) from None
     parameters_ok = not problems
+    images, unreadable = _probe_all(files)
+    if opts.fail_fast or not images:
+        problems += [msg for _, msg in unreadable]
+    if not parameters_ok:  # they would repeat for every file: list them once, with the rest
+        raise PlanError("\n".join(problems))
+    items = _plan_items(images, opts, problems)
+    problems += _check_outputs(files, items, opts)
+    if problems:
+        raise PlanError("\n".join(problems))
+    todo = [it for it in items if not it.skip]
+    batches = _batches([it for it in todo if not it.lazy], opts)
+    processes = max(1, min(opts.workers, len(batches)))
+    return Plan(items, batches, sum(it.grid.n_patches for it in todo),
+                _peak_bytes(todo, batches, processes, opts), processes, unreadable)
+
+
+def _probe_all(files):
+    """``(headers, [(path, why) for the unreadable])``."""
     images, unreadable = [], []
     for path in files:
         try:
             images.append(io.probe(path))
         except io.ImageError as exc:
             unreadable.append((path, str(exc)))
-    if opts.fail_fast or not images:
-        problems += [msg for _, msg in unreadable]
-    if not parameters_ok:  # they would repeat for every file: list them once, with the rest
-        raise PlanError("\n".join(problems))
+    return images, unreadable
+
+
+def _plan_items(images, opts: Options, problems: list[str]) -> list[Item]:
+    """An :class:`Item` per image; the problems of each go to ``problems``."""
     processes = max(1, min(opts.workers, len(images)))
     items = []
     for image in images:
@@ -234,18 +253,16 @@ def make_batch_plan(paths, opts: Options) -> Plan:
         except (io.ImageError, ValueError, TypeError) as exc:
             msg = str(exc)
             problems.append(msg if str(image.path) in msg else f"{image.path}: {msg}")
-    problems += _check_outputs(files, items, opts)
-    if problems:
-        raise PlanError("\n".join(problems))
-    todo = [it for it in items if not it.skip]
-    batches = _batches([it for it in todo if not it.lazy], opts)
-    processes = max(1, min(opts.workers, len(batches)))
-    threads = {id(it): stream_threads(it.grid, opts.chunk, opts.workers) for it in todo}
-    peak = max([_lazy_bytes(it.grid, opts.chunk, threads[id(it)]) for it in todo if it.lazy]
-               + [processes * max((image_bytes(b[0], opts, len(b)) for b in batches),
-                                  default=0)] + [0])
-    return Plan(items, batches, sum(it.grid.n_patches for it in todo), peak, processes,
-                unreadable)
+    return items
+
+
+def _peak_bytes(todo: list[Item], batches, processes: int, opts: Options) -> int:
+    """The larger of the in-memory phase (each process on its largest batch) and the
+    largest streamed image."""
+    lazy = [_lazy_bytes(it.grid, opts.chunk, stream_threads(it.grid, opts.chunk, opts.workers))
+            for it in todo if it.lazy]
+    in_memory = processes * max((image_bytes(b[0], opts, len(b)) for b in batches), default=0)
+    return max([*lazy, in_memory, 0])
 
 
 def _plan_item(image: io.ImageFile, opts: Options, processes: int) -> Item:
