@@ -20,20 +20,11 @@ def sample_path(name: str) -> Path:
     raise FileNotFoundError(f"sample file {name!r} not found in {[str(c) for c in _CANDIDATES]}")
 
 
-def read_array(path) -> np.ndarray:
-    """Read an image file: NumPy ``.npy`` with NumPy, anything else (TIFF, PNG, JPEG) with
-    scikit-image."""
-    path = Path(path)
-    if path.suffix.lower() == ".npy":
-        return np.load(path)
-    from skimage import io
-
-    return io.imread(path)
-
-
 def load(name: str) -> np.ndarray:
-    """Read a bundled sample as an array."""
-    return read_array(sample_path(name))
+    """Read a bundled sample as an array (with the package's one reader, :mod:`.io`)."""
+    from .io import read_image
+
+    return read_image(sample_path(name))
 
 
 def classic():

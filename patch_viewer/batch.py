@@ -1,32 +1,29 @@
 """Batch processing for ``patch-viewer process``: plan, then run many files through the core.
 
 The plan is made from file headers alone (no pixels read): every input gets its grid, its output
-paths and a route. Small images of one shape are stacked into batches and go through
-:func:`patch_viewer.process` on a pool of worker processes, so the per-call
-overhead vanishes when there are thousands of them; an image too large for the memory budget is
-streamed chunk by chunk through dask and written to zarr, when its format can be read lazily.
-Nothing is written until the whole plan is valid; every file is written under a temporary name
-and renamed into place.
+paths and a route, and every problem with the parameters, the outputs or the inputs is listed
+before anything is written. Small images of one shape are stacked into batches and go through
+:func:`patch_viewer.process` on a pool of worker processes; an image too large for the memory
+budget is streamed chunk by chunk through dask and written to zarr, when its format can be read
+lazily.
+
+Running the plan, and what happens on faults, is :mod:`patch_viewer.batch_run`.
 """
 
 from __future__ import annotations
 
 import csv
-import io as _io
 import math
-import sys
-import threading
-import time
-import multiprocessing
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from dask.utils import format_bytes
 
 from . import io
-from .core import PatchGrid, compute_metrics, make_plan, process
-from .core._layout import _fmt_bytes
+from .core import FILTERS, PatchGrid, make_plan, make_window
+from .core.checks import check_fill_value, check_reduce_window
+from .core.metrics import ssim_bytes
 
 #: Images per in-memory batch are chosen so that a batch holds about this many bytes (float64).
 BATCH_TARGET_BYTES = 8 * 2**20
@@ -50,7 +47,8 @@ class Options:
     window_params: dict = field(default_factory=dict)
     reduce: str = "mean"
     reference: str = "input"
-    dtype: str = "input"  # "input", "float32" or "float64"
+    dtype: str = "auto"  # "auto", "input", "float32" or "float64"
+    fill_value: float | None = None
     out_format: str = "same"  # "same" or a format name
     errors: bool = False
     metrics: Path | None = None
@@ -60,6 +58,8 @@ class Options:
     chunk: int = 1024
     batch_images: int | None = None
     overwrite: bool = False
+    skip_existing: bool = False
+    fail_fast: bool = False
 
 
 @dataclass
@@ -73,6 +73,7 @@ class Item:
     error_output: Path | None
     out_format: str
     error_format: str | None
+    skip: bool = False  # --skip-existing: its outputs are there and complete
 
 
 @dataclass
@@ -81,6 +82,8 @@ class Plan:
     batches: list[list[Item]]  # in-memory batches (lazy items are run one by one)
     n_patches: int
     peak_bytes: int
+    processes: int = 1
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
 
 
 class PlanError(ValueError):
@@ -93,9 +96,7 @@ def _channel_axis(image: io.ImageFile, option: str):
         return None
     if option != "auto":
         return int(option)
-    shape = image.shape
-    # napari's rule for RGB(A): three axes, the last 3 or 4 long.
-    return -1 if len(shape) == 3 and shape[-1] in (3, 4) and shape[0] > 4 else None
+    return image.channel_axis  # from the format and its metadata (see io.probe)
 
 
 def _size(values):
@@ -107,73 +108,189 @@ def _grid(image: io.ImageFile, opts: Options) -> PatchGrid:
                      pad_mode=opts.pad_mode, channel_axis=_channel_axis(image, opts.channel_axis))
 
 
-def _out_dtype(image: io.ImageFile, opts: Options) -> np.dtype:
-    return image.dtype if opts.dtype == "input" else np.dtype(opts.dtype)
+def out_dtype(dtype: np.dtype, opts: Options) -> np.dtype:
+    """The merged image's dtype: ``auto`` keeps the input's (so a PNG stays a PNG and an
+    identity run is exact), except bool, whose merge is a fraction (float32); ``input`` keeps
+    it always; or the float dtype named."""
+    if opts.dtype == "auto":
+        return np.dtype(np.float32) if dtype == np.bool_ else dtype
+    return dtype if opts.dtype == "input" else np.dtype(opts.dtype)
 
 
-def _lazy_bytes(grid: PatchGrid, chunk: int, workers: int) -> int:
-    """Rough peak of the chunked route: per worker, a halo'd chunk held ~6 times (input,
+def _filter_dtype(dtype: np.dtype, opts: Options) -> np.dtype:
+    filt = FILTERS[opts.patch_filter]
+    probe = filt(np.zeros((1, 3, 3), dtype), (1, 2), **opts.filter_params)
+    return np.asarray(probe).dtype
+
+
+def image_bytes(it: Item, opts: Options, n: int = 1) -> int:
+    """Planned peak of ``n`` images of ``it``'s kind in memory: read, stacked, processed
+    (:func:`make_plan`), then measured one at a time."""
+    dtype = it.image.dtype
+    plan = make_plan(it.grid, n, dtype=dtype, window=opts.window, reduce=opts.reduce,
+                     reference=opts.reference, filter_dtype=_filter_dtype(dtype, opts),
+                     out_dtype=out_dtype(dtype, opts), metrics=False)
+    pixels = math.prod(it.image.shape)
+    metrics = 0
+    if opts.metrics is not None:
+        metrics = 24 * min(pixels, 2**20) + (ssim_bytes(it.image.shape, it.grid.channel_axis)
+                                             if opts.ssim else 0)
+    return 2 * n * pixels * dtype.itemsize + plan.peak_bytes + metrics
+
+
+def _lazy_bytes(grid: PatchGrid, chunk: int, threads: int) -> int:
+    """Rough peak of the chunked route: per thread, a halo'd chunk held ~6 times (input,
     canvas, anchor, result, error, metrics) in float64, plus a filtered batch."""
     block = math.prod(min(n, chunk) + 2 * (p - 1) for n, p in zip(grid.padded_shape,
                                                                   grid.patch_size, strict=True))
-    return workers * (6 * 8 * block * (grid.n_channels or 1) + 2 * 8 * 2**20)
+    return threads * (6 * 8 * block * (grid.n_channels or 1) + 2 * 8 * 2**20)
+
+
+def stream_threads(grid: PatchGrid, chunk: int, workers: int) -> int:
+    """Threads that can work at once on a streamed image: no more than its chunks."""
+    chunks = math.prod(math.ceil(n / chunk) for n in grid.spatial_shape)
+    return max(1, min(workers, chunks))
+
+
+def check_options(opts: Options) -> list[str]:
+    """Every problem with the parameters themselves (not the files), each naming its option."""
+    problems = []
+    checks = [
+        lambda: FILTERS[opts.patch_filter].validate(opts.filter_params),
+        lambda: make_window(opts.window, (max(opts.patch_size),) * 1, **opts.window_params),
+        lambda: check_reduce_window(opts.reduce, opts.window),
+        lambda: check_fill_value(opts.fill_value),
+    ]
+    for check in checks:
+        try:
+            check()
+        except (ValueError, TypeError) as exc:
+            problems.append(_cli_names(str(exc)))
+    if opts.channel_axis not in ("auto", "none"):
+        try:
+            int(opts.channel_axis)
+        except ValueError:
+            problems.append(f"--channel-axis must be auto, none or an integer, got "
+                            f"{opts.channel_axis!r}")
+    problems += _check_paths(opts)
+    return problems
+
+
+#: Core messages name API parameters: the options that set them.
+_OPTIONS = {"window parameter `sigma`": "--window-sigma", "`window`": "--window",
+            "`fill_value`": "--fill-value", "filter parameter": "--param",
+            "filter ": "--filter/--param"}
+
+
+def _cli_names(message: str) -> str:
+    """A core message, with the command-line option that sets the parameter it names."""
+    option = next((o for k, o in _OPTIONS.items() if k in message), None)
+    return f"{option}: {message}" if option else message
+
+
+def _check_paths(opts: Options) -> list[str]:
+    problems = []
+    for parent in [opts.output, *opts.output.parents]:
+        if parent.exists():
+            if not parent.is_dir():
+                problems.append(f"-o {opts.output}: {parent} is a file, not a folder")
+            break
+    if opts.metrics is not None:
+        m = opts.metrics
+        if m.is_dir():
+            problems.append(f"--metrics {m}: is a folder; give a CSV file name")
+        elif not m.parent.is_dir() and m.parent.resolve() != opts.output.resolve():
+            problems.append(f"--metrics {m}: folder {m.parent} does not exist (only -o is "
+                            f"created)")
+    return problems
 
 
 def make_batch_plan(paths, opts: Options) -> Plan:
-    """Validate every input and decide routes, outputs and batches; raise :class:`PlanError`
-    listing every problem, before anything is read or written."""
-    problems, items = [], []
+    """Validate the parameters, every input and every output, and decide routes, outputs and
+    batches; raise :class:`PlanError` listing every problem before anything is read or
+    written. Inputs whose header cannot be read are listed in ``plan.unreadable`` (the run
+    skips them) unless ``opts.fail_fast``, or unless no input is readable."""
+    problems = check_options(opts)
     try:
         files = io.find_inputs(paths)
     except io.ImageError as exc:
-        raise PlanError(str(exc)) from None
-    for path in files:
-        try:
-            items.append(_plan_item(io.probe(path), opts))
-        except (io.ImageError, ValueError, TypeError) as exc:
-            msg = str(exc)
-            problems.append(msg if str(path) in msg else f"{path}: {msg}")
-    if not problems:
-        problems += _check_outputs(files, items, opts)
+        raise PlanError("\n".join([*problems, str(exc)])) from None
+    parameters_ok = not problems
+    images, unreadable = _probe_all(files)
+    if opts.fail_fast or not images:
+        problems += [msg for _, msg in unreadable]
+    if not parameters_ok:  # they would repeat for every file: list them once, with the rest
+        raise PlanError("\n".join(problems))
+    items = _plan_items(images, opts, problems)
+    problems += _check_outputs(files, items, opts)
     if problems:
         raise PlanError("\n".join(problems))
-    batches = _batches([it for it in items if not it.lazy], opts)
-    peak = max([_lazy_bytes(it.grid, opts.chunk, opts.workers) for it in items if it.lazy]
-               + [opts.workers * _batch_bytes(b) for b in batches] + [0])
-    return Plan(items, batches, sum(it.grid.n_patches for it in items), peak)
+    todo = [it for it in items if not it.skip]
+    batches = _batches([it for it in todo if not it.lazy], opts)
+    processes = max(1, min(opts.workers, len(batches)))
+    return Plan(items, batches, sum(it.grid.n_patches for it in todo),
+                _peak_bytes(todo, batches, processes, opts), processes, unreadable)
 
 
-def _batch_bytes(batch: list[Item]) -> int:
-    return make_plan(batch[0].grid, len(batch)).peak_bytes
+def _probe_all(files):
+    """``(headers, [(path, why) for the unreadable])``."""
+    images, unreadable = [], []
+    for path in files:
+        try:
+            images.append(io.probe(path))
+        except io.ImageError as exc:
+            unreadable.append((path, str(exc)))
+    return images, unreadable
 
 
-def _plan_item(image: io.ImageFile, opts: Options) -> Item:
+def _plan_items(images, opts: Options, problems: list[str]) -> list[Item]:
+    """An :class:`Item` per image; the problems of each go to ``problems``."""
+    processes = max(1, min(opts.workers, len(images)))
+    items = []
+    for image in images:
+        try:
+            items.append(_plan_item(image, opts, processes))
+        except (io.ImageError, ValueError, TypeError) as exc:
+            msg = str(exc)
+            problems.append(msg if str(image.path) in msg else f"{image.path}: {msg}")
+    return items
+
+
+def _peak_bytes(todo: list[Item], batches, processes: int, opts: Options) -> int:
+    """The larger of the in-memory phase (each process on its largest batch) and the
+    largest streamed image."""
+    lazy = [_lazy_bytes(it.grid, opts.chunk, stream_threads(it.grid, opts.chunk, opts.workers))
+            for it in todo if it.lazy]
+    in_memory = processes * max((image_bytes(b[0], opts, len(b)) for b in batches), default=0)
+    return max([*lazy, in_memory, 0])
+
+
+def _plan_item(image: io.ImageFile, opts: Options, processes: int) -> Item:
     grid = _grid(image, opts)
-    in_memory_bytes = make_plan(grid).peak_bytes
-    lazy = in_memory_bytes > opts.max_memory // max(opts.workers, 1)
+    fmt = image.format if opts.out_format == "same" else opts.out_format
+    dtype = out_dtype(image.dtype, opts)
+    probe_item = Item(image, grid, False, Path(), None, fmt, None)
+    in_memory_bytes = image_bytes(probe_item, opts)
+    share = opts.max_memory // processes
+    lazy = in_memory_bytes > share
     if lazy:
         if image.format not in io.LAZY:
             raise io.ImageError(
-                f"{image.path}: {_fmt_bytes(in_memory_bytes)} to process in memory, "
-                f"over the budget of {_fmt_bytes(opts.max_memory)} per run (--max-memory), and "
-                f"{image.format} files cannot be streamed; convert it to TIFF or zarr, or raise "
-                f"--max-memory")
-        need = _lazy_bytes(grid, opts.chunk, opts.workers)
+                f"{image.path}: {format_bytes(in_memory_bytes)} to process in memory, over "
+                f"the {format_bytes(share)} share of each of {processes} process(es) in "
+                f"--max-memory {format_bytes(opts.max_memory)}, and {image.format} files "
+                f"cannot be streamed; convert it to TIFF or zarr, raise --max-memory, or "
+                f"use fewer --workers")
+        threads = stream_threads(grid, opts.chunk, opts.workers)
+        need = _lazy_bytes(grid, opts.chunk, threads)
         if need > opts.max_memory:
             raise io.ImageError(
-                f"{image.path}: streaming in chunks of {opts.chunk} px needs about "
-                f"{_fmt_bytes(need)}, over --max-memory {_fmt_bytes(opts.max_memory)}; use a "
-                f"smaller --chunk or fewer --workers")
-    fmt = image.format if opts.out_format == "same" else opts.out_format
-    if lazy:
+                f"{image.path}: streaming in chunks of {opts.chunk} px on {threads} thread(s) "
+                f"needs about {format_bytes(need)} ({format_bytes(need // threads)} a "
+                f"thread), over --max-memory {format_bytes(opts.max_memory)}; use a smaller "
+                f"--chunk or fewer --workers")
         fmt = "zarr"
-    dtype = _out_dtype(image, opts)
-    if fmt in io.INTEGER_ONLY and dtype not in (np.uint8, np.uint16):
-        raise io.ImageError(
-            f"{image.path}: {fmt} output holds 8- or 16-bit integers only, not {dtype}; use "
-            f"--dtype input, or --format tiff/npy/zarr")
-    if fmt == "jpeg" and dtype != np.uint8:
-        raise io.ImageError(f"{image.path}: JPEG output holds uint8 only, not {dtype}")
+    _check_format(image, grid, fmt, dtype, opts)
     suffix = {"tiff": ".tif", "png": ".png", "jpeg": ".jpg", "npy": ".npy", "zarr": ".zarr"}
     out = opts.output / (_stem(image.path) + suffix[fmt])
     err_fmt = err_out = None
@@ -181,6 +298,22 @@ def _plan_item(image: io.ImageFile, opts: Options) -> Item:
         err_fmt = "tiff" if fmt in io.INTEGER_ONLY else fmt
         err_out = opts.output / (_stem(image.path) + "_error" + suffix[err_fmt])
     return Item(image, grid, lazy, out, err_out, fmt, err_fmt)
+
+
+def _check_format(image, grid, fmt, dtype, opts) -> None:
+    if fmt in io.INTEGER_ONLY and dtype not in (np.uint8, np.uint16):
+        raise io.ImageError(
+            f"{image.path}: {fmt} output holds 8- or 16-bit integers only, not {dtype}; use "
+            f"--dtype input, or --format tiff/npy/zarr")
+    if fmt == "jpeg" and dtype != np.uint8:
+        raise io.ImageError(f"{image.path}: JPEG output holds uint8 only, not {dtype}")
+    if not grid.is_covering and dtype.kind != "f":
+        if opts.fill_value is None:
+            raise io.ImageError(
+                f"{image.path}: some pixels are covered by no patch (--edge drop, or stride > "
+                f"patch size) and the {dtype} output cannot mark them NaN: pass --fill-value, "
+                f"or --dtype float32")
+        check_fill_value(opts.fill_value, dtype)
 
 
 def _stem(path: Path) -> str:
@@ -191,28 +324,77 @@ def _stem(path: Path) -> str:
     return path.stem
 
 
+def _complete(path: Path, shape, dtype) -> bool:
+    """Whether an existing output is a whole image of the expected shape and dtype (outputs
+    are renamed into place only once written, so a readable header means a whole file)."""
+    try:
+        found = io.probe(path)
+    except io.ImageError:
+        return False
+    return found.shape == tuple(shape) and (dtype is None or found.dtype == dtype)
+
+
 def _check_outputs(files, items: list[Item], opts: Options) -> list[str]:
+    """Collisions first (an output over an input, twice the same output, a folder in the
+    way); then what exists already: skipped (``--skip-existing``), replaced
+    (``--overwrite``) or refused."""
+    problems = _collisions(files, items, opts)
+    return problems or _existing(items, opts)
+
+
+def _collision(out: Path, it: Item, inputs, zarr_inputs, seen) -> str | None:
+    r = out.resolve()
+    if r in inputs or any(r.is_relative_to(i) for i in zarr_inputs):
+        return f"{out}: would overwrite an input; choose another -o/--output"
+    if r in seen:
+        return (f"{out}: written twice (from {seen[r]} and {it.image.path}); give the inputs "
+                f"distinct names")
+    if out.is_dir() and not (it.out_format == "zarr" and io.is_zarr_dir(out)):
+        return f"{out}: is a folder; outputs replace files only, never folders"
+    return None
+
+
+def _collisions(files, items: list[Item], opts: Options) -> list[str]:
     problems = []
     inputs = {p.resolve() for p in files}
     zarr_inputs = [i for i in inputs if io.is_zarr_dir(i)]
     seen = {}
     targets = [(it.output, it) for it in items]
     targets += [(it.error_output, it) for it in items if it.error_output is not None]
-    if opts.metrics is not None:
-        targets.append((opts.metrics, None))
     for out, it in targets:
-        r = out.resolve()
-        if r in inputs or any(r.is_relative_to(i) for i in zarr_inputs):
-            problems.append(f"{out}: would overwrite an input; choose another -o/--output")
-        elif r in seen:
-            problems.append(f"{out}: written twice (from {seen[r]} and "
-                            f"{it.image.path if it else '--metrics'}); give the inputs distinct "
-                            f"names")
-        elif out.exists() and not opts.overwrite:
-            problems.append(f"{out}: exists; pass --overwrite to replace it")
-        seen[r] = it.image.path if it else "--metrics"
-    if opts.output.exists() and not opts.output.is_dir():
-        problems.append(f"{opts.output}: exists and is not a folder")
+        problem = _collision(out, it, inputs, zarr_inputs, seen)
+        if problem:
+            problems.append(problem)
+        seen[out.resolve()] = it.image.path
+    if opts.metrics is not None and opts.metrics.resolve() in inputs | set(seen):
+        problems.append(f"{opts.metrics}: would overwrite an input or an output (--metrics)")
+    return problems
+
+
+def _done(it: Item, opts: Options, have_rows: set[str]) -> bool:
+    """Whether an image's outputs are all there and complete, and its metrics row too."""
+    outs = [(it.output, out_dtype(it.image.dtype, opts))]
+    outs += [(it.error_output, None)] if it.error_output else []
+    return all(_complete(o, it.image.shape, dt) for o, dt in outs) and (
+        opts.metrics is None or str(it.image.path) in have_rows)
+
+
+def _existing(items: list[Item], opts: Options) -> list[str]:
+    problems = []
+    have_rows = {r["input"] for r in read_rows(opts.metrics)} if opts.metrics else set()
+    for it in items:
+        existing = [o for o in (it.output, it.error_output) if o is not None and o.exists()]
+        if not existing:
+            continue
+        if opts.skip_existing and _done(it, opts, have_rows):
+            it.skip = True
+        elif not (opts.overwrite or opts.skip_existing):
+            problems += [f"{o}: exists; pass --overwrite to replace it, or --skip-existing "
+                         f"to keep it" for o in existing]
+    if opts.metrics is not None and opts.metrics.exists() and not (opts.overwrite
+                                                                   or opts.skip_existing):
+        problems.append(f"--metrics {opts.metrics}: exists; pass --overwrite to replace it, or "
+                        f"--skip-existing to add to it")
     return problems
 
 
@@ -238,244 +420,30 @@ def _batch_size(it: Item, opts: Options) -> int:
 
 def describe(plan: Plan, opts: Options) -> str:
     """The plan, as printed before the run."""
-    lazy = [it for it in plan.items if it.lazy]
+    lazy = [it for it in plan.items if it.lazy and not it.skip]
+    skipped = sum(it.skip for it in plan.items)
     shapes = sorted({it.image.shape for it in plan.items})
     ps = "x".join(map(str, plan.items[0].grid.patch_size)) if plan.items else "-"
     listed = ", ".join("x".join(map(str, s)) for s in shapes[:3])
     listed += ", ..." if len(shapes) > 3 else ""
     lines = [
-        f"plan: {len(plan.items):,} image(s) of {len(shapes)} shape(s) ({listed}), "
-        f"{plan.n_patches:,} patches of {ps}, stride {'x'.join(map(str, opts.stride))}, "
-        f"filter {opts.patch_filter}, window {opts.window}",
-        f"      in memory: {sum(map(len, plan.batches)):,} image(s) in {len(plan.batches):,} "
-        f"batch(es) on {opts.workers} process(es); streamed through dask: {len(lazy)} image(s)",
-        f"      estimated peak memory {_fmt_bytes(plan.peak_bytes)} of a "
-        f"{_fmt_bytes(opts.max_memory)} budget (--max-memory); output to {opts.output}/",
+        (f"plan: {len(plan.items):,} image(s) of {len(shapes)} shape(s) ({listed}), "
+         f"{plan.n_patches:,} patches of {ps}, stride {'x'.join(map(str, opts.stride))}, "
+         f"filter {opts.patch_filter}, window {opts.window}"),
+        (f"      in memory: {sum(map(len, plan.batches)):,} image(s) in {len(plan.batches):,} "
+         f"batch(es) on {plan.processes} process(es); streamed through dask: {len(lazy)} "
+         f"image(s)" + (f"; skipped (already done): {skipped}" if skipped else "")),
+        (f"      estimated peak memory {format_bytes(plan.peak_bytes)} of a "
+         f"{format_bytes(opts.max_memory)} budget (--max-memory); output to {opts.output}/"),
     ]
+    lines += [f"      will skip (unreadable): {msg}" for _, msg in plan.unreadable]
     return "\n".join(lines)
 
 
-# --------------------------------------------------------------------------- progress
-class Progress:
-    """A progress line on ``stream``: patches done, rate and ETA (thread-safe). On a terminal
-    it redraws in place; otherwise it prints a line every tenth of the work."""
-
-    def __init__(self, total: int, stream=None, enabled: bool = True):
-        self.total, self.done = max(total, 1), 0
-        self.stream = stream or sys.stderr
-        self.enabled = enabled
-        self.tty = getattr(self.stream, "isatty", lambda: False)()
-        self.start = self._last = time.perf_counter()
-        self._step = 0
-        self._lock = threading.Lock()
-
-    def update(self, n: int) -> None:
-        with self._lock:
-            self.done += n
-            now = time.perf_counter()
-            if not self.enabled:
-                return
-            if self.tty and now - self._last >= 0.2:
-                self._last = now
-                self.stream.write("\r" + self.line())
-                self.stream.flush()
-            elif not self.tty and 10 * self.done // self.total > self._step:
-                self._step = 10 * self.done // self.total
-                self.stream.write(self.line() + "\n")
-                self.stream.flush()
-
-    def line(self) -> str:
-        elapsed = max(time.perf_counter() - self.start, 1e-9)
-        rate = self.done / elapsed
-        left = (self.total - self.done) / rate if rate > 0 else math.inf
-        eta = "?" if not math.isfinite(left) else time.strftime("%H:%M:%S", time.gmtime(left))
-        width = 24
-        fill = min(width, width * self.done // self.total)
-        return (f"[{'#' * fill}{'.' * (width - fill)}] {100 * self.done / self.total:5.1f}% "
-                f"{self.done:,}/{self.total:,} patches | {_rate(rate)} | "
-                f"ETA {eta}")
-
-    def finish(self) -> str:
-        elapsed = time.perf_counter() - self.start
-        summary = (f"done: {self.done:,} patches in {elapsed:.1f} s "
-                   f"({_rate(self.done / max(elapsed, 1e-9))})")
-        if self.enabled:
-            self.stream.write(("\r" + self.line() + "\n" if self.tty else "") + summary + "\n")
-            self.stream.flush()
-        return summary
-
-
-def _rate(per_s: float) -> str:
-    if per_s >= 1e6:
-        return f"{per_s / 1e6:.2f} M patches/s"
-    if per_s >= 1e3:
-        return f"{per_s / 1e3:.1f} k patches/s"
-    return f"{per_s:.0f} patches/s"
-
-
-# --------------------------------------------------------------------------- running
-def _process_kwargs(opts: Options) -> dict:
-    return {"patch_filter": opts.patch_filter, "filter_params": opts.filter_params,
-            "window": opts.window, "window_params": opts.window_params, "reduce": opts.reduce,
-            "reference": opts.reference}
-
-
-def _run_batch(batch: list[Item], opts: Options) -> list[dict]:
-    first = batch[0]
-    images = np.stack([it.image.read() for it in batch])
-    for it, im in zip(batch, images, strict=True):
-        if im.shape != it.image.shape or im.dtype != it.image.dtype:
-            raise io.ImageError(f"{it.image.path}: read {im.shape} {im.dtype}, but its header "
-                                f"said {it.image.shape} {it.image.dtype}")
-    r = process(images, first.grid, dtype=_out_dtype(first.image, opts), metrics=False,
-                **_process_kwargs(opts))  # metrics per image, below, when asked
-    rows = []
-    channel_axis = first.grid.channel_axis
-    for k, it in enumerate(batch):
-        io.write(it.output, r.merged[k], it.out_format)
-        if it.error_output is not None:
-            io.write(it.error_output, r.error[k], it.error_format)
-        if opts.metrics is not None:
-            m = compute_metrics(r.merged[k], r.reference[k], channel_axis=channel_axis,
-                                ssim=opts.ssim, error=r.error[k])
-            rows.append(_row(it, m))
-    return rows
-
-
-def _row(it: Item, metrics: dict) -> dict:
-    return {"input": str(it.image.path), "output": str(it.output),
-            "shape": "x".join(map(str, it.image.shape)), "dtype": str(it.image.dtype),
-            "patches": it.grid.n_patches,
-            **{k: f"{float(metrics[k]):.9g}" for k in METRIC_COLUMNS[5:]}}
-
-
-def _run_lazy(it: Item, opts: Options, progress: Progress) -> list[dict]:
-    import dask
-    import dask.array as da
-    import zarr
-    from dask.callbacks import Callback
-
-    image = it.image.lazy(opts.chunk)
-    r = process(image, it.grid, dtype=_out_dtype(it.image, opts), ssim=opts.ssim,
-                **_process_kwargs(opts))
-    targets = [(it.output, r.merged)]
-    if it.error_output is not None:
-        targets.append((it.error_output, r.error))
-    stores, commits, aborts = [], [], []
-    for path, arr in targets:
-        tmp, commit, abort = io.zarr_target(path)
-        aborts.append(abort)
-        chunks = tuple(min(n, opts.chunk) for n in arr.shape)
-        z = zarr.open_array(str(tmp), mode="w", shape=arr.shape, dtype=arr.dtype, chunks=chunks)
-        stores.append((arr.rechunk(chunks), z))
-        commits.append(commit)
-    class _Tick(Callback):
-        """Progress from finished merge tasks (dask may fuse them: match by name)."""
-
-        def _start(self, dsk):
-            self.merges = sum(1 for k in dsk if _is_merge(k))
-            self.carry = 0.0
-            self.counted = 0
-
-        def _posttask(self, key, result, dsk, state, worker_id):
-            if _is_merge(key):
-                self.carry += it.grid.n_patches / max(self.merges, 1)
-                whole = int(self.carry)
-                self.carry -= whole
-                self.counted += whole
-                progress.update(whole)
-
-    try:
-        stored = da.store([a for a, _ in stores], [z for _, z in stores], lock=False,
-                          compute=False)
-        wanted = r.metrics if opts.metrics is not None else {}
-        with _Tick() as tick:
-            _, metrics = dask.compute(stored, wanted, scheduler="threads",
-                                      num_workers=opts.workers)
-        progress.update(it.grid.n_patches - tick.counted)
-        for commit in commits:
-            commit()
-    except BaseException:
-        for abort in aborts:
-            abort()
-        raise
-    return [_row(it, metrics)] if opts.metrics is not None else []
-
-
-def _is_merge(key) -> bool:
-    return "patch-merge" in str(key[0] if isinstance(key, tuple) else key)
-
-
-_FAILED = None  # in each worker process: set once any batch has failed
-
-
-def _init_worker(event) -> None:
-    global _FAILED
-    _FAILED = event
-
-
-def _batch_job(batch: list[Item], opts: Options):
-    """One in-memory batch in a worker process; None when skipped after a failure (the run
-    stops at its first failure, and what is already written stays complete)."""
-    if _FAILED is not None and _FAILED.is_set():
-        return None
-    try:
-        return _run_batch(batch, opts)
-    except BaseException:
-        if _FAILED is not None:
-            _FAILED.set()
-        raise
-
-
-def run(plan: Plan, opts: Options, *, stream=None, quiet: bool = False) -> list[dict]:
-    """Run a plan: in-memory batches on ``opts.workers`` processes, then streamed images one
-    by one (dask threads). Returns the metrics rows (in input order) and writes the CSV if
-    asked.
-
-    Worker processes, not threads: the batches are independent files in and out, and the
-    merge's many small NumPy steps scale across processes where threads wait on the GIL
-    (2 threads ran 1.6x faster than 1, 2 processes 2x).
-    """
-    opts.output.mkdir(parents=True, exist_ok=True)
-    progress = Progress(plan.n_patches, stream, enabled=not quiet)
-    rows = {}
-    methods = multiprocessing.get_all_start_methods()
-    ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-    failed = ctx.Event()
-    with ProcessPoolExecutor(max(opts.workers, 1), mp_context=ctx, initializer=_init_worker,
-                             initargs=(failed,)) as pool:
-        futures = {pool.submit(_batch_job, b, opts): b for b in plan.batches}
-        try:
-            for f in as_completed(futures):
-                b, result = futures[f], f.result()
-                if result is None:
-                    continue
-                progress.update(sum(it.grid.n_patches for it in b))
-                for it, row in zip(b, result, strict=False):
-                    rows[it.image.path] = row
-        except BaseException:
-            for f in futures:
-                f.cancel()
-            raise
-    for it in (it for it in plan.items if it.lazy):
-        for row in _run_lazy(it, opts, progress):
-            rows[it.image.path] = row
-    progress.finish()
-    ordered = [rows[it.image.path] for it in plan.items if it.image.path in rows]
-    if opts.metrics is not None:
-        text = _io.StringIO()
-        writer = csv.DictWriter(text, fieldnames=METRIC_COLUMNS)
-        writer.writeheader()
-        writer.writerows(ordered)
-        _write_text(opts.metrics, text.getvalue())
-    return ordered
-
-
-def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+def read_rows(path: Path) -> list[dict]:
+    """The whole rows of a metrics CSV (a row cut short by a hard kill is left out)."""
+    if not Path(path).is_file():
+        return []
+    with open(path, newline="") as f:
+        return [r for r in csv.DictReader(f)
+                if r.get("input") and all(r.get(k) not in (None, "") for k in METRIC_COLUMNS)]

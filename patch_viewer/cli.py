@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 
-from ._sample_data import read_array
 from .core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, REFERENCES, WINDOWS
 
 
@@ -32,9 +31,9 @@ def read_image(path: str):
     if not p.is_file():
         raise SystemExit(f"patch-viewer: no such file: {path}")
     try:
-        return read_array(p)
-    except Exception as exc:  # any reader failure becomes one clear message
-        raise SystemExit(f"patch-viewer: cannot read {path}: {exc}") from None
+        return io.read_image(p)
+    except io.ImageError as exc:
+        raise SystemExit(f"patch-viewer: {exc}") from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,18 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _bytes(text: str) -> int:
-    units = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20,
-             "mib": 2**20, "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40,
-             "tib": 2**40}
-    t = text.strip().lower()
-    num = t.rstrip("abgikmt")
+    """``--max-memory``: a size such as 2GiB or 500MB (``dask.utils.parse_bytes``)."""
+    from .core.checks import parse_max_bytes
+
     try:
-        value = float(num) * units[t[len(num):].strip()]
-    except (ValueError, KeyError):
-        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 2GiB, 500MB)") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return int(value)
+        return parse_max_bytes(text, "--max-memory")
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _param(text: str):
@@ -121,8 +115,14 @@ def build_process_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reduce", choices=REDUCTIONS, default="mean")
     ap.add_argument("--reference", choices=REFERENCES, default="input",
                     help="what errors are measured against (default: the input image)")
-    ap.add_argument("--dtype", choices=("input", "float32", "float64"), default="input",
-                    help="merged image dtype (default: the input's, integers rounded)")
+    ap.add_argument("--dtype", choices=("auto", "input", "float32", "float64"), default="auto",
+                    help="merged image dtype. auto (default): the input's, integers rounded "
+                         "and clipped, except bool inputs, which give float32; input: the "
+                         "input's always. (The Python API returns float unless dtype= is "
+                         "given.)")
+    ap.add_argument("--fill-value", type=float, metavar="V",
+                    help="value for pixels no patch covers (--edge drop, or stride > patch) "
+                         "in an integer output; float outputs mark them NaN")
     ap.add_argument("--format", dest="out_format", default="same",
                     choices=("same", "tiff", "png", "npy", "zarr"),
                     help="output format (default: the input's; zarr for streamed images; JPEG "
@@ -131,7 +131,8 @@ def build_process_parser() -> argparse.ArgumentParser:
     ap.add_argument("--metrics", type=Path, metavar="CSV",
                     help="write max-abs, RMSE, PSNR and SSIM per image to this CSV")
     ap.add_argument("--no-ssim", dest="ssim", action="store_false",
-                    help="leave SSIM out of the metrics (the costly one)")
+                    help="leave SSIM out of the metrics (computed in bands, it about doubles "
+                         "the time of an identity run; see README)")
     ap.add_argument("--max-memory", type=_bytes, default=2 * 2**30, metavar="SIZE",
                     help="memory budget (default 2GiB); larger images are streamed through "
                          "dask, or refused when their format cannot be streamed")
@@ -142,56 +143,80 @@ def build_process_parser() -> argparse.ArgumentParser:
                     help="chunk edge for streamed images (default 1024)")
     ap.add_argument("--batch-images", type=_positive, metavar="N",
                     help="small images per in-memory batch (default: about 8 MiB of them)")
-    ap.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace existing output files (never folders)")
+    ap.add_argument("--skip-existing", action="store_true",
+                    help="skip images whose outputs exist and are complete (resume a run)")
+    ap.add_argument("--fail-fast", action="store_true",
+                    help="stop at the first input that fails (default: log it, go on, exit 1 "
+                         "at the end)")
     ap.add_argument("--dry-run", action="store_true", help="print the plan and stop")
-    ap.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    ap.add_argument("-q", "--quiet", action="store_true",
+                    help="print nothing but errors")
     return ap
 
 
-def process_main(argv) -> int:
-    """``patch-viewer process``: exit 0 on success, 2 for bad input, 1 if the run failed."""
+def _options(args):
     import os
 
     from . import batch
 
-    args = build_process_parser().parse_args(argv)
-    opts = batch.Options(
+    return batch.Options(
         output=args.output, patch_size=tuple(args.patch_size), stride=tuple(args.stride),
         edge=args.edge, pad_mode=args.pad_mode, channel_axis=args.channel_axis,
         patch_filter=args.filter, filter_params=dict(args.param), window=args.window,
         window_params={} if args.window_sigma is None else {"sigma": args.window_sigma},
         reduce=args.reduce, reference=args.reference, dtype=args.dtype,
-        out_format=args.out_format, errors=args.errors, metrics=args.metrics, ssim=args.ssim,
-        max_memory=args.max_memory, workers=args.workers or os.cpu_count() or 1,
-        chunk=args.chunk, batch_images=args.batch_images, overwrite=args.overwrite)
-    if opts.channel_axis not in ("auto", "none"):
-        try:
-            int(opts.channel_axis)
-        except ValueError:
-            print(f"patch-viewer process: --channel-axis must be auto, none or an integer, got "
-                  f"{opts.channel_axis!r}", file=sys.stderr)
-            return 2
+        fill_value=args.fill_value, out_format=args.out_format, errors=args.errors,
+        metrics=args.metrics, ssim=args.ssim, max_memory=args.max_memory,
+        workers=args.workers or os.cpu_count() or 1, chunk=args.chunk,
+        batch_images=args.batch_images, overwrite=args.overwrite,
+        skip_existing=args.skip_existing, fail_fast=args.fail_fast)
+
+
+def _say(quiet: bool, text: str) -> None:
+    if not quiet:
+        print(text, flush=True)
+
+
+def _error(text: str) -> None:
+    print(f"patch-viewer process: {text}", file=sys.stderr, flush=True)
+
+
+def process_main(argv) -> int:
+    """``patch-viewer process``: exit 0 on success, 2 for bad input (nothing done), 1 if any
+    image failed or the run stopped (what was written is complete), 130 on Ctrl-C."""
+    from . import batch, batch_run, io
+
+    args = build_process_parser().parse_args(argv)
+    opts = _options(args)
     try:
-        FILTERS[opts.patch_filter].validate(opts.filter_params)
         plan = batch.make_batch_plan(args.inputs, opts)
     except (batch.PlanError, ValueError, TypeError) as exc:
-        print(f"patch-viewer process: {exc}", file=sys.stderr)
+        _error(str(exc))
         return 2
-    print(batch.describe(plan, opts), flush=True)
+    _say(args.quiet and not args.dry_run, batch.describe(plan, opts))
     if args.dry_run:
         return 0
     try:
-        batch.run(plan, opts, quiet=args.quiet)
+        report = batch_run.run(plan, opts, quiet=args.quiet)
     except KeyboardInterrupt:
-        print("patch-viewer process: interrupted; files already written are complete",
-              file=sys.stderr)
+        _error("interrupted; files already written are complete"
+               + (f", and {opts.metrics} holds their metrics" if opts.metrics else ""))
         return 130
-    except Exception as exc:  # noqa: BLE001 - report, keep what was written, exit non-zero
-        print(f"patch-viewer process: failed: {exc}; files already written are complete",
-              file=sys.stderr)
+    except (io.DiskFullError, batch_run.RunFailed) as exc:
+        _error(f"stopped: {exc}; files already written are complete")
         return 1
-    print(f"wrote {len(plan.items):,} image(s) to {opts.output}/"
-          + (f"; metrics in {opts.metrics}" if opts.metrics else ""))
+    except Exception as exc:  # noqa: BLE001 - report, keep what was written, exit non-zero
+        _error(f"failed: {exc}; files already written are complete")
+        return 1
+    if report.failures:
+        lines = "\n".join(f"  {msg}" for _, msg in report.failures)
+        _error(f"{len(report.failures)} of {len(plan.items) + len(plan.unreadable)} image(s) "
+               f"failed (the others were written):\n{lines}")
+        return 1
+    _say(args.quiet, f"wrote {report.written:,} image(s) to {opts.output}/"
+         + (f"; metrics in {opts.metrics}" if opts.metrics else ""))
     return 0
 
 

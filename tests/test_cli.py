@@ -169,7 +169,8 @@ def test_output_over_an_input_or_an_existing_file(tmp_path, capsys):
     assert _run(capsys, tmp_path / "a.npy", "-o", out, "--overwrite")[0] == 0
 
 
-def test_a_failure_mid_run_leaves_only_complete_files(tmp_path, capsys):
+@pytest.mark.parametrize("fail_fast", [False, True])
+def test_a_failing_image_is_logged_and_the_rest_goes_on(tmp_path, capsys, fail_fast):
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(6):
@@ -184,15 +185,21 @@ def test_a_failure_mid_run_leaves_only_complete_files(tmp_path, capsys):
     try:
         code, _, err = _run(capsys, folder, "-o", tmp_path / "out", "--patch-size", "5",
                             "--stride", "2", "--filter", "explode_on_4", "--batch-images", "1",
-                            "--workers", "1")
+                            "--workers", "1", "--metrics", tmp_path / "m.csv",
+                            *(["--fail-fast"] if fail_fast else []))
     finally:
         del FILTERS["explode_on_4"]
     assert code == 1 and "filter failed on image 4" in err
     written = sorted(p.name for p in (tmp_path / "out").iterdir())
-    assert written == ["0.npy", "1.npy", "2.npy", "3.npy"]  # complete, nothing half-written
+    expected = ["0.npy", "1.npy", "2.npy", "3.npy"] + ([] if fail_fast else ["5.npy"])
+    assert written == expected  # complete, nothing half-written
     for name in written:
         np.testing.assert_array_equal(np.load(tmp_path / "out" / name),
                                       np.load(folder / name))
+    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    assert [r["input"].rsplit("/", 1)[1] for r in rows] == expected  # rows earned are kept
+    if not fail_fast:
+        assert "1 of 6 image(s) failed" in err and "4.npy" in err
 
 
 def test_dry_run_prints_the_plan_and_writes_nothing(tmp_path, capsys):
@@ -227,3 +234,153 @@ def test_launcher_opens_zarr_lazily(tmp_path):
     assert isinstance(data, da.Array) and int(data[5, 5].compute()) == 7
     np.save(tmp_path / "a.npy", np.ones((4, 4)))
     assert isinstance(read_image(str(tmp_path / "a.npy")), np.ndarray)
+
+
+# --------------------------------------------------------------------------- issue 12
+def test_the_plan_lists_every_parameter_problem_before_any_work(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.zeros((64, 64), np.float32))
+    (tmp_path / "file").write_text("x")
+    code, _, err = _run(capsys, tmp_path / "a.npy", "-o", tmp_path / "file" / "out",
+                        "--window", "hann", "--reduce", "max", "--metrics",
+                        tmp_path / "nowhere" / "m.csv", "--filter", "gaussian", "--param",
+                        "sigma=99", "--dry-run")
+    assert code == 2
+    for part in ("--window", "reduce='max'", "nowhere", "is a file, not a folder", "sigma"):
+        assert part in err, part
+    code, _, err = _run(capsys, tmp_path / "a.npy", "-o", tmp_path / "out", "--window",
+                        "gaussian", "--window-sigma", "50", "--metrics", tmp_path, "--dry-run")
+    assert code == 2 and "--window-sigma" in err and "is a folder" in err
+
+
+def test_uncovered_pixels_in_an_integer_output_need_a_fill_value(tmp_path, capsys):
+    image = np.random.default_rng(0).integers(0, 255, (50, 50), dtype=np.uint8)
+    iio.imwrite(tmp_path / "a.png", image)
+    code, _, err = _run(capsys, tmp_path / "a.png", "-o", tmp_path / "out", "--patch-size", "16",
+                        "--stride", "16", "--edge", "drop", "--dry-run")
+    assert code == 2 and "--fill-value" in err and not (tmp_path / "out").exists()
+    code, _, err = _run(capsys, tmp_path / "a.png", "-o", tmp_path / "out", "--patch-size", "16",
+                        "--stride", "16", "--edge", "drop", "--fill-value", "7")
+    assert code == 0, err
+    merged = iio.imread(tmp_path / "out" / "a.png")
+    assert (merged[48:] == 7).all() and (merged[:48, :48] == image[:48, :48]).all()
+
+
+def test_skip_existing_resumes_and_completes_the_metrics(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(4):
+        np.save(folder / f"{i}.npy", np.full((20, 20), i, np.float32))
+    out, m = tmp_path / "out", tmp_path / "m.csv"
+    argv = [folder, "-o", out, "--patch-size", "5", "--stride", "5", "--metrics", m]
+    assert _run(capsys, *argv)[0] == 0
+    (out / "2.npy").unlink()
+    code, _, err = _run(capsys, *argv)
+    assert code == 2 and "--skip-existing" in err and err.count("exists") == 4  # 3 + the CSV
+    code, stdout, err = _run(capsys, *argv, "--skip-existing")
+    assert code == 0, err
+    assert "skipped (already done): 3" in stdout and "1 image(s)" in stdout.splitlines()[-1]
+    rows = list(csv.DictReader(open(m)))
+    assert [r["input"].rsplit("/", 1)[1] for r in rows] == ["0.npy", "1.npy", "2.npy", "3.npy"]
+
+
+def test_overwrite_replaces_files_never_folders(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.zeros((30, 30), np.float32))
+    (tmp_path / "out" / "a.npy").mkdir(parents=True)
+    (tmp_path / "out" / "a.npy" / "precious.txt").write_text("keep me")
+    code, _, err = _run(capsys, tmp_path / "a.npy", "-o", tmp_path / "out", "--patch-size", "8",
+                        "--overwrite")
+    assert code == 2 and "never folders" in err
+    assert (tmp_path / "out" / "a.npy" / "precious.txt").read_text() == "keep me"
+
+
+def test_quiet_is_quiet(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.zeros((30, 30), np.float32))
+    assert _run(capsys, tmp_path / "a.npy", "-o", tmp_path / "out", "--patch-size", "8",
+                "-q") == (0, "", "")
+
+
+def test_many_workers_get_a_budget_that_makes_sense(tmp_path, capsys):
+    iio.imwrite(tmp_path / "a.png", np.zeros((300, 300), np.uint8))
+    code, stdout, _ = _run(capsys, tmp_path / "a.png", "-o", tmp_path / "out", "--workers",
+                           "1000", "--dry-run")
+    assert code == 0 and "on 1 process(es)" in stdout
+    code, _, err = _run(capsys, tmp_path / "a.png", "-o", tmp_path / "out", "--workers", "1000",
+                        "--max-memory", "1MB")
+    assert code == 2 and "share of each of 1 process(es)" in err
+
+
+def test_max_memory_takes_sizes(tmp_path, capsys):
+    np.save(tmp_path / "a.npy", np.zeros((30, 30), np.float32))
+    code, stdout, _ = _run(capsys, tmp_path / "a.npy", "-o", tmp_path / "out", "--max-memory",
+                           "1.5GB", "--stride", "8", "--patch-size", "8", "--dry-run")
+    assert code == 0 and "1.40 GiB budget" in stdout
+    with pytest.raises(SystemExit):
+        main(["process", str(tmp_path / "a.npy"), "-o", "x", "--max-memory", "-1"])
+    assert "--max-memory" in capsys.readouterr().err
+
+
+def test_big_endian_npy_is_read(tmp_path, capsys):
+    image = np.arange(64 * 64, dtype=">u2").reshape(64, 64)
+    np.save(tmp_path / "be.npy", image)
+    code, _, err = _run(capsys, tmp_path / "be.npy", "-o", tmp_path / "out", "--patch-size", "8",
+                        "--stride", "4")
+    assert code == 0, err
+    np.testing.assert_array_equal(np.load(tmp_path / "out" / "be.npy"), image)
+
+
+def test_tiff_resolution_and_axes_are_kept(tmp_path, capsys):
+    image = np.random.default_rng(0).integers(0, 999, (5, 40, 40), dtype=np.uint16)
+    tifffile.imwrite(tmp_path / "z.tif", image, resolution=(2.0, 4.0), resolutionunit="CENTIMETER",
+                     metadata={"axes": "ZYX"})
+    code, _, err = _run(capsys, tmp_path / "z.tif", "-o", tmp_path / "out", "--patch-size", "4",
+                        "--stride", "2")
+    assert code == 0, err
+    with tifffile.TiffFile(tmp_path / "out" / "z.tif") as tif:
+        assert tif.series[0].axes == "ZYX"
+        assert tif.pages[0].resolution == (2.0, 4.0) and tif.pages[0].resolutionunit == 3
+        np.testing.assert_array_equal(tif.asarray(), image)
+
+
+def test_channels_are_decided_by_format_and_metadata(tmp_path, capsys):
+    iio.imwrite(tmp_path / "la.png", np.zeros((40, 40, 2), np.uint8))  # gray + alpha
+    tifffile.imwrite(tmp_path / "c.tif", np.zeros((4, 96, 96), np.uint16), photometric="rgb",
+                     planarconfig="separate")
+    plan = batch.make_batch_plan([tmp_path / "la.png", tmp_path / "c.tif"],
+                                 batch.Options(output=tmp_path / "o", patch_size=(8,),
+                                               stride=(4,)))
+    assert [it.grid.channel_axis for it in plan.items] == [2, 0]
+    plan = batch.make_batch_plan([tmp_path / "c.tif"], batch.Options(
+        output=tmp_path / "o", patch_size=(4,), stride=(4,), channel_axis="none"))
+    assert plan.items[0].grid.channel_axis is None and plan.items[0].grid.ndim == 3
+    code, _, err = _run(capsys, tmp_path / "c.tif", "-o", tmp_path / "out", "--patch-size", "8",
+                        "--stride", "8")
+    assert code == 0, err
+    assert tifffile.imread(tmp_path / "out" / "c.tif").shape == (4, 96, 96)
+
+
+def test_default_dtype_keeps_the_input_but_bool_becomes_float(tmp_path, capsys):
+    mask = np.random.default_rng(0).random((40, 40)) > 0.5
+    np.save(tmp_path / "m.npy", mask)
+    code, _, err = _run(capsys, tmp_path / "m.npy", "-o", tmp_path / "out", "--patch-size", "8",
+                        "--stride", "4", "--filter", "gaussian")
+    assert code == 0, err
+    merged = np.load(tmp_path / "out" / "m.npy")
+    expected = pv.process(mask, pv.PatchGrid(mask.shape, 8, 4), "gaussian").merged
+    assert merged.dtype == np.float32
+    np.testing.assert_array_equal(merged, expected)
+    code, _, _ = _run(capsys, tmp_path / "m.npy", "-o", tmp_path / "out2", "--patch-size", "8",
+                      "--stride", "8", "--dtype", "input")
+    assert code == 0 and np.load(tmp_path / "out2" / "m.npy").dtype == np.bool_
+
+
+def test_progress_moves_within_batches(tmp_path, capsys):
+    folder = tmp_path / "in"
+    folder.mkdir()
+    for i in range(2):
+        np.save(folder / f"{i}.npy", np.random.default_rng(i).random((700, 700), np.float32))
+    code, _, err = _run(capsys, folder, "-o", tmp_path / "out", "--patch-size", "16", "--stride",
+                        "2", "--batch-images", "1", "--workers", "2", "--filter", "gaussian")
+    assert code == 0
+    percents = [float(line.split("]")[1].split("%")[0]) for line in err.splitlines()
+                if line.startswith("[")]
+    assert len([p for p in percents if 0 < p < 100 and p != 50]) >= 3, percents

@@ -24,11 +24,12 @@ from functools import partial
 import numpy as np
 
 from ._layout import from_canonical, to_canonical
+from .checks import check_reduce_window
 from .filters import get_filter
 from .grid import PatchGrid
 from .merge.precision import work_dtype
 from .merge.weights import weights_in
-from .metrics import data_range_of, error_sums, error_summary, ssim_clean, ssim_window
+from .metrics import dtype_range, error_summary, error_sums, ssim_clean, ssim_window
 
 #: Chunk edge (pixels per spatial axis) used for arrays that come without useful chunks.
 DEFAULT_CHUNK = 2048
@@ -143,8 +144,16 @@ def _weights_block(*, grid, starts, depth, window, window_params, block_id=None)
     return out
 
 
-def _filter_block(block, *, filt, params, nd):
-    return np.asarray(filt(block, tuple(range(1, nd + 1)), **params))
+def _filter_block(block, *, filt, params, axes):
+    return np.asarray(filt(block, axes, **params))
+
+
+def reference_axes(grid: PatchGrid) -> tuple[int, ...]:
+    """The canonical ``(batch, *spatial, C)`` axes a whole-image reference filter runs over:
+    the spatial axes along which patches are wider than one pixel. Patches one plane thick
+    (``(1, 64, 64)`` on a volume) are filtered plane by plane, so the reference is too, and no
+    seam shows where none can be."""
+    return tuple(1 + ax for ax, p in enumerate(grid.patch_size) if p > 1)
 
 
 def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
@@ -241,12 +250,16 @@ def chunked_reference(image, grid: PatchGrid, patch_filter, filter_params=None):
         )
     reach = int(filt.halo(**params))
     nd = grid.ndim
+    axes = reference_axes(grid)
+    depth = tuple(reach if ax in axes else 0 for ax in range(1, nd + 1))
     canon = to_canonical(image, grid, batched).rechunk({nd + 1: -1})
-    canon = _min_chunks(canon, (reach,) * nd)
-    ref = canon.map_overlap(partial(_filter_block, filt=filt, params=params, nd=nd),
-                            depth={ax: reach for ax in range(1, nd + 1)}, boundary="none",
-                            trim=True, allow_rechunk=False,
-                            meta=np.empty((0,) * canon.ndim, np.float32))
+    canon = _min_chunks(canon, depth)
+    probe = np.asarray(filt(np.zeros((1,) + grid.patch_size + canon.shape[-1:], image.dtype),
+                            axes, **params))  # the dtype the in-memory reference has
+    ref = canon.map_overlap(partial(_filter_block, filt=filt, params=params, axes=axes),
+                            depth=dict(enumerate(depth, start=1)), boundary="none",
+                            trim=True, allow_rechunk=False, dtype=probe.dtype,
+                            meta=np.empty((0,) * canon.ndim, probe.dtype))
     return from_canonical(ref, grid, batched)
 
 
@@ -277,7 +290,7 @@ def chunked_metrics(merged, reference, *, error=None, channel_axis=None, ssim=Tr
     """
     import dask.array as da
 
-    integer = reference.dtype.kind in "biu"
+    fixed = dtype_range(reference.dtype)  # the rule of metrics.data_range_of
     merged = merged.rechunk(reference.chunks)
     error = chunked_error(merged, reference) if error is None else error
     parts = da.map_blocks(_partials, error.rechunk(reference.chunks), reference,
@@ -286,8 +299,8 @@ def chunked_metrics(merged, reference, *, error=None, channel_axis=None, ssim=Tr
                           meta=np.empty((0,) * (error.ndim + 1), np.float64))
     n, sum_sq = parts[..., 0].sum(), parts[..., 1].sum()
     max_abs = parts[..., 2].max()
-    if integer:
-        dr = da.from_array(np.float64(data_range_of(np.zeros(1, reference.dtype))))
+    if fixed is not None:
+        dr = da.from_array(np.float64(fixed))
     else:
         span = parts[..., 4].max() - parts[..., 3].min()
         dr = da.where(da.isfinite(span) & (span > 0), span, 1.0)
@@ -356,7 +369,7 @@ def _chunked_ssim(merged, reference, dr, channel_axis):
 
 def chunked_process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
                     window="uniform", window_params=None, reduce="mean", reference="input",
-                    dtype=None, batch_bytes=None, ssim=True):
+                    dtype=None, fill_value=None, batch_bytes=None, ssim=True):
     """:func:`patch_viewer.process` for dask/zarr images: every array in the result is lazy,
     and ``metrics`` holds 0-d dask arrays (``dask.compute(result.metrics)`` evaluates them)."""
     from .pipeline import REFERENCES, Result, make_plan
@@ -367,7 +380,9 @@ def chunked_process(image, grid: PatchGrid, patch_filter="identity", *, filter_p
     image = as_dask(image)
     merged, weights = chunked_merge(image, grid, patch_filter, filter_params=filter_params,
                                     window=window, window_params=window_params, reduce=reduce,
-                                    dtype=dtype, batch_bytes=batch_bytes)
+                                    dtype=dtype, fill_value=fill_value,
+                                    batch_bytes=batch_bytes)
+    check_reduce_window(reduce, window)
     if reference == "filter":
         ref = chunked_reference(image, grid, patch_filter, filter_params)
     else:

@@ -4,6 +4,10 @@ A filter is called as ``func(stack, spatial_axes, **params)``: ``stack`` holds m
 possibly channels), ``spatial_axes`` names the axes of one patch. It returns an array of the same
 shape and never mixes values between patches: ``scipy.ndimage`` filters get a zero sigma (size 1)
 on every other axis, and per-patch statistics reduce over ``spatial_axes`` only.
+
+Dtypes: the built-in filters other than identity and median return float32 for integer and
+float16 stacks (scipy.ndimage has no float16 arithmetic), and the input's dtype for float32 and
+float64; median keeps integer dtypes and computes float16 in float32.
 """
 
 from __future__ import annotations
@@ -25,6 +29,17 @@ class Param:
     max: float
     kind: type = float
     doc: str = ""
+
+    def __post_init__(self):
+        for key in ("default", "min", "max"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
+                raise TypeError(f"Param `{key}` must be a number, got {value!r}")
+        if self.kind not in (int, float):
+            raise TypeError(f"Param `kind` must be int or float, got {self.kind!r}")
+        if not self.min <= self.default <= self.max:
+            raise ValueError(f"Param `default` must be in [min, max] = [{self.min}, {self.max}], "
+                             f"got {self.default!r}")
 
     def check(self, name: str, value):
         if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
@@ -63,7 +78,10 @@ class PatchFilter:
         return {k: p.check(k, params.get(k, p.default)) for k, p in self.params.items()}
 
     def __call__(self, stack, spatial_axes, **params):
-        out = self.func(stack, tuple(spatial_axes), **self.validate(params))
+        # Non-finite pixels give NaN where a patch statistic is undefined (documented), not
+        # RuntimeWarnings from inside NumPy.
+        with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
+            out = self.func(stack, tuple(spatial_axes), **self.validate(params))
         if np.shape(out) != np.shape(stack):
             raise ValueError(
                 f"filter {self.name!r} returned shape {np.shape(out)} for input {np.shape(stack)}"
@@ -106,15 +124,35 @@ def register_filter(name: str, func: Callable | None = None, *, params: dict | N
     [[9.0, 9.0, 9.0], [9.0, 9.0, 9.0]]
     >>> del FILTERS["square"]
     """
+    _check_registration(name, func, params, halo)
+
     def deco(f):
-        if not isinstance(name, str) or not name:
-            raise TypeError("filter `name` must be a non-empty string")
+        _check_registration(name, f, params, halo)
         call = f if batched else _per_patch(f)
         FILTERS[name] = PatchFilter(name, call, dict(params or {}),
                                     doc or (f.__doc__ or "").strip(), halo)
         return f
 
     return deco if func is None else deco(func)
+
+
+def _check_registration(name, func, params, halo) -> None:
+    """Refuse a bad registration at once, not at the first call (each message names the
+    argument)."""
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"filter `name` must be a non-empty string, got {name!r}")
+    if func is not None and not callable(func):
+        raise TypeError(f"filter `func` must be callable, got {func!r}")
+    if params is not None and not isinstance(params, dict):
+        raise TypeError(f"filter `params` must be a dict of name -> Param, got {params!r}")
+    for key, value in (params or {}).items():
+        if not (isinstance(key, str) and key.isidentifier()):
+            raise TypeError(f"filter `params` keys must be identifiers, got {key!r}")
+        if not isinstance(value, Param):
+            raise TypeError(
+                f"filter `params[{key!r}]` must be a Param(default, min, max), got {value!r}")
+    if halo is not None and not callable(halo):
+        raise TypeError(f"filter `halo` must be callable or None, got {halo!r}")
 
 
 def get_filter(spec) -> PatchFilter:
@@ -143,7 +181,10 @@ def _per_patch(f):
 
 
 def _float(stack):
-    return stack if stack.dtype.kind == "f" else stack.astype(np.float32)
+    """Floats stay as they are, except float16, which scipy.ndimage cannot filter: it and
+    integers compute (and come back) in float32."""
+    return stack if stack.dtype.kind == "f" and stack.dtype.itemsize >= 4 else \
+        stack.astype(np.float32)
 
 
 def _gauss_reach(sigma: float) -> int:
@@ -173,9 +214,10 @@ def gaussian(stack, spatial_axes, sigma):
 @register_filter("median", params={"size": Param(3, 1, 31, int, "window size (px)")},
                  halo=lambda size: size // 2)
 def median(stack, spatial_axes, size):
-    """Median filter inside each patch."""
-    return ndi.median_filter(stack, size=_per_axis(stack, spatial_axes, size, 1),
-                             output=np.empty_like(stack))
+    """Median filter inside each patch (float16 computes in float32)."""
+    x = stack.astype(np.float32) if stack.dtype == np.float16 else stack
+    return ndi.median_filter(x, size=_per_axis(stack, spatial_axes, size, 1),
+                             output=np.empty_like(x))
 
 
 @register_filter("uniform", params={"size": Param(3, 1, 31, int, "window size (px)")},

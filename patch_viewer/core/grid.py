@@ -110,6 +110,7 @@ class PatchGrid:
                 raise ValueError(
                     f"`patch_size` {p} is larger than the image ({n} pixels) on spatial axis {ax}; "
                     f"the allowed range is 1..{n}, or use edge='pad'"
+                    + _rgb_hint(shape, channel_axis)
                 )
             if self.edge == "drop":
                 g = (n - p) // s + 1
@@ -238,6 +239,13 @@ class PatchGrid:
         return tuple(index)
 
 
+def _rgb_hint(shape, channel_axis) -> str:
+    """A hint for the usual mistake: an RGB(A) image gridded without its channel axis."""
+    if channel_axis is None and len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4:
+        return "; for an RGB(A) image set channel_axis=-1"
+    return ""
+
+
 def _image_shape(shape) -> tuple[int, ...]:
     try:
         shape = tuple(operator.index(n) for n in shape)
@@ -253,6 +261,8 @@ def _image_shape(shape) -> tuple[int, ...]:
 def _channel_axis(axis, ndim: int) -> int | None:
     if axis is None:
         return None
+    if isinstance(axis, (bool, np.bool_)):  # True is an int to operator.index: never mean 1
+        raise TypeError(f"`channel_axis` must be an int or None, got {axis!r}")
     try:
         axis = operator.index(axis)
     except TypeError:

@@ -25,17 +25,30 @@ from ._layout import (
     to_canonical,
     window_view,
 )
-from .chunked import chunked_process
+from .checks import (
+    check_dtype,
+    check_fill_value,
+    check_finite_for_integer,
+    check_image,
+    check_progress,
+    check_reduce_window,
+    parse_max_bytes,
+)
+from .chunked import chunked_process, reference_axes
 from .filters import get_filter
 from .grid import PatchGrid
 from .extract import extract_rows
 from .fused import PatchStats, fused_form
-from .merge import REDUCTIONS, Merger, backend, weight_map
+from .merge import REDUCTIONS, Merger, backend, merge_state_bytes, weight_map
 from .merge.plan import image_source
 from .metrics import METRICS, compute_metrics, error_map
 from .windows import make_window
 
 REFERENCES = ("input", "filter")
+
+#: Fraction added to the itemised memory plan for allocator slack (measured peak RSS came
+#: within 2% of the itemised sum for 1-9 Mpx images; tests/test_memory_plan.py checks it).
+PLAN_SLACK = 0.04
 
 #: Default size of one streamed batch of filtered patches.
 DEFAULT_BATCH_BYTES = 8 * 2**20
@@ -43,7 +56,13 @@ DEFAULT_BATCH_BYTES = 8 * 2**20
 
 @dataclass(frozen=True)
 class Plan:
-    """What a run will do: patch count, batches and memory, known before any pixel is touched."""
+    """What a run will do: patch count, batches and memory, known before any pixel is touched.
+
+    Memory is counted beyond the input image (which the caller holds): ``merge_bytes`` while
+    patches stream into the merge, ``finish_bytes`` once the merge is done and the reference,
+    error map, metrics (SSIM in bands) and weights are made beside it. ``peak_bytes`` is the
+    larger; a test measures peak RSS against it.
+    """
 
     n_images: int
     n_patches: int
@@ -52,15 +71,25 @@ class Plan:
     batch_bytes: int
     image_bytes: int
     stack_bytes: int  # what materialising every patch at once would take (float32)
+    merge_bytes: int = 0
+    finish_bytes: int = 0
 
     @property
     def peak_bytes(self) -> int:
-        """Rough peak: the input plus ~4 image-sized work arrays, plus two batches."""
-        return 5 * self.image_bytes + 2 * self.batch_bytes
+        """Planned peak memory of the run, beyond its input: the larger phase, plus
+        :data:`PLAN_SLACK` for the allocator and small temporaries."""
+        return int(max(self.merge_bytes, self.finish_bytes) * (1 + PLAN_SLACK)) + 2 * 2**20
 
 
-def make_plan(grid: PatchGrid, n_images: int = 1, *, batch_bytes: int | None = None) -> Plan:
-    """Plan a streamed run over ``n_images`` images of ``grid`` (patches counted as float32).
+def make_plan(grid: PatchGrid, n_images: int = 1, *, batch_bytes: int | None = None,
+              dtype=np.float32, window="uniform", reduce="mean", reference="input",
+              filter_dtype=None, out_dtype=None, metrics=True, ssim=True) -> Plan:
+    """Plan a streamed run over ``n_images`` images of ``grid`` (batches counted as float32).
+
+    The memory plan (``peak_bytes``) needs what the run will do: the images' ``dtype``, the
+    ``window`` and ``reduce`` of the merge, the ``reference``, the dtype the filter returns
+    (``filter_dtype``, default ``dtype``), the output dtype (``out_dtype``, default the
+    merge's float) and whether ``metrics`` and ``ssim`` are computed.
 
     Examples
     --------
@@ -81,8 +110,44 @@ def make_plan(grid: PatchGrid, n_images: int = 1, *, batch_bytes: int | None = N
     rows = math.ceil(grid.grid_shape[0] / math.ceil(grid.grid_shape[0] / rows))  # even batches
     n_batches = n_images * math.ceil(grid.grid_shape[0] / rows)
     image_bytes = n_images * math.prod(grid.padded_shape) * (grid.n_channels or 1) * 8
+    options = {"window": window, "reduce": reduce, "reference": reference,
+               "filter_dtype": filter_dtype, "out_dtype": out_dtype, "metrics": metrics,
+               "ssim": ssim}
+    merge, finish = _memory(grid, n_images, np.dtype(dtype), rows * row_bytes // item, options)
     return Plan(n_images, n_images * grid.n_patches, rows, n_batches, rows * row_bytes,
-                image_bytes, n_images * grid.nbytes(np.float32))
+                image_bytes, n_images * grid.nbytes(np.float32), merge, finish)
+
+
+def _memory(grid, n_images, dtype, batch_elems, options):
+    """``(merge_bytes, finish_bytes)`` of :class:`Plan` for images of ``dtype``."""
+    from .merge.precision import work_dtype
+    from .metrics import REDUCE_ELEMENTS, ssim_bytes
+
+    channels = grid.n_channels or 1
+    pixels = n_images * channels * math.prod(grid.spatial_shape)
+    padded = n_images * channels * math.prod(grid.padded_shape)
+    canvas, result = merge_state_bytes(grid, n_images, dtype, options["window"],
+                                       options["reduce"])
+    filtered = np.dtype(options["filter_dtype"] or dtype)
+    converts = filtered != dtype  # the filter computes on a converted copy
+    pad = padded * dtype.itemsize if padded != pixels else 0
+    merge = canvas + pad + batch_elems * (dtype.itemsize + converts * 2 * filtered.itemsize)
+    ref = 0
+    if options["reference"] == "filter":  # the whole-image filter, and its converted input
+        ref = pixels * filtered.itemsize * (1 + 2 * converts)
+    out = np.dtype(options["out_dtype"] or work_dtype(filtered))
+    error = pixels * np.result_type(out, filtered, np.float32).itemsize
+    copy = pixels * out.itemsize * (out != work_dtype(filtered))
+    spatial = grid.spatial_shape
+    after = 0
+    if options["metrics"]:
+        after = min(pixels, REDUCE_ELEMENTS) * 24  # isfinite, squares, |e| of one band
+        if options["ssim"]:
+            shape = (n_images * spatial[0],) + spatial[1:] + (channels,)  # bands of rows
+            after = max(after, ssim_bytes(shape, -1))
+    weights = 8 * math.prod(spatial)
+    finish = canvas + result + copy + ref + error + max(after, weights)
+    return merge, finish
 
 
 @dataclass(frozen=True)
@@ -135,7 +200,8 @@ def merge_stream(canon, grid, filt, params, window, window_params, reduce, rows,
             if merger is None:
                 merger = Merger(grid, canon.shape[0], canon.shape[-1], out.dtype, window=window,
                                 reduce=reduce, window_params=window_params)
-            merger.add(out, b, r0)
+            with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, no warning
+                merger.add(out, b, r0)
             done += out.shape[1] * math.prod(grid.grid_shape[1:])
             yield done, total
     return merger
@@ -206,7 +272,8 @@ def _copy_in_order(batch, order):
 
 def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
                  window="uniform", window_params=None, reduce="mean", reference="input",
-                 dtype=None, batch_bytes=None, max_bytes=None, ssim=True, metrics=True):
+                 dtype=None, fill_value=None, batch_bytes=None, max_bytes=None, ssim=True,
+                 metrics=True):
     """Generator form of :func:`process`: yields ``(patches_done, patches_total)`` after each
     batch and returns the :class:`Result` (``StopIteration.value``; napari's ``thread_worker``
     emits it as ``returned``). Closing the generator cancels the run.
@@ -216,14 +283,15 @@ def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_para
     """
     if not isinstance(grid, PatchGrid):
         raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    max_bytes = parse_max_bytes(max_bytes)
+    dtype = check_dtype(dtype)
+    fill_value = check_fill_value(fill_value, dtype)
     if is_lazy(image):
         return _lazy(chunked_process(image, grid, patch_filter, filter_params=filter_params,
                                      window=window, window_params=window_params, reduce=reduce,
-                                     reference=reference, dtype=dtype, batch_bytes=batch_bytes,
-                                     ssim=ssim))
-    image = np.asanyarray(image)
-    if image.dtype.kind not in "biuf":
-        raise TypeError(f"`image` must hold real numbers, got dtype {image.dtype}")
+                                     reference=reference, dtype=dtype, fill_value=fill_value,
+                                     batch_bytes=batch_bytes, ssim=ssim))
+    image = check_image(image, grid)
     batched = is_batched(image.shape, grid)
     filt = get_filter(patch_filter)
     params = filt.validate(filter_params) if filt.params or filter_params else {}
@@ -232,12 +300,18 @@ def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_para
     if reduce not in REDUCTIONS:
         raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
     make_window(window, grid.patch_size, **(window_params or {}))  # validates
+    check_reduce_window(reduce, window)
+    check_finite_for_integer(image, dtype)
     n_images = image.shape[0] if batched else 1
-    plan = make_plan(grid, n_images, batch_bytes=batch_bytes)
+    probe = filt(np.zeros((1,) + grid.patch_shape, image.dtype), tuple(range(1, grid.ndim + 1)),
+                 **params)
+    plan = make_plan(grid, n_images, batch_bytes=batch_bytes, dtype=image.dtype, window=window,
+                     reduce=reduce, reference=reference, filter_dtype=np.asarray(probe).dtype,
+                     out_dtype=dtype, metrics=metrics, ssim=ssim)
     check_bytes(plan.peak_bytes, "this run", max_bytes,
                 "use a smaller batch_bytes, or the dask path for images larger than memory")
     return _run(image, grid, filt, params, window, dict(window_params or {}), reduce, reference,
-                dtype, batched, plan, ssim, metrics)
+                (dtype, fill_value), batched, plan, ssim, metrics)
 
 
 def _lazy(result):
@@ -248,13 +322,14 @@ def _lazy(result):
 def _run(image, grid, filt, params, window, window_params, reduce, reference, dtype, batched,
          plan, ssim=True, metrics=True):
     start = time.perf_counter()
-    nd = grid.ndim
+    dtype, fill_value = dtype
     canon = to_canonical(image, grid, batched)
     merger = yield from merge_stream(canon, grid, filt, params, window, window_params, reduce,
                                      plan.rows_per_batch, plan.n_patches)
-    merged = from_canonical(merger.result(dtype), grid, batched)
-    if reference == "filter":
-        ref = np.asarray(filt(canon, tuple(range(1, nd + 1)), **params))
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels: NaN, no warning
+        merged = from_canonical(merger.result(dtype, fill_value), grid, batched)
+    if reference == "filter":  # plane by plane where patches are one plane thick
+        ref = np.asarray(filt(canon, reference_axes(grid), **params))
         ref = from_canonical(ref, grid, batched)
     else:
         ref = image
@@ -271,7 +346,7 @@ def _run(image, grid, filt, params, window, window_params, reduce, reference, dt
 
 def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
             window="uniform", window_params=None, reduce="mean", reference="input", dtype=None,
-            batch_bytes=None, max_bytes=None, progress=None, ssim=True,
+            fill_value=None, batch_bytes=None, max_bytes=None, progress=None, ssim=True,
             metrics=True) -> Result:
     """Cut ``image`` into patches, filter each patch, merge them back and measure the error.
 
@@ -287,16 +362,21 @@ def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=No
         ``f(stack, spatial_axes, **params)``.
     filter_params : dict, optional
         Filter parameters, checked against the filter's declared ranges.
-    window, window_params, reduce, dtype
-        As in :func:`merge_patches`.
+    window, window_params, reduce, dtype, fill_value
+        As in :func:`merge_patches`. Without ``dtype`` the result is float: float32 for
+        float32/float16 images and integers up to 16 bits, float64 otherwise (the command line
+        keeps the input's dtype instead, see its ``--dtype``). An integer ``dtype`` refuses
+        images with NaN or inf pixels.
     reference : {"input", "filter"}, optional
         What the error is measured against: the input image, or the same filter applied to the
-        whole image (that shows the seams patch-wise processing leaves).
+        whole image (that shows the seams patch-wise processing leaves). Along axes where the
+        patch is one pixel thick the filter runs plane by plane, as it does on the patches.
     batch_bytes : int, optional
         Size of one streamed batch of filtered patches (default 8 MiB; 16 MiB for 2-D grids
         with stride 1 along the rows, which merge fastest in larger batches).
-    max_bytes : int, optional
-        Refuse runs whose estimated peak memory exceeds this (default 4 GiB).
+    max_bytes : int or str, optional
+        Refuse runs whose planned peak memory (``result.plan.peak_bytes``, the metrics and
+        SSIM included) exceeds this: bytes, or a size such as ``"1GB"`` (default 4 GiB).
     progress : callable, optional
         Called as ``progress(patches_done, patches_total)`` after every batch.
     ssim : bool, optional
@@ -329,10 +409,11 @@ def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=No
     >>> r.merged.shape, r.metrics["max_abs"] > 0
     ((64, 64), True)
     """
+    check_progress(progress)
     gen = iter_process(image, grid, patch_filter, filter_params=filter_params, window=window,
                        window_params=window_params, reduce=reduce, reference=reference,
-                       dtype=dtype, batch_bytes=batch_bytes, max_bytes=max_bytes, ssim=ssim,
-                       metrics=metrics)
+                       dtype=dtype, fill_value=fill_value, batch_bytes=batch_bytes,
+                       max_bytes=max_bytes, ssim=ssim, metrics=metrics)
     while True:
         try:
             done, total = next(gen)

@@ -8,6 +8,7 @@ or Bartlett window, the image border is never zeroed.
 from __future__ import annotations
 
 import math
+import numbers
 
 import numpy as np
 from scipy.signal import windows as _sw
@@ -57,8 +58,13 @@ def window_factors(window: str, patch_size, **params) -> list[np.ndarray]:
         if key not in allowed:
             raise TypeError(f"window {window!r} takes no parameter {key!r}; it takes {tuple(allowed)}")
         _, lo, hi = allowed[key]
-        if not (isinstance(value, (int, float)) and lo <= value <= hi):
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real,
+                                                                         np.number)):
+            raise TypeError(f"window parameter `{key}` must be a number in [{lo}, {hi}], "
+                            f"got {value!r}")
+        if not lo <= value <= hi:  # NaN fails too
             raise ValueError(f"window parameter `{key}` must be in [{lo}, {hi}], got {value!r}")
+    params = {k: float(v) for k, v in params.items()}
     return [_FACTORS[window](int(p), **params) for p in patch_size]
 
 

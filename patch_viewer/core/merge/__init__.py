@@ -16,7 +16,7 @@ from .precision import check_dtype, work_dtype
 from .weights import max_weight, weight_map
 
 __all__ = ["BACKENDS", "REDUCTIONS", "Merger", "backend", "max_weight", "merge_patches",
-           "weight_map", "work_dtype"]
+           "merge_state_bytes", "weight_map", "work_dtype"]
 
 
 def Merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="uniform",  # noqa: N802
@@ -127,3 +127,39 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
 
         merged = merge_numpy(canon, grid, workers, dtype, fill_value, **options)
     return from_canonical(merged, grid, batched)
+
+
+def merge_state_bytes(grid: PatchGrid, n_images: int, dtype, window="uniform",
+                      reduce="mean") -> tuple[int, int]:
+    """``(canvas bytes, result bytes)`` a streaming :func:`Merger` holds on the active
+    backend: its sums (and anchors) over the padded images, and the image-sized arrays its
+    result is finished through. For memory plans (see :func:`patch_viewer.make_plan`)."""
+    import math
+
+    import numpy as np
+
+    dtype = np.dtype(dtype)
+    channels = grid.n_channels or 1
+    work = work_dtype(dtype)
+    pixels = n_images * channels * math.prod(grid.spatial_shape)
+    tile = isinstance(window, str) and window == "overlap-tile"
+    if backend() == "numba":
+        plan = make_merge_plan(grid, dtype, channels, window=window, reduce=reduce)
+        extent = n_images * channels * math.prod(
+            max(n, int(o[-1]) + p) for n, o, p in zip(grid.spatial_shape, grid.origins,
+                                                     grid.patch_size))
+        canvas = extent * (plan.acc.itemsize + plan.data.itemsize * (plan.mode in (
+            "anchored", "pick")) + 8 * (plan.mode == "split"))
+        result = pixels * (8 if plan.mode in ("anchored", "split") else work.itemsize)
+        result += pixels * plan.data.itemsize * (plan.mode == "anchored")
+        return canvas, result
+    from .numpy_merger import _accumulation
+
+    extent = n_images * channels * math.prod(n + s for n, s in zip(grid.padded_shape,
+                                                                    grid.stride))
+    uniform = isinstance(window, str) and window == "uniform"
+    acc, anchor = _accumulation(dtype, work, uniform, grid.coverage_range()[1])
+    if reduce != "mean" or tile:
+        acc, anchor = work, tile
+    canvas = (0 if tile else extent * acc.itemsize) + (extent * work.itemsize if anchor else 0)
+    return canvas, pixels * work.itemsize * (acc != work)

@@ -1,0 +1,109 @@
+"""Argument checks shared by the public entry points (:func:`patch_viewer.process` and the
+command line): every problem is answered before any work, as a ValueError or TypeError that
+names the parameter and what it allows."""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+from .grid import PatchGrid
+
+
+def parse_max_bytes(value, name: str = "max_bytes") -> int | None:
+    """A byte count from an int or a string such as ``"1GB"`` or ``"500 MiB"``
+    (``dask.utils.parse_bytes``); None stays None.
+
+    Examples
+    --------
+    >>> parse_max_bytes("1 KiB"), parse_max_bytes(2048), parse_max_bytes(None)
+    (1024, 2048, None)
+    """
+    if value is None:
+        return None
+    if isinstance(value, str):
+        from dask.utils import parse_bytes
+
+        try:
+            value = parse_bytes(value)
+        except ValueError:
+            raise ValueError(f"`{name}` must be a number of bytes or a size such as '1GB' or "
+                             f"'500 MiB', got {value!r}") from None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"`{name}` must be an int (bytes), a size string or None, got {value!r}")
+    if value < 1:
+        raise ValueError(f"`{name}` must be >= 1 byte, got {value!r}")
+    return int(value)
+
+
+def check_fill_value(value, dtype=None):
+    """``fill_value`` must be a real number (or None), and fit an integer ``dtype``."""
+    if value is None:
+        return None
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real, np.number)):
+        raise TypeError(f"`fill_value` must be a real number or None, got {value!r}")
+    if dtype is not None and np.dtype(dtype).kind in "iu":
+        info = np.iinfo(dtype)
+        if not (float(value).is_integer() and info.min <= value <= info.max):
+            raise ValueError(f"`fill_value` must be an integer in [{info.min}, {info.max}] for "
+                             f"dtype {np.dtype(dtype)}, got {value!r}")
+    return value
+
+
+def check_dtype(dtype):
+    """The output dtype, if given: a real numeric dtype."""
+    if dtype is None:
+        return None
+    try:
+        dtype = np.dtype(dtype)
+    except TypeError:
+        raise TypeError(f"`dtype` must be a NumPy dtype, got {dtype!r}") from None
+    if dtype.kind not in "biuf":
+        raise TypeError(f"`dtype` must be a real numeric dtype (bool, int, float), got {dtype}")
+    return dtype
+
+
+def check_progress(progress) -> None:
+    if progress is not None and not callable(progress):
+        raise TypeError(f"`progress` must be a callable progress(done, total) or None, got "
+                        f"{progress!r}")
+
+
+def check_image(image, grid: PatchGrid):
+    """Refuse masked arrays (their mask would be ignored), non-real dtypes and an RGB(A) image
+    whose grid has no channel axis (with the fix in the message)."""
+    if isinstance(image, np.ma.MaskedArray):
+        raise TypeError("`image` is a masked array, whose mask would be ignored: pass "
+                        "image.filled(np.nan) (float) to mark the masked pixels, or image.data")
+    image = np.asarray(image)
+    if image.dtype.kind not in "biuf":
+        raise TypeError(f"`image` must hold real numbers, got dtype {image.dtype}")
+    if (grid.channel_axis is None and image.shape[:-1] == grid.image_shape
+            and image.shape[-1] in (3, 4)):
+        raise ValueError(
+            f"`image` shape {image.shape} is the grid's image_shape {grid.image_shape} plus "
+            f"{image.shape[-1]} channels: for an RGB(A) image set channel_axis=-1, as in "
+            f"PatchGrid(image.shape, patch_size, stride, channel_axis=-1)")
+    return image
+
+
+def check_reduce_window(reduce, window) -> None:
+    """Windows weight the mean only: ``reduce="max"``/``"min"`` needs the uniform window."""
+    if reduce != "mean" and not (isinstance(window, str) and window == "uniform"):
+        shown = window if isinstance(window, str) else "an array"
+        raise ValueError(f"`window` must be 'uniform' with reduce={reduce!r} (windows weight "
+                         f"the mean only), got {shown!r}")
+
+
+def check_finite_for_integer(image: np.ndarray, dtype) -> None:
+    """NaN or inf pixels cannot become an integer ``dtype``: refuse them up front."""
+    if dtype is None or np.dtype(dtype).kind not in "biu" or image.dtype.kind != "f":
+        return
+    from .metrics import _bands
+
+    if not all(np.isfinite(part).all() for part in _bands(image)):
+        raise ValueError(
+            f"`image` has NaN or inf pixels, which an integer `dtype` ({np.dtype(dtype)}) "
+            f"cannot hold: leave `dtype` unset (float result), or replace them first "
+            f"(np.nan_to_num)")
