@@ -151,7 +151,6 @@ def merge_state_bytes(grid: PatchGrid, n_images: int, dtype, window="uniform",
         canvas = extent * (plan.acc.itemsize + plan.data.itemsize * (plan.mode in (
             "anchored", "pick")) + 8 * (plan.mode == "split"))
         result = pixels * (8 if plan.mode in ("anchored", "split") else work.itemsize)
-        result += pixels * plan.data.itemsize * (plan.mode == "anchored")
         return canvas, result
     from .numpy_merger import _accumulation
 

@@ -130,7 +130,7 @@ class _Canvas:
         mode = plan.mode
         self.acc = np.zeros(size, plan.acc)
         self.lo = np.zeros(size, np.int64) if mode == "split" else None
-        self.ref = np.empty(size, plan.data) if mode in ("anchored", "pick") else None
+        self.ref = np.zeros(size, plan.data) if mode in ("anchored", "pick") else None
         self.mode = mode
         if mode in ("max", "min"):
             self.acc[:] = _identity(self.acc.dtype, mode)
@@ -185,8 +185,9 @@ class _Result:
         work = np.float64 if dtype is not None and np.dtype(dtype).kind in "biu" else plan.work
         out = {"sum": work, "weighted": work, "anchored": np.float64,
                "split": np.int64}.get(mode, plan.data)
-        self.out = np.empty(shape, out)
-        self.ref = np.empty(shape, plan.data) if mode == "anchored" else None
+        weighed = mode in ("sum", "weighted", "anchored")  # every pixel written
+        self.out = (np.empty if weighed else np.zeros)(shape, out)
+        self.ref = np.zeros(shape, plan.data) if mode == "anchored" else None
         self.lo = np.empty(shape, np.int64) if mode == "split" else None
         self.geo3, self.plan = geo3, plan
         self.dens = geo3.denominators()

@@ -116,7 +116,7 @@ class NumpyMerger:
             self.acc_dtype = wide if wide is not None and reduce != "mean" else self.work
         if self._uses_ref:
             # every covered pixel is owned once
-            self.ref = np.empty(shape, self.work if wide is None else wide)
+            self.ref = np.zeros(shape, self.work if wide is None else wide)  # no garbage NaN
             rule = "first" if self.mode == "mean" else "centre"
             self._owned = [owned_segments(o, p, rule) for o, p in zip(grid.origins, grid.patch_size)]
         if self.mode != "pick":
