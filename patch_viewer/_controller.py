@@ -1,0 +1,242 @@
+"""The Patch Explorer's model, free of Qt: parameters -> job -> worker body -> result dataclasses.
+
+The view (:mod:`patch_viewer._qt`) reads its widgets into :class:`Params`, turns them into a
+:class:`Job` here, and runs :func:`compute` in a napari thread worker. The worker yields
+:class:`Progress`, :class:`Shown` (the layers' data, prepared off the main thread) and
+:class:`Metrics`, and returns the SSIM.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import _layers
+from .core import PatchGrid, compute_metrics, iter_process, make_plan
+from .core._layout import _fmt_bytes, is_lazy  # private core helpers (no public home yet)
+from .core.metrics import iter_ssim
+
+#: The one source of the names of the layers the explorer maintains.
+LAYER_NAMES = ("patch grid", "overlap weights", "patches", "filtered patches", "merged", "error",
+               "tile labels")
+VOLUME_MODES = ("3-D patches", "2-D patches per plane")
+#: The GUI refuses runs whose estimated peak memory exceeds this.
+GUI_MAX_BYTES = 2 * 2**30
+#: Patch pixels filtered and merged per second, a conservative guess for the run-time estimate.
+PIXELS_PER_SECOND = 2e7
+#: Live preview does not start runs estimated longer than this; the user presses Run.
+WARN_SECONDS = 3.0
+#: Seconds between progress updates (each one repaints the widget on the main thread).
+PROGRESS_INTERVAL = 0.1
+
+
+@dataclass(frozen=True)
+class Params:
+    """The explorer's settings, as plain values."""
+
+    patch_size: tuple
+    stride: tuple
+    edge: str = "shift"
+    pad_mode: str = "reflect"
+    per_plane: bool = False
+    window: str = "uniform"
+    window_sigma: float = 0.125
+    reduce: str = "mean"
+    patch_filter: str = "identity"
+    filter_params: dict = field(default_factory=dict)
+    reference: str = "input"
+
+
+@dataclass(frozen=True)
+class Job:
+    """Everything a run needs, read from the widgets on the main thread."""
+
+    image: np.ndarray
+    grid: PatchGrid
+    batched: bool
+    rgb: bool
+    kwargs: dict
+    limits: tuple
+    lazy: bool = False  # a dask/zarr image: results stay lazy, napari computes what it shows
+    params: Params | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+    @property
+    def estimated_seconds(self) -> float:
+        return self.grid.n_patches * math.prod(self.grid.patch_size) / PIXELS_PER_SECOND
+
+
+@dataclass(frozen=True)
+class Progress:
+    done: int
+    total: int
+    elapsed: float
+
+    @property
+    def eta(self) -> float | None:
+        """Seconds left, extrapolated from the rate so far (None before any batch)."""
+        if self.done <= 0:
+            return None
+        return self.elapsed * (self.total - self.done) / self.done
+
+
+@dataclass(frozen=True)
+class Shown:
+    """A run's results as the layers show them."""
+
+    result: object
+    stack: object
+    weights: np.ndarray
+    error: np.ndarray
+    merged_limits: tuple
+
+
+@dataclass(frozen=True)
+class Metrics:
+    values: dict
+    error_limit: float
+
+
+def make_job(data, rgb: bool, limits, p: Params) -> Job:
+    """Validate ``p`` against the image and build the :class:`Job` (raises ValueError...)."""
+    lazy = is_lazy(data)
+    if not lazy:
+        data = np.asarray(data)
+    per_plane = data.ndim - rgb == 3 and p.per_plane
+    shape = data.shape[1:] if per_plane else data.shape
+    grid = PatchGrid(shape, p.patch_size, p.stride, edge=p.edge, pad_mode=p.pad_mode,
+                     channel_axis=-1 if rgb else None)
+    window_params = {"sigma": p.window_sigma} if p.window == "gaussian" else {}
+    kwargs = dict(patch_filter=p.patch_filter, filter_params=dict(p.filter_params),
+                  window=p.window, window_params=window_params, reduce=p.reduce,
+                  reference=p.reference, max_bytes=GUI_MAX_BYTES)
+    return Job(data, grid, per_plane, rgb, kwargs, tuple(limits), lazy, p)
+
+
+def start(job: Job):
+    """The run's generator, validated; a memory refusal is reworded for a GUI user."""
+    try:
+        return iter_process(job.image, job.grid, ssim=job.lazy, metrics=job.lazy, **job.kwargs)
+    except MemoryError:
+        n = job.image.shape[0] if job.batched else 1
+        need = make_plan(job.grid, n).peak_bytes
+        raise MemoryError(f"Too much memory: raise the stride or shrink the patch "
+                          f"({_fmt_bytes(need)} needed, {_fmt_bytes(GUI_MAX_BYTES)} allowed).")
+
+
+def patch_near(grid: PatchGrid, point) -> tuple | None:
+    """Grid index of the patch whose centre is nearest ``point`` among those covering it."""
+    index = []
+    for x, n, o, p in zip(point, grid.spatial_shape, grid.origins, grid.patch_size):
+        x = math.floor(x)
+        if not 0 <= x < n:
+            return None
+        covering = np.flatnonzero((o <= x) & (x < o + p))
+        if covering.size == 0:
+            return None
+        centres = o[covering] + (p - 1) / 2
+        index.append(int(covering[np.argmin(np.abs(centres - x))]))
+    return tuple(index)
+
+
+def keep_position(old: PatchGrid | None, index: tuple | None, new: PatchGrid) -> tuple:
+    """The index in ``new`` of the patch nearest the centre of ``old``'s patch ``index``."""
+    if old is None or index is None or old.ndim != new.ndim:
+        return (0,) * new.ndim
+    centre = [o + (p - 1) / 2 for o, p in zip(old.patch_origin(index), old.patch_size)]
+    return tuple(int(np.argmin(np.abs(o + (p - 1) / 2 - c)))
+                 for o, p, c in zip(new.origins, new.patch_size, centre))
+
+
+def robust_limits(data, rgb: bool = False, q: float = 0.5) -> tuple[float, float]:
+    """Display range of ``data``: its ``q``-th to ``100-q``-th percentiles, on a subsample."""
+    a = np.asarray(data)
+    step = max(1, int(a.size // 2**18))
+    flat = a.reshape(-1)[::step]
+    flat = flat[np.isfinite(flat)]
+    if flat.size == 0:
+        return (0.0, 1.0)
+    lo, hi = (float(v) for v in np.percentile(flat, (q, 100 - q)))
+    if hi <= lo:
+        lo, hi = float(flat.min()), float(flat.max())
+    if hi <= lo:
+        hi = lo + 1.0
+    return (lo, hi)
+
+
+def _throttled(gen, interval: float = PROGRESS_INTERVAL):
+    """Re-yield ``gen``'s ``(done, total)`` as :class:`Progress` at most every ``interval``
+    seconds, ``None`` in between: every batch still yields, so a newer run's ``quit()`` stops
+    this one at once. Returns ``gen``'s return value."""
+    t0 = last = time.perf_counter()
+    try:
+        while True:
+            try:
+                value = next(gen)
+            except StopIteration as stop:
+                return stop.value
+            now = time.perf_counter()
+            if now - last >= interval:
+                last = now
+                yield Progress(value[0], value[1], now - t0)
+            else:
+                yield None
+    finally:
+        gen.close()  # cancelling the worker cancels the run
+
+
+class _Cancelled(Exception):
+    pass
+
+
+def _lazy_metrics(result, job: Job):
+    """A lazy run's metrics (a full pass over the image), given up once a newer run starts."""
+    import dask
+    from dask.callbacks import Callback
+
+    def check(*_):
+        if job.cancel.is_set():
+            raise _Cancelled
+
+    try:
+        with Callback(pretask=check):
+            (metrics,) = dask.compute(result.metrics, scheduler="threads")
+    except _Cancelled:
+        return None
+    return {k: float(v) for k, v in metrics.items()}
+
+
+def compute(gen, job: Job):
+    """Worker body: stream the run (yielding :class:`Progress`), hand over the layers' data
+    (:class:`Shown`), then :class:`Metrics`, then return the slow SSIM (lazy: every metric)."""
+    result = yield from _throttled(gen)
+    stack_cls = _layers.LazyPatchStack if job.lazy else _layers.PatchStack
+    error = _layers.error_data(result.error, job.rgb)  # lazy stays lazy
+    weights = result.weights if job.lazy else result.weights.astype(np.float32)
+    limits = job.limits if job.lazy else robust_limits(result.merged, job.rgb)
+    yield Shown(result, stack_cls(job.image, job.grid, job.batched), weights, error, limits)
+    if job.lazy:
+        return _lazy_metrics(result, job)
+    channel_axis = None if job.grid.channel_axis is None else job.grid.channel_axis + job.batched
+    yield Metrics(compute_metrics(result.merged, result.reference, channel_axis=channel_axis,
+                                  ssim=False, error=result.error), _layers.error_limit(error))
+    return (yield from iter_ssim(result.merged, result.reference, channel_axis=channel_axis))
+
+
+def metric_lines(m: dict, ssim: bool = True) -> list[str]:
+    return [f"max |err|: {float(m['max_abs']):.3g}   RMSE: {float(m['rmse']):.3g}",
+            f"PSNR: {float(m['psnr']):.1f} dB   "
+            + (f"SSIM: {float(m['ssim']):.4f}" if ssim else "SSIM: …")]
+
+
+def summary_lines(job: Job, result) -> list[str]:
+    cmin, cmax = job.grid.coverage_range()
+    return [f"patches: {result.plan.n_patches:,}   grid: "
+            f"{' x '.join(map(str, job.grid.grid_shape))}",
+            f"coverage: {cmin}–{cmax}   est. memory: {_fmt_bytes(result.plan.peak_bytes)}",
+            f"compute time: {result.elapsed * 1e3:.0f} ms" + ("  (lazy)" if job.lazy else ""),
+            "max |err|: …   RMSE: …", "PSNR: …   SSIM: …"]
