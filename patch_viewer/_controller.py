@@ -93,6 +93,7 @@ class Shown:
     weights: np.ndarray
     error: np.ndarray
     merged_limits: tuple
+    merged: np.ndarray  # result.merged as displayed
 
 
 @dataclass(frozen=True)
@@ -218,7 +219,14 @@ def compute(gen, job: Job):
     error = _layers.error_data(result.error, job.rgb)  # lazy stays lazy
     weights = result.weights if job.lazy else result.weights.astype(np.float32)
     limits = job.limits if job.lazy else robust_limits(result.merged, job.rgb)
-    yield Shown(result, stack_cls(job.image, job.grid, job.batched), weights, error, limits)
+    merged = result.merged
+    if job.rgb and not job.lazy and job.image.dtype == np.uint8:
+        # napari draws a float RGB thumbnail without its contrast limits (white above 1):
+        # show an 8-bit image as 8 bits, rounded.
+        merged = np.clip(np.rint(merged), 0, 255).astype(np.uint8)
+        limits = (0.0, 255.0)
+    yield Shown(result, stack_cls(job.image, job.grid, job.batched), weights, error, limits,
+                merged)
     if job.lazy:
         return _lazy_metrics(result, job)
     channel_axis = None if job.grid.channel_axis is None else job.grid.channel_axis + job.batched

@@ -55,7 +55,7 @@ class Canvas:
                                            kw["filter_params"])
         for name, data, kwargs in [
             ("overlap weights", shown.weights, weights_kw),
-            ("merged", shown.result.merged, _layers.image_kwargs(shown.merged_limits, job.rgb)),
+            ("merged", shown.merged, _layers.image_kwargs(shown.merged_limits, job.rgb)),
             ("error", shown.error, _layers.error_kwargs(limit, span)),
             ("patches", shown.stack, _layers.image_kwargs(job.limits, job.rgb)),
             ("filtered patches", after, _layers.image_kwargs(shown.merged_limits, job.rgb)),

@@ -71,6 +71,7 @@ class PatchExplorer(Container):
         self.sigma = FloatSpinBox(value=0.125, min=0.01, max=10.0, step=0.025,
                                   label="window σ (× patch)", tooltip=t["sigma"])
         self.sigma.native.setDecimals(3)
+        self.sigma.value = 0.125  # set again: magicgui rounded it to 2 decimals
         self.reduce = ComboBox(choices=REDUCTIONS, value="mean", label="reduce",
                                tooltip=t["reduce"])
         self.filter = ComboBox(choices=list(FILTERS), value="identity", label="filter",
@@ -159,6 +160,8 @@ class PatchExplorer(Container):
         self.sigma.visible = self.window.value == "gaussian"
         if self.live.value:
             self._timer.start()
+        else:
+            self._timer.stop()  # turning live preview off drops the pending run
 
     def _on_filter(self, *_):
         self.filter_params.clear()
@@ -168,6 +171,7 @@ class PatchExplorer(Container):
                     tooltip=p.doc)
             if cls is FloatSpinBox:
                 w.native.setDecimals(3)
+                w.value = p.default
             w.changed.connect(self._on_param)
             self.filter_params.append(w)
         self.filter_params.visible = len(self.filter_params) > 0
@@ -175,6 +179,7 @@ class PatchExplorer(Container):
 
     def _on_image(self, *_):
         layer = self.image.value
+        self.volume_mode.visible = False
         if layer is not None:
             nd = layer.data.ndim - (1 if layer.rgb else 0)
             self.volume_mode.visible = nd == 3
@@ -210,6 +215,8 @@ class PatchExplorer(Container):
             self._fail(str(exc), toast=False)
             return
         if auto and not job.lazy and job.estimated_seconds > ctl.WARN_SECONDS:
+            self._stop()  # what runs now is for older settings
+            self._generation += 1
             self._message(f"This run is estimated at about {job.estimated_seconds:.0f} s "
                           f"({job.grid.n_patches:,} patches): press Run to start it, or raise "
                           f"the stride.", warn=True)
