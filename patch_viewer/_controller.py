@@ -248,3 +248,49 @@ def summary_lines(job: Job, result) -> list[str]:
             f"coverage: {cmin}–{cmax}   est. memory: {_fmt_bytes(result.plan.peak_bytes)}",
             f"compute time: {result.elapsed * 1e3:.0f} ms" + ("  (lazy)" if job.lazy else ""),
             "max |err|: …   RMSE: …", "PSNR: …   SSIM: …"]
+
+
+# ---------------------------------------------------------------------- settings carried to code
+def _process_args(p: Params) -> str:
+    args = [repr(p.patch_filter)]
+    if p.filter_params:
+        args.append(f"filter_params={dict(p.filter_params)!r}")
+    args.append(f"window={p.window!r}")
+    if p.window == "gaussian":
+        args.append(f"window_params={{'sigma': {p.window_sigma!r}}}")
+    args += [f"reduce={p.reduce!r}", f"reference={p.reference!r}"]
+    return ", ".join(args)
+
+
+def to_python(p: Params, *, rgb: bool, path: str | None = None, layer: str = "image") -> str:
+    """A script that reproduces the run with the public API; the result is bound to ``result``.
+
+    The image comes from ``path`` when the layer was opened from a file, else from the open
+    viewer (``viewer.layers[layer].data``).
+    """
+    if path is not None:
+        load = f"from skimage import io\n\nimage = io.imread({str(path)!r})"
+    else:
+        load = f"image = viewer.layers[{layer!r}].data  # in napari's console"
+    shape = "image.shape[1:]" if p.per_plane else "image.shape"
+    return (f"import patch_viewer as pv\n{load}\n"
+            f"grid = pv.PatchGrid({shape}, {tuple(p.patch_size)!r}, {tuple(p.stride)!r}, "
+            f"edge={p.edge!r}, pad_mode={p.pad_mode!r}, channel_axis={-1 if rgb else None!r})\n"
+            f"result = pv.process(image, grid, {_process_args(p)})\n")
+
+
+def to_command(p: Params, *, path: str | None, output: str = "merged") -> str:
+    """A ``patch-viewer process`` line that reproduces the run (float64 merged, as ``.npy``)."""
+    import shlex
+
+    words = ["patch-viewer", "process", str(path) if path else "IMAGE.tif", "-o", output,
+             "--patch-size", *map(str, p.patch_size), "--stride", *map(str, p.stride),
+             "--edge", p.edge, "--pad-mode", p.pad_mode, "--filter", p.patch_filter]
+    for k, v in p.filter_params.items():
+        words += ["--param", f"{k}={v}"]
+    words += ["--window", p.window]
+    if p.window == "gaussian":
+        words += ["--window-sigma", repr(p.window_sigma)]
+    words += ["--reduce", p.reduce, "--reference", p.reference, "--dtype", "float64",
+              "--format", "npy"]
+    return " ".join(shlex.quote(w) for w in words)

@@ -36,6 +36,8 @@ TIPS = {
     "live": "Re-run at once whenever a control changes.",
     "run": "Run now (also runs long jobs that live preview holds back).",
     "cancel": "Stop the running job.",
+    "copy_python": "Copy a Python snippet that reproduces this result (pv.process).",
+    "copy_command": "Copy a `patch-viewer process` command line that reproduces this result.",
     "index": "Flat index of the selected patch (click the image to pick one).",
 }
 
@@ -83,15 +85,19 @@ class PatchExplorer(Container):
         self.live = CheckBox(value=True, text="live preview", tooltip=t["live"])
         self.run_button = PushButton(text="Run", tooltip=t["run"])
         self.cancel_button = PushButton(text="Cancel", tooltip=t["cancel"], enabled=False)
+        self.copy_python = PushButton(text="Copy as Python", tooltip=t["copy_python"])
+        self.copy_command = PushButton(text="Copy as command", tooltip=t["copy_command"])
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                             labels=False)
+        copies = Container(widgets=[self.copy_python, self.copy_command], layout="horizontal",
+                           labels=False)
         self.index = SpinBox(value=0, min=0, max=0, label="patch index", tooltip=t["index"])
         self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
         self.readout = Label(value=HINT)
         super().__init__(widgets=[
             self.image, self.patch_size, self.stride, self.edge, self.pad_mode,
             self.volume_mode, self.window, self.sigma, self.reduce, self.filter,
-            self.filter_params, self.reference, self.live, buttons, self.index,
+            self.filter_params, self.reference, self.live, buttons, copies, self.index,
             self.progress, self.readout])
         self._style_readout()
         self.signals = ExplorerSignals()
@@ -112,6 +118,8 @@ class PatchExplorer(Container):
         self.run_button.changed.connect(lambda *_: self.run())
         self.cancel_button.changed.connect(lambda *_: self.cancel())
         self.live.changed.connect(self._on_param)
+        self.copy_python.changed.connect(lambda *_: self._copy(self.to_python()))
+        self.copy_command.changed.connect(lambda *_: self._copy(self.to_command()))
         self.selection = Selection(self)
         self.native.destroyed.connect(self._teardown)
         self._on_filter()
@@ -153,6 +161,26 @@ class PatchExplorer(Container):
         from types import SimpleNamespace
 
         self.selection._on_click(self.viewer, SimpleNamespace(position=tuple(position)))
+
+    def _source_path(self):
+        layer = self.image.value
+        path = getattr(getattr(layer, "source", None), "path", None)
+        return str(path) if path else None
+
+    def to_python(self) -> str:
+        """A snippet reproducing the current result with ``pv.process`` (bound to ``result``)."""
+        layer = self.image.value
+        return ctl.to_python(self.params(), rgb=bool(layer.rgb), path=self._source_path(),
+                             layer=layer.name)
+
+    def to_command(self, output: str = "merged") -> str:
+        """A ``patch-viewer process`` line reproducing the current result."""
+        return ctl.to_command(self.params(), path=self._source_path(), output=output)
+
+    def _copy(self, text: str):
+        from qtpy.QtWidgets import QApplication
+
+        QApplication.clipboard().setText(text)
 
     # ------------------------------------------------------------------ parameters
     def _on_param(self, *_):

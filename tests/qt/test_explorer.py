@@ -192,3 +192,59 @@ def test_padded_patch_larger_than_the_image_stays_in_its_tile(make_napari_viewer
     after = viewer.layers["filtered patches"]
     assert after.translate[-1] >= patches.translate[-1] + 64
     assert viewer.layers["error"].translate[-1] >= viewer.layers["merged"].translate[-1] + 64
+
+
+@pytest.mark.parametrize("setting", ["gaussian-window", "rgb"])
+def test_copy_as_python_and_as_command_reproduce_the_merged_layer(
+        make_napari_viewer, qtbot, tmp_path, setting):
+    import subprocess
+    import sys
+
+    from qtpy.QtWidgets import QApplication
+
+    viewer, w = dock(make_napari_viewer, "rgb" if setting == "rgb" else "classic")
+    w.stride.value = 12
+    w.filter.value = "gaussian"
+    w.filter_params[0].value = 1.5
+    w.window.value = "gaussian" if setting != "rgb" else "hann"
+    w.sigma.value = 0.2
+    w.reference.value = "filter"
+    run(qtbot, w)
+    merged = np.asarray(viewer.layers["merged"].data)
+    code = w.to_python()
+    assert "viewer.layers[" in code and "pv.process(" in code
+    namespace = {"viewer": viewer}
+    exec(code, namespace)
+    tol = 0.5 if setting == "rgb" else 1e-9  # 8-bit RGB is shown rounded
+    np.testing.assert_allclose(namespace["result"].merged, merged, atol=tol, rtol=0)
+    w.copy_python.clicked.emit()
+    assert QApplication.clipboard().text() == code
+    # The command, on a saved copy of the image.
+    image = viewer.layers[w.image.value.name].data
+    np.save(tmp_path / "image.npy", image)
+    cmd = w.to_command().replace("IMAGE.tif", str(tmp_path / "image.npy"))
+    cmd = cmd.replace(" -o merged ", f" -o {tmp_path / 'out'} ")
+    assert cmd.startswith("patch-viewer process ")
+    args = [sys.executable, "-m", "patch_viewer", *cmd.split()[1:]]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "image.npy"), merged, atol=tol, rtol=0)
+
+
+def test_copy_as_python_reads_the_file_the_layer_came_from(make_napari_viewer, qtbot, tmp_path,
+                                                            classic):
+    from skimage import io
+
+    path = tmp_path / "camera.png"
+    io.imsave(path, classic)
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari")
+    _, w = viewer.window.add_plugin_dock_widget("patch-viewer", "Patch Explorer")
+    w.live.value = False
+    run(qtbot, w)
+    code = w.to_python()
+    assert repr(str(path)) in code and "viewer.layers" not in code
+    namespace = {}
+    exec(code, namespace)
+    np.testing.assert_array_equal(namespace["result"].merged, viewer.layers["merged"].data)
+    assert str(path) in w.to_command()
