@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _layers
-from .core import PatchGrid, compute_metrics, iter_process, make_plan
+from .core import PatchGrid, compute_metrics, iter_process, make_plan, process
 from .core._layout import _fmt_bytes, is_lazy  # private core helpers (no public home yet)
 from .core.metrics import iter_ssim
 
@@ -294,3 +294,46 @@ def to_command(p: Params, *, path: str | None, output: str = "merged") -> str:
     words += ["--reduce", p.reduce, "--reference", p.reference, "--dtype", "float64",
               "--format", "npy"]
     return " ".join(shlex.quote(w) for w in words)
+
+
+# ---------------------------------------------------------------------- the Tune sweep
+#: The sweep runs on a centre crop at most this many pixels a side (a coarse preview).
+TUNE_CROP = 512
+
+
+@dataclass(frozen=True)
+class TunePoint:
+    """One setting of the sweep and what it costs: seam error against the whole-image filter,
+    compute time, patch count."""
+
+    stride: int
+    rmse: float
+    max_abs: float
+    seconds: float
+    n_patches: int
+
+
+def tune_strides(patch: int, n: int = 6) -> list[int]:
+    """Strides from the patch size (no overlap) down to an eighth of it."""
+    return sorted({max(1, round(patch / f)) for f in np.geomspace(1, 8, n)}, reverse=True)
+
+
+def sweep(image, p: Params, rgb: bool, strides):
+    """Generator: yields one :class:`TunePoint` per stride (closing it cancels the sweep)."""
+    image = np.asarray(image)
+    if p.per_plane:  # 2-D patches per plane: tune on the middle plane
+        image = image[image.shape[0] // 2]
+    spatial = image.shape[:-1] if rgb else image.shape
+    crop = tuple(slice(max(0, (n - TUNE_CROP) // 2), max(0, (n - TUNE_CROP) // 2) + TUNE_CROP)
+                 for n in spatial)
+    image = image[crop]
+    window_params = {"sigma": p.window_sigma} if p.window == "gaussian" else {}
+    for s in strides:
+        grid = PatchGrid(image.shape, p.patch_size, s, edge=p.edge, pad_mode=p.pad_mode,
+                         channel_axis=-1 if rgb else None)
+        t0 = time.perf_counter()
+        r = process(image, grid, p.patch_filter, filter_params=p.filter_params, window=p.window,
+                    window_params=window_params, reduce=p.reduce, reference="filter",
+                    ssim=False, max_bytes=GUI_MAX_BYTES)
+        yield TunePoint(int(s), float(r.metrics["rmse"]), float(r.metrics["max_abs"]),
+                        time.perf_counter() - t0, grid.n_patches)

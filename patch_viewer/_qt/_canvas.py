@@ -29,6 +29,7 @@ class Canvas:
         self.patch_hw = (1, 1)
         self.selected = None
         self._max_outlines = _layers.MAX_OUTLINES_PER_AXIS
+        self._inputs: dict = {}  # layer name -> what its data was made from
 
     def alive(self, name):
         layer = self.layers.get(name)
@@ -53,6 +54,11 @@ class Canvas:
             float(old.contrast_limits[1]) if old is not None else 0.05 * span)
         after = _layers.FilteredPatchStack(shown.stack, grid, job.batched, kw["patch_filter"],
                                            kw["filter_params"])
+        source = (id(job.image), grid, job.batched)
+        inputs = {"overlap weights": (grid, kw["window"], tuple(kw["window_params"].items())),
+                  "patches": source,
+                  "filtered patches": (source, kw["patch_filter"],
+                                       tuple(kw["filter_params"].items()))}
         for name, data, kwargs in [
             ("overlap weights", shown.weights, weights_kw),
             ("merged", shown.merged, _layers.image_kwargs(shown.merged_limits, job.rgb)),
@@ -63,11 +69,13 @@ class Canvas:
             ndim = np.ndim(data) if not hasattr(data, "ndim") else data.ndim
             ndim -= 1 if kwargs.get("rgb") else 0
             offset = _layers.tile_offset(name, self.hw, ndim, self.patch_hw)
+            key = inputs.get(name)
+            if key is not None and self._inputs.get(name) == key and self.alive(name):
+                continue  # its inputs did not change (the weights do not depend on the filter)
             self._show(name, data, dict(kwargs, translate=offset))
+            self._inputs[name] = key
         self.layers["overlap weights"].colorbar.visible = True
         self.layers["error"].colorbar.visible = True
-        self._captions()
-        self._order()
         labels = _layers.axis_labels(grid, self.viewer.dims.ndim)
         if tuple(self.viewer.dims.axis_labels) != labels:
             self.viewer.dims.axis_labels = labels
@@ -89,6 +97,11 @@ class Canvas:
         if layer is not None:
             self.viewer.layers.remove(layer)
         self.layers[name] = self.viewer.add_image(data, name=name, **kwargs)
+
+    def finish(self):
+        """After the selection is drawn: captions on top, layers in :data:`ORDER`."""
+        self._captions()
+        self._order()
 
     def _captions(self):
         pts, text = _layers.caption_points(self.hw)
@@ -161,7 +174,6 @@ class Canvas:
             self.layers["patch grid"] = self.viewer.add_vectors(
                 vectors, edge_color=colors, vector_style="line", edge_width=width,
                 name="patch grid")
-            self._order()
         else:
             layer.data = vectors
             layer.edge_color = colors

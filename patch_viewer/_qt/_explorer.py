@@ -9,7 +9,7 @@ from magicgui.widgets import (CheckBox, ComboBox, Container, FloatSpinBox, Label
                               PushButton, SpinBox)
 from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error
-from qtpy.QtCore import QObject, Qt, QTimer, Signal
+from qtpy.QtCore import QEvent, QObject, Qt, QTimer, Signal
 from qtpy.QtWidgets import QSizePolicy
 
 from .. import _controller as ctl
@@ -38,6 +38,7 @@ TIPS = {
     "cancel": "Stop the running job.",
     "copy_python": "Copy a Python snippet that reproduces this result (pv.process).",
     "copy_command": "Copy a `patch-viewer process` command line that reproduces this result.",
+    "tune": "Open a chart of seam error, time and patch count against the stride.",
     "index": "Flat index of the selected patch (click the image to pick one).",
 }
 
@@ -51,6 +52,21 @@ class ExplorerSignals(QObject):
     ssim_computed = Signal(float)
     failed = Signal(str)
     finished = Signal()
+
+
+class _Undocked(QObject):
+    """Calls ``callback`` when the watched widget loses its parent: napari's
+    ``remove_dock_widget`` un-parents the widget without deleting it, and a closed explorer
+    must stop listening to the viewer."""
+
+    def __init__(self, callback):
+        super().__init__()
+        self._callback = callback
+
+    def eventFilter(self, obj, event):
+        if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
+            self._callback()
+        return False
 
 
 class PatchExplorer(Container):
@@ -87,9 +103,10 @@ class PatchExplorer(Container):
         self.cancel_button = PushButton(text="Cancel", tooltip=t["cancel"], enabled=False)
         self.copy_python = PushButton(text="Copy as Python", tooltip=t["copy_python"])
         self.copy_command = PushButton(text="Copy as command", tooltip=t["copy_command"])
+        self.tune_button = PushButton(text="Tune…", tooltip=t["tune"])
         buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
                             labels=False)
-        copies = Container(widgets=[self.copy_python, self.copy_command], layout="horizontal",
+        copies = Container(widgets=[self.copy_python, self.copy_command, self.tune_button], layout="horizontal",
                            labels=False)
         self.index = SpinBox(value=0, min=0, max=0, label="patch index", tooltip=t["index"])
         self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
@@ -120,8 +137,12 @@ class PatchExplorer(Container):
         self.live.changed.connect(self._on_param)
         self.copy_python.changed.connect(lambda *_: self._copy(self.to_python()))
         self.copy_command.changed.connect(lambda *_: self._copy(self.to_command()))
+        self.tune_button.changed.connect(lambda *_: self.open_tune())
+        self.tune = None
         self.selection = Selection(self)
         self.native.destroyed.connect(self._teardown)
+        self._undocked = _Undocked(self._teardown)
+        self.native.installEventFilter(self._undocked)
         self._on_filter()
         self._on_image()
 
@@ -176,6 +197,15 @@ class PatchExplorer(Container):
     def to_command(self, output: str = "merged") -> str:
         """A ``patch-viewer process`` line reproducing the current result."""
         return ctl.to_command(self.params(), path=self._source_path(), output=output)
+
+    def open_tune(self):
+        """Dock the Tune panel (once) and return it."""
+        if self.tune is None:
+            from ._tune import TunePanel
+
+            self.tune = TunePanel(self)
+            self.viewer.window.add_dock_widget(self.tune, name="Tune", area="right")
+        return self.tune
 
     def _copy(self, text: str):
         from qtpy.QtWidgets import QApplication

@@ -50,6 +50,7 @@ class Selection:
             box.max = job.grid.n_patches - 1
             box.value = int(np.ravel_multi_index(index, job.grid.grid_shape))
             self.canvas.select(index, follow=old_index is None)
+            self.canvas.finish()
         finally:
             self._syncing = False
 

@@ -248,3 +248,45 @@ def test_copy_as_python_reads_the_file_the_layer_came_from(make_napari_viewer, q
     exec(code, namespace)
     np.testing.assert_array_equal(namespace["result"].merged, viewer.layers["merged"].data)
     assert str(path) in w.to_command()
+
+
+def test_layers_whose_inputs_did_not_change_are_not_reset(explorer, qtbot):
+    viewer, w = explorer
+    run(qtbot, w)
+    weights, patches = viewer.layers["overlap weights"].data, viewer.layers["patches"].data
+    w.filter.value = "gaussian"
+    run(qtbot, w)
+    assert viewer.layers["overlap weights"].data is weights  # the filter does not change them
+    assert viewer.layers["patches"].data is patches
+    w.window.value = "hann"
+    run(qtbot, w)
+    assert viewer.layers["overlap weights"].data is not weights
+
+
+def test_a_closed_dock_stops_listening_to_the_viewer(explorer, qtbot):
+    viewer, w = explorer
+    run(qtbot, w)
+    viewer.window.remove_dock_widget("all")  # un-parents the widget, does not delete it
+    assert w.selection._on_click not in viewer.mouse_drag_callbacks
+    viewer.layers.clear()
+    viewer.add_image(np.zeros((20, 20)))
+    viewer.camera.zoom = 3  # no handler of the closed explorer runs
+
+
+def test_tune_chart_sweeps_the_stride_and_a_click_applies_it(explorer, qtbot):
+    viewer, w = explorer
+    w.filter.value = "gaussian"
+    tune = w.open_tune()
+    tune.sweep()
+    qtbot.waitUntil(lambda: not tune.cancel_button.isEnabled(), timeout=30_000)
+    strides = [p.stride for p in tune.points]
+    assert strides == _controller.tune_strides(32) and len(strides) >= 4
+    assert all(p.rmse >= 0 and p.n_patches > 0 for p in tune.points)
+    assert [p.n_patches for p in tune.points] == sorted(p.n_patches for p in tune.points)
+    err_ax = tune.figure.axes[0]
+    assert len(err_ax.lines) == 2 and len(err_ax.lines[0].get_xdata()) == len(strides)
+    from types import SimpleNamespace
+
+    tune._on_pick(SimpleNamespace(ind=[1]))  # the second-smallest stride
+    assert w.stride.value == (sorted(strides)[1],) * 2
+    assert w.open_tune() is tune  # docked once
