@@ -18,9 +18,9 @@ import time
 
 import napari
 import numpy as np
-from superqt.utils._qthreading import WorkerBase
 from qtpy.QtCore import QEventLoop
 from qtpy.QtWidgets import QApplication
+from superqt.utils._qthreading import WorkerBase
 
 
 def wait_computed(widget):

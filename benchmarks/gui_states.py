@@ -18,6 +18,7 @@ STATES = {
     "volume": dict(sample="volume", patch=16, stride=12),
     "error-memory": dict(sample="classic", patch=8, stride=1, max_bytes=1000),
     "stride1": dict(sample="noisy", patch=32, stride=1, run=True),
+    "tune": dict(sample="noisy", filter="median", reference="filter", window="hann", tune=True),
 }
 
 
@@ -29,7 +30,7 @@ def wait(signal, ms=60_000):
 
 
 def render(name, sample=None, filter="identity", reference="input", window="uniform",
-           patch=32, stride=16, max_bytes=None, run=False, out=Path(".")):
+           patch=32, stride=16, max_bytes=None, run=False, tune=False, out=Path(".")):
     from patch_viewer import _controller
 
     viewer = napari.Viewer()
@@ -50,6 +51,10 @@ def render(name, sample=None, filter="identity", reference="input", window="unif
         if not max_bytes:
             wait(w.signals.ssim_computed)
     _controller.GUI_MAX_BYTES = 2 * 2**30
+    if tune:
+        panel = w.open_tune()
+        panel.sweep()
+        wait(panel._worker.finished)
     for _ in range(5):
         napari.qt.get_qapp().processEvents()
     viewer.screenshot(str(out / f"state-{name}.png"), canvas_only=False, flash=False)

@@ -8,7 +8,7 @@ import pytest
 import patch_viewer as pv
 from patch_viewer import _controller, _layers
 from patch_viewer._qt._canvas import ORDER
-from patch_viewer._qt._explorer import HINT
+from patch_viewer._qt._support import HINT
 
 from .conftest import run
 

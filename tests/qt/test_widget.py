@@ -2,16 +2,15 @@ import math
 import subprocess
 import sys
 import zipfile
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import patch_viewer as pv
-from patch_viewer import _layers as _layers_mod
 from patch_viewer import _controller, _widget
-from patch_viewer._qt._explorer import HINT
-from patch_viewer._layers import PatchStack, TILES
+from patch_viewer import _layers as _layers_mod
+from patch_viewer._layers import TILES, PatchStack
+from patch_viewer._qt._support import HINT
 
 from .conftest import run
 
@@ -222,7 +221,7 @@ def test_volume_3d_patches_or_2d_per_plane(make_napari_viewer, qtbot, mode):
     shape = viewer.layers["patches"].data.shape
     assert shape == ((5, 5, 5, 16, 16, 16) if mode == _widget.VOLUME_MODES[0]
                      else (5, 5, 64, 16, 16))
-    w.click((tuple(viewer.dims.point[:-3]) + (30, 40, 50)))
+    w.click(tuple(viewer.dims.point[:-3]) + (30, 40, 50))
     assert w.index.value > 0
     if mode == _widget.VOLUME_MODES[0]:  # the patch tile follows the selected patch in z
         index = w.grid.patch_index(w.index.value)
