@@ -339,7 +339,8 @@ def test_layout_and_screenshot_are_not_blank(explorer, qtbot):
     viewer, w = explorer
     run(qtbot, w)
     for name, (row, col) in TILES.items():
-        assert viewer.layers[name].translate[-1] == pytest.approx(col * 106)
+        assert viewer.layers[name].translate[-1] == pytest.approx(
+            col * (100 + _layers_mod.tile_gap((100, 100))))
     shot = viewer.screenshot(canvas_only=True, flash=False)
     assert shot.std() > 10
 
