@@ -163,7 +163,8 @@ class PatchExplorer(Container):
             from ._tune import TunePanel
 
             self.tune = TunePanel(self)
-            self.viewer.window.add_dock_widget(self.tune, name="Tune", area="right")
+            # A tab beside the explorer: stacked below it, the chart would grow the window.
+            self.viewer.window.add_dock_widget(self.tune, name="Tune", area="right", tabify=True)
         return self.tune
 
     def _copy(self, text: str):

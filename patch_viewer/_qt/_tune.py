@@ -25,6 +25,7 @@ class TunePanel(QWidget):
         self.figure = Figure(figsize=(4, 4.2), tight_layout=True, facecolor="#262930")
         self.chart = FigureCanvasQTAgg(self.figure)
         self.chart.mpl_connect("pick_event", self._on_pick)
+        self.chart.setMinimumSize(280, 340)  # a dock below the explorer must not squash it
         self.sweep_button = QPushButton("Sweep stride")
         self.sweep_button.setToolTip("Run the current patch size, window and filter at several "
                                      "strides and chart the seams each leaves.")

@@ -290,3 +290,10 @@ def test_tune_chart_sweeps_the_stride_and_a_click_applies_it(explorer, qtbot):
     tune._on_pick(SimpleNamespace(ind=[1]))  # the second-smallest stride
     assert w.stride.value == (sorted(strides)[1],) * 2
     assert w.open_tune() is tune  # docked once
+
+
+def test_tune_chart_is_not_squashed_when_docked(explorer, qtbot):
+    viewer, w = explorer
+    tune = w.open_tune()
+    qtbot.wait(50)
+    assert tune.chart.height() >= 300
