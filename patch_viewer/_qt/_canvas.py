@@ -84,6 +84,8 @@ class Canvas:
         err = self.alive("error")
         if err is not None:
             err.contrast_limits = _layers.error_kwargs(limit, span)["contrast_limits"]
+        self._error_zero = limit == 0  # a zero error is dark: the caption says so
+        self._captions()
 
     def _show(self, name, data, kwargs):
         layer = self.alive(name)
@@ -105,6 +107,9 @@ class Canvas:
 
     def _captions(self):
         pts, text = _layers.caption_points(self.hw)
+        if getattr(self, "_error_zero", False):
+            k = list(_layers.TILE_CAPTIONS).index("error")
+            text[k] = "error: 0 everywhere"
         layer = self.alive("tile labels")
         size = max(8, min(14, int(400 / max(self.hw))))
         if layer is None:

@@ -54,7 +54,9 @@ def test_selected_patch_is_shown_before_and_after_the_filter(explorer, qtbot, cl
 
 def test_every_tile_has_a_caption_and_layers_keep_their_order(explorer, qtbot):
     viewer, w = explorer
-    run(qtbot, w)
+    w.filter.value = "gaussian"
+    with qtbot.waitSignal(w.signals.ssim_computed, timeout=30_000):
+        run(qtbot, w)
     captions = list(viewer.layers["tile labels"].features["caption"])
     assert captions == list(_layers.TILE_CAPTIONS.values())
     assert "error (merged − reference)" in captions
@@ -177,6 +179,8 @@ def test_rgb_thumbnail_is_not_white_and_identity_error_is_quiet(make_napari_view
     assert np.all(np.asarray(error.data) == 0)
     middle = error.colormap.map(np.array([0.5]))[0]
     assert middle[:3].max() < 0.2  # a zero error is dark and quiet, not a white square
+    qtbot.waitUntil(lambda: "error: 0 everywhere"
+                    in list(viewer.layers["tile labels"].features["caption"]), timeout=10_000)
 
 
 def test_padded_patch_larger_than_the_image_stays_in_its_tile(make_napari_viewer, qtbot):
