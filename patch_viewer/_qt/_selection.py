@@ -18,14 +18,14 @@ class Selection:
         explorer.index.changed.connect(self._on_index)
         self.viewer.mouse_drag_callbacks.append(self._on_click)
         self.viewer.dims.events.current_step.connect(self._on_dims)
-        self.viewer.camera.events.zoom.connect(self._on_zoom)
+        self.viewer.scene.camera.events.zoom.connect(self._on_zoom)
         self.viewer.layers.events.inserted.connect(self._refresh_images)
         self.viewer.layers.events.removed.connect(self._refresh_images)
 
     def teardown(self):
         steps = [lambda: self.viewer.mouse_drag_callbacks.remove(self._on_click),
                  lambda: self.viewer.dims.events.current_step.disconnect(self._on_dims),
-                 lambda: self.viewer.camera.events.zoom.disconnect(self._on_zoom),
+                 lambda: self.viewer.scene.camera.events.zoom.disconnect(self._on_zoom),
                  lambda: self.viewer.layers.events.inserted.disconnect(self._refresh_images),
                  lambda: self.viewer.layers.events.removed.disconnect(self._refresh_images)]
         for step in steps:  # an exception escaping a Qt slot aborts PyQt5
@@ -44,7 +44,7 @@ class Selection:
         try:
             self.canvas.update(job, shown)
             self._refresh_images()  # our layers are not inputs
-            self.canvas.set_zoom(self.viewer.camera.zoom)
+            self.canvas.set_zoom(self.viewer.scene.camera.zoom)
             index = ctl.keep_position(old_grid, old_index, job.grid)
             box = self.explorer.index
             box.max = job.grid.n_patches - 1
@@ -90,4 +90,4 @@ class Selection:
 
     def _on_zoom(self, event):
         if not self._syncing and self.canvas.grid is not None:
-            self.canvas.set_zoom(self.viewer.camera.zoom)
+            self.canvas.set_zoom(self.viewer.scene.camera.zoom)

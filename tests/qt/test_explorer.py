@@ -160,9 +160,9 @@ def test_grid_thins_by_zoom_and_the_selection_stands_out(make_napari_viewer, qtb
     w.stride.value = 1
     run(qtbot, w, timeout=60_000)
     grid = viewer.layers["patch grid"]
-    viewer.camera.zoom = 0.5
+    viewer.scene.camera.zoom = 0.5
     far = len(grid.data)
-    viewer.camera.zoom = 8
+    viewer.scene.camera.zoom = 8
     near = len(grid.data)
     assert far < near
     h = max(w.grid.spatial_shape)
@@ -274,7 +274,7 @@ def test_a_closed_dock_stops_listening_to_the_viewer(explorer, qtbot):
     assert w.selection._on_click not in viewer.mouse_drag_callbacks
     viewer.layers.clear()
     viewer.add_image(np.zeros((20, 20)))
-    viewer.camera.zoom = 3  # no handler of the closed explorer runs
+    viewer.scene.camera.zoom = 3  # no handler of the closed explorer runs
 
 
 def test_tune_chart_sweeps_the_stride_and_a_click_applies_it(explorer, qtbot):
