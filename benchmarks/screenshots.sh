@@ -6,6 +6,9 @@ out=benchmarks/figures
 mkdir -p "$out"
 run() { xvfb-run -a -s "-screen 0 1600x1000x24" python -m patch_viewer "$@"; }
 run --screenshot "$out/classic.png"
+# The Patch Explorer's states (otsu, sobel, noisy coins with a median filter against the
+# whole-image filter, RGB, 3-D, stride 1, an error, the empty viewer, the Tune chart).
+xvfb-run -a -s "-screen 0 1600x1000x24" python benchmarks/gui_states.py "$out"
 run sample_data/ihc_256.png --patch-size 48 --stride 24 --filter gaussian --window hann \
     --screenshot "$out/rgb.png"
 # A zarr image opens lazily: the merged, error and weight layers stay dask arrays.

@@ -12,10 +12,19 @@ import numpy as np
 from .core import PatchGrid
 from .core._layout import pad_canonical, to_canonical, window_view
 
-GRID_COLOR = (0.0, 0.9, 1.0, 0.55)
+GRID_COLOR = (0.0, 0.9, 1.0, 0.35)
 SELECTED_COLOR = (1.0, 0.85, 0.0, 1.0)
 #: Outlines drawn per axis at most; denser grids are thinned (every k-th patch outlined).
 MAX_OUTLINES_PER_AXIS = 48
+#: Smallest spacing of grid outlines on screen, in screen pixels (the grid thins by zoom).
+MIN_SCREEN_SPACING = 12
+
+
+def outlines_for_zoom(grid: PatchGrid, zoom: float) -> int:
+    """Outlines per axis that keep :data:`MIN_SCREEN_SPACING` at ``zoom`` (screen px per
+    image px), so that a stride-1 grid is not a mesh hiding the image."""
+    on_screen = max(grid.spatial_shape) * max(zoom, 1e-9)
+    return int(min(MAX_OUTLINES_PER_AXIS, max(2, on_screen // MIN_SCREEN_SPACING)))
 
 
 def thinning(grid: PatchGrid, max_per_axis: int = MAX_OUTLINES_PER_AXIS) -> tuple[int, ...]:
@@ -38,17 +47,20 @@ def grid_lines(grid: PatchGrid, selected=None, *, planes: int | None = None,
         return np.zeros((0, 2, 1)), np.zeros((0, 4))
     steps = thinning(grid, max_per_axis)
     (h, w) = grid.spatial_shape[h_axis], grid.spatial_shape[w_axis]
-    ys = _edges(grid.origins[h_axis][::steps[h_axis]], grid.patch_size[h_axis])
-    xs = _edges(grid.origins[w_axis][::steps[w_axis]], grid.patch_size[w_axis])
+    ys = _edges(grid.origins[h_axis][::steps[h_axis]], grid.patch_size[h_axis], h)
+    xs = _edges(grid.origins[w_axis][::steps[w_axis]], grid.patch_size[w_axis], w)
     segs = [((y, -0.5), (0.0, w)) for y in ys] + [((-0.5, x), (h, 0.0)) for x in xs]
     colors = [GRID_COLOR] * len(segs)
     if selected is not None:
         origin = grid.patch_origin(selected)
         y0, x0 = origin[h_axis] - 0.5, origin[w_axis] - 0.5
         ph, pw = grid.patch_size[h_axis], grid.patch_size[w_axis]
-        segs += [((y0, x0), (0.0, pw)), ((y0 + ph, x0), (0.0, pw)),
-                 ((y0, x0), (ph, 0.0)), ((y0, x0 + pw), (ph, 0.0))]
-        colors += [SELECTED_COLOR] * 4
+        # Three parallel lines per edge: the selection is thicker than the grid.
+        d = line_width((h, w))
+        for e in (-d, 0.0, d):
+            segs += [((y0 + e, x0 - d), (0.0, pw + 2 * d)), ((y0 + ph + e, x0 - d), (0.0, pw + 2 * d)),
+                     ((y0 - d, x0 + e), (ph + 2 * d, 0.0)), ((y0 - d, x0 + pw + e), (ph + 2 * d, 0.0))]
+        colors += [SELECTED_COLOR] * SELECTION_SEGMENTS
     vec = np.array(segs, dtype=np.float64).reshape(-1, 2, 2)
     col = np.array(colors)
     n_planes = planes if planes is not None else (grid.spatial_shape[0] if grid.ndim == 3 else None)
@@ -66,7 +78,7 @@ def grid_lines(grid: PatchGrid, selected=None, *, planes: int | None = None,
         keep = np.ones(len(out), bool)
         for k in range(n_planes):
             if not z0 <= k < z0 + pz:
-                keep[k * per + per - 4:(k + 1) * per] = False
+                keep[k * per + per - SELECTION_SEGMENTS:(k + 1) * per] = False
         out, colors = out[keep], colors[keep]
     return out, colors
 
@@ -84,8 +96,16 @@ def _as_index(pick):
     return pick
 
 
-def _edges(origins: np.ndarray, p: int) -> np.ndarray:
-    return np.unique(np.concatenate([origins, origins + p])).astype(np.float64) - 0.5
+SELECTION_SEGMENTS = 12
+
+
+def _edges(origins: np.ndarray, p: int, n: int) -> np.ndarray:
+    """Outline positions: each outlined patch's start, its end where the next patch does not
+    start there (gaps between patches), and the image's far edge."""
+    ends = origins + p
+    gaps = ends[:-1][ends[:-1] < origins[1:]] if len(origins) > 1 else ends
+    return np.unique(np.concatenate([origins, gaps, [min(int(ends[-1]), n)]])).astype(
+        np.float64) - 0.5
 
 
 class PatchStack:
@@ -215,17 +235,95 @@ class LazyPatchStack:
         return out if dtype is None else out.astype(dtype)
 
 
+class FilteredPatchStack:
+    """A patch stack (:class:`PatchStack` or :class:`LazyPatchStack`) with the run's filter
+    applied to each patch napari looks at: the "after" beside the "before"."""
+
+    def __init__(self, stack, grid: PatchGrid, batched: bool, patch_filter, filter_params):
+        from .core import get_filter
+
+        self._stack, self._grid = stack, grid
+        self._lead = grid.ndim + int(batched)
+        self._filter = get_filter(patch_filter)
+        self._params = dict(filter_params or {})
+        self.shape, self.ndim = stack.shape, stack.ndim
+        probe = self._filter(np.zeros((1, *grid.patch_shape), stack.dtype),
+                             self._spatial(1 + len(grid.patch_shape)), **self._params)
+        self.dtype = probe.dtype
+
+    def _spatial(self, ndim: int) -> tuple:
+        ch = int(self._grid.channel_axis is not None)
+        return tuple(range(ndim - ch - self._grid.ndim, ndim - ch))
+
+    def __len__(self):
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        if not isinstance(key, tuple):
+            key = (key,)
+        if any(k is Ellipsis for k in key):
+            i = key.index(Ellipsis)
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
+        key = key + (slice(None),) * (self.ndim - len(key))
+        whole = np.asarray(self._stack[key[:self._lead]])  # whole patches: filter, then slice
+        patch_shape = self._grid.patch_shape
+        flat = whole.reshape((-1, *patch_shape))
+        out = np.asarray(self._filter(flat, self._spatial(flat.ndim), **self._params))
+        return out.reshape(whole.shape)[(Ellipsis,) + tuple(key[self._lead:])]
+
+    def __array__(self, dtype=None, copy=None):
+        out = self[...]
+        return out if dtype is None else out.astype(dtype)
+
+
 # ------------------------------------------------------------------------- layer styling
 #: Where each result sits beside the source image: (row, column) tiles in one canvas.
 TILES = {"merged": (0, 1), "error": (0, 2), "overlap weights": (1, 0), "patches": (1, 1)}
 
 
-def tile_offset(name: str, image_hw, ndim: int) -> tuple:
-    """Translate placing layer ``name`` in its tile (last two axes), for a layer of ``ndim``."""
+#: What each tile shows, as its caption on the canvas.
+TILE_CAPTIONS = {"input": "input + patch grid", "overlap weights": "overlap weights",
+                 "merged": "merged", "error": "error (merged − reference)",
+                 "patches": "selected patch: before | after"}
+
+
+def tile_gap(image_hw) -> float:
+    """Space between tiles, with room for a caption above each."""
+    return max(8.0, 0.12 * max(image_hw))
+
+
+def tile_offset(name: str, image_hw, ndim: int, patch_hw=(0, 0)) -> tuple:
+    """Translate placing layer ``name`` in its tile (last two axes), for a layer of ``ndim``.
+    ``image_hw`` is the tile size (the image's, or a larger padded patch's); the filtered
+    patch sits right of the raw one (``patch_hw``)."""
     h, w = image_hw
-    gap = max(4.0, 0.06 * max(h, w))
+    gap = tile_gap(image_hw)
+    if name == "filtered patches":
+        row, col = TILES["patches"]
+        return (0.0,) * (ndim - 2) + (row * (h + gap), col * (w + gap) + patch_hw[1] + gap / 2)
     row, col = TILES[name]
     return (0.0,) * (ndim - 2) + (row * (h + gap), col * (w + gap))
+
+
+def caption_points(image_hw) -> tuple[np.ndarray, list[str]]:
+    """Where each tile's caption sits (just above its top-left corner) and its text."""
+    h, w = image_hw
+    gap = tile_gap(image_hw)
+    pts, text = [], []
+    for name, caption in TILE_CAPTIONS.items():
+        row, col = (0, 0) if name == "input" else TILES[name]
+        pts.append((row * (h + gap) - 0.5 - gap * 0.9, col * (w + gap) - 0.5))
+        text.append(caption)
+    return np.array(pts), text
+
+
+def axis_labels(grid: PatchGrid, ndim: int) -> tuple[str, ...]:
+    """Names for the viewer's axes when the patch stack (grid axes first) is shown."""
+    grid_names = ("patch plane", "patch row", "patch column")[3 - grid.ndim:]
+    spatial = ("z", "y", "x")[3 - min(grid.ndim, 3):]
+    rest = ndim - len(grid_names)
+    tail = spatial[-rest:] if rest <= len(spatial) else ("plane",) * (rest - len(spatial)) + spatial
+    return tuple(grid_names) + tuple(tail)
 
 
 def line_width(image_hw) -> float:
@@ -244,19 +342,36 @@ def error_data(error: np.ndarray, rgb: bool) -> np.ndarray:
     return error.mean(axis=-1) if rgb else error
 
 
+#: The error's display limits are ``±`` this percentile of ``|error|``: a few outliers must
+#: not wash the seams out.
+ERROR_PERCENTILE = 99.5
+
+
 def error_limit(error: np.ndarray) -> float:
-    """The largest finite ``|error|`` of the error as displayed (see :func:`error_data`)."""
+    """The :data:`ERROR_PERCENTILE`-th percentile of the finite ``|error|`` as displayed (see
+    :func:`error_data`), or its max when that percentile is 0 but the error is not."""
     finite = np.abs(error[np.isfinite(error)])
-    return float(finite.max()) if finite.size else 0.0
+    if not finite.size:
+        return 0.0
+    hi = float(np.percentile(finite, ERROR_PERCENTILE))
+    return hi if hi > 0 else float(finite.max())
 
 
-def error_kwargs(max_abs: float) -> dict:
-    """Diverging colormap with symmetric limits ``±max_abs``."""
-    m = max_abs if max_abs > 0 and math.isfinite(max_abs) else 1e-12
-    return dict(colormap="PiYG", contrast_limits=(-m, m))
+#: Diverging, dark in the middle: on napari's dark canvas a zero error is quiet and seams glow
+#: (magenta: merged below the reference; green: above).
+ERROR_COLORMAP = {"name": "error: magenta - black - green",
+                  "colors": [[1.0, 0.25, 0.85, 1.0], [0.0, 0.0, 0.0, 1.0], [0.3, 1.0, 0.35, 1.0]]}
+
+
+def error_kwargs(max_abs: float, value_range: float = 1.0) -> dict:
+    """Diverging colormap with symmetric limits ``±max_abs``. An error that is exactly zero
+    gets ``±1e-3`` of the value range, so it shows as the colormap's neutral middle."""
+    m = max_abs if max_abs > 0 and math.isfinite(max_abs) else 1e-3 * max(value_range, 1e-9)
+    return dict(colormap=ERROR_COLORMAP, contrast_limits=(-m, m))
 
 
 def image_kwargs(source_limits, rgb: bool) -> dict:
+    """Grey image with the given limits; RGB data is shown as RGB (limits from its own data)."""
     kw = dict(contrast_limits=tuple(source_limits))
     if rgb:
         kw["rgb"] = True

@@ -2,19 +2,19 @@ import math
 import subprocess
 import sys
 import zipfile
-from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 import patch_viewer as pv
+from patch_viewer import _controller, _widget
 from patch_viewer import _layers as _layers_mod
-from patch_viewer import _widget
-from patch_viewer._layers import PatchStack, TILES
+from patch_viewer._layers import TILES, PatchStack
+from patch_viewer._qt._support import HINT
 
 from .conftest import run
 
-LAYERS = ("patch grid", "overlap weights", "patches", "merged", "error")
+LAYERS = _controller.LAYER_NAMES
 
 
 def test_manifest_validates_with_imports():
@@ -71,7 +71,7 @@ def test_layers_are_updated_in_place(explorer, qtbot):
     w.stride.set_value([8])
     run(qtbot, w)
     assert all(viewer.layers[name] is layer for name, layer in before.items())
-    assert len(viewer.layers) == 6
+    assert len(viewer.layers) == 1 + len(LAYERS)
 
 
 @pytest.mark.parametrize("edge", pv.EDGE_MODES)
@@ -103,13 +103,14 @@ def test_every_filter_and_its_parameters(explorer, qtbot, classic, name):
     viewer, w = explorer
     w.filter.value = name
     declared = pv.FILTERS[name].params
-    assert [c.label for c in w.filter_params] == list(declared)
+    assert [c.name for c in w.filter_params] == list(declared)
+    assert all(c.label.startswith("filter ") for c in w.filter_params)  # not the window's
     params = {}
     for control in w.filter_params:
-        p = declared[control.label]
+        p = declared[control.name]
         assert (control.min, control.max) == (p.min, p.max)
         control.value = p.max if p.kind is int and p.max < 10 else p.default * 2 if p.default * 2 <= p.max else p.default
-        params[control.label] = control.value
+        params[control.name] = control.value
     w.reference.value = "filter"
     w.reduce.value = "max"
     run(qtbot, w)
@@ -120,22 +121,34 @@ def test_every_filter_and_its_parameters(explorer, qtbot, classic, name):
     np.testing.assert_allclose(viewer.layers["error"].data, expected.error, rtol=1e-6, atol=1e-6)
 
 
-def test_click_selects_the_nearest_covering_patch(explorer, qtbot):
+def test_click_selects_the_patch_whose_centre_is_nearest(explorer, qtbot):
     viewer, w = explorer
     run(qtbot, w)  # 32/16 on 100x100: origins 0, 16, 32, 48, 64, 68
-    w._on_click(viewer, SimpleNamespace(position=(50.3, 70.0)))
-    grid = pv.PatchGrid((100, 100), 32, 16)
-    assert grid.patch_at((50.3, 70.0)) == (3, 5)
-    assert w.index.value == 3 * 6 + 5
+    w.click((50.3, 70.0))
+    # rows covering 50: origins 32, 48 (centres 47.5, 63.5); columns covering 70: origins 48,
+    # 64, 68 (centres 63.5, 79.5, 83.5). Nearest centres: origin (32, 48), index (2, 3).
+    assert w.index.value == 2 * 6 + 3
     vectors = viewer.layers["patch grid"].data
     colors = viewer.layers["patch grid"].edge_color
     highlighted = vectors[np.all(np.isclose(colors, [1.0, 0.85, 0.0, 1.0]), axis=1)]
-    assert highlighted.shape[0] == 4
-    assert highlighted[:, 0].min(axis=0).tolist() == [47.5, 67.5]  # origin (48, 68) - 0.5
+    assert highlighted.shape[0] == _layers_mod.SELECTION_SEGMENTS  # a thick outline
+    lo = highlighted[:, 0].min(axis=0)
+    assert np.all((lo > [31.5 - 1, 47.5 - 1]) & (lo <= [31.5, 47.5]))  # around origin (32, 48)
     step = viewer.dims.current_step
-    assert step[:2] == (3, 5)  # the patch stack shows the same patch
-    w._on_click(viewer, SimpleNamespace(position=(-5, 3)))  # outside: nothing changes
-    assert w.index.value == 23
+    assert step[:2] == (2, 3)  # the patch stack shows the same patch
+    w.click((-5, 3))  # outside: nothing changes
+    assert w.index.value == 15
+
+
+def test_selection_keeps_its_position_when_the_grid_changes(explorer, qtbot):
+    viewer, w = explorer
+    run(qtbot, w)
+    w.click((80.0, 20.0))
+    before = w.grid.patch_origin(w.grid.patch_index(w.index.value))
+    w.stride.set_value([8])
+    run(qtbot, w)
+    after = w.grid.patch_origin(w.grid.patch_index(w.index.value))
+    assert np.abs(np.subtract(after, before)).max() <= 4  # same place, not the same flat index
 
 
 def test_selector_and_sliders_follow_each_other(explorer, qtbot):
@@ -157,7 +170,7 @@ def test_grid_layer_stays_light_with_many_patches(make_napari_viewer, qtbot):
     w.patch_size.set_value([16])
     w.stride.set_value([2])
     run(qtbot, w, timeout=60_000)
-    assert w._grid.n_patches == 343 * 343 > 100_000
+    assert w.grid.n_patches == 343 * 343 > 100_000
     assert viewer.layers["patch grid"].data.shape[0] < 400  # thinned lines, not 10^5 shapes
 
 
@@ -186,7 +199,10 @@ def test_error_limits_match_the_displayed_error(make_napari_viewer, qtbot):
         run(qtbot, w)
     error = viewer.layers["error"]
     lo, hi = error.contrast_limits
-    assert -lo == hi == pytest.approx(float(np.nanmax(np.abs(error.data))))
+    shown = np.abs(np.asarray(error.data))
+    assert -lo == hi == pytest.approx(float(np.percentile(shown, 99.5)))
+    assert hi < shown.max()  # outliers do not wash the seams out
+    assert error.colorbar.visible
 
 
 @pytest.mark.parametrize("mode", _widget.VOLUME_MODES)
@@ -205,11 +221,11 @@ def test_volume_3d_patches_or_2d_per_plane(make_napari_viewer, qtbot, mode):
     shape = viewer.layers["patches"].data.shape
     assert shape == ((5, 5, 5, 16, 16, 16) if mode == _widget.VOLUME_MODES[0]
                      else (5, 5, 64, 16, 16))
-    w._on_click(viewer, SimpleNamespace(position=tuple(viewer.dims.point[:-3]) + (30, 40, 50)))
+    w.click(tuple(viewer.dims.point[:-3]) + (30, 40, 50))
     assert w.index.value > 0
     if mode == _widget.VOLUME_MODES[0]:  # the patch tile follows the selected patch in z
-        index = w._grid.patch_index(w.index.value)
-        z0 = w._grid.patch_origin(index)[0]
+        index = w.grid.patch_index(w.index.value)
+        z0 = w.grid.patch_origin(index)[0]
         assert viewer.layers["patches"].translate[-3] == z0 > 0
         assert z0 <= viewer.dims.current_step[-3] < z0 + 16
 
@@ -256,7 +272,7 @@ def test_dask_and_zarr_layers_stay_lazy(make_napari_viewer, qtbot, tmp_path, bac
     assert f"RMSE: {expected.metrics['rmse']:.3g}" in w.readout.value
     patches = viewer.layers["patches"].data
     assert isinstance(patches, _layers_mod.LazyPatchStack)
-    np.testing.assert_array_equal(patches[3, 4], pv.extract_patches(image, w._grid)[3, 4])
+    np.testing.assert_array_equal(patches[3, 4], pv.extract_patches(image, w.grid)[3, 4])
 
 
 def test_bad_parameters_show_a_message_and_keep_the_last_layers(explorer, qtbot):
@@ -274,10 +290,11 @@ def test_bad_parameters_show_a_message_and_keep_the_last_layers(explorer, qtbot)
 
 def test_memory_estimate_over_the_limit_is_refused(explorer, qtbot, monkeypatch):
     viewer, w = explorer
-    monkeypatch.setattr(_widget, "GUI_MAX_BYTES", 1000)
+    monkeypatch.setattr(_controller, "GUI_MAX_BYTES", 1000)
     with qtbot.waitSignal(w.signals.failed, timeout=5_000) as blocker:
         w.run()
-    assert "max_bytes" in blocker.args[0]
+    assert "raise the stride or shrink the patch" in blocker.args[0]
+    assert "1000 B allowed" in blocker.args[0] and "max_bytes" not in blocker.args[0]
 
 
 def test_removing_or_renaming_layers_never_raises(explorer, qtbot):
@@ -286,8 +303,8 @@ def test_removing_or_renaming_layers_never_raises(explorer, qtbot):
     viewer.layers.remove("merged")
     viewer.layers["error"].name = "my error"
     viewer.layers.remove("camera 100x100")
-    with qtbot.waitSignal(w.signals.failed, timeout=5_000):
-        w.run()  # no image left: a message, not a crash
+    w.run()  # no image left: a neutral hint, not a crash
+    assert w.readout.value == HINT
     viewer.open_sample("patch-viewer", "classic")
     w.image.reset_choices()
     run(qtbot, w)
@@ -306,7 +323,7 @@ def test_newest_parameters_win(explorer, qtbot):
     assert result.grid.stride == (19, 19)
     with qtbot.waitSignal(first.finished, timeout=30_000, raising=False):
         pass
-    assert w._grid.stride == (19, 19)
+    assert w.grid.stride == (19, 19)
     assert viewer.layers["patches"].data.shape[:2] == (5, 5)
 
 
@@ -315,14 +332,15 @@ def test_live_preview_reruns_on_change(explorer, qtbot):
     w.live.value = True
     with qtbot.waitSignal(w.signals.computed, timeout=10_000):
         w.stride.set_value([10])
-    assert w._grid.stride == (10, 10)
+    assert w.grid.stride == (10, 10)
 
 
 def test_layout_and_screenshot_are_not_blank(explorer, qtbot):
     viewer, w = explorer
     run(qtbot, w)
     for name, (row, col) in TILES.items():
-        assert viewer.layers[name].translate[-1] == pytest.approx(col * 106)
+        assert viewer.layers[name].translate[-1] == pytest.approx(
+            col * (100 + _layers_mod.tile_gap((100, 100))))
     shot = viewer.screenshot(canvas_only=True, flash=False)
     assert shot.std() > 10
 
@@ -399,7 +417,7 @@ def test_progress_is_throttled_but_every_batch_still_yields():
     except StopIteration as stop:
         assert stop.value == "result"
     assert items == [None] * 5  # one per batch (so quit() is seen), none shown: a short run
-    assert list(_throttled(run(), interval=0)) == [(k, 5) for k in range(5)]
+    assert [(p.done, p.total) for p in _throttled(run(), interval=0)] == [(k, 5) for k in range(5)]
     gen = _throttled(run(), interval=0)
     next(gen)
     gen.close()  # cancelling the worker closes the run

@@ -1,0 +1,196 @@
+"""The layers the Patch Explorer maintains: one result's tiles, the grid, captions, selection.
+
+Runs on the main thread only; the data arrives prepared by the worker (see ``_controller``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import _layers
+from .._controller import LAYER_NAMES
+from ..core.merge import max_weight  # private to the core; no public home yet
+
+#: Bottom to top; the input image stays below all of them.
+ORDER = ("overlap weights", "merged", "error", "patches", "filtered patches", "patch grid",
+         "tile labels")
+assert set(ORDER) == set(LAYER_NAMES)
+
+
+class Canvas:
+    """Adds and updates the explorer's layers in place."""
+
+    def __init__(self, viewer):
+        self.viewer = viewer
+        self.layers: dict = {}
+        self.grid = None
+        self.shown = None  # (grid, batched, planes)
+        self.hw = (1, 1)
+        self.patch_hw = (1, 1)
+        self.selected = None
+        self._max_outlines = _layers.MAX_OUTLINES_PER_AXIS
+        self._inputs: dict = {}  # layer name -> what its data was made from
+
+    def alive(self, name):
+        layer = self.layers.get(name)
+        return layer if layer is not None and layer in self.viewer.layers else None
+
+    # ------------------------------------------------------------------ results
+    def update(self, job, shown, error_limit=None):
+        """Show a run's results (a :class:`~patch_viewer._controller.Shown`)."""
+        grid = job.grid
+        self.grid = grid
+        planes = job.image.shape[0] if job.batched else None
+        self.shown = (grid, job.batched, planes)
+        img_hw = grid.spatial_shape[-2:] if grid.ndim >= 2 else (1, grid.spatial_shape[0])
+        self.patch_hw = tuple(grid.patch_size[-2:]) if grid.ndim >= 2 else (1, grid.patch_size[0])
+        # A padded patch larger than the image must not spill into the next tile.
+        self.hw = tuple(max(a, b) for a, b in zip(img_hw, self.patch_hw))
+        kw = job.kwargs
+        weights_kw = _layers.weights_kwargs(max_weight(grid, kw["window"], **kw["window_params"]))
+        old = self.alive("error")
+        span = abs(job.limits[1] - job.limits[0])
+        limit = error_limit if error_limit is not None else (
+            float(old.contrast_limits[1]) if old is not None else 0.05 * span)
+        after = _layers.FilteredPatchStack(shown.stack, grid, job.batched, kw["patch_filter"],
+                                           kw["filter_params"])
+        source = (id(job.image), grid, job.batched)
+        inputs = {"overlap weights": (grid, kw["window"], tuple(kw["window_params"].items())),
+                  "patches": source,
+                  "filtered patches": (source, kw["patch_filter"],
+                                       tuple(kw["filter_params"].items()))}
+        for name, data, kwargs in [
+            ("overlap weights", shown.weights, weights_kw),
+            ("merged", shown.merged, _layers.image_kwargs(shown.merged_limits, job.rgb)),
+            ("error", shown.error, _layers.error_kwargs(limit, span)),
+            ("patches", shown.stack, _layers.image_kwargs(job.limits, job.rgb)),
+            ("filtered patches", after, _layers.image_kwargs(shown.merged_limits, job.rgb)),
+        ]:
+            ndim = np.ndim(data) if not hasattr(data, "ndim") else data.ndim
+            ndim -= 1 if kwargs.get("rgb") else 0
+            offset = _layers.tile_offset(name, self.hw, ndim, self.patch_hw)
+            key = inputs.get(name)
+            if key is not None and self._inputs.get(name) == key and self.alive(name):
+                continue  # its inputs did not change (the weights do not depend on the filter)
+            self._show(name, data, dict(kwargs, translate=offset))
+            self._inputs[name] = key
+        self.layers["overlap weights"].colorbar.visible = True
+        self.layers["error"].colorbar.visible = True
+        labels = _layers.axis_labels(grid, self.viewer.dims.ndim)
+        if tuple(self.viewer.dims.axis_labels) != labels:
+            self.viewer.dims.axis_labels = labels
+
+    def set_error_limit(self, limit, span):
+        err = self.alive("error")
+        if err is not None:
+            err.contrast_limits = _layers.error_kwargs(limit, span)["contrast_limits"]
+        self._error_zero = limit == 0  # a zero error is dark: the caption says so
+        self._captions()
+
+    def _show(self, name, data, kwargs):
+        layer = self.alive(name)
+        if layer is not None and layer.rgb == kwargs.get("rgb", False) and layer.ndim == (
+                data.ndim - (1 if kwargs.get("rgb") else 0)):
+            layer.data = data  # styling is set once, so a user's own colormap choice stays
+            for key in ("contrast_limits", "translate"):
+                if key in kwargs and not np.allclose(getattr(layer, key), kwargs[key]):
+                    setattr(layer, key, kwargs[key])
+            return
+        if layer is not None:
+            self.viewer.layers.remove(layer)
+        self.layers[name] = self.viewer.add_image(data, name=name, **kwargs)
+
+    def finish(self):
+        """After the selection is drawn: captions on top, layers in :data:`ORDER`."""
+        self._captions()
+        self._order()
+
+    def _captions(self):
+        pts, text = _layers.caption_points(self.hw)
+        if getattr(self, "_error_zero", False):
+            k = list(_layers.TILE_CAPTIONS).index("error")
+            text[k] = "error: 0 everywhere"
+        layer = self.alive("tile labels")
+        size = max(8, min(14, int(400 / max(self.hw))))
+        if layer is None:
+            self.layers["tile labels"] = self.viewer.add_points(
+                pts, name="tile labels", size=0.01, face_color="transparent",
+                border_width=0, features={"caption": text},
+                text={"string": "{caption}", "color": "white", "size": size,
+                      "anchor": "lower_left"})
+        else:
+            layer.data = pts
+            layer.features = {"caption": text}
+
+    def _order(self):
+        ours = [self.layers[n] for n in ORDER if self.alive(n) is not None]
+        indices = [self.viewer.layers.index(layer) for layer in ours]
+        if indices != sorted(indices) or indices[-1] != len(self.viewer.layers) - 1:
+            for layer in ours:
+                self.viewer.layers.move(self.viewer.layers.index(layer), len(self.viewer.layers))
+
+    # ------------------------------------------------------------------ grid and selection
+    def set_zoom(self, zoom: float) -> bool:
+        """Thin the grid for ``zoom``; True when the outlines changed."""
+        if self.grid is None:
+            return False
+        n = _layers.outlines_for_zoom(self.grid, zoom)
+        changed, self._max_outlines = n != self._max_outlines, n
+        if changed and self.selected is not None:
+            self._draw_grid(self.selected)
+        return changed
+
+    def select(self, index: tuple, follow: bool = True):
+        """Outline patch ``index`` and show it in the patch tiles. ``follow``: also move the z
+        slider into a 3-D patch (a click or the index box, not the user's own z browsing)."""
+        self.selected = index
+        self._draw_grid(index)
+        grid, batched, planes = self.shown
+        stacks = [s for s in (self.alive("patches"), self.alive("filtered patches")) if s]
+        if not stacks:
+            return
+        step = list(self.viewer.dims.current_step)
+        first = self.viewer.dims.ndim - stacks[0].ndim  # grid axes lead the stack
+        for k, i in enumerate(index):
+            step[first + k] = i
+        if grid.ndim == 3 and planes is None:
+            # The stack's patch-z axis shares the image's z slider: place it at the patch.
+            z0, pz = grid.patch_origin(index)[0], grid.patch_size[0]
+            for stack in stacks:
+                translate = list(stack.translate)
+                if translate[-3] != z0:
+                    translate[-3] = z0
+                    stack.translate = translate
+            z = self.viewer.dims.ndim - 3
+            if follow and not z0 <= step[z] < z0 + pz:
+                step[z] = z0 + pz // 2
+        if tuple(step) != tuple(self.viewer.dims.current_step):
+            self.viewer.dims.current_step = tuple(step)
+
+    def _draw_grid(self, index):
+        grid, _, planes = self.shown
+        vectors, colors = _layers.grid_lines(grid, index, planes=planes,
+                                             max_per_axis=self._max_outlines)
+        layer = self.alive("patch grid")
+        width = _layers.line_width(self.hw)
+        if layer is None or layer.data.shape[-1] != vectors.shape[-1]:
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            self.layers["patch grid"] = self.viewer.add_vectors(
+                vectors, edge_color=colors, vector_style="line", edge_width=width,
+                name="patch grid")
+        else:
+            layer.data = vectors
+            layer.edge_color = colors
+            layer.edge_width = width
+
+    def grid_step(self):
+        """The patch-grid position of the sliders, or None."""
+        stack = self.alive("patches")
+        if self.grid is None or stack is None:
+            return None
+        first = self.viewer.dims.ndim - stack.ndim
+        step = tuple(self.viewer.dims.current_step[first:first + self.grid.ndim])
+        ok = len(step) == self.grid.ndim and all(
+            0 <= i < g for i, g in zip(step, self.grid.grid_shape))
+        return step if ok else None

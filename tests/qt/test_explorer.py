@@ -1,0 +1,303 @@
+"""Issue 13: every result legible, every control explained (each test would have caught a defect)."""
+
+import time
+
+import numpy as np
+import pytest
+
+import patch_viewer as pv
+from patch_viewer import _controller, _layers
+from patch_viewer._qt._canvas import ORDER
+from patch_viewer._qt._support import HINT
+
+from .conftest import run
+
+
+def dock(make_napari_viewer, sample=None, **params):
+    viewer = make_napari_viewer()
+    if sample:
+        viewer.open_sample("patch-viewer", sample)
+    _, w = viewer.window.add_plugin_dock_widget("patch-viewer", "Patch Explorer")
+    w.live.value = False
+    for name, value in params.items():
+        getattr(w, name).value = value
+    return viewer, w
+
+
+@pytest.mark.parametrize("name", ["otsu", "sobel"])
+def test_merged_and_filtered_patch_limits_follow_their_own_data(make_napari_viewer, qtbot, name):
+    viewer, w = dock(make_napari_viewer, "classic", filter=name)
+    run(qtbot, w)
+    merged = viewer.layers["merged"]
+    lo, hi = merged.contrast_limits
+    data = np.asarray(merged.data)
+    assert data.min() <= lo < hi <= data.max()  # not the input's 0..255
+    inside = np.mean((data > lo) & (data < hi)) + np.mean(data >= hi) * (data.max() > hi)
+    assert 0 < np.mean(data <= lo) < 1 and inside > 0  # neither solid black nor clipped white
+    assert viewer.layers["filtered patches"].contrast_limits == merged.contrast_limits
+    assert viewer.layers["patches"].contrast_limits == viewer.layers["camera 100x100"].contrast_limits
+
+
+def test_selected_patch_is_shown_before_and_after_the_filter(explorer, qtbot, classic):
+    viewer, w = explorer
+    w.filter.value = "gaussian"
+    run(qtbot, w)
+    w.index.value = 14
+    before, after = viewer.layers["patches"], viewer.layers["filtered patches"]
+    raw = pv.extract_patches(classic, w.grid)
+    i, j = w.grid.patch_index(14)
+    np.testing.assert_array_equal(before.data[i, j], raw[i, j])
+    expected = pv.FILTERS["gaussian"](raw[i, j][None].astype(np.float64), (1, 2), sigma=1.0)[0]
+    np.testing.assert_allclose(after.data[i, j], expected, rtol=1e-5, atol=1e-5)
+    assert after.translate[-1] == before.translate[-1] + 32 + _layers.tile_gap((100, 100)) / 2
+
+
+def test_every_tile_has_a_caption_and_layers_keep_their_order(explorer, qtbot):
+    viewer, w = explorer
+    w.filter.value = "gaussian"
+    with qtbot.waitSignal(w.signals.ssim_computed, timeout=30_000):
+        run(qtbot, w)
+    captions = list(viewer.layers["tile labels"].features["caption"])
+    assert captions == list(_layers.TILE_CAPTIONS.values())
+    assert "error (merged − reference)" in captions
+    names = [layer.name for layer in viewer.layers]
+    assert names == ["camera 100x100", *ORDER]
+    assert viewer.dims.axis_labels == ("patch row", "patch column", "y", "x")
+
+
+def test_3d_patches_leave_the_z_slider_free(make_napari_viewer, qtbot):
+    viewer, w = dock(make_napari_viewer, "volume")
+    w.patch_size.value = 16
+    w.stride.value = 12
+    run(qtbot, w)
+    assert viewer.dims.axis_labels == ("patch plane", "patch row", "patch column", "z", "y", "x")
+    assert [layer.name for layer in viewer.layers] == ["blobs 3-D", *ORDER]
+    w.click(tuple(viewer.dims.point[:-3]) + (30, 40, 50))
+    step = list(viewer.dims.current_step)
+    step[-3] = 60
+    viewer.dims.current_step = tuple(step)  # browse a plane outside the selected patch
+    assert viewer.dims.current_step[-3] == 60
+
+
+def test_long_messages_wrap_and_the_dock_keeps_its_width(explorer, qtbot, monkeypatch):
+    viewer, w = explorer
+    width = w.native.minimumSizeHint().width()
+    monkeypatch.setattr(_controller, "GUI_MAX_BYTES", 1000)
+    with qtbot.waitSignal(w.signals.failed, timeout=5_000) as blocker:
+        w.run()
+    assert len(blocker.args[0]) > 80
+    w.readout.value = "a-very-long-unbroken-path/" * 40  # cannot even wrap at spaces
+    assert w.readout.native.wordWrap()
+    assert w.native.minimumSizeHint().width() <= width
+
+
+def test_an_empty_viewer_shows_a_neutral_hint(make_napari_viewer, qtbot):
+    from napari.utils.notifications import notification_manager
+
+    before = len(notification_manager.records)
+    viewer, w = dock(make_napari_viewer)
+    w.live.value = True
+    qtbot.wait(50)
+    assert w.readout.value == HINT
+    assert "ff7070" not in w.readout.native.styleSheet()
+    assert len(notification_manager.records) == before  # no warning toast
+    assert not w.volume_mode.visible
+
+
+def test_controls_have_tooltips_and_distinct_labels(explorer):
+    viewer, w = explorer
+    w.window.value = "gaussian"
+    w.filter.value = "gaussian"
+    controls = [w.image, w.patch_size, w.stride, w.edge, w.pad_mode, w.volume_mode, w.window,
+                w.sigma, w.reduce, w.filter, w.reference, w.live, w.run_button,
+                w.cancel_button, w.index, *w.filter_params]
+    assert all(c.tooltip for c in controls)
+    labels = [w.sigma.label, *(c.label for c in w.filter_params)]
+    assert len(set(labels)) == len(labels) and "σ" in w.sigma.label
+    assert w.sigma.native.text() == "0.125"
+
+
+def test_controls_are_settable_through_value(explorer):
+    viewer, w = explorer
+    w.patch_size.value = 39
+    assert w.patch_size.value == (39, 39) and w.patch_size.linked.value
+    w.stride.value = (8, 12)
+    assert w.stride.value == (8, 12) and not w.stride.linked.value
+
+
+def test_cancel_eta_and_stale_metrics(make_napari_viewer, qtbot):
+    viewer, w = dock(make_napari_viewer, "noisy")
+    run(qtbot, w)
+    w.filter.value = "median"
+    w.patch_size.value = 24
+    w.stride.value = 1  # 100,000 median-filtered patches in 14 batches: seconds
+    with qtbot.waitSignal(w.signals.started, timeout=5_000):
+        w.run()
+    assert w.readout.value.startswith("(updating…)")  # old metrics are marked stale
+    assert w.cancel_button.enabled
+    qtbot.waitUntil(lambda: "s left" in w.progress.label, timeout=20_000)
+    with qtbot.waitSignal(w.signals.finished, timeout=5_000):
+        w.cancel_button.clicked.emit()
+    assert "Cancelled" in w.readout.value and not w.cancel_button.enabled
+    assert w.grid.stride == (16, 16)  # the layers keep the last finished run
+
+
+def test_live_preview_starts_at_once_but_holds_back_long_runs(explorer, qtbot, monkeypatch):
+    viewer, w = explorer
+    w.live.value = True
+    t0 = time.perf_counter()
+    with qtbot.waitSignal(w.signals.started, timeout=140):  # was a fixed 150 ms debounce
+        w.stride.value = 10
+    assert time.perf_counter() - t0 < 0.14
+    monkeypatch.setattr(_controller, "PIXELS_PER_SECOND", 1e4)
+    with qtbot.assertNotEmitted(w.signals.started, wait=100):
+        w.stride.value = 4
+    assert "press Run" in w.readout.value and "estimated" in w.readout.value
+
+
+def test_grid_thins_by_zoom_and_the_selection_stands_out(make_napari_viewer, qtbot):
+    viewer, w = dock(make_napari_viewer, "noisy")
+    w.stride.value = 1
+    run(qtbot, w, timeout=60_000)
+    grid = viewer.layers["patch grid"]
+    viewer.scene.camera.zoom = 0.5
+    far = len(grid.data)
+    viewer.scene.camera.zoom = 8
+    near = len(grid.data)
+    assert far < near
+    h = max(w.grid.spatial_shape)
+    assert far <= 2 * (h * 0.5 / _layers.MIN_SCREEN_SPACING + 2) + _layers.SELECTION_SEGMENTS
+    assert _layers.GRID_COLOR[3] < 0.5 and _layers.SELECTION_SEGMENTS > 4
+
+
+def test_rgb_thumbnail_is_not_white_and_identity_error_is_quiet(make_napari_viewer, qtbot):
+    viewer, w = dock(make_napari_viewer, "rgb")
+    run(qtbot, w)
+    merged, source = viewer.layers["merged"], viewer.layers["IHC histology"]
+    assert np.abs(merged.thumbnail.astype(float) - source.thumbnail.astype(float)).mean() < 5
+    error = viewer.layers["error"]
+    assert np.all(np.asarray(error.data) == 0)
+    middle = error.colormap.map(np.array([0.5]))[0]
+    assert middle[:3].max() < 0.2  # a zero error is dark and quiet, not a white square
+    qtbot.waitUntil(lambda: "error: 0 everywhere"
+                    in list(viewer.layers["tile labels"].features["caption"]), timeout=10_000)
+
+
+def test_padded_patch_larger_than_the_image_stays_in_its_tile(make_napari_viewer, qtbot):
+    viewer = make_napari_viewer()
+    viewer.add_image(np.random.default_rng(0).random((40, 40)), name="small")
+    _, w = viewer.window.add_plugin_dock_widget("patch-viewer", "Patch Explorer")
+    w.live.value = False
+    w.edge.value = "pad"
+    w.patch_size.value = 64
+    w.stride.value = 32
+    run(qtbot, w)
+    patches = viewer.layers["patches"]
+    after = viewer.layers["filtered patches"]
+    assert after.translate[-1] >= patches.translate[-1] + 64
+    assert viewer.layers["error"].translate[-1] >= viewer.layers["merged"].translate[-1] + 64
+
+
+@pytest.mark.parametrize("setting", ["gaussian-window", "rgb"])
+def test_copy_as_python_and_as_command_reproduce_the_merged_layer(
+        make_napari_viewer, qtbot, tmp_path, setting):
+    import subprocess
+    import sys
+
+    from qtpy.QtWidgets import QApplication
+
+    viewer, w = dock(make_napari_viewer, "rgb" if setting == "rgb" else "classic")
+    w.stride.value = 12
+    w.filter.value = "gaussian"
+    w.filter_params[0].value = 1.5
+    w.window.value = "gaussian" if setting != "rgb" else "hann"
+    w.sigma.value = 0.2
+    w.reference.value = "filter"
+    run(qtbot, w)
+    merged = np.asarray(viewer.layers["merged"].data)
+    code = w.to_python()
+    assert "viewer.layers[" in code and "pv.process(" in code
+    namespace = {"viewer": viewer}
+    exec(code, namespace)
+    tol = 0.5 if setting == "rgb" else 1e-9  # 8-bit RGB is shown rounded
+    np.testing.assert_allclose(namespace["result"].merged, merged, atol=tol, rtol=0)
+    w.copy_python.clicked.emit()
+    assert QApplication.clipboard().text() == code
+    # The command, on a saved copy of the image.
+    image = viewer.layers[w.image.value.name].data
+    np.save(tmp_path / "image.npy", image)
+    cmd = w.to_command().replace("IMAGE.tif", str(tmp_path / "image.npy"))
+    cmd = cmd.replace(" -o merged ", f" -o {tmp_path / 'out'} ")
+    assert cmd.startswith("patch-viewer process ")
+    args = [sys.executable, "-m", "patch_viewer", *cmd.split()[1:]]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    np.testing.assert_allclose(np.load(tmp_path / "out" / "image.npy"), merged, atol=tol, rtol=0)
+
+
+def test_copy_as_python_reads_the_file_the_layer_came_from(make_napari_viewer, qtbot, tmp_path,
+                                                            classic):
+    from skimage import io
+
+    path = tmp_path / "camera.png"
+    io.imsave(path, classic)
+    viewer = make_napari_viewer()
+    viewer.open(str(path), plugin="napari")
+    _, w = viewer.window.add_plugin_dock_widget("patch-viewer", "Patch Explorer")
+    w.live.value = False
+    run(qtbot, w)
+    code = w.to_python()
+    assert repr(str(path)) in code and "viewer.layers" not in code
+    namespace = {}
+    exec(code, namespace)
+    np.testing.assert_array_equal(namespace["result"].merged, viewer.layers["merged"].data)
+    assert str(path) in w.to_command()
+
+
+def test_layers_whose_inputs_did_not_change_are_not_reset(explorer, qtbot):
+    viewer, w = explorer
+    run(qtbot, w)
+    weights, patches = viewer.layers["overlap weights"].data, viewer.layers["patches"].data
+    w.filter.value = "gaussian"
+    run(qtbot, w)
+    assert viewer.layers["overlap weights"].data is weights  # the filter does not change them
+    assert viewer.layers["patches"].data is patches
+    w.window.value = "hann"
+    run(qtbot, w)
+    assert viewer.layers["overlap weights"].data is not weights
+
+
+def test_a_closed_dock_stops_listening_to_the_viewer(explorer, qtbot):
+    viewer, w = explorer
+    run(qtbot, w)
+    viewer.window.remove_dock_widget("all")  # un-parents the widget, does not delete it
+    assert w.selection._on_click not in viewer.mouse_drag_callbacks
+    viewer.layers.clear()
+    viewer.add_image(np.zeros((20, 20)))
+    viewer.scene.camera.zoom = 3  # no handler of the closed explorer runs
+
+
+def test_tune_chart_sweeps_the_stride_and_a_click_applies_it(explorer, qtbot):
+    viewer, w = explorer
+    w.filter.value = "gaussian"
+    tune = w.open_tune()
+    tune.sweep()
+    qtbot.waitUntil(lambda: not tune.cancel_button.isEnabled(), timeout=30_000)
+    strides = [p.stride for p in tune.points]
+    assert strides == _controller.tune_strides(32) and len(strides) >= 4
+    assert all(p.rmse >= 0 and p.n_patches > 0 for p in tune.points)
+    assert [p.n_patches for p in tune.points] == sorted(p.n_patches for p in tune.points)
+    err_ax = tune.figure.axes[0]
+    assert len(err_ax.lines) == 2 and len(err_ax.lines[0].get_xdata()) == len(strides)
+    from types import SimpleNamespace
+
+    tune._on_pick(SimpleNamespace(ind=[1]))  # the second-smallest stride
+    assert w.stride.value == (sorted(strides)[1],) * 2
+    assert w.open_tune() is tune  # docked once
+
+
+def test_tune_chart_is_not_squashed_when_docked(explorer, qtbot):
+    viewer, w = explorer
+    tune = w.open_tune()
+    qtbot.wait(50)
+    assert tune.chart.height() >= 300
