@@ -187,6 +187,18 @@ def _float(stack):
         stack.astype(np.float32)
 
 
+def _compiled():
+    """:mod:`.separable` (compiled, bit-identical to scipy) on the numba backend, else None:
+    the NumPy backend calls scipy.ndimage itself."""
+    from .merge.plan import backend
+
+    if backend() != "numba":
+        return None
+    from . import separable
+
+    return separable
+
+
 def _gauss_reach(sigma: float) -> int:
     return int(4.0 * sigma + 0.5)  # scipy.ndimage's default truncate=4.0
 
@@ -207,6 +219,8 @@ def identity(stack, spatial_axes):
 def gaussian(stack, spatial_axes, sigma):
     """Gaussian blur inside each patch (reflecting at the patch border)."""
     x = _float(stack)
+    if (fast := _compiled()) is not None:
+        return fast.gaussian(x, spatial_axes, sigma)
     return ndi.gaussian_filter(x, _per_axis(stack, spatial_axes, sigma, 0.0),
                                output=np.empty_like(x))
 
@@ -225,6 +239,8 @@ def median(stack, spatial_axes, size):
 def uniform(stack, spatial_axes, size):
     """Moving-average (box) filter inside each patch."""
     x = _float(stack)
+    if (fast := _compiled()) is not None:
+        return fast.uniform(x, spatial_axes, size)
     return ndi.uniform_filter(x, size=_per_axis(stack, spatial_axes, size, 1),
                               output=np.empty_like(x))
 
@@ -233,14 +249,21 @@ def uniform(stack, spatial_axes, size):
 def sobel(stack, spatial_axes):
     """Gradient magnitude (Sobel) inside each patch."""
     x = _float(stack)
+    fast = _compiled()
+
+    def correlate(v, weights, axis):
+        if fast is not None:
+            return fast.correlate1d(v, weights, axis)
+        return ndi.correlate1d(v, weights, axis=axis, output=np.empty_like(v))
+
     total = np.zeros_like(x)  # keeps the stack's memory order (as do the outputs below)
     for ax in spatial_axes:
         # ndi.sobel would smooth along every other axis, patch axes included: smooth only
         # along the other spatial axes so that patches never mix.
-        g = ndi.correlate1d(x, [-1, 0, 1], axis=ax, output=np.empty_like(x))
+        g = correlate(x, [-1.0, 0.0, 1.0], ax)
         for other in spatial_axes:
             if other != ax:
-                g = ndi.correlate1d(g, [1, 2, 1], axis=other, output=np.empty_like(x))
+                g = correlate(g, [1.0, 2.0, 1.0], other)
         total += g * g
     return np.sqrt(total, out=total)
 
@@ -252,8 +275,7 @@ def sobel(stack, spatial_axes):
 def unsharp(stack, spatial_axes, radius, amount):
     """Unsharp mask: ``x + amount * (x - gaussian(x, radius))`` inside each patch."""
     x = _float(stack)
-    blurred = ndi.gaussian_filter(x, _per_axis(stack, spatial_axes, radius, 0.0),
-                                  output=np.empty_like(x))
+    blurred = gaussian(x, spatial_axes, radius)
     return x + amount * (x - blurred)
 
 
