@@ -11,11 +11,13 @@ from .grid import EDGE_MODES, PAD_MODES, PatchGrid
 from .merge import REDUCTIONS, Merger, backend, merge_patches, weight_map
 from .metrics import METRICS, compute_metrics, error_map
 from .pipeline import REFERENCES, Plan, Result, iter_process, make_plan, process
+from .warmup import warm_up
 from .windows import WINDOW_PARAMS, WINDOWS, make_window
 
 __all__ = [
     "EDGE_MODES", "FILTERS", "METRICS", "PAD_MODES", "REDUCTIONS", "REFERENCES", "WINDOWS",
     "WINDOW_PARAMS", "Merger", "backend", "Param", "PatchFilter", "PatchGrid", "Plan", "Result",
     "compute_metrics", "elementwise", "error_map", "extract_patches", "get_filter", "iter_process",
-    "make_plan", "make_window", "merge_patches", "process", "register_filter", "weight_map",
+    "make_plan", "make_window", "merge_patches", "process", "register_filter", "warm_up",
+    "weight_map",
 ]

@@ -11,7 +11,6 @@ import math
 import numbers
 
 import numpy as np
-from scipy.signal import windows as _sw
 
 #: Named windows. ``"overlap-tile"`` is not a weighting: each pixel is taken from the one patch
 #: whose centre is nearest to it (the U-Net overlap-tile strategy).
@@ -21,21 +20,29 @@ WINDOWS = ("uniform", "triangular", "hann", "gaussian", "overlap-tile")
 WINDOW_PARAMS = {"gaussian": {"sigma": (0.125, 0.01, 10.0)}}
 
 
+def _sw():
+    """``scipy.signal.windows``, imported on first use: importing ``scipy.signal`` takes
+    0.6-0.8 s (it pulls in scipy.stats), most of ``import patch_viewer``'s time."""
+    from scipy.signal import windows
+
+    return windows
+
+
 def _uniform(p, **_):
     return np.ones(p)
 
 
 def _triangular(p, **_):
-    return _sw.triang(p)
+    return _sw().triang(p)
 
 
 def _hann(p, **_):
     # Drop the two zero end points of an (p + 2)-point Hann window: strictly positive.
-    return _sw.hann(p + 2, sym=True)[1:-1]
+    return _sw().hann(p + 2, sym=True)[1:-1]
 
 
 def _gaussian(p, *, sigma=0.125):
-    return _sw.gaussian(p, std=sigma * p)
+    return _sw().gaussian(p, std=sigma * p)
 
 
 _FACTORS = {"uniform": _uniform, "triangular": _triangular, "hann": _hann, "gaussian": _gaussian}
