@@ -128,7 +128,7 @@ def extract_rows(padded: np.ndarray, grid: PatchGrid, row0: int = 0,
     shape = (b, rows) + grid.grid_shape[1:] + grid.patch_size + (c,)
     out = np.empty(shape, padded.dtype)
     if backend() == "numba" and padded.dtype.itemsize in (1, 2, 4, 8):
-        from .merge import kernels_numba as K
+        from .merge import kernels_fused as K
         from .merge.plan import image_source, three_axes
 
         bits = np.dtype(f"u{padded.dtype.itemsize}")  # a copy moves bits: any dtype will do

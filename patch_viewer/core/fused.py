@@ -134,7 +134,7 @@ class PatchStats:
                 self.maps = (lo, hi)
 
     def __call__(self, src, geo, row0: int, rows: int):
-        from .merge import kernels_numba as K
+        from .merge import kernels_fused as K
         from .merge.plan import three_axes
 
         dtype = self.fused.dtype

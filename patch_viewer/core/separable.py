@@ -24,18 +24,18 @@ from numba import njit
 from scipy.ndimage._filters import _gaussian_kernel1d
 
 from .merge.accumulate import _pool
+from .merge.kernels_numba import JIT
 from .merge.plan import default_workers
 
 __all__ = ["correlate1d", "gaussian", "uniform"]
 
-_JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 #: Lines (or elements across lines) filtered together: the block's float64 buffer stays in L1.
 _BLOCK = 64
 
 
 # --------------------------------------------------------------------------- inner loops
 # Small functions on purpose: inside one large kernel LLVM stopped vectorising these loops.
-@njit(**_JIT)
+@njit(**JIT)
 def _load_lines(x, o0, nk, ext, buf):
     """Lines ``o0 .. o0+nk`` of ``x`` (outer, n), extended, as the columns of ``buf``."""
     for k in range(nk):
@@ -43,14 +43,14 @@ def _load_lines(x, o0, nk, ext, buf):
             buf[t, k] = x[o0 + k, ext[t]]
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _store_lines(out, o0, nk, n, acc):
     for k in range(nk):
         for i in range(n):
             out[o0 + k, i] = acc[i, k]
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _load_block(x, o, k0, nk, ext, buf):
     """Elements ``k0 .. k0+nk`` of every line of slab ``o`` of ``x`` (outer, n, inner)."""
     for t in range(ext.shape[0]):
@@ -59,14 +59,14 @@ def _load_block(x, o, k0, nk, ext, buf):
             buf[t, k] = x[o, s, k0 + k]
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _store_block(out, o, k0, nk, n, acc):
     for i in range(n):
         for k in range(nk):
             out[o, i, k0 + k] = acc[i, k]
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _taps(buf, acc, n, w, c, sign, general, nk):
     """scipy's NI_Correlate1D on ``nk`` lines at once (``w`` centred at ``c``).
 
@@ -99,7 +99,7 @@ def _taps(buf, acc, n, w, c, sign, general, nk):
                     acc[i, k] += (buf[i + c - j, k] - buf[i + c + j, k]) * wj
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _box(buf, acc, n, size, nk):
     """scipy's NI_UniformFilter1D on ``nk`` lines at once: a running sum, each output divided
     by ``size``, in scipy's order."""
@@ -117,7 +117,7 @@ def _box(buf, acc, n, size, nk):
             acc[i, k] /= sz
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def _pass(x, out, ext, w, c, sign, general, size):
     """One filtering pass along axis 1 of ``x`` (outer, n, inner) into ``out``: the taps ``w``
     (``size == 0``) or a box of ``size``."""

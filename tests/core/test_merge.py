@@ -6,10 +6,11 @@ from hypothesis import strategies as st
 
 from patch_viewer import PatchGrid, extract_patches, merge_patches, weight_map
 from patch_viewer.core.merge import Merger, plan
+from patch_viewer.core.merge import numpy_engine as ne
 from patch_viewer.core.merge import numpy_merger as nm
 from patch_viewer.core.merge.numpy_merger import NumpyMerger
 from patch_viewer.core.merge.kernels_numpy import owned_segments as _owned_segments
-from patch_viewer.core.merge.numpy_merger import _narrow_sums_exact
+from patch_viewer.core.merge.precision import narrow_sums_exact
 from patch_viewer.core._layout import patches_to_canonical
 
 from .reference import brute_coverage, brute_merge, to_user_layout
@@ -292,7 +293,7 @@ def test_threaded_accumulation_equals_single_thread(grid, reduce, window, worker
     rng = np.random.default_rng(seed)
     p = rng.standard_normal((3,) + grid.patches_shape)  # batch of 3 images, float64
     # many parts (NumPy) or bands (numba), so that every thread gets some
-    with mock.patch.object(nm, "_PIECE_BYTES", 256), mock.patch.object(plan, "BAND_BYTES", 64):
+    with mock.patch.object(nm, "PIECE_BYTES", 256), mock.patch.object(plan, "BAND_BYTES", 64):
         one = merge_patches(p, grid, window=window, reduce=reduce, workers=1)
         for n in (2, workers):
             many = merge_patches(p, grid, window=window, reduce=reduce, workers=n)
@@ -314,9 +315,9 @@ def test_numpy_banded_merge_equals_streaming(grid, reduce, dtype, workers, band_
     merger = NumpyMerger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
     assume(merger.bandable)
     # at least one column per group where staging runs, so that it always does
-    stage = {"_STAGE_BYTES": 0} if stage_bytes is None else {"_STAGE_BYTES": stage_bytes,
-                                                             "_STAGE_MIN_COLUMNS": 0}
-    with mock.patch.multiple(nm, _BAND_BYTES=band_bytes, **stage):
+    stage = {"STAGE_BYTES": 0} if stage_bytes is None else {"STAGE_BYTES": stage_bytes,
+                                                            "STAGE_MIN_COLUMNS": 0}
+    with mock.patch.multiple(ne, BAND_BYTES=band_bytes, **stage):
         banded = merger.finish(merger.merge_banded(canon, workers))
     streamed = NumpyMerger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
     streamed.add(canon)
@@ -326,7 +327,7 @@ def test_numpy_banded_merge_equals_streaming(grid, reduce, dtype, workers, band_
 
 @pytest.mark.parametrize("count, exact", [(1, True), (2, True), (3, False), (4, True), (8, False)])
 def test_float32_sums_of_agreeing_values_exact_only_for_1_2_4(count, exact):
-    """The claim behind _narrow_sums_exact, for EVERY float32 in [1, 2) (scaling by powers of
+    """The claim behind narrow_sums_exact, for EVERY float32 in [1, 2) (scaling by powers of
     two changes nothing short of overflow): adding `count` copies one after another in float32
     and dividing by `count` gives the value back for 1, 2 and 4 copies only."""
     v = (np.arange(2**23, dtype=np.uint32) | np.uint32(127 << 23)).view(np.float32)
@@ -338,13 +339,13 @@ def test_float32_sums_of_agreeing_values_exact_only_for_1_2_4(count, exact):
 
 def test_narrow_sums_chosen_by_coverage_counts():
     half = PatchGrid((1024, 1024), 64, stride=32)  # counts 1, 2, 4
-    assert _narrow_sums_exact(half)
+    assert narrow_sums_exact(half)
     assert NumpyMerger(half, 1, 1, np.float32, narrow=True).acc_dtype == np.float32
     assert NumpyMerger(half, 1, 1, np.float32).acc_dtype == np.float64  # streaming: not asked
     assert NumpyMerger(half, 1, 1, np.float32, narrow=True, window="hann").acc_dtype == np.float32
     assert not NumpyMerger(half, 1, 1, np.float32, narrow=True, window="hann").narrow
-    assert not _narrow_sums_exact(PatchGrid((1000, 1000), 64, stride=32))  # shifted: 3 and 6
-    assert not _narrow_sums_exact(PatchGrid((64, 64, 64), 32, stride=16))  # 8 in 3-D
+    assert not narrow_sums_exact(PatchGrid((1000, 1000), 64, stride=32))  # shifted: 3 and 6
+    assert not narrow_sums_exact(PatchGrid((64, 64, 64), 32, stride=16))  # 8 in 3-D
     rng = np.random.default_rng(3)
     image = rng.standard_normal((256, 200)).astype(np.float32)
     grid = PatchGrid(image.shape, 16, stride=8)

@@ -3,7 +3,7 @@
 :func:`merge_patches` decides once (:func:`.plan.make_merge_plan`: dtype rules, anchor,
 kernel, threads; the decision table is in :mod:`.plan`), then runs the compiled kernels of
 :mod:`.kernels_numba` band by band (:mod:`.accumulate`), or, where numba is missing or
-``PATCH_VIEWER_BACKEND=numpy``, the vectorised NumPy engine (:mod:`.numpy_merger`, the test
+``PATCH_VIEWER_BACKEND=numpy``, the vectorised NumPy engine (:mod:`.numpy_engine`, the test
 oracle). :mod:`.precision` turns sums into the output dtype; :mod:`.weights` gives the
 overlap weights.
 """
@@ -30,7 +30,7 @@ def Merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="un
 
         plan = make_merge_plan(grid, dtype, n_channels, **options)
         return NumbaMerger(grid, n_images, n_channels, plan)
-    from .numpy_merger import numpy_merger
+    from .numpy_engine import numpy_merger
 
     return numpy_merger(grid, n_images, n_channels, dtype, **options)
 
@@ -123,7 +123,7 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
         n = default_workers(canon.nbytes) if workers is None else workers
         merged = merge_bands(canon, grid, plan, n, dtype, fill_value)
     else:
-        from .numpy_merger import merge_numpy
+        from .numpy_engine import merge_numpy
 
         merged = merge_numpy(canon, grid, workers, dtype, fill_value, **options)
     return from_canonical(merged, grid, batched)
@@ -152,12 +152,12 @@ def merge_state_bytes(grid: PatchGrid, n_images: int, dtype, window="uniform",
             "anchored", "pick")) + 8 * (plan.mode == "split"))
         result = pixels * (8 if plan.mode in ("anchored", "split") else work.itemsize)
         return canvas, result
-    from .numpy_merger import _accumulation
+    from .precision import accumulation
 
     extent = n_images * channels * math.prod(n + s for n, s in zip(grid.padded_shape,
                                                                     grid.stride))
     uniform = isinstance(window, str) and window == "uniform"
-    acc, anchor = _accumulation(dtype, work, uniform, grid.coverage_range()[1])
+    acc, anchor = accumulation(dtype, work, uniform, grid.coverage_range()[1])
     if reduce != "mean" or tile:
         acc, anchor = work, tile
     canvas = (0 if tile else extent * acc.itemsize) + (extent * work.itemsize if anchor else 0)

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..grid import PatchGrid
+from . import kernels_fused as F
 from . import kernels_numba as K
 from .plan import AXES3, MergePlan, Source, band_rows, stack_source, three_axes
 from .precision import anchored_finish, finish, split_mean
@@ -369,12 +370,12 @@ class NumbaMerger:
         acc = self._canvas(image).acc
         args = (*src, geo, o0, o1, o2c, 0, 0, len(o0), 0, n0, n1, geo3.wc)
         if fused.kind == "map":
-            K.band_map(*args, fused.rule, acc)
+            F.band_map(*args, fused.rule, acc)
             return
         cen, den = stats(src, geo, row0, rows)
         if plan.mode == "sum" and _powers_of_two([np.abs(den)]):  # invert: den = -1
-            K.band_affine_scaled(*args, cen, (1 / den).astype(den.dtype), acc)
+            F.band_affine_scaled(*args, cen, (1 / den).astype(den.dtype), acc)
         elif plan.mode == "sum":
-            K.band_affine(*args, cen, den, acc)
+            F.band_affine(*args, cen, den, acc)
         else:
-            K.band_affine_weighted(*args, cen, den, plan.window, acc)
+            F.band_affine_weighted(*args, cen, den, plan.window, acc)

@@ -26,18 +26,18 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-_JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
-_U = np.uint64
+JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
+U = np.uint64
 
 
 # --------------------------------------------------------------------------- innermost runs
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _run_add(acc, a, flat, f, n):
     for k in range(n):
         acc[a + k] += flat[f + k]
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _run_add_split(hi, lo, a, flat, f, n):
     for k in range(n):  # 64-bit integers as two exact 32-bit halves
         v = flat[f + k]
@@ -45,25 +45,25 @@ def _run_add_split(hi, lo, a, flat, f, n):
         lo[a + k] += v & 0xFFFFFFFF
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _run_add_weighted(acc, a, flat, f, w, wo, n):
     for k in range(n):
         acc[a + k] += w[wo + k] * flat[f + k]
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _run_add_anchored(acc, ref, a, flat, f, w, wo, n):
     for k in range(n):
         acc[a + k] += w[wo + k] * (np.float64(flat[f + k]) - np.float64(ref[a + k]))
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _run_max(acc, a, flat, f, n):
     for k in range(n):
         acc[a + k] = np.maximum(acc[a + k], flat[f + k])
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _run_min(acc, a, flat, f, n):
     for k in range(n):
         acc[a + k] = np.minimum(acc[a + k], flat[f + k])
@@ -74,11 +74,11 @@ def _run_min(acc, a, flat, f, n):
 # The middle axis' grid index m and in-patch offset q run outermost, so that the hot nest
 # (grid rows, grid columns, patch rows) is the same simple one for 1-, 2- and 3-D grids:
 # with size-1 loops inside it, LLVM compiled 2-D merges 1.5-2.5x slower (measured).
-@njit(**_JIT)
+@njit(**JIT)
 def band_sum(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
     sr = st[1]
-    n = _U(ln)
+    n = U(ln)
     for m in range(g1):
         for q in range(p1):
             fm = bi * st[0] + f1[m] + q * st[2]
@@ -90,16 +90,16 @@ def band_sum(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc,
                     fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
-                        ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * sr)
+                        ao = U((oi + r - y0) * n1 * wc + aj)
+                        fo = U(fj + r * sr)
                         _run_add(acc, ao, flat, fo, n)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def band_sum_split(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, hi, lo):
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
     sr = st[1]
-    n = _U(ln)
+    n = U(ln)
     for m in range(g1):
         for q in range(p1):
             fm = bi * st[0] + f1[m] + q * st[2]
@@ -111,17 +111,17 @@ def band_sum_split(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n
                     fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
-                        ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * sr)
+                        ao = U((oi + r - y0) * n1 * wc + aj)
+                        fo = U(fj + r * sr)
                         _run_add_split(hi, lo, ao, flat, fo, n)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def band_weighted(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, acc):
     """``win`` is the window, flat ``(p0, p1, L)`` (float64, repeated over the channels)."""
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
     sr = st[1]
-    n = _U(ln)
+    n = U(ln)
     for m in range(g1):
         for q in range(p1):
             fm = bi * st[0] + f1[m] + q * st[2]
@@ -133,17 +133,17 @@ def band_weighted(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1
                     fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
-                        ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * sr)
-                        _run_add_weighted(acc, ao, flat, fo, win, _U((r * p1 + q) * ln), n)
+                        ao = U((oi + r - y0) * n1 * wc + aj)
+                        fo = U(fj + r * sr)
+                        _run_add_weighted(acc, ao, flat, fo, win, U((r * p1 + q) * ln), n)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def band_anchored(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, ref, acc):
     """Sums ``w * (v - ref)``; ``ref`` is laid out like ``acc`` (see :func:`band_gather`)."""
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
     sr = st[1]
-    n = _U(ln)
+    n = U(ln)
     for m in range(g1):
         for q in range(p1):
             fm = bi * st[0] + f1[m] + q * st[2]
@@ -155,16 +155,16 @@ def band_anchored(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1
                     fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
-                        ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * sr)
-                        _run_add_anchored(acc, ref, ao, flat, fo, win, _U((r * p1 + q) * ln), n)
+                        ao = U((oi + r - y0) * n1 * wc + aj)
+                        fo = U(fj + r * sr)
+                        _run_add_anchored(acc, ref, ao, flat, fo, win, U((r * p1 + q) * ln), n)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def band_max(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
     sr = st[1]
-    n = _U(ln)
+    n = U(ln)
     for m in range(g1):
         for q in range(p1):
             fm = bi * st[0] + f1[m] + q * st[2]
@@ -176,16 +176,16 @@ def band_max(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc,
                     fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
-                        ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * sr)
+                        ao = U((oi + r - y0) * n1 * wc + aj)
+                        fo = U(fj + r * sr)
                         _run_max(acc, ao, flat, fo, n)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def band_min(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, acc):
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
     sr = st[1]
-    n = _U(ln)
+    n = U(ln)
     for m in range(g1):
         for q in range(p1):
             fm = bi * st[0] + f1[m] + q * st[2]
@@ -197,12 +197,12 @@ def band_min(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc,
                     fj = fm + fi + f2[j]
                     aj = am + o2c[j]
                     for r in range(r0, r1):
-                        ao = _U((oi + r - y0) * n1 * wc + aj)
-                        fo = _U(fj + r * sr)
+                        ao = U((oi + r - y0) * n1 * wc + aj)
+                        fo = U(fj + r * sr)
                         _run_min(acc, ao, flat, fo, n)
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def band_gather(flat, st, bi, y0, y1, rows0, rows1, cols, out):
     """``out`` (laid out like a band's ``acc``) = the value each pixel takes from the one patch
     that owns it: ``rows0[y]`` / ``rows1[z]`` are the stack offsets of the owning patch's grid
@@ -223,7 +223,7 @@ def band_gather(flat, st, bi, y0, y1, rows0, rows1, cols, out):
 
 
 # --------------------------------------------------------------------------- weighing
-@njit(**_JIT)
+@njit(**JIT)
 def weigh(acc, y0, y1, n1, wc, den0, den1, denk, out):
     """``out[y - y0, z, k] = acc / (den0[y] * den1[z] * denk[r, k])`` for the rows, columns
     and fused elements ``out`` holds (it may be cropped), and ``acc = 0`` there for the next
@@ -234,15 +234,15 @@ def weigh(acc, y0, y1, n1, wc, den0, den1, denk, out):
         for z in range(out.shape[1]):
             d = den0[y] * den1[z]
             dk = denk[y * n1 + z] if per_row else denk[0]
-            a = _U(((y - y0) * n1 + z) * wc)
+            a = U(((y - y0) * n1 + z) * wc)
             o = out[y - y0, z]
-            for k in range(_U(o.shape[0])):
+            for k in range(U(o.shape[0])):
                 o[k] = acc[a + k] / (d * dk[k])
                 acc[a + k] = 0
     _clear_outside(acc, y0, y1, n1, wc, out.shape[0], out.shape[1], out.shape[2])
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def weigh_scaled(acc, y0, y1, n1, wc, inv0, inv1, invk, out):
     """:func:`weigh` by multiplying with reciprocals, for weights that are all powers of two
     (then exact, so the same bits as dividing, at a fraction of the cost)."""
@@ -250,15 +250,15 @@ def weigh_scaled(acc, y0, y1, n1, wc, inv0, inv1, invk, out):
         for z in range(out.shape[1]):
             d = inv0[y] * inv1[z]
             dk = invk[0]
-            a = _U(((y - y0) * n1 + z) * wc)
+            a = U(((y - y0) * n1 + z) * wc)
             o = out[y - y0, z]
-            for k in range(_U(o.shape[0])):
+            for k in range(U(o.shape[0])):
                 o[k] = acc[a + k] * (d * dk[k])
                 acc[a + k] = 0
     _clear_outside(acc, y0, y1, n1, wc, out.shape[0], out.shape[1], out.shape[2])
 
 
-@njit(inline="always", **_JIT)
+@njit(inline="always", **JIT)
 def _clear_outside(acc, y0, y1, n1, wc, rows, cols, width):
     """Zero what a cropped ``out`` did not take of a band (the padding of ``edge="pad"``)."""
     for y in range(y1 - y0):
@@ -269,199 +269,12 @@ def _clear_outside(acc, y0, y1, n1, wc, rows, cols, width):
                 acc[a + k] = 0
 
 
-@njit(**_JIT)
+@njit(**JIT)
 def copy_band(acc, y0, n1, wc, out):
     """``out[y - y0, z, k] = acc[...]`` (cast to ``out``'s dtype) for the part ``out`` holds."""
     for y in range(y0, y0 + out.shape[0]):
         for z in range(out.shape[1]):
-            a = _U(((y - y0) * n1 + z) * wc)
+            a = U(((y - y0) * n1 + z) * wc)
             o = out[y - y0, z]
-            for k in range(_U(o.shape[0])):
+            for k in range(U(o.shape[0])):
                 o[k] = acc[a + k]
-
-
-# --------------------------------------------------------------------------- the fused stream
-# process() filters patches inside the merge where the filter allows it: ``(v - c) / d`` with
-# one (c, d) per patch (invert, minmax, zscore, a scale) computed in the filter's dtype, so
-# that no filtered patch is ever stored.
-@njit(inline="always", **_JIT)
-def _run_add_scaled(acc, a, flat, f, c, e, n):
-    for k in range(n):
-        acc[a + k] += (flat[f + k] - c) * e
-
-
-@njit(inline="always", **_JIT)
-def _run_add_affine(acc, a, flat, f, c, d, n):
-    for k in range(n):
-        acc[a + k] += (flat[f + k] - c) / d
-
-
-@njit(inline="always", **_JIT)
-def _run_add_affine_weighted(acc, a, flat, f, c, d, w, wo, n):
-    for k in range(n):
-        acc[a + k] += w[wo + k] * ((flat[f + k] - c) / d)
-
-
-@njit(**_JIT)
-def band_affine(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, cen, den,
-                acc):
-    """:func:`band_sum` of ``(v - cen[p]) / den[p]`` for each patch ``p = (bi, i, m, j)``
-    (``cen`` and ``den`` are ``(b, rows, g1, g2)``, in the data's dtype)."""
-    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    sr = st[1]
-    n = _U(ln)
-    for m in range(g1):
-        for q in range(p1):
-            fm = bi * st[0] + f1[m] + q * st[2]
-            am = (o1[m] + q) * wc
-            for i in range(i0, i1):
-                oi, fi = o0[i], f0[i]
-                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
-                for j in range(g2):
-                    fj = fm + fi + f2[j]
-                    aj = am + o2c[j]
-                    c, d = cen[bi, i, m, j], den[bi, i, m, j]
-                    for r in range(r0, r1):
-                        _run_add_affine(acc, _U((oi + r - y0) * n1 * wc + aj), flat,
-                                        _U(fj + r * sr), c, d, n)
-
-
-@njit(**_JIT)
-def band_affine_scaled(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc,
-                       cen, inv, acc):
-    """:func:`band_affine` multiplying by ``inv = 1 / den``, for denominators that are powers
-    of two (then exact: the same bits, without a division per value)."""
-    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    sr = st[1]
-    n = _U(ln)
-    for m in range(g1):
-        for q in range(p1):
-            fm = bi * st[0] + f1[m] + q * st[2]
-            am = (o1[m] + q) * wc
-            for i in range(i0, i1):
-                oi, fi = o0[i], f0[i]
-                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
-                for j in range(g2):
-                    fj = fm + fi + f2[j]
-                    aj = am + o2c[j]
-                    c, d = cen[bi, i, m, j], inv[bi, i, m, j]
-                    for r in range(r0, r1):
-                        _run_add_scaled(acc, _U((oi + r - y0) * n1 * wc + aj), flat,
-                                        _U(fj + r * sr), c, d, n)
-
-
-@njit(**_JIT)
-def band_affine_weighted(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc,
-                         cen, den, win, acc):
-    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    sr = st[1]
-    n = _U(ln)
-    for m in range(g1):
-        for q in range(p1):
-            fm = bi * st[0] + f1[m] + q * st[2]
-            am = (o1[m] + q) * wc
-            for i in range(i0, i1):
-                oi, fi = o0[i], f0[i]
-                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
-                for j in range(g2):
-                    fj = fm + fi + f2[j]
-                    aj = am + o2c[j]
-                    c, d = cen[bi, i, m, j], den[bi, i, m, j]
-                    for r in range(r0, r1):
-                        _run_add_affine_weighted(acc, _U((oi + r - y0) * n1 * wc + aj), flat,
-                                                 _U(fj + r * sr), c, d, win,
-                                                 _U((r * p1 + q) * ln), n)
-
-
-@njit(**_JIT)
-def patch_range(flat, st, f0, f1, f2, geo, b, lo, hi):
-    """Per patch ``(b, rows, g1, g2)``: its minimum and maximum (NaN if it holds one)."""
-    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    for bi in range(b):
-        for i in range(f0.shape[0]):
-            for m in range(g1):
-                for j in range(g2):
-                    base = bi * st[0] + f0[i] + f1[m] + f2[j]
-                    a = flat[base]
-                    z = a
-                    for r in range(p0):
-                        for q in range(p1):
-                            f = base + r * st[1] + q * st[2]
-                            for k in range(ln):
-                                v = flat[f + k]
-                                a = np.minimum(a, v)
-                                z = np.maximum(z, v)
-                    lo[bi, i, m, j] = a
-                    hi[bi, i, m, j] = z
-
-
-@njit(fastmath={"reassoc", "contract"}, **_JIT)  # sums in any order: vectorised
-def patch_moments(flat, st, f0, f1, f2, geo, b, mean, std):
-    """Per patch ``(b, rows, g1, g2)``: its mean and standard deviation (float64 sums)."""
-    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    size = p0 * p1 * ln
-    for bi in range(b):
-        for i in range(f0.shape[0]):
-            for m in range(g1):
-                for j in range(g2):
-                    base = bi * st[0] + f0[i] + f1[m] + f2[j]
-                    s = 0.0
-                    for r in range(p0):
-                        for q in range(p1):
-                            f = base + r * st[1] + q * st[2]
-                            for k in range(ln):
-                                s += flat[f + k]
-                    mean[bi, i, m, j] = s / size
-                    mu = mean[bi, i, m, j]  # rounded to the filter's dtype, as its own mean
-                    s2 = 0.0
-                    for r in range(p0):
-                        for q in range(p1):
-                            f = base + r * st[1] + q * st[2]
-                            for k in range(ln):
-                                e = np.float64(flat[f + k] - mu)
-                                s2 += e * e
-                    std[bi, i, m, j] = np.sqrt(s2 / size)
-
-
-@njit(**_JIT)
-def copy_patches(flat, st, f0, f1, f2, geo, b, out):
-    """The source's patches into ``out``, C-ordered ``(b, rows, g1, g2, p0, p1, L)`` flat."""
-    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    n = _U(ln)
-    o = _U(0)
-    for bi in range(b):
-        for i in range(f0.shape[0]):
-            for m in range(g1):
-                for j in range(g2):
-                    base = bi * st[0] + f0[i] + f1[m] + f2[j]
-                    for r in range(p0):
-                        for q in range(p1):
-                            f = _U(base + r * st[1] + q * st[2])
-                            for k in range(n):
-                                out[o + k] = flat[f + k]
-                            o += n
-
-
-def _band_map(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, fn, acc):
-    """:func:`band_sum` of ``fn(v)``, ``fn`` a compiled element-wise function."""
-    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
-    sr = st[1]
-    for m in range(g1):
-        for q in range(p1):
-            fm = bi * st[0] + f1[m] + q * st[2]
-            am = (o1[m] + q) * wc
-            for i in range(i0, i1):
-                oi, fi = o0[i], f0[i]
-                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
-                for j in range(g2):
-                    fj = fm + fi + f2[j]
-                    aj = am + o2c[j]
-                    for r in range(r0, r1):
-                        a = _U((oi + r - y0) * n1 * wc + aj)
-                        f = _U(fj + r * sr)
-                        for k in range(_U(ln)):
-                            acc[a + k] += fn(flat[f + k])
-
-
-# Takes a function: compiled once per process and function (numba cannot cache it).
-band_map = njit(nogil=True, error_model="numpy", boundscheck=False)(_band_map)

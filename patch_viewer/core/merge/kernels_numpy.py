@@ -16,10 +16,11 @@ import math
 
 import numpy as np
 
-from .._layout import DIRECT_MAX_STEPS, is_direct
+from .._layout import DIRECT_MAX_STEPS, ROWS_FIRST_ORDER, is_direct
 from ..grid import PatchGrid
 
-__all__ = ["overlap_add", "owned_segments", "short_buffers", "interleave", "ola", "assign"]
+__all__ = ["assign", "interleave", "ola", "overlap_add", "owned_segments", "row_offset_preparer",
+           "short_buffers"]
 
 def _block_view(region: np.ndarray, axes, strides) -> np.ndarray:
     """Split each axis ``axes[j]`` of ``region`` into ``(blocks, strides[j])`` (a writeable view)."""
@@ -278,3 +279,48 @@ def owned_segments(origins: np.ndarray, p: int, rule: str) -> list[tuple[int, in
 def assign(target, value, out):  # an overlap-add "op" that assigns
     np.copyto(out, value)
 
+
+def row_offset_preparer(sub, origin, ref, win, s1, work, buffers):
+    """For a stride-1 2-D part (see :func:`_rows_first`): a function giving
+    ``(values - ref) * win`` of one row offset, ``(g0, b, g1, p1, C)`` (``ref``: the anchor
+    images, or None; ``win``: the window with a channel axis, or None; ``s1``: the stride
+    along the columns; ``work``: the dtype).
+
+    The pixels the patch rows of row offset ``e`` anchor to are image rows ``e .. e + g0``
+    cut into overlapping windows: that cut (``lines``) is made once per part, so each
+    offset is one subtraction (and one product) into a buffer that stays in the cache,
+    with no part-sized copy of prepared values (and its page faults). Where the stack is
+    offset-major (:data:`ROWS_FIRST_ORDER`, as :func:`process` and
+    ``extract_patches(layout="merge")`` make it) each offset's values are one contiguous
+    block, so those steps run long inner loops.
+    """
+    s_mem = sub.transpose(ROWS_FIRST_ORDER)  # (p0, g0, b, g1, p1, C)
+    b, g0, g1, p0, p1, c = sub.shape
+    y0, x0 = origin
+    lines = tiled = None
+    if ref is not None:
+        rows = ref[:, y0:y0 + g0 + p0 - 1]
+        cut = np.lib.stride_tricks.sliding_window_view(rows, p1, axis=2, writeable=False)
+        cut = np.moveaxis(cut, -1, 3)[:, :, x0:x0 + (g1 - 1) * s1 + 1:s1]
+        lines = np.ascontiguousarray(cut.transpose(1, 0, 2, 3, 4))  # (rows, b, g1, p1, C)
+    if win is not None:
+        key = ("window rows", g1, c)
+        tiled = buffers.get(key)
+        if tiled is None:  # the window's row e, repeated for every patch of a grid row
+            tiled = buffers[key] = np.ascontiguousarray(
+                np.broadcast_to(win[:, None], (p0, g1, p1, c)))
+    key = ("offset block", g0, b, g1, p1, c)
+    out = buffers.get(key)
+    if out is None:
+        out = buffers[key] = np.empty((g0, b, g1, p1, c), work)
+
+    def prepare(e):
+        if lines is not None:
+            np.subtract(s_mem[e], lines[e:e + g0], out=out)
+        else:
+            np.copyto(out, s_mem[e])
+        if tiled is not None:
+            np.multiply(out, tiled[e], out=out)
+        return out
+
+    return prepare

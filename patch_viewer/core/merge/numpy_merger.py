@@ -1,12 +1,11 @@
-"""The NumPy streaming accumulator (:class:`NumpyMerger`) and its banded whole-stack merge:
-the fallback engine where numba is missing, and the oracle of the compiled one."""
+"""The NumPy streaming accumulator (:class:`NumpyMerger`): the fallback engine where numba is
+missing, and the oracle of the compiled one. Its whole-stack entry points are in
+:mod:`.numpy_engine`."""
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -14,65 +13,28 @@ import numpy as np
 from .._layout import DIRECT_MAX_STEPS, ROWS_FIRST_ORDER, is_direct, n_elements, split_regular, stack_order
 from ..grid import PatchGrid
 from ..windows import make_window, separable_factors
-from .kernels_numpy import assign, interleave, ola, overlap_add, owned_segments, short_buffers
+from .kernels_numpy import (
+    assign,
+    interleave,
+    ola,
+    overlap_add,
+    owned_segments,
+    row_offset_preparer,
+    short_buffers,
+)
 from .plan import REDUCTIONS
-from .precision import anchored_finish, finish, split_mean, work_dtype
+from .precision import accumulation, anchored_finish, finish, is_wide_int, narrow_sums_exact, work_dtype
 from .weights import coverage_mask, weight_sums, weights_in
 
-__all__ = ["NumpyMerger", "SplitMerger", "merge_numpy", "numpy_merger"]
+__all__ = ["NumpyMerger"]
 
 # Target size of one piece of the patch stack processed at a time (fits the L2/L3 caches).
-_PIECE_BYTES = 2 * 2**20
+PIECE_BYTES = 2 * 2**20
 # ... and for the rows-first path (its steps move whole blocks, and its bulk is one strided
 # reduce over the rows of a part: tall parts pay; measured best at 32-64 MiB; see _rows_first).
-_ROWS_FIRST_PIECE_BYTES = 48 * 2**20
-# Target size of one band of sums in the banded merge (fits the L2 cache).
-_BAND_BYTES = 1048576
-# Size of the group of patches the banded merge stages in the cache at a time, and the fewest
-# patches per group for staging to pay (measured: 1.4x faster at 32 patches of 64x64 float32,
-# slower with one or two large patches per group, whose long blocks stream well as they are).
-_STAGE_BYTES = 512 * 1024
-_STAGE_MIN_COLUMNS = 8
-
-
-def _accumulation(dtype, work: np.dtype, uniform: bool, max_cover: int) -> tuple[np.dtype, bool]:
-    """The dtype sums are kept in, and whether they need the anchor (see the module docstring).
-
-    A sum of ``m`` copies of a value with ``b`` significant bits is exact in a float whose
-    mantissa has at least ``b + log2(m)`` bits; then ``sum / m`` gives the value back and no
-    anchor is needed. That holds in the work dtype for small integers, and in float64 for
-    float32/float16 patches (24 + log2(m) <= 53 bits): the plain sum is exact and cheaper than
-    subtracting an anchor. Non-uniform windows and float64 patches need the anchor.
-    """
-    dtype = np.dtype(dtype)
-    if not uniform:
-        return work, True
-    cover = math.log2(max(max_cover, 1))
-    if dtype.kind in "biu":
-        bits = 1 if dtype.kind == "b" else 8 * dtype.itemsize
-        return work, bits + cover > np.finfo(work).nmant + 1
-    if dtype.kind == "f" and np.finfo(dtype).nmant + 1 + cover <= np.finfo(np.float64).nmant + 1:
-        return np.dtype(np.float64), False
-    return work, True
-
-
-def _is_wide_int(dtype) -> bool:
-    dtype = np.dtype(dtype)
-    return dtype.kind in "iu" and dtype.itemsize == 8
-
-
-def _narrow_sums_exact(grid: PatchGrid) -> bool:
-    """Whether float32 sums give the mean of float32 values exactly where they all agree.
-
-    Checked for every float32 in [1, 2) (so for all but overflowing values): adding ``c``
-    copies of a value one after another and dividing by ``c`` gives it back for c = 1, 2, 4,
-    and not for 3, 5, 6, 7 or 8. Coverage counts are products of per-axis counts.
-    """
-    counts = {1}
-    for c in grid.coverage_1d():
-        counts = {a * int(b) for a in counts for b in np.unique(c)}
-    return counts <= {0, 1, 2, 4}
-
+ROWS_FIRST_PIECE_BYTES = 48 * 2**20
+#: The value sums start from, per reduction.
+_IDENTITY = {"mean": 0.0, "max": -np.inf, "min": np.inf}
 
 
 class NumpyMerger:
@@ -99,41 +61,51 @@ class NumpyMerger:
         self.mode = "pick" if is_tile else reduce
         self.work = work_dtype(dtype)
         self._window_spec = (window, params)
-        nd = grid.ndim
         extent = tuple(n + s for n, s in zip(grid.padded_shape, grid.stride))
         shape = (n_images,) + extent + (n_channels,)
-        self.acc_dtype, self.anchor = _accumulation(dtype, self.work, self.window is None,
-                                                    grid.coverage_range()[1])
-        # ``narrow``: float32 patches may be summed in float32 where that is exact for the
-        # grid's coverage counts (see _narrow_sums_exact), at the risk of overflowing where
-        # float64 would not: merge_banded then raises FloatingPointError (merge_patches
-        # starts again in float64).
-        self.narrow = (narrow and reduce == "mean" and self.window is None and not is_tile
-                       and not self.anchor and self.acc_dtype != self.work
-                       and np.dtype(dtype) == np.float32 and _narrow_sums_exact(grid))
-        wide = np.dtype(dtype) if _is_wide_int(dtype) else None  # exact in their own dtype
-        if reduce != "mean" or self.narrow:
-            self.acc_dtype = wide if wide is not None and reduce != "mean" else self.work
+        self._choose_sums(np.dtype(dtype), narrow)
+        wide = np.dtype(dtype) if is_wide_int(dtype) else None  # exact in their own dtype
         if self._uses_ref:
             # every covered pixel is owned once
             self.ref = np.zeros(shape, self.work if wide is None else wide)  # no garbage NaN
             rule = "first" if self.mode == "mean" else "centre"
             self._owned = [owned_segments(o, p, rule) for o, p in zip(grid.origins, grid.patch_size)]
         if self.mode != "pick":
-            fill = {"mean": 0.0, "max": -np.inf, "min": np.inf}[self.mode]
-            if self.acc_dtype.kind in "iu":
-                info = np.iinfo(self.acc_dtype)
-                fill = {"max": info.min, "min": info.max}[self.mode]
-            self._identity = fill
+            self._identity = self._start_value()
             self._acc_shape = shape
             self._acc = None
             self._op = {"mean": np.add, "max": np.maximum, "min": np.minimum}[self.mode]
         self._runs = [split_regular(o, s) for o, s in zip(grid.origins, grid.stride)]
         self._win = None if self.window is None else self.window[..., None].astype(self.work)
-        self._nd = nd
+        self._nd = grid.ndim
         self._buffers: dict = {}
         rows_first = stack_order(grid) == ROWS_FIRST_ORDER
-        self._piece_bytes = _ROWS_FIRST_PIECE_BYTES if rows_first else _PIECE_BYTES
+        self._piece_bytes = ROWS_FIRST_PIECE_BYTES if rows_first else PIECE_BYTES
+
+    def _choose_sums(self, dtype: np.dtype, narrow: bool) -> None:
+        """``acc_dtype``, ``anchor`` and ``narrow``: what the sums are kept in.
+
+        ``narrow``: float32 patches may be summed in float32 where that is exact for the
+        grid's coverage counts (see :func:`.precision.narrow_sums_exact`), at the risk of
+        overflowing where float64 would not: the banded merge then raises FloatingPointError
+        (:func:`.numpy_engine.merge_numpy` starts again in float64).
+        """
+        self.acc_dtype, self.anchor = accumulation(dtype, self.work, self.window is None,
+                                                   self.grid.coverage_range()[1])
+        self.narrow = (narrow and self.mode == "mean" and self.window is None
+                       and not self.anchor and self.acc_dtype != self.work
+                       and dtype == np.float32 and narrow_sums_exact(self.grid))
+        if self.mode in ("max", "min"):
+            self.acc_dtype = dtype if is_wide_int(dtype) else self.work
+        elif self.narrow:
+            self.acc_dtype = self.work
+
+    def _start_value(self):
+        """The value a pixel's sum starts from (the identity of the reduction)."""
+        if self.acc_dtype.kind in "iu" and self.mode != "mean":
+            info = np.iinfo(self.acc_dtype)
+            return info.min if self.mode == "max" else info.max
+        return _IDENTITY[self.mode]
 
     # -- adding ---------------------------------------------------------------------------
     def _parts(self, piece: np.ndarray, b0: int, row0: int, min_parts: int = 1):
@@ -249,26 +221,40 @@ class NumpyMerger:
             # the stack is element-major, and no casting in the many small border steps).
             return sub.astype(self.acc_dtype, order="K", copy=False), "unit"
         if rows_first:  # anchored or weighed one row offset at a time (see _rows_first)
-            return sub, self._row_offset_preparer(sub, images, origin, anchor, buffers)
+            ref = self.ref[images] if anchor else None
+            return sub, row_offset_preparer(sub, origin, ref, self._win, self.grid.stride[1],
+                                            self.work, buffers)
         if cascade and depth[-1] > 1 and g[-1] >= depth[-1]:
-            d, s = depth[-1], stride[-1]
-            logical = [sub.shape[0]] + [x for k in range(nd) for x in (g[k], p[k])] + [sub.shape[-1]]
-            logical[-3:-1] = [g[-1] + 2 * (d - 1), d * s]
-            memory = logical[:-3] + [logical[-2], logical[-3], logical[-1]]
-            key = tuple(memory)
-            buf = buffers.get(key)
-            if buf is None:
-                buf = buffers[key] = np.full(memory, self._identity, self.work)
-            n = len(memory)
-            padded = buf.transpose(list(range(n - 3)) + [n - 2, n - 3, n - 1])
-            data = padded[(slice(None),) * (n - 3) + (slice(d - 1, d - 1 + g[-1]), slice(0, p[-1]))]
-            order = [0] + [1 + 2 * k for k in range(nd)] + [2 + 2 * k for k in range(nd)] + [n - 1]
-            out = data.transpose(order)  # back to (b, *G, *p, C)
+            out, padded = self._interleaved(sub, g, p, depth[-1], buffers)
         elif anchor or self._win is not None:
             out = np.empty(sub.shape, self.work)
         else:
             return sub, None
-        # Iterate in the output's memory order (numpy then streams the writes).
+        self._fill_prepared(out, sub, images, origin, anchor)
+        return out, padded
+
+    def _interleaved(self, sub, g, p, d, buffers):
+        """A reused buffer for a cascade's prepared values, in the interleaved layout (last
+        axis in-patch offset first) with identity margins: ``(view of sub's shape, padded)``."""
+        nd, s = self._nd, self.grid.stride[-1]
+        logical = [sub.shape[0]] + [x for k in range(nd) for x in (g[k], p[k])] + [sub.shape[-1]]
+        logical[-3:-1] = [g[-1] + 2 * (d - 1), d * s]
+        memory = logical[:-3] + [logical[-2], logical[-3], logical[-1]]
+        key = tuple(memory)
+        buf = buffers.get(key)
+        if buf is None:
+            buf = buffers[key] = np.full(memory, self._identity, self.work)
+        n = len(memory)
+        padded = buf.transpose(list(range(n - 3)) + [n - 2, n - 3, n - 1])
+        data = padded[(slice(None),) * (n - 3) + (slice(d - 1, d - 1 + g[-1]), slice(0, p[-1]))]
+        order = [0] + [1 + 2 * k for k in range(nd)] + [2 + 2 * k for k in range(nd)] + [n - 1]
+        return data.transpose(order), padded  # back to (b, *G, *p, C)
+
+    def _fill_prepared(self, out, sub, images, origin, anchor) -> None:
+        """``out = (sub - ref) * window``, as far as the mode needs, iterating in ``out``'s
+        memory order (numpy then streams the writes)."""
+        nd, stride = self._nd, self.grid.stride
+        g = sub.shape[1:1 + nd]
         mem = np.argsort([-x for x in out.strides], kind="stable")
         if anchor:
             ref = self.ref[images]
@@ -284,51 +270,6 @@ class NumpyMerger:
         if self._win is not None:
             win = np.broadcast_to(self._win, out.shape).transpose(mem)
             np.multiply(out.transpose(mem), win, out=out.transpose(mem))
-        return out, padded
-
-    def _row_offset_preparer(self, sub, images, origin, anchor, buffers):
-        """For a stride-1 2-D part (see :func:`_rows_first`): a function giving
-        ``(values - ref) * window`` of one row offset, ``(g0, b, g1, p1, C)``.
-
-        The pixels the patch rows of row offset ``e`` anchor to are image rows ``e .. e + g0``
-        cut into overlapping windows: that cut (``lines``) is made once per part, so each
-        offset is one subtraction (and one product) into a buffer that stays in the cache,
-        with no part-sized copy of prepared values (and its page faults). Where the stack is
-        offset-major (:data:`ROWS_FIRST_ORDER`, as :func:`process` and
-        ``extract_patches(layout="merge")`` make it) each offset's values are one contiguous
-        block, so those steps run long inner loops.
-        """
-        s_mem = sub.transpose(ROWS_FIRST_ORDER)  # (p0, g0, b, g1, p1, C)
-        b, g0, g1, p0, p1, c = sub.shape
-        y0, x0 = origin
-        s1 = self.grid.stride[1]
-        lines = tiled = None
-        if anchor:
-            ref = self.ref[images, y0:y0 + g0 + p0 - 1]
-            cut = np.lib.stride_tricks.sliding_window_view(ref, p1, axis=2, writeable=False)
-            cut = np.moveaxis(cut, -1, 3)[:, :, x0:x0 + (g1 - 1) * s1 + 1:s1]
-            lines = np.ascontiguousarray(cut.transpose(1, 0, 2, 3, 4))  # (rows, b, g1, p1, C)
-        if self._win is not None:
-            key = ("window rows", g1, c)
-            tiled = buffers.get(key)
-            if tiled is None:  # the window's row e, repeated for every patch of a grid row
-                tiled = buffers[key] = np.ascontiguousarray(
-                    np.broadcast_to(self._win[:, None], (p0, g1, p1, c)))
-        key = ("offset block", g0, b, g1, p1, c)
-        out = buffers.get(key)
-        if out is None:
-            out = buffers[key] = np.empty((g0, b, g1, p1, c), self.work)
-
-        def prepare(e):
-            if anchor:
-                np.subtract(s_mem[e], lines[e:e + g0], out=out)
-            else:
-                np.copyto(out, s_mem[e])
-            if tiled is not None:
-                np.multiply(out, tiled[e], out=out)
-            return out
-
-        return prepare
 
     def _set_ref(self, part: np.ndarray, images: slice, row0: int) -> None:
         """Copy into ``ref`` the pixels that the patches of this part own (a partition, so no
@@ -408,98 +349,10 @@ class NumpyMerger:
         return not self._uses_ref and is_direct(self.grid)
 
     def merge_banded(self, stack: np.ndarray, workers: int = 1) -> np.ndarray:
-        """Merge a whole canonical stack band by band: the result in the work dtype.
+        """See :func:`.numpy_engine.merge_banded`."""
+        from .numpy_engine import merge_banded
 
-        The image is cut into bands of rows (or groups of whole images) whose sums fit the
-        cache; each band adds every patch row that touches it (clipped to the band), then is
-        weighed and written to the result at once. Only the stack is read from memory and only
-        the result written: no image-sized canvas is filled, summed into, divided and copied.
-        Bands are independent, so ``workers`` threads each take a contiguous run of them.
-        Per pixel the patches are added in the same order as :meth:`add`.
-        """
-        grid = self.grid
-        nd = self._nd
-        b = stack.shape[0]
-        n0, s0, p0 = grid.spatial_shape[0], grid.stride[0], grid.patch_size[0]
-        kind = self.work if self.mode == "mean" else self.acc_dtype  # max, min: exact
-        out = np.empty((b,) + grid.spatial_shape + (stack.shape[-1],), kind)
-        rest = self._acc_shape[2:]  # (*extent[1:], C)
-        row_bytes = n_elements(rest) * self.acc_dtype.itemsize
-        if row_bytes * n0 <= _BAND_BYTES:
-            per = max(1, _BAND_BYTES // (row_bytes * n0))
-            bands = [(i, min(b, i + per), 0, n0) for i in range(0, b, per)]
-        else:
-            h = max(1, _BAND_BYTES // row_bytes // s0) * s0
-            bands = [(i, i + 1, y, min(n0, y + h)) for i in range(b) for y in range(0, n0, h)]
-        shape = (max(c[1] - c[0] for c in bands), max(c[3] - c[2] for c in bands))
-        o0 = grid.origins[0]
-        crop = tuple(slice(0, n) for n in grid.spatial_shape[1:])
-        stride_rest = tuple(grid.stride[1:])
-        combos = list(itertools.product(*self._runs[1:]))
-        starts = [tuple(int(o[a]) for o, (a, _) in zip(grid.origins[1:], c)) for c in combos]
-        self._weight_factors()
-
-        # Patches of one grid row are staged (copied) in groups of columns that fit the cache
-        # beside the band: the band's rows of a patch are one contiguous run, read at full
-        # memory speed, while the overlap-add reads short blocks of every patch in turn (a
-        # pattern the prefetchers do not follow: measured 2x slower from memory than from cache).
-        column_bytes = (n_elements(stack.shape[3:]) // p0 * min(p0, shape[1])
-                        * stack.dtype.itemsize)
-        staged = max(1, _STAGE_BYTES // max(column_bytes, 1)) if nd > 1 else 0
-        if staged < _STAGE_MIN_COLUMNS:  # few long blocks per patch: prefetchers keep up
-            staged = 0
-
-        def run(chunk):
-            # float32 sums that overflow must stop the merge (see merge_patches); otherwise
-            # the caller's own error handling applies, as everywhere else
-            overflow = np.errstate(over="raise") if self.narrow else contextlib.nullcontext()
-            with short_buffers(grid, stack.shape[-1]), overflow:
-                scratch = np.empty(shape[0] * staged * column_bytes // stack.dtype.itemsize,
-                                   stack.dtype)
-                _bands(chunk, np.empty(shape + rest, self.acc_dtype), scratch)
-
-        def _bands(chunk, buf, scratch):
-            for b0, b1, y0, y1 in chunk:
-                canvas = buf[:b1 - b0, :y1 - y0]
-                canvas.fill(self._identity)
-                first = int(np.searchsorted(o0 + p0, y0, side="right"))
-                stop = int(np.searchsorted(o0, y1, side="left"))
-                for i in range(first, stop):  # ascending patch rows
-                    o = int(o0[i])
-                    lo, hi = max(y0, o), min(y1, o + p0)
-                    patch_rows = (slice(None),) * (1 + nd) + (slice(lo - o, hi - o),)
-                    slab = stack[b0:b1, i:i + 1][patch_rows]
-                    for combo, start in zip(combos, starts):
-                        sub = slab[(slice(None), slice(None))
-                                   + tuple(slice(a, z) for a, z in combo)]
-                        step = staged or sub.shape[2]
-                        for g in range(0, sub.shape[2], step):
-                            part = sub[:, :, g:g + step]
-                            if staged:
-                                copy = scratch[:part.size].reshape(part.shape)
-                                np.copyto(copy, part)
-                                part = copy
-                            origin = (lo - y0,) + start
-                            if g:
-                                origin = origin[:1] + (start[0] + g * stride_rest[0],) + start[1:]
-                            overlap_add(canvas, part, origin, (hi - lo,) + stride_rest,
-                                        self._op, self._identity)
-                region = canvas[(slice(None), slice(None)) + crop]
-                dst = out[b0:b1, y0:y1]
-                if self.mode == "mean":
-                    with np.errstate(divide="ignore", invalid="ignore"):
-                        self._weigh(region, dst, slice(y0, y1))
-                else:
-                    np.copyto(dst, region, casting="unsafe")
-
-        workers = max(1, min(workers, len(bands)))
-        if workers == 1:
-            run(bands)
-        else:
-            bounds = np.linspace(0, len(bands), workers + 1).round().astype(int)
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(run, [bands[bounds[k]:bounds[k + 1]] for k in range(workers)]))
-        return out
+        return merge_banded(self, stack, workers)
 
     # -- result ----------------------------------------------------------------------------
     def result(self, dtype=None, fill_value=None) -> np.ndarray:
@@ -548,77 +401,3 @@ def _fuse_last(a: np.ndarray):
 
 
 
-def merge_numpy(canon: np.ndarray, grid: PatchGrid, workers: int | None, dtype, fill_value,
-                **options) -> np.ndarray:
-    """Merge a whole canonical stack on the NumPy engine: canonical ``(b, *spatial, C)``.
-
-    Threads run only where the result cannot depend on them: the banded merge (each band is
-    summed whole by one thread), and plain sums that are exact (integers, float32 in float64)
-    or max/min. Anchored and weighted sums stay on one thread.
-    """
-    def new_merger(narrow):
-        return NumpyMerger(grid, canon.shape[0], canon.shape[-1], canon.dtype, narrow=narrow,
-                           **options)
-
-    merger = numpy_merger(grid, canon.shape[0], canon.shape[-1], canon.dtype, **options)
-    if isinstance(merger, SplitMerger):
-        merger.add(canon)
-        return merger.result(dtype, fill_value)
-    merger = new_merger(narrow=True)
-    if workers is None:
-        # Threads pay off when there are many patches to read (8 MiB or more) and the
-        # per-thread canvases they need are small beside them. The banded merge needs no
-        # canvas, but its steps must be long enough to outweigh the threads' contention for
-        # the interpreter (measured: 2x faster with 1.6M-element patch rows, slower at 130k).
-        if merger.bandable:
-            many = canon.nbytes >= 8 * 2**20 and n_elements(canon.shape[2:]) >= 2**19
-        else:
-            many = canon.nbytes >= 8 * 2**20 and canon.nbytes >= 4 * merger.canvas_bytes
-        workers = (os.cpu_count() or 1) if many else 1
-    if merger.bandable:
-        try:
-            merged = merger.merge_banded(canon, workers)
-        except FloatingPointError:  # float32 sums overflowed (values near the float32 limit)
-            merger = new_merger(narrow=False)
-            merged = merger.merge_banded(canon, workers)
-        return merger.finish(merged, dtype, fill_value)
-    if merger.anchor or merger._win is not None:
-        workers = 1  # per-thread canvases would add in another order
-    merger.add_all(canon, workers)
-    return merger.result(dtype, fill_value)
-
-
-class SplitMerger:
-    """Uniform means of 64-bit integers on the NumPy engine, exactly: their high and low 32-bit
-    halves are summed by two :class:`NumpyMerger` (float64 sums of 32-bit integers are exact),
-    and :func:`.precision.split_mean` divides the two sums in the integer domain."""
-
-    def __init__(self, grid: PatchGrid, n_images: int, n_channels: int, dtype):
-        self.grid, self.unsigned = grid, np.dtype(dtype).kind == "u"
-        self.work = work_dtype(dtype)
-        half = np.uint32 if self.unsigned else np.int32
-        self._hi = NumpyMerger(grid, n_images, n_channels, half)
-        self._lo = NumpyMerger(grid, n_images, n_channels, np.uint32)
-
-    def add(self, piece: np.ndarray, b0: int = 0, row0: int = 0) -> None:
-        self._hi.add(piece >> 32, b0, row0)
-        self._lo.add(piece & 0xFFFFFFFF, b0, row0)
-
-    def result(self, dtype=None, fill_value=None) -> np.ndarray:
-        crop = (slice(None),) + tuple(slice(0, n) for n in self.grid.spatial_shape)
-        hi, lo = (m.acc[crop].astype(np.int64) for m in (self._hi, self._lo))
-        count = weights_in(self.grid, "uniform", {}, np.int64)[None, ..., None]
-        target = np.dtype(self.work if dtype is None else dtype)
-        out = split_mean(hi, lo, count, target if target.kind in "biu" else np.float64,
-                         self.unsigned)
-        return self._hi.finish(out, dtype, fill_value)
-
-
-def numpy_merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="uniform",
-                 reduce="mean", window_params=None):
-    """The NumPy engine's streaming accumulator for these options."""
-    if _is_wide_int(dtype) and reduce == "mean" and isinstance(window, str) and \
-            window == "uniform":
-        return SplitMerger(grid, n_images, n_channels, dtype)
-    return NumpyMerger(grid, n_images, n_channels, dtype, window=window, reduce=reduce,
-                       window_params=window_params)

@@ -23,8 +23,8 @@ import math
 
 import numpy as np
 
-__all__ = ["anchored_finish", "check_dtype", "finish", "split_mean", "sum_dtype", "to_integer",
-           "work_dtype"]
+__all__ = ["accumulation", "anchored_finish", "check_dtype", "finish", "is_wide_int",
+           "narrow_sums_exact", "split_mean", "sum_dtype", "to_integer", "work_dtype"]
 
 
 def work_dtype(dtype) -> np.dtype:
@@ -221,3 +221,43 @@ def anchored_finish(ref: np.ndarray, delta: np.ndarray, covered, dtype, fill_val
     if missing is not None and missing.any():
         result[missing] = _fill(fill_value, target, True)
     return result
+
+
+# --------------------------------------------------------------------------- NumPy engine
+def accumulation(dtype, work: np.dtype, uniform: bool, max_cover: int) -> tuple[np.dtype, bool]:
+    """The dtype sums are kept in, and whether they need the anchor (see the table above).
+
+    A sum of ``m`` copies of a value with ``b`` significant bits is exact in a float whose
+    mantissa has at least ``b + log2(m)`` bits; then ``sum / m`` gives the value back and no
+    anchor is needed. That holds in the work dtype for small integers, and in float64 for
+    float32/float16 patches (24 + log2(m) <= 53 bits): the plain sum is exact and cheaper than
+    subtracting an anchor. Non-uniform windows and float64 patches need the anchor.
+    """
+    dtype = np.dtype(dtype)
+    if not uniform:
+        return work, True
+    cover = math.log2(max(max_cover, 1))
+    if dtype.kind in "biu":
+        bits = 1 if dtype.kind == "b" else 8 * dtype.itemsize
+        return work, bits + cover > np.finfo(work).nmant + 1
+    if dtype.kind == "f" and np.finfo(dtype).nmant + 1 + cover <= np.finfo(np.float64).nmant + 1:
+        return np.dtype(np.float64), False
+    return work, True
+
+
+def is_wide_int(dtype) -> bool:
+    dtype = np.dtype(dtype)
+    return dtype.kind in "iu" and dtype.itemsize == 8
+
+
+def narrow_sums_exact(grid) -> bool:
+    """Whether float32 sums give the mean of float32 values exactly where they all agree.
+
+    Checked for every float32 in [1, 2) (so for all but overflowing values): adding ``c``
+    copies of a value one after another and dividing by ``c`` gives it back for c = 1, 2, 4,
+    and not for 3, 5, 6, 7 or 8. Coverage counts are products of per-axis counts.
+    """
+    counts = {1}
+    for c in grid.coverage_1d():
+        counts = {a * int(b) for a in counts for b in np.unique(c)}
+    return counts <= {0, 1, 2, 4}
