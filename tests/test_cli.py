@@ -373,14 +373,42 @@ def test_default_dtype_keeps_the_input_but_bool_becomes_float(tmp_path, capsys):
     assert code == 0 and np.load(tmp_path / "out2" / "m.npy").dtype == np.bool_
 
 
-def test_progress_moves_within_batches(tmp_path, capsys):
+class _Counter:
+    """Stands in for the shared multiprocessing counter: records every value it takes."""
+
+    def __init__(self):
+        self.value, self.seen = 0, []
+
+    def get_lock(self):
+        import contextlib
+        return contextlib.nullcontext()
+
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "value" and hasattr(self, "seen"):
+            self.seen.append(value)
+
+
+def test_progress_moves_within_batches(tmp_path, monkeypatch):
+    """A worker counts patches into the shared counter after every streamed batch of
+    patches, not once per image: the parent's progress line moves during a long image.
+    (Checked on the counter itself: how often the parent happens to poll it depends on
+    how fast this machine is.)"""
+    from patch_viewer import batch_run
+
     folder = tmp_path / "in"
     folder.mkdir()
     for i in range(2):
-        np.save(folder / f"{i}.npy", np.random.default_rng(i).random((700, 700), np.float32))
-    code, _, err = _run(capsys, folder, "-o", tmp_path / "out", "--patch-size", "16", "--stride",
-                        "2", "--batch-images", "1", "--workers", "2", "--filter", "gaussian")
-    assert code == 0
-    percents = [float(line.split("]")[1].split("%")[0]) for line in err.splitlines()
-                if line.startswith("[")]
-    assert len([p for p in percents if 0 < p < 100 and p != 50]) >= 3, percents
+        np.save(folder / f"{i}.npy", np.random.default_rng(i).random((300, 300), np.float32))
+    opts = batch.Options(output=tmp_path / "out", patch_size=(16,), stride=(2,),
+                         batch_images=2, patch_filter="gaussian")
+    plan = batch.make_batch_plan([folder], opts)
+    (job,) = plan.batches
+    counter = _Counter()
+    monkeypatch.setattr(batch_run, "_COUNTER", counter)
+    (opts.output).mkdir()
+    results = batch_run._batch_job(job, opts)
+    assert [kind for kind, _ in results] == ["row", "row"]
+    total = sum(it.grid.n_patches for it in job)
+    assert counter.seen == sorted(counter.seen) and counter.seen[-1] == total
+    assert len([v for v in counter.seen if 0 < v < total]) >= 3, counter.seen

@@ -392,3 +392,43 @@ def test_workers_argument_is_checked():
     grid = PatchGrid((10, 10), 4, stride=2)
     with pytest.raises(ValueError, match="workers.*>= 1"):
         merge_patches(np.ones(grid.patches_shape), grid, workers=0)
+
+
+def test_stacks_that_disagree_with_the_grid_never_reach_a_kernel(monkeypatch):
+    """A wrong shape is refused before any kernel runs (kernels would read out of bounds)."""
+    from patch_viewer.core.merge import kernels_numba as K
+
+    calls = []
+    for name in ("band_sum", "band_weighted", "band_anchored", "band_max", "band_gather"):
+        real = getattr(K, name)
+        monkeypatch.setattr(K, name, lambda *a, _r=real, _n=name: (calls.append(_n), _r(*a)))
+    grid = PatchGrid((10, 12), 4, stride=2)
+    g = grid.patches_shape  # (4, 5, 4, 4)
+    for shape in [(4, 6, 4, 4), (5, 5, 4, 4), (4, 5, 4, 3), (4, 5, 5, 4), (19, 4, 4),
+                  (4, 5, 4, 4, 3), (4, 5, 4)]:
+        with pytest.raises(ValueError, match="patches"):
+            merge_patches(np.ones(shape, np.float32), grid)
+    assert calls == []
+    merge_patches(np.ones(g, np.float32), grid)
+    assert calls or plan.backend() == "numpy"
+
+
+@settings(max_examples=40, deadline=None)
+@given(grids(), st.sampled_from(["reversed", "fortran", "byteswapped", "unaligned", "sliced"]),
+       st.integers(0, 2**32 - 1))
+def test_any_memory_layout_of_the_stack_merges_alike(grid, layout, seed):
+    """Negative, Fortran, sliced, byte-swapped or unaligned stacks give the C stack's bits."""
+    p = np.random.default_rng(seed).standard_normal(grid.patches_shape).astype(np.float32)
+    if layout == "reversed":
+        q = np.flip(np.flip(p, -1).copy(), -1)
+    elif layout == "fortran":
+        q = np.asfortranarray(p)
+    elif layout == "byteswapped":
+        q = p.astype(p.dtype.newbyteorder(">"))
+    elif layout == "unaligned":
+        raw = np.empty(p.nbytes + 1, np.uint8)
+        q = raw[1:].view(np.float32).reshape(p.shape)
+        q[...] = p
+    else:
+        q = np.repeat(p, 2, axis=-1)[..., ::2]
+    np.testing.assert_array_equal(merge_patches(q, grid), merge_patches(p, grid))
