@@ -432,3 +432,22 @@ def test_any_memory_layout_of_the_stack_merges_alike(grid, layout, seed):
     else:
         q = np.repeat(p, 2, axis=-1)[..., ::2]
     np.testing.assert_array_equal(merge_patches(q, grid), merge_patches(p, grid))
+
+
+@settings(max_examples=150, deadline=None)
+@given(grids(), st.sampled_from(NAMED[1:4] + ["array"]),
+       st.sampled_from([np.int32, np.uint32, np.int64, np.uint64]), st.integers(0, 2**32 - 1))
+def test_weighted_means_of_integers_never_wrap(grid, window, dtype, seed):
+    """Integers spanning their whole range, under a window (anchored sums): ``value - anchor``
+    is taken in float64, never in the integer dtype, where it wrapped (the NumPy engine gave
+    uint64 means 0.96 x 2**64 off)."""
+    rng = np.random.default_rng(seed)
+    if window == "array":
+        window = rng.random(grid.patch_size) + 0.5
+    info = np.iinfo(dtype)
+    p = rng.integers(info.min, info.max, grid.patches_shape, dtype=dtype, endpoint=True)
+    merged = merge_patches(p, grid, window=window)
+    canon = p[..., None] if grid.channel_axis is None else p
+    expected = to_user_layout(brute_merge(canon, grid, window), grid)
+    scale = float(max(abs(int(info.min)), int(info.max)))
+    np.testing.assert_allclose(merged, expected, rtol=0, atol=1e-12 * scale)

@@ -316,7 +316,7 @@ def row_offset_preparer(sub, origin, ref, win, s1, work, buffers):
 
     def prepare(e):
         if lines is not None:
-            np.subtract(s_mem[e], lines[e:e + g0], out=out)
+            np.subtract(s_mem[e], lines[e:e + g0], out=out, dtype=out.dtype)  # never wraps
         else:
             np.copyto(out, s_mem[e])
         if tiled is not None:

@@ -264,7 +264,9 @@ class NumpyMerger:
             view = np.moveaxis(view, nd + 1, -1)[(slice(None),) + tuple(
                 slice(o, o + (gk - 1) * sk + 1, sk) for o, gk, sk in zip(origin, g, stride)
             )]
-            np.subtract(sub.transpose(mem), view.transpose(mem), out=out.transpose(mem))
+            # in the work dtype, as the compiled kernels do: integer operands would wrap
+            np.subtract(sub.transpose(mem), view.transpose(mem), out=out.transpose(mem),
+                        dtype=out.dtype)
         else:
             np.copyto(out.transpose(mem), sub.transpose(mem))
         if self._win is not None:
