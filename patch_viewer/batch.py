@@ -21,7 +21,8 @@ import numpy as np
 from dask.utils import format_bytes
 
 from . import io
-from .core import FILTERS, PatchGrid, make_plan, make_window
+from .core import FILTERS, PatchGrid, Predictor, make_plan, make_window
+from .core.merge.precision import work_dtype
 from .core.checks import check_fill_value, check_reduce_window
 from .core.metrics import ssim_bytes
 
@@ -108,19 +109,39 @@ def _grid(image: io.ImageFile, opts: Options) -> PatchGrid:
                      pad_mode=opts.pad_mode, channel_axis=_channel_axis(image, opts.channel_axis))
 
 
-def out_dtype(dtype: np.dtype, opts: Options) -> np.dtype:
+def out_dtype(dtype: np.dtype, opts: Options, grid: PatchGrid | None = None) -> np.dtype:
     """The merged image's dtype: ``auto`` keeps the input's (so a PNG stays a PNG and an
-    identity run is exact), except bool, whose merge is a fraction (float32); ``input`` keeps
+    identity run is exact), except bool, whose merge is a fraction (float32), and a
+    predictor's output of another dtype (class probabilities stay float); ``input`` keeps
     it always; or the float dtype named."""
     if opts.dtype == "auto":
+        if grid is not None and isinstance(FILTERS[opts.patch_filter], Predictor):
+            out = predicted(grid, dtype, opts)[0].dtype
+            if out != dtype:
+                return work_dtype(out)
         return np.dtype(np.float32) if dtype == np.bool_ else dtype
     return dtype if opts.dtype == "input" else np.dtype(opts.dtype)
 
 
-def _filter_dtype(dtype: np.dtype, opts: Options) -> np.dtype:
+def _filter_dtype(dtype: np.dtype, opts: Options, grid: PatchGrid | None = None) -> np.dtype:
     filt = FILTERS[opts.patch_filter]
+    if isinstance(filt, Predictor):
+        return predicted(grid, dtype, opts)[0].dtype
     probe = filt(np.zeros((1, 3, 3), dtype), (1, 2), **opts.filter_params)
     return np.asarray(probe).dtype
+
+
+def predicted(grid: PatchGrid, dtype: np.dtype, opts: Options):
+    """The outputs of the chosen predictor on ``grid`` (one call on one zero patch; cached per
+    geometry and dtype)."""
+    key = (opts.patch_filter, grid.patch_size, grid.n_channels, np.dtype(dtype).str,
+           tuple(sorted(opts.filter_params.items())))
+    if key not in _PREDICTED:
+        _PREDICTED[key] = FILTERS[opts.patch_filter].probe(grid, dtype, opts.filter_params)
+    return _PREDICTED[key]
+
+
+_PREDICTED: dict = {}
 
 
 def image_bytes(it: Item, opts: Options, n: int = 1) -> int:
@@ -128,8 +149,8 @@ def image_bytes(it: Item, opts: Options, n: int = 1) -> int:
     (:func:`make_plan`), then measured one at a time."""
     dtype = it.image.dtype
     plan = make_plan(it.grid, n, dtype=dtype, window=opts.window, reduce=opts.reduce,
-                     reference=opts.reference, filter_dtype=_filter_dtype(dtype, opts),
-                     out_dtype=out_dtype(dtype, opts), metrics=False)
+                     reference=opts.reference, filter_dtype=_filter_dtype(dtype, opts, it.grid),
+                     out_dtype=out_dtype(dtype, opts, it.grid), metrics=False)
     pixels = math.prod(it.image.shape)
     metrics = 0
     if opts.metrics is not None:
@@ -268,7 +289,14 @@ def _peak_bytes(todo: list[Item], batches, processes: int, opts: Options) -> int
 def _plan_item(image: io.ImageFile, opts: Options, processes: int) -> Item:
     grid = _grid(image, opts)
     fmt = image.format if opts.out_format == "same" else opts.out_format
-    dtype = out_dtype(image.dtype, opts)
+    dtype = out_dtype(image.dtype, opts, grid)
+    model = FILTERS[opts.patch_filter]
+    if opts.errors and isinstance(model, Predictor) and not model.comparable(
+            predicted(grid, image.dtype, opts), grid):
+        raise io.ImageError(
+            f"{image.path}: --errors compares the output with the input, but predictor "
+            f"{model.name!r} returns {predicted(grid, image.dtype, opts)[0].describe(grid, False)} "
+            f"for patches of {grid.patch_shape}; leave out --errors")
     probe_item = Item(image, grid, False, Path(), None, fmt, None)
     in_memory_bytes = image_bytes(probe_item, opts)
     share = opts.max_memory // processes
@@ -373,7 +401,7 @@ def _collisions(files, items: list[Item], opts: Options) -> list[str]:
 
 def _done(it: Item, opts: Options, have_rows: set[str]) -> bool:
     """Whether an image's outputs are all there and complete, and its metrics row too."""
-    outs = [(it.output, out_dtype(it.image.dtype, opts))]
+    outs = [(it.output, out_dtype(it.image.dtype, opts, it.grid))]
     outs += [(it.error_output, None)] if it.error_output else []
     return all(_complete(o, it.image.shape, dt) for o, dt in outs) and (
         opts.metrics is None or str(it.image.path) in have_rows)

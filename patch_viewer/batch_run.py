@@ -196,13 +196,15 @@ def _run_batch(batch: list[Item], opts: Options, tick=None) -> list[tuple[str, o
     if not good:
         return out
     first = good[0]
-    r = process(np.stack(images), first.grid, dtype=out_dtype(first.image.dtype, opts),
+    dtype = out_dtype(first.image.dtype, opts, first.grid)
+    r = process(np.stack(images), first.grid, dtype=dtype,
                 metrics=False, progress=tick, **_process_kwargs(opts))
     for k, it in enumerate(good):
         row = None
         if opts.metrics is not None:
-            m = compute_metrics(r.merged[k], r.reference[k], channel_axis=first.grid.channel_axis,
-                                ssim=opts.ssim, error=r.error[k])
+            m = r.metrics if r.error is None else compute_metrics(
+                r.merged[k], r.reference[k], channel_axis=first.grid.channel_axis,
+                ssim=opts.ssim, error=r.error[k])  # (a predictor's output of another shape: NaN)
             row = _row(it, m)
         with _WRITING:  # an image and its row: a worker told to exit waits for both
             meta = it.image.meta if it.out_format == "tiff" else None
@@ -415,7 +417,7 @@ def _run_lazy(it: Item, opts: Options, progress: Progress) -> dict | None:
     import zarr
 
     image = it.image.lazy(opts.chunk)
-    r = process(image, it.grid, dtype=out_dtype(it.image.dtype, opts), ssim=opts.ssim,
+    r = process(image, it.grid, dtype=out_dtype(it.image.dtype, opts, it.grid), ssim=opts.ssim,
                 **_process_kwargs(opts))
     targets = [(it.output, r.merged)]
     if it.error_output is not None:

@@ -412,3 +412,36 @@ def test_progress_moves_within_batches(tmp_path, monkeypatch):
     total = sum(it.grid.n_patches for it in job)
     assert counter.seen == sorted(counter.seen) and counter.seen[-1] == total
     assert len([v for v in counter.seen if 0 < v < total]) >= 3, counter.seen
+
+
+def test_a_registered_predictor_runs_from_the_command_line(tmp_path, capsys):
+    """K class probabilities from a uint8 image: written as float32 (not cast back to uint8),
+    equal to the in-memory run; --errors is refused (nothing to compare with)."""
+    folder = tmp_path / "in"
+    folder.mkdir()
+    rng = np.random.default_rng(3)
+    images = {f"{i}.npy": rng.integers(0, 256, (30 + i, 40), dtype=np.uint8) for i in range(3)}
+    for name, a in images.items():
+        np.save(folder / name, a)
+
+    @pv.register_predictor("probs3", channels=3)
+    def probs3(batch):
+        p = batch.astype(np.float32) / 255
+        return np.stack([p, 1 - p, np.full_like(p, 0.5)], axis=-1)
+
+    try:
+        code, _, err = _run(capsys, folder, "-o", tmp_path / "out", "--patch-size", "8",
+                            "--stride", "4", "--filter", "probs3", "--window", "hann",
+                            "--metrics", tmp_path / "m.csv")
+        assert code == 0, err
+        for name, a in images.items():
+            got = np.load(tmp_path / "out" / name)
+            want = pv.process(a, pv.PatchGrid(a.shape, 8, stride=4), "probs3",
+                              window="hann").merged
+            assert got.dtype == np.float32 and got.shape == a.shape + (3,)
+            np.testing.assert_array_equal(got, want)
+        code, _, err = _run(capsys, folder, "-o", tmp_path / "out2", "--patch-size", "8",
+                            "--filter", "probs3", "--errors")
+        assert code != 0 and "--errors" in err and "probs3" in err
+    finally:
+        del FILTERS["probs3"]

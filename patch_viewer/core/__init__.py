@@ -4,6 +4,7 @@ filters, metrics, pipeline.
 Nothing here imports napari, Qt or magicgui.
 """
 
+from .accumulator import Accumulator
 from .extract import extract_patches
 from .fused import elementwise
 from .filters import FILTERS, Param, PatchFilter, get_filter, register_filter
@@ -11,10 +12,24 @@ from .grid import EDGE_MODES, PAD_MODES, PatchGrid
 from .merge import REDUCTIONS, Merger, backend, merge_patches, weight_map
 from .metrics import METRICS, compute_metrics, error_map
 from .pipeline import REFERENCES, Plan, Result, iter_process, make_plan, process
+from .predict import (
+    PatchBatch,
+    PredictionError,
+    Predictor,
+    iter_batches,
+    load_callable,
+    register_predictor,
+    select_patches,
+)
 from .warmup import warm_up
 from .windows import WINDOW_PARAMS, WINDOWS, make_window
+from .plugins import load_entry_points
+
+load_entry_points()  # filters and predictors other packages contribute (see .plugins)
 
 __all__ = [
+    "Accumulator", "PatchBatch", "PredictionError", "Predictor", "iter_batches",
+    "load_callable", "register_predictor", "select_patches",
     "EDGE_MODES", "FILTERS", "METRICS", "PAD_MODES", "REDUCTIONS", "REFERENCES", "WINDOWS",
     "WINDOW_PARAMS", "Merger", "backend", "Param", "PatchFilter", "PatchGrid", "Plan", "Result",
     "compute_metrics", "elementwise", "error_map", "extract_patches", "get_filter", "iter_process",

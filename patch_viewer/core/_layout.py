@@ -101,7 +101,28 @@ def pad_canonical(canon: np.ndarray, grid: PatchGrid) -> np.ndarray:
     if not any(extra):
         return canon
     widths = [(0, 0)] + [(0, e) for e in extra] + [(0, 0)]
+    if grid.pad_mode == "constant":
+        return np.pad(canon, widths, mode="constant", constant_values=_pad_value(grid, canon))
     return np.pad(canon, widths, mode=grid.pad_mode)
+
+
+def _pad_value(grid: PatchGrid, canon) -> object:
+    """``grid.pad_value`` checked against the image's dtype (it must be representable)."""
+    value, dtype = grid.pad_value, np.dtype(canon.dtype)
+    if dtype.kind in "biu":
+        if dtype.kind == "b":
+            ok = value in (0, 1)
+            lo, hi = 0, 1
+        else:
+            info = np.iinfo(dtype)
+            lo, hi = info.min, info.max
+            ok = float(value).is_integer() and lo <= value <= hi
+        if not ok:
+            raise ValueError(f"`pad_value` must be an integer in {lo}..{hi} to pad a {dtype} "
+                             f"image, got {value!r}")
+    elif dtype.kind == "f" and abs(value) > np.finfo(dtype).max:
+        raise ValueError(f"`pad_value` {value!r} overflows the image's dtype {dtype}")
+    return value
 
 
 def window_view(canon: np.ndarray, grid: PatchGrid) -> np.ndarray:

@@ -58,7 +58,10 @@ def _pad(canon, grid: PatchGrid):
         if grid.pad_mode == "constant":
             widths = [(0, 0)] * canon.ndim
             widths[ax] = (0, m - n)
-            canon = da.pad(canon, widths, mode="constant")
+            from ._layout import _pad_value
+
+            canon = da.pad(canon, widths, mode="constant",
+                           constant_values=_pad_value(grid, canon))
         else:
             # reflect/edge/wrap only move pixels: pad the indices, then gather them.
             index = np.pad(np.arange(n), (0, m - n), mode=grid.pad_mode)[n:]
@@ -85,10 +88,11 @@ def _local(grid: PatchGrid, starts, block_id, depth):
     """For the spatial block ``block_id``: which part of the halo'd block holds the patches of
     the global grid touching the block's core, and where their merge lands in the core.
 
-    Returns ``(local_grid, in_block, from_local, to_core)`` (slices per spatial axis), or None
-    when no patch touches the core (every core pixel is uncovered).
+    Returns ``(local_grid, in_block, from_local, to_core, first)`` (slices per spatial axis;
+    ``first``: the global grid index of the local grid's first patch per axis), or None when
+    no patch touches the core (every core pixel is uncovered).
     """
-    in_block, from_local, to_core, shape = [], [], [], []
+    in_block, from_local, to_core, shape, first = [], [], [], [], []
     for ax, i in enumerate(block_id):
         s, e = int(starts[ax][i]), int(starts[ax][i + 1])
         halo_before = 0 if i == 0 else depth[ax]
@@ -97,6 +101,7 @@ def _local(grid: PatchGrid, starts, block_id, depth):
         k1 = int(np.searchsorted(o, e))  # origins before the core's end
         if k0 >= k1:
             return None
+        first.append(k0)
         a, z = int(o[k0]), int(o[k1 - 1]) + p
         in_block.append(slice(a - s + halo_before, z - s + halo_before))
         lo, hi = max(s, a), min(e, z)
@@ -106,12 +111,12 @@ def _local(grid: PatchGrid, starts, block_id, depth):
     # The touching origins are a run of the global ones; re-gridding the region they span with
     # edge="shift" gives back exactly that run (including a shifted last patch).
     local = PatchGrid(tuple(shape), grid.patch_size, grid.stride, edge="shift")
-    return local, tuple(in_block), tuple(from_local), tuple(to_core)
+    return local, tuple(in_block), tuple(from_local), tuple(to_core), tuple(first)
 
 
 def _merged_block(block, *, grid, starts, depth, filt, params, window, window_params, reduce,
                   dtype, fill, batch_bytes, block_id=None):
-    from .pipeline import make_plan, merge_stream
+    from .stream import make_plan, merge_stream
 
     nd = grid.ndim
     core = (block.shape[0],) + tuple(int(starts[ax][i + 1] - starts[ax][i])
@@ -120,7 +125,7 @@ def _merged_block(block, *, grid, starts, depth, filt, params, window, window_pa
     found = _local(grid, starts, block_id[1:nd + 1], depth)
     if found is None:
         return out
-    local, in_block, from_local, to_core = found
+    local, in_block, from_local, to_core, _ = found
     sub = block[(slice(None),) + in_block]
     rows = make_plan(local, batch_bytes=batch_bytes).rows_per_batch
     gen = merge_stream(sub, local, filt, params, window, window_params, reduce, rows, 0)
@@ -139,7 +144,7 @@ def _weights_block(*, grid, starts, depth, window, window_params, block_id=None)
     out = np.zeros(core, np.float64)
     found = _local(grid, starts, block_id, depth)
     if found is not None:
-        local, _, from_local, to_core = found
+        local, _, from_local, to_core, _ = found
         out[to_core] = weights_in(local, window, window_params, np.float64)[from_local]
     return out
 
@@ -372,7 +377,7 @@ def chunked_process(image, grid: PatchGrid, patch_filter="identity", *, filter_p
                     dtype=None, fill_value=None, batch_bytes=None, ssim=True):
     """:func:`patch_viewer.process` for dask/zarr images: every array in the result is lazy,
     and ``metrics`` holds 0-d dask arrays (``dask.compute(result.metrics)`` evaluates them)."""
-    from .pipeline import REFERENCES, Result, make_plan
+    from .stream import REFERENCES, Result, make_plan
 
     start = time.perf_counter()
     if reference not in REFERENCES:

@@ -155,9 +155,12 @@ def _check_registration(name, func, params, halo) -> None:
         raise TypeError(f"filter `halo` must be callable or None, got {halo!r}")
 
 
-def get_filter(spec) -> PatchFilter:
-    """A :class:`PatchFilter` from a registered name, a PatchFilter, or a batched callable."""
-    if isinstance(spec, PatchFilter):
+def get_filter(spec):
+    """A :class:`PatchFilter` (or a :class:`~patch_viewer.core.predict.Predictor`) from a
+    registered name, a PatchFilter or Predictor, or a batched callable."""
+    from .predict import Predictor
+
+    if isinstance(spec, (PatchFilter, Predictor)):
         return spec
     if isinstance(spec, str):
         if spec not in FILTERS:

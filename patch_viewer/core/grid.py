@@ -63,6 +63,10 @@ class PatchGrid:
         ``numpy.pad`` mode used when ``edge="pad"``. Default ``"reflect"``.
     channel_axis : int or None, optional
         Axis of ``image_shape`` holding channels; it is never patched.
+    pad_value : float, optional
+        The value ``pad_mode="constant"`` pads with (default 0), as tiler's
+        ``constant_value`` and MONAI's ``cval``; it must fit the image's dtype when patches
+        are extracted.
 
     Examples
     --------
@@ -79,6 +83,7 @@ class PatchGrid:
     edge: str = "shift"
     pad_mode: str = "reflect"
     channel_axis: int | None = None
+    pad_value: float = 0
     # Derived in __post_init__.
     grid_shape: tuple[int, ...] = field(init=False)
     padded_shape: tuple[int, ...] = field(init=False)
@@ -100,6 +105,7 @@ class PatchGrid:
             raise ValueError(f"`edge` must be one of {EDGE_MODES}, got {self.edge!r}")
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"`pad_mode` must be one of {PAD_MODES}, got {self.pad_mode!r}")
+        set_("pad_value", _pad_value(self.pad_value))
         patch = _positive_ints(self.patch_size, "patch_size", len(spatial))
         stride = _positive_ints(self.stride, "stride", len(spatial))
         set_("patch_size", patch)
@@ -244,6 +250,16 @@ def _rgb_hint(shape, channel_axis) -> str:
     if channel_axis is None and len(shape) == 3 and shape[-1] in (3, 4) and min(shape[:2]) > 4:
         return "; for an RGB(A) image set channel_axis=-1"
     return ""
+
+
+def _pad_value(value):
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
+        raise TypeError(f"`pad_value` must be a number, got {value!r}")
+    value = value.item() if isinstance(value, np.generic) else value
+    if value != value:
+        raise ValueError("`pad_value` must not be NaN (a padded pixel would poison every mean "
+                         "it enters); use a finite number")
+    return value
 
 
 def _image_shape(shape) -> tuple[int, ...]:

@@ -11,7 +11,11 @@ def canonical_image(image, grid):
     img = np.asarray(image, dtype=np.float64)
     img = img[..., None] if grid.channel_axis is None else np.moveaxis(img, grid.channel_axis, -1)
     extra = [(0, p - n) for p, n in zip(grid.padded_shape, grid.spatial_shape)] + [(0, 0)]
-    return np.pad(img, extra, mode=grid.pad_mode) if any(w[1] for w in extra) else img
+    if not any(w[1] for w in extra):
+        return img
+    if grid.pad_mode == "constant":
+        return np.pad(img, extra, mode="constant", constant_values=grid.pad_value)
+    return np.pad(img, extra, mode=grid.pad_mode)
 
 
 def brute_patches(image, grid: PatchGrid):

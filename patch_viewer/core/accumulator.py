@@ -1,0 +1,531 @@
+"""Merging patches computed anywhere: added batch by batch, in any order, at any origins.
+
+:class:`Accumulator` is the public streaming merge for patch-wise inference: a model runs on
+batches (maybe on another device, maybe only on some patches), and each batch of outputs is
+added with its patch indices, or with the origins of patches that sit anywhere on the image.
+Outputs may have another number of channels, another dtype, another resolution (a whole
+multiple or fraction of the input patch per axis) or be one vector per patch.
+
+Sums follow the merge's dtype rules (:mod:`patch_viewer.core.merge.precision`): integers in
+int64 (64-bit integers as two exact halves), float32 in float64, float64 anchored at the value
+the first added patch gave each pixel, so identity round trips are bit-exact in any order, and
+float32 and integer means are correctly rounded. Compiled kernels (numba) run where numba
+imports; otherwise a NumPy loop computes the same sums in the same order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import operator
+from fractions import Fraction
+
+import numpy as np
+
+from .grid import PatchGrid
+from .merge.plan import backend, default_workers
+from .merge.precision import anchored_finish, finish, split_mean, work_dtype
+from .windows import make_window
+
+__all__ = ["Accumulator", "parse_scale"]
+
+_REDUCE = ("mean", "max", "min")
+
+
+def parse_scale(scale, ndim: int, name: str = "scale") -> tuple[Fraction, ...]:
+    """``scale`` (a number, a ``"1/2"`` string, a Fraction, or one per spatial axis) as exact
+    per-axis fractions. Floats are read as the nearest fraction with a denominator up to 64.
+
+    Examples
+    --------
+    >>> parse_scale(0.5, 2)
+    (Fraction(1, 2), Fraction(1, 2))
+    >>> parse_scale((2, "1/4"), 2)
+    (Fraction(2, 1), Fraction(1, 4))
+    """
+    values = scale if isinstance(scale, (tuple, list)) else (scale,) * ndim
+    if len(values) != ndim:
+        raise ValueError(f"`{name}` must have one entry per spatial axis ({ndim}), got {scale!r}")
+    out = []
+    for v in values:
+        try:
+            f = Fraction(v) if not isinstance(v, float) else Fraction(v).limit_denominator(64)
+        except (TypeError, ValueError):
+            raise TypeError(f"`{name}` entries must be positive numbers, got {scale!r}") from None
+        if isinstance(v, float) and not math.isclose(float(f), v, rel_tol=1e-9):
+            raise ValueError(f"`{name}` must be a ratio of small integers, got {v!r}")
+        if f <= 0:
+            raise ValueError(f"`{name}` must be > 0 on every axis, got {scale!r}")
+        out.append(f)
+    return tuple(out)
+
+
+def _scaled(n: int, f: Fraction, what: str, axis: int) -> int:
+    v = n * f
+    if v.denominator != 1:
+        raise ValueError(
+            f"scale {f} does not map the {what} ({n} pixels) on spatial axis {axis} to whole "
+            f"pixels ({float(v):g}); choose a scale or a {what} for which it does")
+    return int(v)
+
+
+def _mode(dtype: np.dtype, reduce: str, uniform: bool) -> tuple[str, np.dtype, np.dtype]:
+    """``(mode, data, acc)``: the kernel, the dtype it reads and the dtype it sums in."""
+    data = {"b": np.dtype(np.uint8)}.get(dtype.kind, dtype)
+    data = np.dtype(np.float32) if data == np.float16 else data.newbyteorder("=")
+    if reduce != "mean":
+        return reduce, data, data
+    narrow = dtype.kind == "f" and dtype.itemsize <= 4 or dtype.kind in "bui" and (
+        dtype.kind == "b" or dtype.itemsize <= 2)
+    if uniform and dtype.kind in "biu":
+        if dtype.itemsize == 8:
+            return "split", data, np.dtype(np.int64)
+        return "sum", data, np.dtype(np.int64)
+    if narrow:
+        return ("sum" if uniform else "weighted"), data, np.dtype(np.float64)
+    return "anchored", data, np.dtype(np.float64)
+
+
+class Accumulator:
+    """Merge patches produced elsewhere: add batches with their indices or origins, in any
+    order, then read the merged image and its weights.
+
+    Parameters
+    ----------
+    grid : PatchGrid
+        The geometry the patches were cut with: image shape, patch size and edge handling
+        (for ``origins``, only the image shape and patch size matter).
+    channels : int, None or "same", optional
+        Channels of the patches added: ``"same"`` (default) as the image (``grid.n_channels``),
+        an int K (e.g. class probabilities; the channel axis is the image's, or last), or
+        None for outputs without a channel axis.
+    scale : number, str or tuple, optional
+        Output resolution per spatial axis, relative to the input patch (``2``: each output
+        patch is twice as large, ``"1/4"``: a quarter). Patch sizes, origins and the image
+        must map to whole output pixels.
+    window, window_params, reduce
+        As in :func:`patch_viewer.merge_patches` (``"overlap-tile"`` picks by grid position
+        and does not apply to patches at arbitrary origins).
+
+    Notes
+    -----
+    A patch index added twice counts twice (as MONAI's mergers do): :attr:`count` shows how
+    many patches covered each pixel. A batch is checked whole before any of it is added, so a
+    refused batch leaves the accumulator as it was. Memory: the sums (8 bytes per output
+    element, 16 for float64 and 64-bit integer means) plus the batch being added.
+
+    Examples
+    --------
+    >>> from patch_viewer import extract_patches
+    >>> image = np.arange(48.0).reshape(6, 8)
+    >>> grid = PatchGrid(image.shape, 4, stride=2)
+    >>> patches = extract_patches(image, grid).reshape(grid.n_patches, 4, 4)
+    >>> acc = Accumulator(grid)
+    >>> for idx in np.random.default_rng(0).permutation(grid.n_patches).reshape(-1, 2):
+    ...     acc.add(patches[idx], idx)
+    >>> bool(np.array_equal(acc.result(), image))
+    True
+    >>> prob = Accumulator(grid, channels=3)  # a classifier's 3 class probabilities
+    >>> prob.add(np.full((2, 4, 4, 3), 1 / 3, np.float32), [0, 1])
+    >>> prob.result().shape
+    (6, 8, 3)
+    """
+
+    def __init__(self, grid: PatchGrid, *, channels="same", scale=1, window="uniform",
+                 window_params=None, reduce: str = "mean"):
+        if not isinstance(grid, PatchGrid):
+            raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+        if reduce not in _REDUCE:
+            raise ValueError(f"`reduce` must be one of {_REDUCE}, got {reduce!r}")
+        if isinstance(window, str) and window == "overlap-tile":
+            raise ValueError("`window` 'overlap-tile' picks each pixel by grid position and "
+                             "does not apply to an Accumulator; use 'uniform', 'triangular', "
+                             "'hann', 'gaussian' or an array")
+        self.grid = grid
+        self.scale = parse_scale(scale, grid.ndim)
+        nd = grid.ndim
+        self.patch_size = tuple(_scaled(p, f, "patch size", ax)
+                                for ax, (p, f) in enumerate(zip(grid.patch_size, self.scale)))
+        self.spatial_shape = tuple(_scaled(n, f, "image size", ax)
+                                   for ax, (n, f) in enumerate(zip(grid.spatial_shape,
+                                                                   self.scale)))
+        self._extent = tuple(max(n, math.ceil(m * f)) for n, m, f in
+                             zip(self.spatial_shape, grid.padded_shape, self.scale))
+        self.channels = _channels(channels, grid)
+        self.reduce = reduce
+        win = make_window(window, self.patch_size, **dict(window_params or {}))
+        if win is not None and reduce != "mean":
+            raise ValueError(f"`window` must be 'uniform' with reduce={reduce!r}; windows weight "
+                             "the mean only")
+        self._win = win
+        self._origins: list[np.ndarray] = []
+        self._state = None
+        self.dtype: np.dtype | None = None  # of the patches, fixed by the first batch
+        self.n_added = 0
+        self._nd = nd
+
+    # ------------------------------------------------------------------ shapes
+    @property
+    def channel_axis(self) -> int | None:
+        """Axis of the result holding the output channels (None: no channel axis)."""
+        if self.channels is None:
+            return None
+        return self.grid.channel_axis if self.grid.channel_axis is not None else self._nd
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Shape of :meth:`result`."""
+        shape = list(self.spatial_shape)
+        if self.channel_axis is not None:
+            shape.insert(self.channel_axis, self.channels)
+        return tuple(shape)
+
+    @property
+    def patch_shape(self) -> tuple[int, ...]:
+        """Shape of one output patch as :meth:`add` takes it (channels last)."""
+        return self.patch_size + (() if self.channels is None else (self.channels,))
+
+    # ------------------------------------------------------------------ adding
+    def add(self, patches, indices=None, *, origins=None, channels_first: bool = False) -> None:
+        """Add a batch of output patches.
+
+        Parameters
+        ----------
+        patches : array_like
+            ``(N, *patch_size, K)`` (or ``(N, *patch_size)`` without channels), ``(N, K,
+            *patch_size)`` with ``channels_first``, or one vector per patch ``(N, K)``
+            (``(N,)`` without channels), which counts over the patch's whole footprint.
+            Sizes are the output's (``scale`` applied). torch tensors on the CPU work too.
+        indices : array_like of int, optional
+            Flat patch indices ``(N,)`` into ``grid`` (C order), or grid indices ``(N, ndim)``.
+        origins : array_like of int, optional
+            Instead of ``indices``: the patches' spatial origins in input pixels, ``(N,
+            ndim)``, anywhere a whole patch fits in the (padded) image.
+        channels_first : bool, optional
+            Whether the channel axis follows the batch axis, as torch models return it.
+        """
+        org = self._origins_of(indices, origins)
+        data = self._patch_array(patches, len(org), channels_first)
+        if self.dtype is None:
+            if data.dtype.kind not in "biuf":
+                raise TypeError(f"patches must hold real numbers, got dtype {data.dtype}")
+        elif data.dtype != self.dtype:
+            raise TypeError(
+                f"batch {self.n_batches} has dtype {data.dtype}, but the patches added before "
+                f"were {self.dtype}: convert it first (one accumulator sums one dtype)")
+        if not len(org):
+            return
+        if self._state is None:
+            self.dtype = data.dtype
+            self._state = _State(self, data.dtype)
+        self._state.add(data, org)
+        self._origins.append(org)
+        self.n_added += len(org)
+
+    def _footprints(self, indices) -> None:
+        """Count patches at ``indices`` in the weights without adding values (the chunked
+        path's weight map)."""
+        org = self._origins_of(np.asarray(indices, np.int64), None)
+        if len(org):
+            self._origins.append(org)
+
+    @property
+    def n_batches(self) -> int:
+        """Batches added so far."""
+        return len(self._origins)
+
+    def _origins_of(self, indices, origins) -> np.ndarray:
+        grid, nd = self.grid, self._nd
+        if (indices is None) == (origins is None):
+            raise TypeError("pass exactly one of `indices` (patch indices into the grid) and "
+                            "`origins` (spatial origins in pixels)")
+        if indices is not None:
+            idx = _int_array(indices, "indices")
+            if idx.ndim == 1:
+                bad = (idx < 0) | (idx >= grid.n_patches)
+                if bad.any():
+                    raise IndexError(f"`indices` must be in 0..{grid.n_patches - 1} (grid "
+                                     f"{grid.grid_shape}), got {idx[bad][:5].tolist()}")
+                idx = np.stack(np.unravel_index(idx, grid.grid_shape), axis=-1)
+            elif idx.ndim != 2 or idx.shape[1] != nd:
+                raise ValueError(f"`indices` must be flat (N,) or grid indices (N, {nd}), got "
+                                 f"shape {idx.shape}")
+            else:
+                bad = ((idx < 0) | (idx >= np.array(grid.grid_shape))).any(axis=1)
+                if bad.any():
+                    raise IndexError(f"`indices` must lie within grid_shape {grid.grid_shape}, "
+                                     f"got {idx[bad][:5].tolist()}")
+            org = np.stack([o[idx[:, ax]] for ax, o in enumerate(grid.origins)], axis=-1) \
+                if len(idx) else np.zeros((0, nd), np.int64)
+        else:
+            org = _int_array(origins, "origins")
+            if org.ndim != 2 or org.shape[1] != nd:
+                raise ValueError(f"`origins` must have shape (N, {nd}), got {org.shape}")
+            top = np.array([m - p for m, p in zip(grid.padded_shape, grid.patch_size)])
+            bad = ((org < 0) | (org > top)).any(axis=1)
+            if bad.any():
+                raise IndexError(
+                    f"`origins` must place whole patches of {grid.patch_size} inside the image "
+                    f"(origins {' x '.join(f'0..{t}' for t in top.tolist())}), got "
+                    f"{org[bad][:5].tolist()}")
+        out = np.empty(org.shape, np.int64)
+        for ax, f in enumerate(self.scale):
+            v = org[:, ax] * f.numerator
+            if f.denominator != 1 and (v % f.denominator).any():
+                raise ValueError(f"origins {org[v % f.denominator != 0][:3].tolist()} do not "
+                                 f"map to whole output pixels at scale {f} on axis {ax}")
+            out[:, ax] = v // f.denominator
+        return out
+
+    def _patch_array(self, patches, n: int, channels_first: bool) -> np.ndarray:
+        a = _as_numpy(patches)
+        k = self.channels
+        image_like = (n,) + self.patch_shape
+        if channels_first and k is not None and a.ndim == len(image_like):
+            a = np.moveaxis(a, 1, -1)
+        if a.shape == image_like:
+            return a
+        vector = (n,) if k is None else (n, k)
+        if a.shape == vector:
+            shape = (n,) + self.patch_size + (() if k is None else (k,))
+            index = (slice(None),) + (None,) * self._nd
+            return np.broadcast_to(a[index], shape)
+        first = channels_first and k is not None
+        layout = "(N, K, *patch)" if first else "(N, *patch, K)"
+        want = (n, k) + self.patch_size if first else (n,) + self.patch_shape
+        raise ValueError(
+            f"patches of shape {tuple(np.shape(patches))} do not fit this accumulator: it takes "
+            f"{layout} = {want} or one vector per patch {vector} (N = {n} indices or origins "
+            f"given, output patch {self.patch_size}, channels {k})")
+
+    # ------------------------------------------------------------------ results
+    @property
+    def count(self) -> np.ndarray:
+        """How many added patches cover each output pixel (int64, spatial shape)."""
+        counts = np.zeros(tuple(n + 1 for n in self._extent), np.int64)
+        if self._origins:
+            org = np.concatenate(self._origins)
+            p = np.array(self.patch_size)
+            for corner in itertools.product((0, 1), repeat=self._nd):
+                c = np.array(corner)
+                np.add.at(counts, tuple((org + c * p).T), (-1) ** int(c.sum()))
+        for ax in range(self._nd):
+            np.cumsum(counts, axis=ax, out=counts)
+        return counts[tuple(slice(0, n) for n in self.spatial_shape)]
+
+    def weights(self) -> np.ndarray:
+        """The sum of the window over the added patches at each output pixel (float64;
+        the coverage count for the uniform window)."""
+        if self._win is None or self.reduce != "mean":
+            return self.count.astype(np.float64)
+        return self._window_sums()[tuple(slice(0, n) for n in self.spatial_shape)]
+
+    def _window_sums(self) -> np.ndarray:
+        out = np.zeros(self._extent, np.float64)
+        if self._origins:
+            _add_windows(out, self._win, np.concatenate(self._origins))
+        return out
+
+    def result(self, dtype=None, fill_value=None) -> np.ndarray:
+        """The merged image, of :attr:`shape`; pixels no patch covers (or only zero weights
+        do) get ``fill_value`` (default NaN; required for an integer ``dtype``). The
+        accumulator stays usable: add more and call again."""
+        if self._state is None:
+            work = np.dtype(np.float64) if dtype is None else np.dtype(dtype)
+            out = finish(np.zeros(self._canon_shape(), np.float64),
+                         np.zeros(self._canon_shape()[:-1] + (1,), bool), dtype, fill_value,
+                         work)
+        else:
+            out = self._state.result(dtype, fill_value)
+        if self.channels is None:
+            return out[..., 0]
+        return np.moveaxis(out, -1, self.channel_axis)
+
+    def _canon_shape(self) -> tuple[int, ...]:
+        return self.spatial_shape + (self.channels or 1,)
+
+
+def _channels(channels, grid: PatchGrid):
+    if isinstance(channels, str):
+        if channels != "same":
+            raise ValueError(f"`channels` must be an int >= 1, None or 'same', got {channels!r}")
+        return grid.n_channels
+    if channels is None:
+        return None
+    if isinstance(channels, (bool, np.bool_)):
+        raise TypeError(f"`channels` must be an int >= 1, None or 'same', got {channels!r}")
+    try:
+        k = operator.index(channels)
+    except TypeError:
+        raise TypeError(
+            f"`channels` must be an int >= 1, None or 'same', got {channels!r}") from None
+    if k < 1:
+        raise ValueError(f"`channels` must be an int >= 1, None or 'same', got {channels!r}")
+    return k
+
+
+def _int_array(values, name: str) -> np.ndarray:
+    a = np.asarray(values)
+    if a.size == 0:
+        return a.astype(np.int64).reshape(a.shape if a.ndim else (0,))
+    if a.dtype.kind not in "iu":
+        if a.dtype.kind == "f" and np.all(np.isfinite(a)) and np.all(a == np.round(a)):
+            a = a.astype(np.int64)
+        else:
+            raise TypeError(f"`{name}` must be integers, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
+
+
+def _as_numpy(patches) -> np.ndarray:
+    if type(patches).__module__.startswith("torch"):
+        patches = patches.detach().cpu().numpy()
+    return np.asarray(patches)
+
+
+class _State:
+    """The sums of one accumulator, decided at its first batch."""
+
+    def __init__(self, owner: Accumulator, dtype: np.dtype):
+        self.owner = owner
+        self.mode, self.data, self.acc_dtype = _mode(dtype, owner.reduce, owner._win is None)
+        c = owner.channels or 1
+        ext = owner._extent
+        self.geo3 = _three(ext, owner._nd, 1)
+        self.c = c
+        size = math.prod(ext) * c
+        self.acc = np.zeros(size, self.acc_dtype)
+        if self.mode in ("max", "min"):
+            self.acc[:] = _identity(self.acc_dtype, self.mode)
+        self.lo = np.zeros(size, np.int64) if self.mode == "split" else None
+        self.seen = np.zeros(size, np.bool_) if self.mode == "anchored" else None
+        self.ref = np.zeros(size, self.data) if self.mode == "anchored" else None
+        self.win = None
+        if self.mode in ("weighted", "anchored"):
+            w = np.ones(owner.patch_size) if owner._win is None else owner._win
+            w3 = w.reshape(_three(owner.patch_size, owner._nd, 1))
+            self.win = np.ascontiguousarray(np.repeat(w3, c, axis=-1).reshape(-1))
+
+    def add(self, data: np.ndarray, org: np.ndarray) -> None:
+        owner = self.owner
+        if data.dtype != self.data:
+            data = data.view(np.uint8) if data.dtype.kind == "b" else data.astype(self.data)
+        n = len(org)
+        p3 = _three(owner.patch_size, owner._nd, 1)
+        flat = np.ascontiguousarray(data).reshape(n, p3[0], p3[1], p3[2] * self.c).reshape(-1)
+        o3 = np.zeros((n, 3), np.int64)
+        for ax, a3 in enumerate(_AXES3[owner._nd]):
+            o3[:, a3] = org[:, ax]
+        o3[:, 2] *= self.c
+        geo = np.array([p3[0], p3[1], p3[2] * self.c, self.geo3[1], self.geo3[2] * self.c],
+                       np.int64)
+        if backend() == "numba":
+            self._compiled(flat, o3, geo)
+        else:
+            self._numpy(flat, o3, geo)
+
+    def _args(self):
+        m = self.mode
+        return {"sum": (self.acc,), "split": (self.acc, self.lo), "max": (self.acc,),
+                "min": (self.acc,), "weighted": (self.win, self.acc),
+                "anchored": (self.win, self.seen, self.ref, self.acc)}[m]
+
+    def _compiled(self, flat, o3, geo) -> None:
+        from .merge import kernels_scatter as S
+        from .merge.accumulate import _pool
+
+        kernel = getattr(S, "scatter_" + self.mode)
+        n0 = self.geo3[0]
+        workers = min(default_workers(flat.nbytes), n0)
+        if workers <= 1:
+            kernel(flat, o3, geo, 0, n0, *self._args())
+            return
+        cuts = np.linspace(0, n0, workers + 1).round().astype(int)
+        list(_pool().map(lambda k: kernel(flat, o3, geo, cuts[k], cuts[k + 1], *self._args()),
+                         range(workers)))
+
+    def _numpy(self, flat, o3, geo) -> None:
+        """The same sums, in the same order per pixel, with NumPy slices (the fallback)."""
+        p0, p1, ln, _, wc = (int(v) for v in geo)
+        g = self.geo3
+        view = lambda a: a.reshape(g[0], g[1], wc)  # noqa: E731
+        patches = flat.reshape(-1, p0, p1, ln)
+        win = None if self.win is None else self.win.reshape(p0, p1, ln)
+        acc = view(self.acc)
+        for k, (a, b, c) in enumerate(o3):
+            region = (slice(a, a + p0), slice(b, b + p1), slice(c, c + ln))
+            v = patches[k]
+            if self.mode == "sum":
+                acc[region] += v
+            elif self.mode == "split":
+                v = v.astype(np.int64) if v.dtype != np.uint64 else v
+                acc[region] += (v >> 32).astype(np.int64)
+                view(self.lo)[region] += (v & 0xFFFFFFFF).astype(np.int64)
+            elif self.mode == "weighted":
+                acc[region] += win * v
+            elif self.mode == "anchored":
+                seen, ref = view(self.seen)[region], view(self.ref)[region]
+                ref[~seen] = v[~seen]
+                seen[...] = True
+                acc[region] += win * (v.astype(np.float64) - ref.astype(np.float64))
+            elif self.mode == "max":
+                np.maximum(acc[region], v, out=acc[region])
+            else:
+                np.minimum(acc[region], v, out=acc[region])
+
+    def result(self, dtype, fill_value) -> np.ndarray:
+        owner = self.owner
+        crop = tuple(slice(0, n) for n in owner.spatial_shape)
+        ext, c = owner._extent, self.c
+        canon = lambda a: a.reshape(ext + (c,))[crop]  # noqa: E731
+        work = work_dtype(owner.dtype)
+        count = owner.count[..., None]
+        if self.mode in ("max", "min"):
+            return finish(canon(self.acc).copy(), count > 0, dtype, fill_value, work)
+        if self.mode == "split":
+            target = np.dtype(work if dtype is None else dtype)
+            out = split_mean(canon(self.acc), canon(self.lo), np.maximum(count, 1), target,
+                             owner.dtype.kind == "u")
+            return finish(out, count > 0, dtype, fill_value, work)
+        den = count.astype(np.float64) if owner._win is None else \
+            owner._window_sums()[crop][..., None]
+        covered = den > 0
+        with np.errstate(invalid="ignore", divide="ignore"):
+            mean = canon(self.acc) / den
+        if self.mode == "anchored":
+            return anchored_finish(canon(self.ref), mean, covered, dtype, fill_value, work)
+        return finish(mean, covered, dtype, fill_value, work)
+
+
+_AXES3 = {1: (2,), 2: (0, 2), 3: (0, 1, 2)}
+
+
+def _three(values, nd: int, fill) -> list:
+    out = [fill] * 3
+    for v, ax in zip(values, _AXES3[nd]):
+        out[ax] = v
+    return out
+
+
+def _identity(dtype: np.dtype, mode: str):
+    if dtype.kind == "f":
+        return -np.inf if mode == "max" else np.inf
+    info = np.iinfo(dtype)
+    return info.min if mode == "max" else info.max
+
+
+def _add_windows(out: np.ndarray, win: np.ndarray, org: np.ndarray) -> None:
+    """``win`` added to ``out`` at every origin (the weight map of the added patches)."""
+    nd = org.shape[1]
+    if backend() == "numba":
+        from .merge.kernels_scatter import scatter_window
+
+        o3 = np.zeros((len(org), 3), np.int64)
+        for ax, a3 in enumerate(_AXES3[nd]):
+            o3[:, a3] = org[:, ax]
+        p3, n3 = _three(win.shape, nd, 1), _three(out.shape, nd, 1)
+        geo = np.array([p3[0], p3[1], p3[2], n3[1], n3[2]], np.int64)
+        scatter_window(np.ascontiguousarray(win, np.float64).reshape(-1), o3, geo,
+                       out.reshape(-1))
+        return
+    for o in org:
+        out[tuple(slice(a, a + p) for a, p in zip(o, win.shape))] += win

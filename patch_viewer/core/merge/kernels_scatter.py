@@ -1,0 +1,127 @@
+"""Compiled kernels of the :class:`patch_viewer.Accumulator`: patches added at any origins.
+
+Patches come as one flat C-order array of ``N`` patches of ``(p0, p1, L)`` elements (``L`` is
+the last spatial axis fused with the channels), their origins as ``(N, 3)`` in the same fused
+units, and the canvas as a flat ``(n0, n1, WC)`` array. ``geo = (p0, p1, L, n1, WC)``. Only
+canvas rows ``y0 .. y1`` (first axis) are written, so threads can split the canvas into bands
+and each pixel still sums its patches in the order they were added: the bits do not depend on
+the thread count. Origins are checked by the caller; the kernels never fail half-way.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .kernels_numba import JIT, U, _run_add, _run_add_split, _run_add_weighted, _run_max, _run_min
+
+__all__ = ["scatter_anchored", "scatter_max", "scatter_min", "scatter_split", "scatter_sum",
+           "scatter_weighted", "scatter_window"]
+
+
+@njit(inline="always", **JIT)
+def _rows(org, k, p0, y0, y1):
+    o = org[k, 0]
+    return o, max(y0 - o, 0), min(y1 - o, p0)
+
+
+@njit(**JIT)
+def scatter_sum(flat, org, geo, y0, y1, acc):
+    p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
+    size = p0 * p1 * ln
+    n = U(ln)
+    for k in range(org.shape[0]):
+        o, r0, r1 = _rows(org, k, p0, y0, y1)
+        for r in range(r0, r1):
+            for q in range(p1):
+                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                _run_add(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
+
+
+@njit(**JIT)
+def scatter_split(flat, org, geo, y0, y1, hi, lo):
+    p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
+    size = p0 * p1 * ln
+    n = U(ln)
+    for k in range(org.shape[0]):
+        o, r0, r1 = _rows(org, k, p0, y0, y1)
+        for r in range(r0, r1):
+            for q in range(p1):
+                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                _run_add_split(hi, lo, a, flat, U(k * size + (r * p1 + q) * ln), n)
+
+
+@njit(**JIT)
+def scatter_weighted(flat, org, geo, y0, y1, win, acc):
+    p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
+    size = p0 * p1 * ln
+    n = U(ln)
+    for k in range(org.shape[0]):
+        o, r0, r1 = _rows(org, k, p0, y0, y1)
+        for r in range(r0, r1):
+            for q in range(p1):
+                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                wo = U((r * p1 + q) * ln)
+                _run_add_weighted(acc, a, flat, U(k * size) + wo, win, wo, n)
+
+
+@njit(**JIT)
+def scatter_anchored(flat, org, geo, y0, y1, win, seen, ref, acc):
+    """``acc += w * (v - ref)``, where ``ref`` is the value the first patch added gave the
+    pixel (set here, on first sight): equal values add exactly zero."""
+    p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
+    size = p0 * p1 * ln
+    for k in range(org.shape[0]):
+        o, r0, r1 = _rows(org, k, p0, y0, y1)
+        for r in range(r0, r1):
+            for q in range(p1):
+                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                wo = U((r * p1 + q) * ln)
+                f = U(k * size) + wo
+                for t in range(U(ln)):
+                    v = flat[f + t]
+                    if not seen[a + t]:
+                        seen[a + t] = True
+                        ref[a + t] = v
+                    acc[a + t] += win[wo + t] * (np.float64(v) - np.float64(ref[a + t]))
+
+
+@njit(**JIT)
+def scatter_max(flat, org, geo, y0, y1, acc):
+    p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
+    size = p0 * p1 * ln
+    n = U(ln)
+    for k in range(org.shape[0]):
+        o, r0, r1 = _rows(org, k, p0, y0, y1)
+        for r in range(r0, r1):
+            for q in range(p1):
+                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                _run_max(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
+
+
+@njit(**JIT)
+def scatter_min(flat, org, geo, y0, y1, acc):
+    p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
+    size = p0 * p1 * ln
+    n = U(ln)
+    for k in range(org.shape[0]):
+        o, r0, r1 = _rows(org, k, p0, y0, y1)
+        for r in range(r0, r1):
+            for q in range(p1):
+                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                _run_min(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
+
+
+@njit(**JIT)
+def scatter_window(win, org, geo, out):
+    """The weight map: ``win`` (one patch's spatial weights, ``(p0, p1, p2)``) added at every
+    origin (here in plain, unfused units: ``geo = (p0, p1, p2, n1, n2)``)."""
+    p0, p1, p2, n1, n2 = geo[0], geo[1], geo[2], geo[3], geo[4]
+    n = U(p2)
+    for k in range(org.shape[0]):
+        for r in range(p0):
+            for q in range(p1):
+                a = U(((org[k, 0] + r) * n1 + org[k, 1] + q) * n2 + org[k, 2])
+                wo = U((r * p1 + q) * p2)
+                for t in range(n):
+                    out[a + t] += win[wo + t]
