@@ -302,6 +302,11 @@ class Accumulator:
     @property
     def count(self) -> np.ndarray:
         """How many added patches cover each output pixel (int64, spatial shape)."""
+        return self._counts()[tuple(slice(0, n) for n in self.spatial_shape)]
+
+    def _counts(self) -> np.ndarray:
+        """:attr:`count` over the whole canvas (padding included), from a difference array:
+        O(patches + image)."""
         counts = np.zeros(tuple(n + 1 for n in self._extent), np.int64)
         if self._origins:
             org = np.concatenate(self._origins)
@@ -311,7 +316,7 @@ class Accumulator:
                 np.add.at(counts, tuple((org + c * p).T), (-1) ** int(c.sum()))
         for ax in range(self._nd):
             np.cumsum(counts, axis=ax, out=counts)
-        return counts[tuple(slice(0, n) for n in self.spatial_shape)]
+        return counts[tuple(slice(0, n) for n in self._extent)]
 
     def weights(self) -> np.ndarray:
         """The sum of the window over the added patches at each output pixel (float64;
@@ -486,6 +491,9 @@ class _State:
             out = split_mean(canon(self.acc), canon(self.lo), np.maximum(count, 1), target,
                              owner.dtype.kind == "u")
             return finish(out, count > 0, dtype, fill_value, work)
+        target = np.dtype(work if dtype is None else dtype)
+        if target.kind == "f" and backend() == "numba":
+            return self._compiled_mean(target, fill_value)
         den = count.astype(np.float64) if owner._win is None else \
             owner._window_sums()[crop][..., None]
         covered = den > 0
@@ -494,6 +502,34 @@ class _State:
         if self.mode == "anchored":
             return anchored_finish(canon(self.ref), mean, covered, dtype, fill_value, work)
         return finish(mean, covered, dtype, fill_value, work)
+
+
+    def _compiled_mean(self, target: np.dtype, fill_value) -> np.ndarray:
+        """Sums divided by their weights straight into a float ``target`` in one compiled
+        pass (bands of rows on threads): no float64 temporary of the image's size."""
+        from .merge import kernels_scatter as S
+        from .merge.accumulate import _pool
+        from .merge.precision import _fill
+
+        owner = self.owner
+        den = owner._counts().astype(np.float64) if owner._win is None else \
+            owner._window_sums()
+        den = np.ascontiguousarray(den).reshape(-1)
+        ext = np.array(_three(owner._extent, owner._nd, 1), np.int64)
+        crop = np.array(_three(owner.spatial_shape, owner._nd, 1), np.int64)
+        out = np.empty(int(np.prod(crop)) * self.c, target)
+        fill = target.type(_fill(fill_value, target, True))
+        if self.mode == "anchored":
+            run = lambda y0, y1: S.anchored_into(self.ref, self.acc, den, ext, crop, self.c,  # noqa: E731
+                                                 fill, y0, y1, out)
+        else:
+            run = lambda y0, y1: S.divide_into(self.acc, den, ext, crop, self.c, fill, y0,  # noqa: E731
+                                               y1, out)
+        n0 = int(crop[0])
+        workers = min(default_workers(out.nbytes), n0)
+        cuts = np.linspace(0, n0, workers + 1).round().astype(int)
+        list(_pool().map(lambda k: run(cuts[k], cuts[k + 1]), range(workers)))
+        return out.reshape(owner.spatial_shape + (self.c,))
 
 
 _AXES3 = {1: (2,), 2: (0, 2), 3: (0, 1, 2)}

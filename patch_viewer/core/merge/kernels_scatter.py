@@ -3,7 +3,7 @@
 Patches come as one flat C-order array of ``N`` patches of ``(p0, p1, L)`` elements (``L`` is
 the last spatial axis fused with the channels), their origins as ``(N, 3)`` in the same fused
 units, and the canvas as a flat ``(n0, n1, WC)`` array. ``geo = (p0, p1, L, n1, WC)``. Only
-canvas rows ``y0 .. y1`` (first axis) are written, so threads can split the canvas into bands
+canvas rows ``y0 .. y1`` (first axis, absolute) are written, so threads can split the canvas into bands
 and each pixel still sums its patches in the order they were added: the bits do not depend on
 the thread count. Origins are checked by the caller; the kernels never fail half-way.
 """
@@ -34,7 +34,7 @@ def scatter_sum(flat, org, geo, y0, y1, acc):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 _run_add(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
@@ -47,7 +47,7 @@ def scatter_split(flat, org, geo, y0, y1, hi, lo):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 _run_add_split(hi, lo, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
@@ -60,7 +60,7 @@ def scatter_weighted(flat, org, geo, y0, y1, win, acc):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 wo = U((r * p1 + q) * ln)
                 _run_add_weighted(acc, a, flat, U(k * size) + wo, win, wo, n)
 
@@ -75,7 +75,7 @@ def scatter_anchored(flat, org, geo, y0, y1, win, seen, ref, acc):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 wo = U((r * p1 + q) * ln)
                 f = U(k * size) + wo
                 for t in range(U(ln)):
@@ -95,7 +95,7 @@ def scatter_max(flat, org, geo, y0, y1, acc):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 _run_max(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
@@ -108,7 +108,7 @@ def scatter_min(flat, org, geo, y0, y1, acc):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r - y0) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 _run_min(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
@@ -125,3 +125,47 @@ def scatter_window(win, org, geo, out):
                 wo = U((r * p1 + q) * p2)
                 for t in range(n):
                     out[a + t] += win[wo + t]
+
+
+@njit(**JIT)
+def divide_into(acc, den, ext, crop, c, fill, y0, y1, out):
+    """``out = acc / den`` over the crop (``den`` per pixel, ``fill`` where it is 0), rows
+    ``y0 .. y1``: the mean finished straight into the output dtype in one pass. ``ext`` and
+    ``crop`` are ``(n0, n1, n2)`` of the canvas and of the image; ``c`` channels."""
+    e1, e2 = ext[1], ext[2]
+    s1, s2 = crop[1], crop[2]
+    for y in range(y0, y1):
+        for x in range(s1):
+            a = U((y * e1 + x) * e2 * c)
+            o = U((y * s1 + x) * s2 * c)
+            d = U((y * e1 + x) * e2)
+            for z in range(U(s2)):
+                w = den[d + z]
+                t = z * U(c)
+                if w != 0:
+                    for k in range(U(c)):
+                        out[o + t + k] = acc[a + t + k] / w
+                else:
+                    for k in range(U(c)):
+                        out[o + t + k] = fill
+
+
+@njit(**JIT)
+def anchored_into(ref, acc, den, ext, crop, c, fill, y0, y1, out):
+    """``out = ref + acc / den`` (the anchored mean), as :func:`divide_into`."""
+    e1, e2 = ext[1], ext[2]
+    s1, s2 = crop[1], crop[2]
+    for y in range(y0, y1):
+        for x in range(s1):
+            a = U((y * e1 + x) * e2 * c)
+            o = U((y * s1 + x) * s2 * c)
+            d = U((y * e1 + x) * e2)
+            for z in range(U(s2)):
+                w = den[d + z]
+                t = z * U(c)
+                if w != 0:
+                    for k in range(U(c)):
+                        out[o + t + k] = np.float64(ref[a + t + k]) + acc[a + t + k] / w
+                else:
+                    for k in range(U(c)):
+                        out[o + t + k] = fill
