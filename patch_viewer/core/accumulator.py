@@ -159,6 +159,8 @@ class Accumulator:
                              "the mean only")
         self._win = win
         self._origins: list[np.ndarray] = []
+        self._table = None
+        self._compiled = backend() == "numba"  # decided once
         self._state = None
         self.dtype: np.dtype | None = None  # of the patches, fixed by the first batch
         self.n_added = 0
@@ -242,12 +244,12 @@ class Accumulator:
         if indices is not None:
             idx = _int_array(indices, "indices")
             if idx.ndim == 1:
-                bad = (idx < 0) | (idx >= grid.n_patches)
-                if bad.any():
+                if len(idx) and (idx.min() < 0 or idx.max() >= grid.n_patches):
+                    bad = (idx < 0) | (idx >= grid.n_patches)
                     raise IndexError(f"`indices` must be in 0..{grid.n_patches - 1} (grid "
                                      f"{grid.grid_shape}), got {idx[bad][:5].tolist()}")
-                idx = np.stack(np.unravel_index(idx, grid.grid_shape), axis=-1)
-            elif idx.ndim != 2 or idx.shape[1] != nd:
+                return self._grid_origins(idx)
+            if idx.ndim != 2 or idx.shape[1] != nd:
                 raise ValueError(f"`indices` must be flat (N,) or grid indices (N, {nd}), got "
                                  f"shape {idx.shape}")
             else:
@@ -275,7 +277,45 @@ class Accumulator:
                 raise ValueError(f"origins {org[v % f.denominator != 0][:3].tolist()} do not "
                                  f"map to whole output pixels at scale {f} on axis {ax}")
             out[:, ax] = v // f.denominator
-        return out
+        return self._as3(out)
+
+    def _grid_origins(self, idx: np.ndarray) -> np.ndarray:
+        """Output origins ``(N, ndim)`` of flat grid indices (checked by the caller)."""
+        tables = self._tables()
+        if self._compiled and len(idx) > 16:
+            from .merge.kernels_scatter import grid_origins
+
+            o3 = np.empty((len(idx), 3), np.int64)
+            grid_origins(idx, *tables, o3)
+            return o3
+        ij = np.unravel_index(idx, self.grid.grid_shape)
+        return self._as3(np.stack([t[i] for t, i in zip(self._scaled_origins, ij)], axis=-1))
+
+    def _as3(self, org: np.ndarray) -> np.ndarray:
+        """``(N, ndim)`` origins on the kernels' three axes ``(N, 3)`` (zeros elsewhere)."""
+        o3 = np.zeros((len(org), 3), np.int64)
+        o3[:, list(_AXES3[self._nd])] = org
+        return o3
+
+    def _spatial(self, o3: np.ndarray) -> np.ndarray:
+        return o3[:, list(_AXES3[self._nd])]
+
+    def _tables(self):
+        """``(g3, o0, o1, o2)``: grid counts and scaled origins on the kernels' three axes."""
+        if self._table is None:
+            self._scaled_origins = [
+                (np.asarray(o, np.int64) * f.numerator) // f.denominator
+                for o, f in zip(self.grid.origins, self.scale)]
+            for o, g, f in zip(self.grid.origins, self._scaled_origins, self.scale):
+                if f.denominator != 1 and (np.asarray(o) * f.numerator % f.denominator).any():
+                    bad = np.asarray(o)[np.asarray(o) * f.numerator % f.denominator != 0]
+                    raise ValueError(f"origins {bad[:3].tolist()} do not map to whole output "
+                                     f"pixels at scale {f}")
+            zero = np.zeros(1, np.int64)
+            o3 = _three(self._scaled_origins, self._nd, zero)
+            g3 = np.array(_three(self.grid.grid_shape, self._nd, 1), np.int64)
+            self._table = (g3, *[np.ascontiguousarray(o) for o in o3])
+        return self._table
 
     def _patch_array(self, patches, n: int, channels_first: bool) -> np.ndarray:
         a = _as_numpy(patches)
@@ -307,13 +347,17 @@ class Accumulator:
     def _counts(self) -> np.ndarray:
         """:attr:`count` over the whole canvas (padding included), from a difference array:
         O(patches + image)."""
-        counts = np.zeros(tuple(n + 1 for n in self._extent), np.int64)
+        shape = tuple(n + 1 for n in self._extent)
+        counts = np.zeros(math.prod(shape), np.int64)
         if self._origins:
-            org = np.concatenate(self._origins)
+            org = self._spatial(np.concatenate(self._origins))
             p = np.array(self.patch_size)
-            for corner in itertools.product((0, 1), repeat=self._nd):
-                c = np.array(corner)
-                np.add.at(counts, tuple((org + c * p).T), (-1) ** int(c.sum()))
+            corners = [np.array(c) for c in itertools.product((0, 1), repeat=self._nd)]
+            flat = np.concatenate([np.ravel_multi_index(tuple((org + c * p).T), shape)
+                                   for c in corners])
+            sign = np.repeat([(-1.0) ** int(c.sum()) for c in corners], len(org))
+            counts += np.bincount(flat, sign, minlength=counts.size).astype(np.int64)
+        counts = counts.reshape(shape)
         for ax in range(self._nd):
             np.cumsum(counts, axis=ax, out=counts)
         return counts[tuple(slice(0, n) for n in self._extent)]
@@ -328,7 +372,7 @@ class Accumulator:
     def _window_sums(self) -> np.ndarray:
         out = np.zeros(self._extent, np.float64)
         if self._origins:
-            _add_windows(out, self._win, np.concatenate(self._origins))
+            _add_windows(out, self._win, self._spatial(np.concatenate(self._origins)))
         return out
 
     def result(self, dtype=None, fill_value=None) -> np.ndarray:
@@ -404,6 +448,10 @@ class _State:
         self.lo = np.zeros(size, np.int64) if self.mode == "split" else None
         self.seen = np.zeros(size, np.bool_) if self.mode == "anchored" else None
         self.ref = np.zeros(size, self.data) if self.mode == "anchored" else None
+        self.compiled = backend() == "numba"  # decided once
+        p3 = _three(owner.patch_size, owner._nd, 1)
+        self.geo = np.array([p3[0], p3[1], p3[2] * c, self.geo3[1], self.geo3[2] * c],
+                            np.int64)
         self.win = None
         if self.mode in ("weighted", "anchored"):
             w = np.ones(owner.patch_size) if owner._win is None else owner._win
@@ -414,19 +462,15 @@ class _State:
         owner = self.owner
         if data.dtype != self.data:
             data = data.view(np.uint8) if data.dtype.kind == "b" else data.astype(self.data)
-        n = len(org)
-        p3 = _three(owner.patch_size, owner._nd, 1)
-        flat = np.ascontiguousarray(data).reshape(n, p3[0], p3[1], p3[2] * self.c).reshape(-1)
-        o3 = np.zeros((n, 3), np.int64)
-        for ax, a3 in enumerate(_AXES3[owner._nd]):
-            o3[:, a3] = org[:, ax]
-        o3[:, 2] *= self.c
-        geo = np.array([p3[0], p3[1], p3[2] * self.c, self.geo3[1], self.geo3[2] * self.c],
-                       np.int64)
-        if backend() == "numba":
-            self._compiled(flat, o3, geo)
+        flat = np.ascontiguousarray(data).reshape(-1)
+        o3 = org
+        if self.c != 1:
+            o3 = org.copy()
+            o3[:, 2] *= self.c
+        if self.compiled:
+            self._compiled(flat, o3, self.geo)
         else:
-            self._numpy(flat, o3, geo)
+            self._numpy(flat, o3, self.geo)
 
     def _args(self):
         m = self.mode
@@ -483,17 +527,17 @@ class _State:
         ext, c = owner._extent, self.c
         canon = lambda a: a.reshape(ext + (c,))[crop]  # noqa: E731
         work = work_dtype(owner.dtype)
+        target = np.dtype(work if dtype is None else dtype)
+        if self.mode in ("sum", "weighted", "anchored") and target.kind == "f" and \
+                self.compiled:
+            return self._compiled_mean(target, fill_value)
         count = owner.count[..., None]
         if self.mode in ("max", "min"):
             return finish(canon(self.acc).copy(), count > 0, dtype, fill_value, work)
         if self.mode == "split":
-            target = np.dtype(work if dtype is None else dtype)
             out = split_mean(canon(self.acc), canon(self.lo), np.maximum(count, 1), target,
                              owner.dtype.kind == "u")
             return finish(out, count > 0, dtype, fill_value, work)
-        target = np.dtype(work if dtype is None else dtype)
-        if target.kind == "f" and backend() == "numba":
-            return self._compiled_mean(target, fill_value)
         den = count.astype(np.float64) if owner._win is None else \
             owner._window_sums()[crop][..., None]
         covered = den > 0

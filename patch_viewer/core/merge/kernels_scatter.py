@@ -169,3 +169,16 @@ def anchored_into(ref, acc, den, ext, crop, c, fill, y0, y1, out):
                 else:
                     for k in range(U(c)):
                         out[o + t + k] = fill
+
+
+@njit(**JIT)
+def grid_origins(idx, g, o0, o1, o2c, out):
+    """Kernel origins ``(N, 3)`` of flat grid indices ``idx`` on a grid of ``g = (g0, g1,
+    g2)`` patches per kernel axis, with per-axis origins ``o0``, ``o1``, ``o2c`` (the last in
+    fused units)."""
+    g12 = g[1] * g[2]
+    for k in range(idx.shape[0]):
+        i = idx[k]
+        out[k, 0] = o0[i // g12]
+        out[k, 1] = o1[(i // g[2]) % g[1]]
+        out[k, 2] = o2c[i % g[2]]
