@@ -23,6 +23,10 @@ from .core.metrics import iter_ssim
 #: The one source of the names of the layers the explorer maintains.
 LAYER_NAMES = ("patch grid", "overlap weights", "patches", "filtered patches", "merged", "error",
                "tile labels")
+#: Layers shown only for some runs: the argmax of a predictor's channels.
+OPTIONAL_LAYER_NAMES = ("classes",)
+#: The filter list's entry for a model named by its import path (``package.module:function``).
+CUSTOM = "custom function…"
 VOLUME_MODES = ("3-D patches", "2-D patches per plane")
 #: The GUI refuses runs whose estimated peak memory exceeds this.
 GUI_MAX_BYTES = 2 * 2**30
@@ -49,6 +53,7 @@ class Params:
     patch_filter: str = "identity"
     filter_params: dict = field(default_factory=dict)
     reference: str = "input"
+    custom: str = ""  # "package.module:function" when patch_filter is CUSTOM
 
 
 @dataclass(frozen=True)
@@ -94,6 +99,9 @@ class Shown:
     error: np.ndarray
     merged_limits: tuple
     merged: np.ndarray  # result.merged as displayed
+    rgb: bool | None = None  # merged shown as RGB (None: as the input)
+    classes: np.ndarray | None = None  # argmax of a predictor's channels (1-based), or None
+    comparable: bool = True  # False: a predictor's output the input cannot be compared with
 
 
 @dataclass(frozen=True)
@@ -112,10 +120,26 @@ def make_job(data, rgb: bool, limits, p: Params) -> Job:
     grid = PatchGrid(shape, p.patch_size, p.stride, edge=p.edge, pad_mode=p.pad_mode,
                      channel_axis=-1 if rgb else None)
     window_params = {"sigma": p.window_sigma} if p.window == "gaussian" else {}
-    kwargs = dict(patch_filter=p.patch_filter, filter_params=dict(p.filter_params),
+    kwargs = dict(patch_filter=_model(p), filter_params=dict(p.filter_params),
                   window=p.window, window_params=window_params, reduce=p.reduce,
                   reference=p.reference, max_bytes=GUI_MAX_BYTES)
     return Job(data, grid, per_plane, rgb, kwargs, tuple(limits), lazy, p)
+
+
+def _model(p: Params):
+    """The filter's registry name, or for :data:`CUSTOM` the imported function as a
+    :class:`~patch_viewer.core.predict.Predictor` (its output found by a first call)."""
+    if p.patch_filter != CUSTOM:
+        return p.patch_filter
+    from .core import Predictor, load_callable
+
+    if not p.custom.strip():
+        raise ValueError("Custom function: type its import path, package.module:function.")
+    try:
+        func = load_callable(p.custom.strip())
+    except (ImportError, ValueError, TypeError) as exc:
+        raise ValueError(f"Custom function: {exc}") from None
+    return Predictor(func, name=p.custom.strip())
 
 
 def start(job: Job):
@@ -216,6 +240,18 @@ def compute(gen, job: Job):
     (:class:`Shown`), then :class:`Metrics`, then return the slow SSIM (lazy: every metric)."""
     result = yield from _throttled(gen)
     stack_cls = _layers.LazyPatchStack if job.lazy else _layers.PatchStack
+    stack = stack_cls(job.image, job.grid, job.batched)
+    if not job.lazy and result.merged.shape != job.image.shape:
+        shown = _predicted(result, job, stack)
+        yield shown
+        if shown.comparable:  # K channels against the model run on the whole image
+            spatial = job.grid.ndim + job.batched
+            ca = result.merged.ndim - 1 if result.merged.ndim > spatial else None
+            yield Metrics(compute_metrics(result.merged, result.reference, channel_axis=ca,
+                                          ssim=False, error=result.error),
+                          _layers.error_limit(shown.error))
+            return (yield from iter_ssim(result.merged, result.reference, channel_axis=ca))
+        return None
     error = _layers.error_data(result.error, job.rgb)  # lazy stays lazy
     weights = result.weights if job.lazy else result.weights.astype(np.float32)
     limits = job.limits if job.lazy else robust_limits(result.merged, job.rgb)
@@ -225,14 +261,63 @@ def compute(gen, job: Job):
         # show an 8-bit image as 8 bits, rounded.
         merged = np.clip(np.rint(merged), 0, 255).astype(np.uint8)
         limits = (0.0, 255.0)
-    yield Shown(result, stack_cls(job.image, job.grid, job.batched), weights, error, limits,
-                merged)
+    yield Shown(result, stack, weights, error, limits, merged)
     if job.lazy:
         return _lazy_metrics(result, job)
     channel_axis = None if job.grid.channel_axis is None else job.grid.channel_axis + job.batched
     yield Metrics(compute_metrics(result.merged, result.reference, channel_axis=channel_axis,
                                   ssim=False, error=result.error), _layers.error_limit(error))
     return (yield from iter_ssim(result.merged, result.reference, channel_axis=channel_axis))
+
+
+def _predicted(result, job: Job, stack) -> Shown:
+    """A predictor's output of another shape (K channels, another scale, vectors): shown as
+    a grey image or an RGB composite of its channels, with the argmax as class labels; the
+    error against the whole-image model when ``reference="filter"``, else none."""
+    spatial = job.image.shape[1:] if job.batched else job.image.shape
+    spatial = spatial[:-1] if job.rgb else spatial
+    merged = result.merged
+    if job.batched:
+        parts = [_layers.channels_display(m, spatial) for m in merged]
+        shown = np.stack([q[0] for q in parts])
+        rgb, classes = parts[0][1], None if parts[0][2] is None else np.stack(
+            [q[2] for q in parts])
+    else:
+        shown, rgb, classes = _layers.channels_display(merged, spatial)
+    limits = _layers.rgb_limits(shown) if rgb else robust_limits(shown)
+    comparable = result.error is not None
+    if comparable:
+        e = np.asarray(result.error)
+        e = e if e.ndim == len(job.image.shape) - job.rgb else np.take_along_axis(
+            e, np.abs(np.nan_to_num(e)).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        error = _layers._resample(e, spatial) if e.shape[-len(spatial):] != spatial else e
+    else:
+        error = np.zeros(job.image.shape[:-1] if job.rgb else job.image.shape, np.float32)
+    weights = np.asarray(result.weights, np.float32)
+    if weights.shape != tuple(spatial):
+        weights = _layers._resample(weights, spatial)
+    return Shown(result, stack, weights, error.astype(np.float32), limits, shown, rgb,
+                 classes, comparable)
+
+
+def output_lines(result, job: Job) -> list[str]:
+    """What a predictor returned, for the read-out (nothing for plain filters)."""
+    outputs = getattr(result, "outputs", None)
+    if not outputs or result.merged.shape == job.image.shape:
+        return []
+    merged = result.merged
+    spatial = job.image.shape[:-1] if job.rgb else job.image.shape
+    extra = merged.shape[len(spatial):] if merged.shape[:len(spatial)] == spatial else None
+    if extra:
+        what = f"{extra[0]} channels: RGB shows the first {min(extra[0], 3)}, 'classes' the argmax"
+    else:
+        what = f"shape {merged.shape} (shown resampled to the image)"
+    names = ", ".join(outputs) if len(outputs) > 1 else "merged"
+    lines = [f"output ({names}): {what}"]
+    if result.error is None:
+        lines.append("no error map: the output is not an image like the input (set "
+                     "'error vs' to the filter on the whole image)")
+    return lines
 
 
 def metric_lines(m: dict, ssim: bool = True) -> list[str]:
@@ -247,12 +332,15 @@ def summary_lines(job: Job, result) -> list[str]:
             f"{' x '.join(map(str, job.grid.grid_shape))}",
             f"coverage: {cmin}–{cmax}   est. memory: {_fmt_bytes(result.plan.peak_bytes)}",
             f"compute time: {result.elapsed * 1e3:.0f} ms" + ("  (lazy)" if job.lazy else ""),
-            "max |err|: …   RMSE: …", "PSNR: …   SSIM: …"]
+            *output_lines(result, job),
+            *(["max |err|: n/a   RMSE: n/a", "PSNR: n/a   SSIM: n/a"] if result.error is None
+              else ["max |err|: …   RMSE: …", "PSNR: …   SSIM: …"])]
 
 
 # ---------------------------------------------------------------------- settings carried to code
 def _process_args(p: Params) -> str:
-    args = [repr(p.patch_filter)]
+    args = [f"pv.Predictor(pv.load_callable({p.custom!r}))" if p.patch_filter == CUSTOM
+            else repr(p.patch_filter)]
     if p.filter_params:
         args.append(f"filter_params={dict(p.filter_params)!r}")
     args.append(f"window={p.window!r}")
@@ -283,6 +371,9 @@ def to_command(p: Params, *, path: str | None, output: str = "merged") -> str:
     """A ``patch-viewer process`` line that reproduces the run (float64 merged, as ``.npy``)."""
     import shlex
 
+    if p.patch_filter == CUSTOM:
+        return (f"# {p.custom} has no command-line name: register it as an entry point of the "
+                f"patch_viewer.filters group (see the README), then use --filter NAME")
     words = ["patch-viewer", "process", str(path) if path else "IMAGE.tif", "-o", output,
              "--patch-size", *map(str, p.patch_size), "--stride", *map(str, p.stride),
              "--edge", p.edge, "--pad-mode", p.pad_mode, "--filter", p.patch_filter]

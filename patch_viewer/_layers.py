@@ -240,16 +240,37 @@ class FilteredPatchStack:
     applied to each patch napari looks at: the "after" beside the "before"."""
 
     def __init__(self, stack, grid: PatchGrid, batched: bool, patch_filter, filter_params):
-        from .core import get_filter
+        from .core import Predictor, get_filter
 
         self._stack, self._grid = stack, grid
         self._lead = grid.ndim + int(batched)
         self._filter = get_filter(patch_filter)
         self._params = dict(filter_params or {})
         self.shape, self.ndim = stack.shape, stack.ndim
-        probe = self._filter(np.zeros((1, *grid.patch_shape), stack.dtype),
-                             self._spatial(1 + len(grid.patch_shape)), **self._params)
+        self.rgb = None  # shown as the input is; a predictor's other output decides below
+        self._model = self._filter if isinstance(self._filter, Predictor) else None
+        probe = self._run(np.zeros((1, *grid.patch_shape), stack.dtype))
         self.dtype = probe.dtype
+        if self._model is not None and probe.shape[1:] != grid.patch_shape:
+            # a predictor's other output: shown as channels_display shows it
+            self.rgb = probe.ndim == 1 + grid.ndim + 1
+            self.shape = stack.shape[:self._lead] + probe.shape[1:]
+            self.ndim = len(self.shape)
+
+    def _run(self, flat: np.ndarray) -> np.ndarray:
+        """The filter (or the predictor, its first output for display) on ``flat`` patches."""
+        if self._model is None:
+            return np.asarray(self._filter(flat, self._spatial(flat.ndim), **self._params))
+        batch = flat  # (N, *patch[, C]): what iter_batches gives the model
+        if self._model.channels_first:
+            batch = np.moveaxis(batch, -1, 1) if self._grid.channel_axis is not None else \
+                batch[:, None]
+        out = next(iter(self._model.run(batch, self._params, "the selected patch").values()))
+        if self._model.channels_first and out.ndim == 2 + self._grid.ndim:
+            out = np.moveaxis(out, 1, -1)
+        size = self._grid.patch_size
+        shown = [channels_display(o, size)[0] for o in out]
+        return np.stack(shown) if shown else np.zeros((0,) + size, np.float32)
 
     def _spatial(self, ndim: int) -> tuple:
         ch = int(self._grid.channel_axis is not None)
@@ -268,12 +289,50 @@ class FilteredPatchStack:
         whole = np.asarray(self._stack[key[:self._lead]])  # whole patches: filter, then slice
         patch_shape = self._grid.patch_shape
         flat = whole.reshape((-1, *patch_shape))
-        out = np.asarray(self._filter(flat, self._spatial(flat.ndim), **self._params))
-        return out.reshape(whole.shape)[(Ellipsis,) + tuple(key[self._lead:])]
+        out = self._run(flat)
+        lead = whole.shape[:whole.ndim - len(patch_shape)]
+        return out.reshape(lead + out.shape[1:])[(Ellipsis,) + tuple(key[self._lead:])]
 
     def __array__(self, dtype=None, copy=None):
         out = self[...]
         return out if dtype is None else out.astype(dtype)
+
+
+# ------------------------------------------------------------------------- predictor outputs
+def channels_display(out: np.ndarray, spatial_shape) -> tuple[np.ndarray, bool, np.ndarray | None]:
+    """A predictor's output (channels last, ``spatial_shape`` first) as the explorer shows it:
+    ``(data, rgb, classes)``. One channel: grey. Two or three (class probabilities): an RGB
+    composite of the channels (two: red and green). More: the first three as RGB. ``classes``
+    is the argmax over the channels (1-based, a Labels image) for two or more channels."""
+    out = np.asarray(out)
+    spatial_shape = tuple(spatial_shape)
+    if out.shape[:len(spatial_shape)] != spatial_shape:  # another resolution: nearest pixels
+        out = _resample(out, spatial_shape)
+    if out.ndim == len(spatial_shape):
+        return out, False, None
+    k = out.shape[-1]
+    if k == 1:
+        return out[..., 0], False, None
+    classes = (np.argmax(np.nan_to_num(out, nan=-np.inf), axis=-1) + 1).astype(np.uint16)
+    rgb = np.zeros(out.shape[:-1] + (3,), np.float32)
+    rgb[..., :min(k, 3)] = out[..., :3]
+    return rgb, True, classes
+
+
+def _resample(out: np.ndarray, spatial_shape) -> np.ndarray:
+    index = tuple(np.minimum((np.arange(n) * m) // n, m - 1)
+                  for n, m in zip(spatial_shape, out.shape))
+    return out[np.ix_(*index)] if out.ndim == len(spatial_shape) else \
+        out[np.ix_(*index, np.arange(out.shape[-1]))]
+
+
+def rgb_limits(data: np.ndarray) -> tuple[float, float]:
+    """Limits of a float composite: (0, 1) for probabilities, else the data's range."""
+    finite = data[np.isfinite(data)]
+    if not finite.size:
+        return (0.0, 1.0)
+    lo, hi = float(finite.min()), float(finite.max())
+    return (0.0, 1.0) if lo >= 0 and hi <= 1 else (lo, hi if hi > lo else lo + 1)
 
 
 # ------------------------------------------------------------------------- layer styling

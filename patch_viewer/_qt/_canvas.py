@@ -8,13 +8,13 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _layers
-from .._controller import LAYER_NAMES
+from .._controller import LAYER_NAMES, OPTIONAL_LAYER_NAMES
 from ..core.merge import max_weight  # private to the core; no public home yet
 
 #: Bottom to top; the input image stays below all of them.
-ORDER = ("overlap weights", "merged", "error", "patches", "filtered patches", "patch grid",
-         "tile labels")
-assert set(ORDER) == set(LAYER_NAMES)
+ORDER = ("overlap weights", "merged", "classes", "error", "patches", "filtered patches",
+         "patch grid", "tile labels")
+assert set(ORDER) == set(LAYER_NAMES + OPTIONAL_LAYER_NAMES)
 
 
 class Canvas:
@@ -59,12 +59,15 @@ class Canvas:
                   "patches": source,
                   "filtered patches": (source, kw["patch_filter"],
                                        tuple(kw["filter_params"].items()))}
+        merged_rgb = job.rgb if shown.rgb is None else shown.rgb
+        after_rgb = job.rgb if after.rgb is None else after.rgb
+        after_limits = shown.merged_limits if after_rgb == merged_rgb else (0.0, 1.0)
         for name, data, kwargs in [
             ("overlap weights", shown.weights, weights_kw),
-            ("merged", shown.merged, _layers.image_kwargs(shown.merged_limits, job.rgb)),
+            ("merged", shown.merged, _layers.image_kwargs(shown.merged_limits, merged_rgb)),
             ("error", shown.error, _layers.error_kwargs(limit, span)),
             ("patches", shown.stack, _layers.image_kwargs(job.limits, job.rgb)),
-            ("filtered patches", after, _layers.image_kwargs(shown.merged_limits, job.rgb)),
+            ("filtered patches", after, _layers.image_kwargs(after_limits, after_rgb)),
         ]:
             ndim = np.ndim(data) if not hasattr(data, "ndim") else data.ndim
             ndim -= 1 if kwargs.get("rgb") else 0
@@ -74,11 +77,30 @@ class Canvas:
                 continue  # its inputs did not change (the weights do not depend on the filter)
             self._show(name, data, dict(kwargs, translate=offset))
             self._inputs[name] = key
+        self._classes(shown.classes)
         self.layers["overlap weights"].colorbar.visible = True
-        self.layers["error"].colorbar.visible = True
+        self.layers["error"].colorbar.visible = shown.comparable
+        self._error_na = not shown.comparable  # the caption says why the tile is empty
         labels = _layers.axis_labels(grid, self.viewer.dims.ndim)
         if tuple(self.viewer.dims.axis_labels) != labels:
             self.viewer.dims.axis_labels = labels
+
+    def _classes(self, classes):
+        """The argmax of a predictor's channels as a Labels layer over the merged tile."""
+        layer = self.alive("classes")
+        if classes is None:
+            if layer is not None:
+                self.viewer.layers.remove(layer)
+            return
+        offset = _layers.tile_offset("merged", self.hw, classes.ndim, self.patch_hw)
+        if layer is not None and layer.ndim == classes.ndim:
+            layer.data = classes
+            layer.translate = offset
+            return
+        if layer is not None:
+            self.viewer.layers.remove(layer)
+        self.layers["classes"] = self.viewer.add_labels(classes, name="classes",
+                                                        translate=offset, opacity=0.45)
 
     def set_error_limit(self, limit, span):
         err = self.alive("error")
@@ -107,8 +129,10 @@ class Canvas:
 
     def _captions(self):
         pts, text = _layers.caption_points(self.hw)
-        if getattr(self, "_error_zero", False):
-            k = list(_layers.TILE_CAPTIONS).index("error")
+        k = list(_layers.TILE_CAPTIONS).index("error")
+        if getattr(self, "_error_na", False):
+            text[k] = "error: n/a (the output is not like the input)"
+        elif getattr(self, "_error_zero", False):
             text[k] = "error: 0 everywhere"
         layer = self.alive("tile labels")
         size = max(8, min(14, int(400 / max(self.hw))))

@@ -11,6 +11,7 @@ from magicgui.widgets import (
     Container,
     FloatSpinBox,
     Label,
+    LineEdit,
     ProgressBar,
     PushButton,
     SpinBox,
@@ -51,8 +52,10 @@ class PatchExplorer(Container):
         self.sigma.value = 0.125  # set again: magicgui rounded it to 2 decimals
         self.reduce = ComboBox(choices=REDUCTIONS, value="mean", label="reduce",
                                tooltip=t["reduce"])
-        self.filter = ComboBox(choices=list(FILTERS), value="identity", label="filter",
-                               tooltip=t["filter"])
+        self.filter = ComboBox(choices=[*FILTERS, ctl.CUSTOM], value="identity",
+                               label="filter", tooltip=t["filter"])
+        self.custom = LineEdit(value="", label="function", tooltip=t["custom"])
+        self.custom.native.setPlaceholderText("package.module:function")
         self.filter_params = Container(labels=True)
         self.reference = ComboBox(choices=[("input image", "input"),
                                            ("filter on whole image", "filter")],
@@ -72,7 +75,7 @@ class PatchExplorer(Container):
         self.readout = Label(value=HINT)
         super().__init__(widgets=[
             self.image, self.patch_size, self.stride, self.edge, self.pad_mode,
-            self.volume_mode, self.window, self.sigma, self.reduce, self.filter,
+            self.volume_mode, self.window, self.sigma, self.reduce, self.filter, self.custom,
             self.filter_params, self.reference, self.live, buttons, copies, self.index,
             self.progress, self.readout])
         self._style_readout()
@@ -88,6 +91,7 @@ class PatchExplorer(Container):
         for w in (self.patch_size, self.stride, self.edge, self.pad_mode, self.window,
                   self.sigma, self.reduce, self.reference):
             w.changed.connect(self._on_param)
+        self.custom.changed.connect(self._on_custom)
         self.volume_mode.changed.connect(self._on_image)
         self.filter.changed.connect(self._on_filter)
         self.image.changed.connect(self._on_image)
@@ -181,9 +185,16 @@ class PatchExplorer(Container):
         else:
             self._timer.stop()  # turning live preview off drops the pending run
 
+    def _on_custom(self, *_):
+        if self.filter.value == ctl.CUSTOM:
+            self._on_param()
+
     def _on_filter(self, *_):
         self.filter_params.clear()
-        for name, p in FILTERS[self.filter.value].params.items():
+        custom = self.filter.value == ctl.CUSTOM
+        self.custom.visible = custom
+        declared = {} if custom else FILTERS[self.filter.value].params
+        for name, p in declared.items():
             cls = SpinBox if p.kind is int else FloatSpinBox
             w = cls(value=p.default, min=p.min, max=p.max, name=name, label=f"filter {name}",
                     tooltip=p.doc)
@@ -212,7 +223,8 @@ class PatchExplorer(Container):
             tuple(self.patch_size.value), tuple(self.stride.value), self.edge.value,
             self.pad_mode.value, self.volume_mode.value == ctl.VOLUME_MODES[1],
             self.window.value, float(self.sigma.value), self.reduce.value, self.filter.value,
-            {w.name: w.value for w in self.filter_params}, self.reference.value)
+            {w.name: w.value for w in self.filter_params}, self.reference.value,
+            self.custom.value)
 
     def make_job(self) -> ctl.Job:
         layer = self.image.value

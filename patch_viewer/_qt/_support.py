@@ -16,7 +16,13 @@ TIPS = {
     "window": "Blending window: how much each patch pixel counts where patches overlap.",
     "sigma": "Width of the gaussian window as a fraction of the patch size.",
     "reduce": "How overlapping patch values are combined.",
-    "filter": "Filter applied to every patch on its own.",
+    "filter": "Filter applied to every patch on its own: the built-in ones, those other "
+              "packages contribute (entry-point group patch_viewer.filters), or a custom "
+              "function.",
+    "custom": "A model or function run on each batch of patches, by its import path "
+              "(package.module:function; imported, never evaluated). It gets (N, *patch[, C]) "
+              "and may return another number of channels (class probabilities), dtype or "
+              "resolution.",
     "reference": "What the error compares the merged image with. 'filter on whole image' "
                  "shows the seams that patch-wise filtering leaves.",
     "live": "Re-run at once whenever a control changes.",

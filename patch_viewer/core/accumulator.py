@@ -23,9 +23,10 @@ from fractions import Fraction
 import numpy as np
 
 from .grid import PatchGrid
-from .merge.plan import backend, default_workers
-from .merge.precision import anchored_finish, finish, split_mean, work_dtype
-from .windows import make_window
+from .merge.plan import backend
+from .merge.precision import finish, work_dtype
+from .merge.scatter import Sums
+from .windows import make_window, window_factors
 
 __all__ = ["Accumulator", "parse_scale"]
 
@@ -67,23 +68,6 @@ def _scaled(n: int, f: Fraction, what: str, axis: int) -> int:
             f"scale {f} does not map the {what} ({n} pixels) on spatial axis {axis} to whole "
             f"pixels ({float(v):g}); choose a scale or a {what} for which it does")
     return int(v)
-
-
-def _mode(dtype: np.dtype, reduce: str, uniform: bool) -> tuple[str, np.dtype, np.dtype]:
-    """``(mode, data, acc)``: the kernel, the dtype it reads and the dtype it sums in."""
-    data = {"b": np.dtype(np.uint8)}.get(dtype.kind, dtype)
-    data = np.dtype(np.float32) if data == np.float16 else data.newbyteorder("=")
-    if reduce != "mean":
-        return reduce, data, data
-    narrow = dtype.kind == "f" and dtype.itemsize <= 4 or dtype.kind in "bui" and (
-        dtype.kind == "b" or dtype.itemsize <= 2)
-    if uniform and dtype.kind in "biu":
-        if dtype.itemsize == 8:
-            return "split", data, np.dtype(np.int64)
-        return "sum", data, np.dtype(np.int64)
-    if narrow:
-        return ("sum" if uniform else "weighted"), data, np.dtype(np.float64)
-    return "anchored", data, np.dtype(np.float64)
 
 
 class Accumulator:
@@ -159,6 +143,10 @@ class Accumulator:
                              "the mean only")
         self._win = win
         self._origins: list[np.ndarray] = []
+        self._sorted = None  # the origins sorted by row, for the weights of a band of rows
+        self._factors = None  # per-axis weights of a whole grid streamed in order
+        self._batches = 0
+        self._window = (window, dict(window_params or {}))
         self._table = None
         self._compiled = backend() == "numba"  # decided once
         self._state = None
@@ -219,9 +207,16 @@ class Accumulator:
             return
         if self._state is None:
             self.dtype = data.dtype
-            self._state = _State(self, data.dtype)
+            self._state = Sums(data.dtype, self.reduce, self._win, self._three(self._extent),
+                               self._three(self.spatial_shape),
+                               self._three(self.patch_size), self.channels or 1)
+            self._state.unsigned = data.dtype.kind == "u"
+        self._state.check_rows(org)
         self._state.add(data, org)
-        self._origins.append(org)
+        if self._factors is None:  # a whole grid in order needs no origins (see _stream)
+            self._origins.append(org)
+            self._sorted = None
+        self._batches += 1
         self.n_added += len(org)
 
     def _footprints(self, indices) -> None:
@@ -234,7 +229,7 @@ class Accumulator:
     @property
     def n_batches(self) -> int:
         """Batches added so far."""
-        return len(self._origins)
+        return self._batches
 
     def _origins_of(self, indices, origins) -> np.ndarray:
         grid, nd = self.grid, self._nd
@@ -342,31 +337,31 @@ class Accumulator:
     @property
     def count(self) -> np.ndarray:
         """How many added patches cover each output pixel (int64, spatial shape)."""
+        if self._factors is not None:
+            counts = self._outer(self._factors[1])
+            return counts[tuple(slice(0, n) for n in self.spatial_shape)].astype(np.int64)
         return self._counts()[tuple(slice(0, n) for n in self.spatial_shape)]
+
+    def _outer(self, per_axis) -> np.ndarray:
+        out = per_axis[0]
+        for f in per_axis[1:]:
+            out = np.multiply.outer(out, f)
+        return out
 
     def _counts(self) -> np.ndarray:
         """:attr:`count` over the whole canvas (padding included), from a difference array:
         O(patches + image)."""
-        shape = tuple(n + 1 for n in self._extent)
-        counts = np.zeros(math.prod(shape), np.int64)
-        if self._origins:
-            org = self._spatial(np.concatenate(self._origins))
-            p = np.array(self.patch_size)
-            corners = [np.array(c) for c in itertools.product((0, 1), repeat=self._nd)]
-            flat = np.concatenate([np.ravel_multi_index(tuple((org + c * p).T), shape)
-                                   for c in corners])
-            sign = np.repeat([(-1.0) ** int(c.sum()) for c in corners], len(org))
-            counts += np.bincount(flat, sign, minlength=counts.size).astype(np.int64)
-        counts = counts.reshape(shape)
-        for ax in range(self._nd):
-            np.cumsum(counts, axis=ax, out=counts)
-        return counts[tuple(slice(0, n) for n in self._extent)]
+        org = self._spatial(np.concatenate(self._origins)) if self._origins else \
+            np.zeros((0, self._nd), np.int64)
+        return _box_counts(org, self.patch_size, self._extent)
 
     def weights(self) -> np.ndarray:
         """The sum of the window over the added patches at each output pixel (float64;
         the coverage count for the uniform window)."""
         if self._win is None or self.reduce != "mean":
             return self.count.astype(np.float64)
+        if self._factors is not None:
+            return self._outer(self._factors[0])[tuple(slice(0, n) for n in self.spatial_shape)]
         return self._window_sums()[tuple(slice(0, n) for n in self.spatial_shape)]
 
     def _window_sums(self) -> np.ndarray:
@@ -385,13 +380,78 @@ class Accumulator:
                          np.zeros(self._canon_shape()[:-1] + (1,), bool), dtype, fill_value,
                          work)
         else:
-            out = self._state.result(dtype, fill_value)
+            out = self._state.result(self._den_rows, None, dtype, fill_value,
+                                     work_dtype(self.dtype))
+            out = out.reshape(self._canon_shape())
         if self.channels is None:
             return out[..., 0]
         return np.moveaxis(out, -1, self.channel_axis)
 
     def _canon_shape(self) -> tuple[int, ...]:
         return self.spatial_shape + (self.channels or 1,)
+
+    def _three(self, values) -> tuple[int, ...]:
+        return tuple(_three(values, self._nd, 1))
+
+    # ------------------------------------------------------------------ streaming in order
+    def _stream(self, whole_grid: bool) -> None:
+        """Promise that patches arrive in grid order (rows never go back), so that
+        :meth:`_release` may finish the rows above and recycle their memory. For a whole grid
+        with a separable window the weights come from per-axis sums, and no origin is kept:
+        memory is then independent of the number of patches (10^8 patches of process)."""
+        if self._state is not None:
+            raise RuntimeError("_stream() goes before the first add()")
+        if not whole_grid or not (self._win is None or isinstance(self._window[0], str)):
+            return
+        name, params = self._window
+        sums, counts = [], []
+        for ax, (o, f, p, n) in enumerate(zip(self.grid.origins, self.scale, self.patch_size,
+                                              self._extent)):
+            w = np.ones(p) if self._win is None else window_factors(name, self.patch_size,
+                                                                    **params)[ax]
+            starts = (np.asarray(o, np.int64) * f.numerator) // f.denominator
+            idx = (starts[:, None] + np.arange(p)[None, :]).ravel()
+            sums.append(np.bincount(idx, np.tile(w, len(starts)), minlength=n)[:n])
+            counts.append(np.bincount(idx, minlength=n)[:n].astype(np.float64))
+        self._factors = (sums, counts)
+
+    def _release(self, below: int, dtype, fill_value) -> None:
+        """Finish the output rows above ``below`` (first spatial axis, output pixels) into
+        ``dtype`` and recycle their sums (a stream in grid order only; see :meth:`_stream`)."""
+        if self._state is None or self._nd == 1:
+            return
+        work = work_dtype(self.dtype)
+        self._state.release(below, self._den_rows, np.dtype(work if dtype is None else dtype),
+                            fill_value, work)
+
+    def _den_rows(self, y0: int, y1: int) -> np.ndarray:
+        """The weights of canvas rows ``y0 .. y1`` on the kernels' three axes (float64)."""
+        e = self._three(self._extent)
+        if self._factors is not None:
+            per_axis = self._factors[1] if self._win is None or self.reduce != "mean" \
+                else self._factors[0]
+            f3 = _three(per_axis, self._nd, np.ones(1))
+            return f3[0][y0:y1, None, None] * f3[1][None, :, None] * f3[2][None, None, :]
+        if self._sorted is None:
+            org = np.concatenate(self._origins) if self._origins else np.zeros((0, 3), np.int64)
+            order = np.argsort(org[:, 0], kind="stable")
+            self._sorted = org[order]
+        org = self._sorted
+        p3 = self._three(self.patch_size)
+        lo = np.searchsorted(org[:, 0], y0 - p3[0] + 1)
+        hi = np.searchsorted(org[:, 0], y1)
+        near = org[lo:hi].copy()
+        near[:, 0] += p3[0] - y0  # into a buffer with p0 rows of margin on each side
+        shape = (y1 - y0 + 2 * p3[0], e[1], e[2])
+        if (self._win is None or self.reduce != "mean") and self._nd >= 2:  # counts: a
+            ax = list(_AXES3[self._nd])  # difference array over the spatial axes
+            counts = _box_counts(near[:, ax], [p3[a] for a in ax], [shape[a] for a in ax])
+            return counts.reshape(shape)[p3[0]:p3[0] + y1 - y0].astype(np.float64)
+        buf = np.zeros(shape)
+        win = np.ones(p3) if self._win is None or self.reduce != "mean" else \
+            self._win.reshape(p3)
+        _add_windows(buf, win, near, three=True)
+        return buf[p3[0]:p3[0] + y1 - y0]
 
 
 def _channels(channels, grid: PatchGrid):
@@ -431,151 +491,6 @@ def _as_numpy(patches) -> np.ndarray:
     return np.asarray(patches)
 
 
-class _State:
-    """The sums of one accumulator, decided at its first batch."""
-
-    def __init__(self, owner: Accumulator, dtype: np.dtype):
-        self.owner = owner
-        self.mode, self.data, self.acc_dtype = _mode(dtype, owner.reduce, owner._win is None)
-        c = owner.channels or 1
-        ext = owner._extent
-        self.geo3 = _three(ext, owner._nd, 1)
-        self.c = c
-        size = math.prod(ext) * c
-        self.acc = np.zeros(size, self.acc_dtype)
-        if self.mode in ("max", "min"):
-            self.acc[:] = _identity(self.acc_dtype, self.mode)
-        self.lo = np.zeros(size, np.int64) if self.mode == "split" else None
-        self.seen = np.zeros(size, np.bool_) if self.mode == "anchored" else None
-        self.ref = np.zeros(size, self.data) if self.mode == "anchored" else None
-        self.compiled = backend() == "numba"  # decided once
-        p3 = _three(owner.patch_size, owner._nd, 1)
-        self.geo = np.array([p3[0], p3[1], p3[2] * c, self.geo3[1], self.geo3[2] * c],
-                            np.int64)
-        self.win = None
-        if self.mode in ("weighted", "anchored"):
-            w = np.ones(owner.patch_size) if owner._win is None else owner._win
-            w3 = w.reshape(_three(owner.patch_size, owner._nd, 1))
-            self.win = np.ascontiguousarray(np.repeat(w3, c, axis=-1).reshape(-1))
-
-    def add(self, data: np.ndarray, org: np.ndarray) -> None:
-        owner = self.owner
-        if data.dtype != self.data:
-            data = data.view(np.uint8) if data.dtype.kind == "b" else data.astype(self.data)
-        flat = np.ascontiguousarray(data).reshape(-1)
-        o3 = org
-        if self.c != 1:
-            o3 = org.copy()
-            o3[:, 2] *= self.c
-        if self.compiled:
-            self._compiled(flat, o3, self.geo)
-        else:
-            self._numpy(flat, o3, self.geo)
-
-    def _args(self):
-        m = self.mode
-        return {"sum": (self.acc,), "split": (self.acc, self.lo), "max": (self.acc,),
-                "min": (self.acc,), "weighted": (self.win, self.acc),
-                "anchored": (self.win, self.seen, self.ref, self.acc)}[m]
-
-    def _compiled(self, flat, o3, geo) -> None:
-        from .merge import kernels_scatter as S
-        from .merge.accumulate import _pool
-
-        kernel = getattr(S, "scatter_" + self.mode)
-        n0 = self.geo3[0]
-        workers = min(default_workers(flat.nbytes), n0)
-        if workers <= 1:
-            kernel(flat, o3, geo, 0, n0, *self._args())
-            return
-        cuts = np.linspace(0, n0, workers + 1).round().astype(int)
-        list(_pool().map(lambda k: kernel(flat, o3, geo, cuts[k], cuts[k + 1], *self._args()),
-                         range(workers)))
-
-    def _numpy(self, flat, o3, geo) -> None:
-        """The same sums, in the same order per pixel, with NumPy slices (the fallback)."""
-        p0, p1, ln, _, wc = (int(v) for v in geo)
-        g = self.geo3
-        view = lambda a: a.reshape(g[0], g[1], wc)  # noqa: E731
-        patches = flat.reshape(-1, p0, p1, ln)
-        win = None if self.win is None else self.win.reshape(p0, p1, ln)
-        acc = view(self.acc)
-        for k, (a, b, c) in enumerate(o3):
-            region = (slice(a, a + p0), slice(b, b + p1), slice(c, c + ln))
-            v = patches[k]
-            if self.mode == "sum":
-                acc[region] += v
-            elif self.mode == "split":
-                v = v.astype(np.int64) if v.dtype != np.uint64 else v
-                acc[region] += (v >> 32).astype(np.int64)
-                view(self.lo)[region] += (v & 0xFFFFFFFF).astype(np.int64)
-            elif self.mode == "weighted":
-                acc[region] += win * v
-            elif self.mode == "anchored":
-                seen, ref = view(self.seen)[region], view(self.ref)[region]
-                ref[~seen] = v[~seen]
-                seen[...] = True
-                acc[region] += win * (v.astype(np.float64) - ref.astype(np.float64))
-            elif self.mode == "max":
-                np.maximum(acc[region], v, out=acc[region])
-            else:
-                np.minimum(acc[region], v, out=acc[region])
-
-    def result(self, dtype, fill_value) -> np.ndarray:
-        owner = self.owner
-        crop = tuple(slice(0, n) for n in owner.spatial_shape)
-        ext, c = owner._extent, self.c
-        canon = lambda a: a.reshape(ext + (c,))[crop]  # noqa: E731
-        work = work_dtype(owner.dtype)
-        target = np.dtype(work if dtype is None else dtype)
-        if self.mode in ("sum", "weighted", "anchored") and target.kind == "f" and \
-                self.compiled:
-            return self._compiled_mean(target, fill_value)
-        count = owner.count[..., None]
-        if self.mode in ("max", "min"):
-            return finish(canon(self.acc).copy(), count > 0, dtype, fill_value, work)
-        if self.mode == "split":
-            out = split_mean(canon(self.acc), canon(self.lo), np.maximum(count, 1), target,
-                             owner.dtype.kind == "u")
-            return finish(out, count > 0, dtype, fill_value, work)
-        den = count.astype(np.float64) if owner._win is None else \
-            owner._window_sums()[crop][..., None]
-        covered = den > 0
-        with np.errstate(invalid="ignore", divide="ignore"):
-            mean = canon(self.acc) / den
-        if self.mode == "anchored":
-            return anchored_finish(canon(self.ref), mean, covered, dtype, fill_value, work)
-        return finish(mean, covered, dtype, fill_value, work)
-
-
-    def _compiled_mean(self, target: np.dtype, fill_value) -> np.ndarray:
-        """Sums divided by their weights straight into a float ``target`` in one compiled
-        pass (bands of rows on threads): no float64 temporary of the image's size."""
-        from .merge import kernels_scatter as S
-        from .merge.accumulate import _pool
-        from .merge.precision import _fill
-
-        owner = self.owner
-        den = owner._counts().astype(np.float64) if owner._win is None else \
-            owner._window_sums()
-        den = np.ascontiguousarray(den).reshape(-1)
-        ext = np.array(_three(owner._extent, owner._nd, 1), np.int64)
-        crop = np.array(_three(owner.spatial_shape, owner._nd, 1), np.int64)
-        out = np.empty(int(np.prod(crop)) * self.c, target)
-        fill = target.type(_fill(fill_value, target, True))
-        if self.mode == "anchored":
-            run = lambda y0, y1: S.anchored_into(self.ref, self.acc, den, ext, crop, self.c,  # noqa: E731
-                                                 fill, y0, y1, out)
-        else:
-            run = lambda y0, y1: S.divide_into(self.acc, den, ext, crop, self.c, fill, y0,  # noqa: E731
-                                               y1, out)
-        n0 = int(crop[0])
-        workers = min(default_workers(out.nbytes), n0)
-        cuts = np.linspace(0, n0, workers + 1).round().astype(int)
-        list(_pool().map(lambda k: run(cuts[k], cuts[k + 1]), range(workers)))
-        return out.reshape(owner.spatial_shape + (self.c,))
-
-
 _AXES3 = {1: (2,), 2: (0, 2), 3: (0, 1, 2)}
 
 
@@ -586,23 +501,38 @@ def _three(values, nd: int, fill) -> list:
     return out
 
 
-def _identity(dtype: np.dtype, mode: str):
-    if dtype.kind == "f":
-        return -np.inf if mode == "max" else np.inf
-    info = np.iinfo(dtype)
-    return info.min if mode == "max" else info.max
+def _box_counts(org: np.ndarray, patch, shape) -> np.ndarray:
+    """How many boxes of ``patch`` at ``org`` (all inside ``shape``) cover each pixel, as
+    float64: one weighted bincount of the corners, then a cumulative sum per axis."""
+    big = tuple(n + 1 for n in shape)
+    counts = np.zeros(math.prod(big), np.int64)
+    if len(org):
+        p = np.array(patch)
+        corners = [np.array(c) for c in itertools.product((0, 1), repeat=len(shape))]
+        flat = np.concatenate([np.ravel_multi_index(tuple((org + c * p).T), big)
+                               for c in corners])
+        sign = np.repeat([(-1.0) ** int(c.sum()) for c in corners], len(org))
+        counts += np.bincount(flat, sign, minlength=counts.size).astype(np.int64)
+    counts = counts.reshape(big)
+    for ax in range(len(shape)):
+        np.cumsum(counts, axis=ax, out=counts)
+    return counts[tuple(slice(0, n) for n in shape)]
 
 
-def _add_windows(out: np.ndarray, win: np.ndarray, org: np.ndarray) -> None:
-    """``win`` added to ``out`` at every origin (the weight map of the added patches)."""
-    nd = org.shape[1]
+def _add_windows(out: np.ndarray, win: np.ndarray, org: np.ndarray, three=False) -> None:
+    """``win`` added to ``out`` at every origin (the weight map of the added patches);
+    ``three``: ``out``, ``win`` and ``org`` are on the kernels' three axes already."""
+    nd = 3 if three else org.shape[1]
     if backend() == "numba":
         from .merge.kernels_scatter import scatter_window
 
-        o3 = np.zeros((len(org), 3), np.int64)
-        for ax, a3 in enumerate(_AXES3[nd]):
-            o3[:, a3] = org[:, ax]
-        p3, n3 = _three(win.shape, nd, 1), _three(out.shape, nd, 1)
+        o3 = np.ascontiguousarray(org, np.int64)
+        if not three:
+            o3 = np.zeros((len(org), 3), np.int64)
+            for ax, a3 in enumerate(_AXES3[nd]):
+                o3[:, a3] = org[:, ax]
+        p3 = win.shape if three else _three(win.shape, nd, 1)
+        n3 = out.shape if three else _three(out.shape, nd, 1)
         geo = np.array([p3[0], p3[1], p3[2], n3[1], n3[2]], np.int64)
         scatter_window(np.ascontiguousarray(win, np.float64).reshape(-1), o3, geo,
                        out.reshape(-1))

@@ -74,6 +74,7 @@ def _scaled(slices, scale) -> tuple[slice, ...]:
 def _merge_image(image, lgrid, chosen, model, params, merge, spec, specs, where):
     """One image's region through the model into an Accumulator (global patch order)."""
     acc = Accumulator(lgrid, channels=spec.channels, scale=spec.scale, **merge)
+    acc._stream(whole_grid=chosen is None)  # the weights as in memory (per-axis sums)
     if chosen is not None and not len(chosen):
         return acc
     for batch in iter_batches(image, lgrid, model.batch_size, indices=chosen,
@@ -124,6 +125,7 @@ def _weights_block(*, grid, starts, depth, spec, merge, selected, block_id=None)
     local, _, from_local, to_core, first = found
     chosen = _chosen(selected, grid, local, first)
     acc = Accumulator(local, channels=None, scale=spec.scale, **merge)
+    acc._stream(whole_grid=chosen is None)
     acc._footprints(np.arange(local.n_patches) if chosen is None else chosen)
     out[_scaled(to_core, spec.scale)] = acc.weights()[_scaled(from_local, spec.scale)]
     return out

@@ -46,6 +46,10 @@ def predict_run(image, grid, model: Predictor, params, *, batched, indices, unco
     order = np.arange(grid.n_patches) if indices is None else _indices(indices, grid)
     total = len(order) * len(images)
     merge = {"window": window, "window_params": window_params, "reduce": reduce}
+    # In grid order (every patch, or chosen ones sorted) the rows above the current patch row
+    # are final: they are finished and their sums recycled (see Accumulator._stream).
+    in_order = bool(np.all(np.diff(order) > 0)) and uncovered == "fill"
+    row_patches = math.prod(grid.grid_shape[1:])
     per_image, done, k = [], 0, 0
     for b, one in enumerate(images):
         accs, specs = None, None
@@ -58,10 +62,18 @@ def predict_run(image, grid, model: Predictor, params, *, batched, indices, unco
                 specs = model.outputs(out, grid, len(batch.indices))
                 accs = model.accumulators(specs, grid, **merge)
                 _check_memory(accs, len(images), max_bytes)
+                for acc in accs.values():
+                    if in_order:  # finished rows are released as the stream goes
+                        acc._stream(whole_grid=indices is None)
             else:
                 model.check(out, specs, grid, len(batch.indices), where)
+            last = int(batch.indices[-1]) // row_patches
             for name, acc in accs.items():
                 acc.add(out[name], batch.indices, channels_first=model.channels_first)
+                if in_order:
+                    f = acc.scale[0]
+                    below = int(grid.origins[0][last]) * f.numerator // f.denominator
+                    acc._release(below, dtype, fill_value)
             done += len(batch.indices)
             k += 1
             yield done, total

@@ -61,7 +61,7 @@ def test_every_tile_has_a_caption_and_layers_keep_their_order(explorer, qtbot):
     assert captions == list(_layers.TILE_CAPTIONS.values())
     assert "error (merged − reference)" in captions
     names = [layer.name for layer in viewer.layers]
-    assert names == ["camera 100x100", *ORDER]
+    assert names == ["camera 100x100", *(n for n in ORDER if n != "classes")]  # no model
     assert viewer.dims.axis_labels == ("patch row", "patch column", "y", "x")
 
 
@@ -71,7 +71,8 @@ def test_3d_patches_leave_the_z_slider_free(make_napari_viewer, qtbot):
     w.stride.value = 12
     run(qtbot, w)
     assert viewer.dims.axis_labels == ("patch plane", "patch row", "patch column", "z", "y", "x")
-    assert [layer.name for layer in viewer.layers] == ["blobs 3-D", *ORDER]
+    shown = [n for n in ORDER if n != "classes"]  # (no model: no class labels)
+    assert [layer.name for layer in viewer.layers] == ["blobs 3-D", *shown]
     w.click(tuple(viewer.dims.point[:-3]) + (30, 40, 50))
     step = list(viewer.dims.current_step)
     step[-3] = 60
@@ -301,3 +302,77 @@ def test_tune_chart_is_not_squashed_when_docked(explorer, qtbot):
     tune = w.open_tune()
     qtbot.wait(50)
     assert tune.chart.height() >= 300
+
+
+# ----------------------------------------------------------------- predictors in the explorer
+def three_class(batch):
+    """A stand-in model for the tests: (N, h, w) -> (N, h, w, 3) class probabilities."""
+    x = batch.astype(np.float32) / 255
+    return np.stack([x, 1 - x, np.full_like(x, 0.2)], axis=-1) / np.float32(1.2)
+
+
+def test_a_custom_function_with_k_outputs_shows_channels_and_classes(explorer, qtbot):
+    viewer, w = explorer
+    w.filter.value = _controller.CUSTOM
+    assert w.custom.native.isVisibleTo(w.native)
+    w.custom.value = "tests.qt.test_explorer:three_class"
+    result = run(qtbot, w)
+    assert result.merged.shape == (100, 100, 3)
+    merged = viewer.layers["merged"]
+    assert merged.rgb and merged.data.shape == (100, 100, 3)
+    np.testing.assert_allclose(merged.data, result.merged)
+    classes = viewer.layers["classes"]
+    assert classes.data.shape == (100, 100)
+    np.testing.assert_array_equal(classes.data, result.merged.argmax(-1) + 1)
+    assert tuple(classes.translate) == tuple(merged.translate)
+    assert "3 channels" in w.readout.value and "n/a" in w.readout.value
+    captions = list(viewer.layers["tile labels"].features["caption"])
+    assert any(c.startswith("error: n/a") for c in captions)
+    assert not viewer.layers["error"].colorbar.visible
+    after = viewer.layers["filtered patches"]
+    assert after.rgb and after.data[(0, 0)].shape == (32, 32, 3)
+    snippet = w.to_python()
+    assert "pv.Predictor(pv.load_callable('tests.qt.test_explorer:three_class'))" in snippet
+    # back to a filter: the classes layer goes, the merged tile is grey again
+    w.filter.value = "identity"
+    run(qtbot, w)
+    assert "classes" not in viewer.layers and not viewer.layers["merged"].rgb
+
+
+def test_the_whole_image_reference_gives_k_channel_metrics(explorer, qtbot):
+    viewer, w = explorer
+    w.filter.value = _controller.CUSTOM
+    w.custom.value = "tests.qt.test_explorer:three_class"
+    w.reference.value = "filter"
+    with qtbot.waitSignal(w.signals.ssim_computed, timeout=30_000):
+        run(qtbot, w)
+    assert "n/a" not in w.readout.value and "RMSE: 0" in w.readout.value  # pixel-wise model
+
+
+def test_a_bad_import_path_is_a_message_not_a_crash(explorer, qtbot):
+    viewer, w = explorer
+    w.filter.value = _controller.CUSTOM
+    for path, words in [("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
+                        ("os.path:nope", "has no attribute 'nope'"),
+                        ("just text", "package.module:function")]:
+        w.custom.value = path
+        with qtbot.waitSignal(w.signals.failed, timeout=5_000) as blocker:
+            w.run()
+        assert words in blocker.args[0] and words in w.readout.value
+
+
+def test_registered_and_plugin_predictors_are_listed(make_napari_viewer, qtbot):
+    import patch_viewer as pv
+
+    pv.register_predictor("three-class test model", three_class, channels=3)
+    try:
+        viewer = make_napari_viewer()
+        viewer.open_sample("patch-viewer", "classic")
+        _, w = viewer.window.add_plugin_dock_widget("patch-viewer", "Patch Explorer")
+        w.live.value = False
+        assert "three-class test model" in w.filter.choices
+        w.filter.value = "three-class test model"
+        result = run(qtbot, w)
+        assert result.merged.shape == (100, 100, 3) and "classes" in viewer.layers
+    finally:
+        del pv.FILTERS["three-class test model"]

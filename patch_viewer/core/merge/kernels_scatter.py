@@ -2,10 +2,11 @@
 
 Patches come as one flat C-order array of ``N`` patches of ``(p0, p1, L)`` elements (``L`` is
 the last spatial axis fused with the channels), their origins as ``(N, 3)`` in the same fused
-units, and the canvas as a flat ``(n0, n1, WC)`` array. ``geo = (p0, p1, L, n1, WC)``. Only
-canvas rows ``y0 .. y1`` (first axis, absolute) are written, so threads can split the canvas into bands
-and each pixel still sums its patches in the order they were added: the bits do not depend on
-the thread count. Origins are checked by the caller; the kernels never fail half-way.
+units, and a band of the canvas as a flat ``(rows, n1, WC)`` array whose first row is canvas
+row ``base``. ``geo = (p0, p1, L, n1, WC)``. Only canvas rows ``y0 .. y1`` are written, so
+threads can take bands (or parts of one) and each pixel still sums its patches in the order
+they were added: the bits do not depend on the thread count. Origins are checked by the
+caller; the kernels never fail half-way.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ def _rows(org, k, p0, y0, y1):
 
 
 @njit(**JIT)
-def scatter_sum(flat, org, geo, y0, y1, acc):
+def scatter_sum(flat, org, geo, y0, y1, base, acc):
     p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
     size = p0 * p1 * ln
     n = U(ln)
@@ -34,12 +35,12 @@ def scatter_sum(flat, org, geo, y0, y1, acc):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r - base) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 _run_add(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
 @njit(**JIT)
-def scatter_split(flat, org, geo, y0, y1, hi, lo):
+def scatter_split(flat, org, geo, y0, y1, base, hi, lo):
     p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
     size = p0 * p1 * ln
     n = U(ln)
@@ -47,12 +48,12 @@ def scatter_split(flat, org, geo, y0, y1, hi, lo):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r - base) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 _run_add_split(hi, lo, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
 @njit(**JIT)
-def scatter_weighted(flat, org, geo, y0, y1, win, acc):
+def scatter_weighted(flat, org, geo, y0, y1, base, win, acc):
     p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
     size = p0 * p1 * ln
     n = U(ln)
@@ -60,13 +61,13 @@ def scatter_weighted(flat, org, geo, y0, y1, win, acc):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r - base) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 wo = U((r * p1 + q) * ln)
                 _run_add_weighted(acc, a, flat, U(k * size) + wo, win, wo, n)
 
 
 @njit(**JIT)
-def scatter_anchored(flat, org, geo, y0, y1, win, seen, ref, acc):
+def scatter_anchored(flat, org, geo, y0, y1, base, win, seen, ref, acc):
     """``acc += w * (v - ref)``, where ``ref`` is the value the first patch added gave the
     pixel (set here, on first sight): equal values add exactly zero."""
     p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
@@ -75,7 +76,7 @@ def scatter_anchored(flat, org, geo, y0, y1, win, seen, ref, acc):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r - base) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 wo = U((r * p1 + q) * ln)
                 f = U(k * size) + wo
                 for t in range(U(ln)):
@@ -87,7 +88,7 @@ def scatter_anchored(flat, org, geo, y0, y1, win, seen, ref, acc):
 
 
 @njit(**JIT)
-def scatter_max(flat, org, geo, y0, y1, acc):
+def scatter_max(flat, org, geo, y0, y1, base, acc):
     p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
     size = p0 * p1 * ln
     n = U(ln)
@@ -95,12 +96,12 @@ def scatter_max(flat, org, geo, y0, y1, acc):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r - base) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 _run_max(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
 @njit(**JIT)
-def scatter_min(flat, org, geo, y0, y1, acc):
+def scatter_min(flat, org, geo, y0, y1, base, acc):
     p0, p1, ln, n1, wc = geo[0], geo[1], geo[2], geo[3], geo[4]
     size = p0 * p1 * ln
     n = U(ln)
@@ -108,7 +109,7 @@ def scatter_min(flat, org, geo, y0, y1, acc):
         o, r0, r1 = _rows(org, k, p0, y0, y1)
         for r in range(r0, r1):
             for q in range(p1):
-                a = U(((o + r) * n1 + org[k, 1] + q) * wc + org[k, 2])
+                a = U(((o + r - base) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 _run_min(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
@@ -128,7 +129,7 @@ def scatter_window(win, org, geo, out):
 
 
 @njit(**JIT)
-def divide_into(acc, den, ext, crop, c, fill, y0, y1, out):
+def divide_into(acc, den, ext, crop, c, fill, y0, y1, base, out):
     """``out = acc / den`` over the crop (``den`` per pixel, ``fill`` where it is 0), rows
     ``y0 .. y1``: the mean finished straight into the output dtype in one pass. ``ext`` and
     ``crop`` are ``(n0, n1, n2)`` of the canvas and of the image; ``c`` channels."""
@@ -136,7 +137,7 @@ def divide_into(acc, den, ext, crop, c, fill, y0, y1, out):
     s1, s2 = crop[1], crop[2]
     for y in range(y0, y1):
         for x in range(s1):
-            a = U((y * e1 + x) * e2 * c)
+            a = U(((y - base) * e1 + x) * e2 * c)
             o = U((y * s1 + x) * s2 * c)
             d = U((y * e1 + x) * e2)
             for z in range(U(s2)):
@@ -151,13 +152,13 @@ def divide_into(acc, den, ext, crop, c, fill, y0, y1, out):
 
 
 @njit(**JIT)
-def anchored_into(ref, acc, den, ext, crop, c, fill, y0, y1, out):
+def anchored_into(ref, acc, den, ext, crop, c, fill, y0, y1, base, out):
     """``out = ref + acc / den`` (the anchored mean), as :func:`divide_into`."""
     e1, e2 = ext[1], ext[2]
     s1, s2 = crop[1], crop[2]
     for y in range(y0, y1):
         for x in range(s1):
-            a = U((y * e1 + x) * e2 * c)
+            a = U(((y - base) * e1 + x) * e2 * c)
             o = U((y * s1 + x) * s2 * c)
             d = U((y * e1 + x) * e2)
             for z in range(U(s2)):

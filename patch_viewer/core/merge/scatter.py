@@ -1,0 +1,294 @@
+"""The sums behind :class:`patch_viewer.Accumulator`, kept in bands of canvas rows.
+
+The canvas (``(n0, n1, n2 * C)`` on the kernels' three axes) is cut into bands of rows along
+its first axis, each allocated when a patch first reaches it. A stream that arrives in grid
+order (as :func:`patch_viewer.process` feeds it) lets finished bands go: :meth:`Sums.release`
+divides every band above a row into the output and recycles its memory for the bands below,
+so a run holds about ``patch + stride`` rows of sums instead of the whole image's. On these
+machines a fresh page costs far more than a reused one (touching 512 MiB for the first time:
+0.6 s; again: 0.02 s), so recycling is most of the speed of a large, many-channel merge.
+
+Per pixel, patches are summed in the order they were added, whatever the bands and threads,
+so the bits never depend on either. The dtype rules are the merge's (see
+:mod:`.precision`); the compiled kernels are in :mod:`.kernels_scatter`, and a NumPy loop does
+the same sums where numba is missing.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from .plan import backend, default_workers
+from .precision import _fill, anchored_finish, finish, split_mean
+
+__all__ = ["BAND_BYTES", "Sums", "sum_mode"]
+
+#: Bytes of sums in one band (a few MiB: bands recycle, and a thread takes a band).
+BAND_BYTES = 8 << 20
+
+
+def sum_mode(dtype: np.dtype, reduce: str, uniform: bool) -> tuple[str, np.dtype, np.dtype]:
+    """``(mode, data, acc)``: the kernel, the dtype it reads and the dtype it sums in."""
+    data = {"b": np.dtype(np.uint8)}.get(dtype.kind, dtype)
+    data = np.dtype(np.float32) if data == np.float16 else data.newbyteorder("=")
+    if reduce != "mean":
+        return reduce, data, data
+    narrow = dtype.kind == "f" and dtype.itemsize <= 4 or dtype.kind in "bui" and (
+        dtype.kind == "b" or dtype.itemsize <= 2)
+    if uniform and dtype.kind in "biu":
+        if dtype.itemsize == 8:
+            return "split", data, np.dtype(np.int64)
+        return "sum", data, np.dtype(np.int64)
+    if narrow:
+        return ("sum" if uniform else "weighted"), data, np.dtype(np.float64)
+    return "anchored", data, np.dtype(np.float64)
+
+
+def _identity(dtype: np.dtype, mode: str):
+    if dtype.kind == "f":
+        return -np.inf if mode == "max" else np.inf
+    info = np.iinfo(dtype)
+    return info.min if mode == "max" else info.max
+
+
+class _Band:
+    """The arrays of one band of rows (flat): sums, and the anchor or low halves if needed."""
+
+    def __init__(self, sums: Sums, size: int):
+        self.acc = np.empty(size, sums.acc_dtype)
+        self.lo = np.empty(size, np.int64) if sums.mode == "split" else None
+        self.seen = np.empty(size, np.bool_) if sums.mode == "anchored" else None
+        self.ref = np.empty(size, sums.data) if sums.mode == "anchored" else None
+        self.reset(sums.mode)
+
+    def reset(self, mode: str) -> None:
+        self.acc[:] = _identity(self.acc.dtype, mode) if mode in ("max", "min") else 0
+        for a in (self.lo, self.seen):
+            if a is not None:
+                a[:] = 0
+
+    def args(self, mode: str, win):
+        return {"sum": (self.acc,), "split": (self.acc, self.lo), "max": (self.acc,),
+                "min": (self.acc,), "weighted": (win, self.acc),
+                "anchored": (win, self.seen, self.ref, self.acc)}[mode]
+
+
+class Sums:
+    """Sums of patches on a canvas of ``extent`` (three kernel axes) with ``c`` channels.
+
+    ``crop`` is the part that is the image (the rest is padding); ``win`` the window over
+    ``(p0, p1, p2 * c)`` for weighted means (None: uniform); ``patch3`` the patch on the three
+    axes.
+    """
+
+    def __init__(self, dtype, reduce: str, win, extent, crop, patch3, c: int):
+        self.mode, self.data, self.acc_dtype = sum_mode(np.dtype(dtype), reduce, win is None)
+        self.extent, self.crop, self.c = tuple(extent), tuple(crop), c
+        self.row = extent[1] * extent[2] * c  # elements of one canvas row
+        self.rows = max(1, min(extent[0], BAND_BYTES // (self.row * self.acc_dtype.itemsize)))
+        self.bands: list[_Band | None] = [None] * math.ceil(extent[0] / self.rows)
+        self.released = 0  # bands 0 .. released - 1 are finished into ``out`` and gone
+        self.out = None
+        self.out_key = None
+        self.free: list[_Band] = []
+        self.compiled = backend() == "numba"
+        self.geo = np.array([patch3[0], patch3[1], patch3[2] * c, extent[1], extent[2] * c],
+                            np.int64)
+        self.win = None
+        if self.mode in ("weighted", "anchored"):
+            w = np.ones(tuple(patch3)) if win is None else np.asarray(win).reshape(patch3)
+            self.win = np.ascontiguousarray(np.repeat(w, c, axis=-1).reshape(-1), np.float64)
+
+    # ------------------------------------------------------------------ adding
+    def check_rows(self, o3: np.ndarray) -> None:
+        """Refuse patches that reach rows already released (before anything is added)."""
+        if self.released and len(o3) and o3[:, 0].min() < self.released * self.rows:
+            raise ValueError(
+                f"rows above {self.released * self.rows} were finished and released (the "
+                "stream promised grid order); patches cannot be added there any more")
+
+    def add(self, data: np.ndarray, o3: np.ndarray) -> None:
+        """Add patches ``data`` (any shape of ``N`` patches, C order) at kernel origins
+        ``o3`` (``(N, 3)``, the last axis in pixels; checked by the caller)."""
+        if not len(o3):
+            return
+        if data.dtype != self.data:
+            data = data.view(np.uint8) if data.dtype.kind == "b" else data.astype(self.data)
+        flat = np.ascontiguousarray(data).reshape(-1)
+        if self.c != 1:
+            o3 = o3.copy()
+            o3[:, 2] *= self.c
+        lo = int(o3[:, 0].min())
+        hi = int(o3[:, 0].max()) + int(self.geo[0])
+        tasks = []
+        for b in range(lo // self.rows, math.ceil(hi / self.rows)):
+            band = self._band(b)
+            y0, y1 = b * self.rows, min((b + 1) * self.rows, self.extent[0])
+            tasks.append((band, max(y0, lo), min(y1, hi), y0))
+        if self.compiled:
+            self._compiled(flat, o3, tasks)
+        else:
+            for band, y0, y1, base in tasks:
+                self._numpy(flat, o3, band, y0, y1, base)
+
+    def _band(self, b: int) -> _Band:
+        if self.bands[b] is None:
+            band = self.free.pop() if self.free else None
+            if band is None:
+                band = _Band(self, self.rows * self.row)
+            else:
+                band.reset(self.mode)
+            self.bands[b] = band
+        return self.bands[b]
+
+    def _compiled(self, flat, o3, tasks) -> None:
+        from . import kernels_scatter as S
+        from .accumulate import _pool
+
+        kernel = getattr(S, "scatter_" + self.mode)
+        workers = default_workers(flat.nbytes)
+        if workers > 1 and len(tasks) < workers:  # few bands: split their rows
+            tasks = [(band, int(a), int(z), base) for band, y0, y1, base in tasks
+                     for a, z in zip(*_cuts(y0, y1, workers)) if z > a]
+        run = lambda t: kernel(flat, o3, self.geo, t[1], t[2], t[3], *t[0].args(  # noqa: E731
+            self.mode, self.win))
+        if workers <= 1 or len(tasks) == 1:
+            for t in tasks:
+                run(t)
+        else:
+            list(_pool().map(run, tasks))
+
+    def _numpy(self, flat, o3, band: _Band, y0: int, y1: int, base: int) -> None:
+        """The kernels' sums with NumPy slices, in the same order per pixel (the fallback)."""
+        p0, p1, ln, n1, wc = (int(v) for v in self.geo)
+        view = lambda a: a.reshape(-1, n1, wc)  # noqa: E731
+        patches = flat.reshape(-1, p0, p1, ln)
+        win = None if self.win is None else self.win.reshape(p0, p1, ln)
+        acc = view(band.acc)
+        for k, (a, b, c) in enumerate(o3):
+            r0, r1 = max(y0 - a, 0), min(y1 - a, p0)
+            if r1 <= r0:
+                continue
+            region = (slice(a + r0 - base, a + r1 - base), slice(b, b + p1), slice(c, c + ln))
+            v = patches[k, r0:r1]
+            w = None if win is None else win[r0:r1]
+            if self.mode == "sum":
+                acc[region] += v
+            elif self.mode == "split":
+                v = v.astype(np.int64) if v.dtype != np.uint64 else v
+                acc[region] += (v >> 32).astype(np.int64)
+                view(band.lo)[region] += (v & 0xFFFFFFFF).astype(np.int64)
+            elif self.mode == "weighted":
+                acc[region] += w * v
+            elif self.mode == "anchored":
+                seen, ref = view(band.seen)[region], view(band.ref)[region]
+                ref[~seen] = v[~seen]
+                seen[...] = True
+                acc[region] += w * (v.astype(np.float64) - ref.astype(np.float64))
+            elif self.mode == "max":
+                np.maximum(acc[region], v, out=acc[region])
+            else:
+                np.minimum(acc[region], v, out=acc[region])
+
+    # ------------------------------------------------------------------ results
+    def release(self, below: int, den_of, target: np.dtype, fill_value, work) -> None:
+        """Finish every band wholly above canvas row ``below`` into the output and recycle
+        it (``den_of(y0, y1)`` gives those rows' weights)."""
+        key = (np.dtype(target), fill_value if fill_value == fill_value else "nan")
+        if self.out is None:
+            self.out = np.empty(self.crop[:1] + self.crop[1:2] + (self.crop[2] * self.c,),
+                                target)
+            self.out_key = key
+        elif key != self.out_key:
+            raise ValueError("a streamed accumulator finishes into one dtype and fill value")
+        while self.released < len(self.bands) and \
+                min((self.released + 1) * self.rows, self.extent[0]) <= below:
+            b = self.released
+            self._finish(b, den_of, target, fill_value, work, self.out)
+            if self.bands[b] is not None:
+                self.free.append(self.bands[b])
+                self.bands[b] = None
+            self.released += 1
+
+    def result(self, den_of, counts_of, dtype, fill_value, work) -> np.ndarray:
+        """The finished image ``(crop0, crop1, crop2 * c)`` (released bands included)."""
+        target = np.dtype(work if dtype is None else dtype)
+        if self.released:
+            key = (target, fill_value if fill_value == fill_value else "nan")
+            if key != self.out_key:
+                raise ValueError("this accumulator streamed part of its result into "
+                                 f"{self.out_key[0]}: ask for the same dtype and fill value")
+            out = self.out
+        else:
+            out = np.empty(self.crop[:2] + (self.crop[2] * self.c,), target)
+        self._counts_of = counts_of
+        for b in range(self.released, len(self.bands)):
+            self._finish(b, den_of, target, fill_value, work, out)
+        return out
+
+    def _finish(self, b, den_of, target, fill_value, work, out) -> None:
+        y0, y1 = b * self.rows, min((b + 1) * self.rows, self.crop[0])
+        if y1 <= y0:
+            return
+        band = self.bands[b]
+        ext1, ext2 = self.extent[1], self.extent[2]
+        s1, s2 = self.crop[1], self.crop[2]
+        if band is None:  # no patch reached these rows
+            out[y0:y1] = target.type(_fill(fill_value, target, True))
+            return
+        canon = lambda a: a.reshape(-1, ext1, ext2 * self.c)[:y1 - y0, :s1, :s2 * self.c]  # noqa: E731
+        if self.mode in ("sum", "weighted", "anchored") and target.kind == "f" and \
+                self.compiled:
+            self._divide(band, den_of(y0, y1), y0, y1, target, fill_value, out)
+            return
+        den = den_of(y0, y1)[:, :s1, :s2]
+        shape = (y1 - y0, s1, s2, self.c)
+        cov = np.repeat(den > 0, self.c, axis=-1).reshape(shape[:2] + (-1,))
+        if self.mode in ("max", "min"):
+            out[y0:y1] = finish(canon(band.acc).copy(), cov, target, fill_value, work)
+        elif self.mode == "split":
+            count = np.repeat(np.rint(den).astype(np.int64), self.c, axis=-1).reshape(cov.shape)
+            mean = split_mean(canon(band.acc), canon(band.lo), np.maximum(count, 1), target,
+                              self.unsigned)
+            out[y0:y1] = finish(mean, cov, target, fill_value, work)
+        else:
+            d = np.repeat(den, self.c, axis=-1).reshape(cov.shape)
+            with np.errstate(invalid="ignore", divide="ignore"):
+                mean = canon(band.acc) / d
+            if self.mode == "anchored":
+                out[y0:y1] = anchored_finish(canon(band.ref), mean, cov, target, fill_value,
+                                             work)
+            else:
+                out[y0:y1] = finish(mean, cov, target, fill_value, work)
+
+    unsigned = False  # set by the owner for uint64 split sums
+
+    def _divide(self, band, den, y0, y1, target, fill_value, out) -> None:
+        """Sums over weights, straight into the float output, in one compiled pass."""
+        from . import kernels_scatter as S
+        from .accumulate import _pool
+
+        den = np.ascontiguousarray(den, np.float64).reshape(-1)
+        ext = np.array([y1 - y0, self.extent[1], self.extent[2]], np.int64)
+        crop = np.array([y1 - y0, self.crop[1], self.crop[2]], np.int64)
+        fill = target.type(_fill(fill_value, target, True))
+        flat = out[y0:y1].reshape(-1)
+        if self.mode == "anchored":
+            run = lambda a, z: S.anchored_into(band.ref, band.acc, den, ext, crop,  # noqa: E731
+                                               self.c, fill, a, z, 0, flat)
+        else:
+            run = lambda a, z: S.divide_into(band.acc, den, ext, crop, self.c, fill,  # noqa: E731
+                                             a, z, 0, flat)
+        workers = min(default_workers(flat.nbytes), y1 - y0)
+        if workers <= 1:
+            run(0, y1 - y0)
+            return
+        lo, hi = _cuts(0, y1 - y0, workers)
+        list(_pool().map(lambda k: run(int(lo[k]), int(hi[k])), range(workers)))
+
+
+def _cuts(y0: int, y1: int, n: int):
+    edges = np.linspace(y0, y1, n + 1).round().astype(int)
+    return edges[:-1], edges[1:]
