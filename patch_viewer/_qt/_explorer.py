@@ -22,7 +22,7 @@ from qtpy.QtCore import Qt, QTimer
 from qtpy.QtWidgets import QSizePolicy
 
 from .. import _controller as ctl
-from ..core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, WINDOWS
+from ..core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, WINDOWS, warm_up
 from ._axis import AxisInts
 from ._canvas import Canvas
 from ._selection import Selection
@@ -108,6 +108,10 @@ class PatchExplorer(Container):
         self.native.installEventFilter(self._undocked)
         self._on_filter()
         self._on_image()
+        # Load the compiled kernels off the main thread now, so the first run does not wait
+        # on numba's start-up (about 0.3 s from its cache, seconds when it compiles).
+        self.warm = create_worker(warm_up)
+        self.warm.start()
 
     def _style_readout(self):
         native = self.readout.native

@@ -58,4 +58,9 @@ def warm_up(dtypes=WARM_DTYPES, filters=WARM_FILTERS) -> float:
         merge_patches(patches, grid, reduce="max")
         for name in filters:
             process(image, grid, name, ssim=False)
+    from .accumulator import Accumulator
+
+    acc = Accumulator(grid)  # the scatter, index and finishing kernels of patch-wise inference
+    acc.add(np.zeros((grid.n_patches, 5, 5), np.float32), np.arange(grid.n_patches))
+    acc.result()
     return time.perf_counter() - start

@@ -376,3 +376,15 @@ def test_registered_and_plugin_predictors_are_listed(make_napari_viewer, qtbot):
         assert result.merged.shape == (100, 100, 3) and "classes" in viewer.layers
     finally:
         del pv.FILTERS["three-class test model"]
+
+
+def test_docking_loads_the_compiled_kernels_in_a_worker(make_napari_viewer, qtbot):
+    """The explorer warms numba's kernels up in a thread as it docks (the first run then
+    does not wait on a compile or on numba's start-up)."""
+    viewer = make_napari_viewer()
+    _, w = viewer.window.add_plugin_dock_widget("patch-viewer", "Patch Explorer")
+    qtbot.waitUntil(lambda: not w.warm.is_running, timeout=60_000)
+    if pv.backend() == "numba":
+        from patch_viewer.core.merge import kernels_numba, kernels_scatter
+
+        assert kernels_numba.band_sum.signatures and kernels_scatter.scatter_sum.signatures
