@@ -350,6 +350,14 @@ def test_a_predictor_that_breaks_its_declaration_or_first_call():
     with pytest.raises(PredictionError, match=r"shape \(10, 2, 4\).*on batch 2.*\(N, 4, 4\)"):
         process(image, grid, Predictor(drifting, batch_size=10))
 
+    def retyped(batch):
+        retyped.calls += 1
+        return batch if retyped.calls < 2 else batch.astype(np.float32)
+
+    retyped.calls = 0
+    with pytest.raises(PredictionError, match=r"float32 on batch 1.*float64"):
+        process(image, grid, Predictor(retyped, batch_size=10))
+
 
 def test_a_failing_predictor_names_its_batch_and_leaves_nothing_half_merged():
     image = np.random.default_rng(9).random((160, 160))
