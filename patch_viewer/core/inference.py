@@ -44,42 +44,15 @@ def predict_run(image, grid, model: Predictor, params, *, batched, indices, unco
     start = time.perf_counter()
     images = image if batched else image[None]
     order = np.arange(grid.n_patches) if indices is None else _indices(indices, grid)
-    total = len(order) * len(images)
-    merge = {"window": window, "window_params": window_params, "reduce": reduce}
+    run = _Run(grid, model, params, order, len(images), batched,
+               {"window": window, "window_params": window_params, "reduce": reduce})
     # In grid order (every patch, or chosen ones sorted) the rows above the current patch row
     # are final: they are finished and their sums recycled (see Accumulator._stream).
-    in_order = bool(np.all(np.diff(order) > 0)) and uncovered == "fill"
-    row_patches = math.prod(grid.grid_shape[1:])
-    per_image, done, k = [], 0, 0
+    run.in_order = bool(np.all(np.diff(order) > 0)) and uncovered == "fill"
+    run.whole_grid, run.finish = indices is None, (dtype, fill_value, max_bytes)
+    per_image = []
     for b, one in enumerate(images):
-        accs, specs = None, None
-        for batch in iter_batches(one, grid, model.batch_size, indices=order,
-                                  channels_first=model.channels_first):
-            where = f"batch {k} (patches {batch.indices[0]}..{batch.indices[-1]}" + (
-                f" of image {b})" if batched else ")")
-            out = model.run(batch.patches, params, where)
-            if specs is None:
-                specs = model.outputs(out, grid, len(batch.indices))
-                accs = model.accumulators(specs, grid, **merge)
-                _check_memory(accs, len(images), max_bytes)
-                for acc in accs.values():
-                    if in_order:  # finished rows are released as the stream goes
-                        acc._stream(whole_grid=indices is None)
-            else:
-                model.check(out, specs, grid, len(batch.indices), where)
-            last = int(batch.indices[-1]) // row_patches
-            for name, acc in accs.items():
-                acc.add(out[name], batch.indices, channels_first=model.channels_first)
-                if in_order:
-                    f = acc.scale[0]
-                    below = int(grid.origins[0][last]) * f.numerator // f.denominator
-                    acc._release(below, dtype, fill_value)
-            done += len(batch.indices)
-            k += 1
-            yield done, total
-        if accs is None:  # no patch chosen: ask the model once for the shapes of its output
-            accs = _empty_accumulators(one, grid, model, params, merge)
-        per_image.append(accs)
+        per_image.append((yield from run.image(one, b)))
     outputs = {name: _stack([accs[name].result(dtype, fill_value) for accs in per_image],
                             batched) for name in per_image[0]}
     first = next(iter(per_image[0].values()))
@@ -89,16 +62,66 @@ def predict_run(image, grid, model: Predictor, params, *, batched, indices, unco
     merged = next(iter(outputs.values()))
     ref = _reference(image, grid, model, params, reference, batched, first, filt)
     error = error_map(merged, ref) if ref is not None and ref.shape == merged.shape else None
-    channel_axis = first.channel_axis
-    if channel_axis is not None and batched:
-        channel_axis += 1
+    values = dict.fromkeys(METRICS + ("covered",), math.nan)
     if metrics and error is not None:
+        channel_axis = None if first.channel_axis is None else first.channel_axis + batched
         values = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim, error=error)
-    else:
-        values = dict.fromkeys(METRICS + ("covered",), math.nan)
     plan = make_plan(grid, len(images), batch_bytes=batch_bytes, dtype=image.dtype)
     return Result(merged, first.weights(), ref, error, values, grid, plan,
                   time.perf_counter() - start, outputs)
+
+
+class _Run:
+    """One predictor run's loop: batches of an image -> the model -> its accumulators."""
+
+    in_order = whole_grid = False
+    finish = (None, None, None)
+
+    def __init__(self, grid, model, params, order, n_images, batched, merge):
+        self.grid, self.model, self.params, self.order = grid, model, params, order
+        self.n_images, self.batched, self.merge = n_images, batched, merge
+        self.total = len(order) * n_images
+        self.done = self.k = 0
+        self.row_patches = math.prod(grid.grid_shape[1:])
+
+    def image(self, one, b):
+        """Generator over one image's batches; returns its accumulators by output name."""
+        accs, specs = None, None
+        model, grid = self.model, self.grid
+        for batch in iter_batches(one, grid, model.batch_size, indices=self.order,
+                                  channels_first=model.channels_first):
+            where = f"batch {self.k} (patches {batch.indices[0]}..{batch.indices[-1]}" + (
+                f" of image {b})" if self.batched else ")")
+            out = model.run(batch.patches, self.params, where)
+            if specs is None:
+                specs = model.outputs(out, grid, len(batch.indices))
+                accs = self._accumulators(specs)
+            else:
+                model.check(out, specs, grid, len(batch.indices), where)
+            self._add(accs, out, batch.indices)
+            self.done += len(batch.indices)
+            self.k += 1
+            yield self.done, self.total
+        if accs is None:  # no patch chosen: ask the model once for the shapes of its output
+            accs = _empty_accumulators(one, grid, model, self.params, self.merge)
+        return accs
+
+    def _accumulators(self, specs) -> dict:
+        accs = self.model.accumulators(specs, self.grid, **self.merge)
+        _check_memory(accs, self.n_images, self.finish[2])
+        if self.in_order:  # finished rows are released as the stream goes
+            for acc in accs.values():
+                acc._stream(whole_grid=self.whole_grid)
+        return accs
+
+    def _add(self, accs, out, indices) -> None:
+        dtype, fill_value, _ = self.finish
+        row = int(self.grid.origins[0][int(indices[-1]) // self.row_patches])
+        for name, acc in accs.items():
+            acc.add(out[name], indices, channels_first=self.model.channels_first)
+            if self.in_order:
+                f = acc.scale[0]
+                acc._release(row * f.numerator // f.denominator, dtype, fill_value)
 
 
 def _check_memory(accs: dict, n_images: int, max_bytes) -> None:
