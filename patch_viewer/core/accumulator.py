@@ -28,7 +28,7 @@ from .merge.precision import finish, work_dtype
 from .merge.scatter import Sums
 from .windows import make_window, window_factors
 
-__all__ = ["Accumulator", "parse_scale"]
+__all__ = ["Accumulator", "check_window", "parse_scale"]
 
 _REDUCE = ("mean", "max", "min")
 
@@ -121,10 +121,7 @@ class Accumulator:
             raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
         if reduce not in _REDUCE:
             raise ValueError(f"`reduce` must be one of {_REDUCE}, got {reduce!r}")
-        if isinstance(window, str) and window == "overlap-tile":
-            raise ValueError("`window` 'overlap-tile' picks each pixel by grid position and "
-                             "does not apply to an Accumulator; use 'uniform', 'triangular', "
-                             "'hann', 'gaussian' or an array")
+        check_window(window)
         self.grid = grid
         self.scale = parse_scale(scale, grid.ndim)
         nd = grid.ndim
@@ -452,6 +449,15 @@ class Accumulator:
             self._win.reshape(p3)
         _add_windows(buf, win, near, three=True)
         return buf[p3[0]:p3[0] + y1 - y0]
+
+
+def check_window(window) -> None:
+    """Refuse ``"overlap-tile"``: it picks each pixel by grid position, which patches added at
+    any origins (or only some of them) do not have."""
+    if isinstance(window, str) and window == "overlap-tile":
+        raise ValueError("`window` 'overlap-tile' picks each pixel by its place in a whole grid "
+                         "and does not apply to an Accumulator, a predictor or chosen patches; "
+                         "use 'uniform', 'triangular', 'hann', 'gaussian' or an array")
 
 
 def _channels(channels, grid: PatchGrid):

@@ -95,15 +95,13 @@ def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_para
 def _predict(image, grid, filt, params, batched, indices, uncovered, window, window_params,
              reduce, reference, dtype, fill_value, max_bytes, batch_bytes, ssim, metrics):
     """A predictor, or chosen patches: batches -> model -> accumulators (:mod:`.inference`)."""
+    from .accumulator import check_window
     from .inference import UNCOVERED, as_predictor, predict_run
     from .predict import _indices
 
     if uncovered not in UNCOVERED:
         raise ValueError(f"`uncovered` must be one of {UNCOVERED}, got {uncovered!r}")
-    if isinstance(window, str) and window == "overlap-tile":
-        raise ValueError("`window` 'overlap-tile' applies to whole grids of filtered patches; "
-                         "with a predictor or chosen patches use 'uniform', 'triangular', "
-                         "'hann', 'gaussian' or an array")
+    check_window(window)
     if indices is not None:
         indices = _indices(indices, grid)
     model = as_predictor(filt, params, grid)

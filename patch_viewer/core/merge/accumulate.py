@@ -18,7 +18,7 @@ from ..grid import PatchGrid
 from . import kernels_fused as F
 from . import kernels_numba as K
 from .plan import AXES3, MergePlan, Source, band_rows, stack_source, three_axes
-from .precision import anchored_finish, finish, split_mean
+from .precision import anchored_finish, finish, reduce_identity, split_mean
 from .weights import coverage_mask
 
 __all__ = ["NumbaMerger", "merge_bands"]
@@ -117,13 +117,6 @@ def _powers_of_two(arrays) -> bool:
     return all(bool(np.all((np.frexp(a)[0] == 0.5) | (a == 0))) for a in arrays)
 
 
-def _identity(dtype: np.dtype, mode: str):
-    if dtype.kind == "f":
-        return -np.inf if mode == "max" else np.inf
-    info = np.iinfo(dtype)
-    return info.min if mode == "max" else info.max
-
-
 class _Canvas:
     """The arrays one band (or one whole image) accumulates into, flat and contiguous."""
 
@@ -134,7 +127,7 @@ class _Canvas:
         self.ref = np.zeros(size, plan.data) if mode in ("anchored", "pick") else None
         self.mode = mode
         if mode in ("max", "min"):
-            self.acc[:] = _identity(self.acc.dtype, mode)
+            self.acc[:] = reduce_identity(self.acc.dtype, mode)
         #: whether weighing a band leaves it cleared (so no separate pass is needed)
         self.self_clearing = mode in ("sum", "weighted", "anchored")
 
@@ -143,7 +136,7 @@ class _Canvas:
         if self.self_clearing:
             return
         if self.mode in ("max", "min"):
-            self.acc[:n] = _identity(self.acc.dtype, self.mode)
+            self.acc[:n] = reduce_identity(self.acc.dtype, self.mode)
         else:
             self.acc[:n] = 0
         if self.lo is not None:

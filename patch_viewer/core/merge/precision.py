@@ -24,7 +24,8 @@ import math
 import numpy as np
 
 __all__ = ["accumulation", "anchored_finish", "check_dtype", "finish", "is_wide_int",
-           "narrow_sums_exact", "split_mean", "sum_dtype", "to_integer", "work_dtype"]
+           "narrow_sums_exact", "reduce_identity", "split_mean", "sum_dtype", "to_integer",
+           "work_dtype"]
 
 
 def work_dtype(dtype) -> np.dtype:
@@ -261,3 +262,12 @@ def narrow_sums_exact(grid) -> bool:
     for c in grid.coverage_1d():
         counts = {a * int(b) for a in counts for b in np.unique(c)}
     return counts <= {0, 1, 2, 4}
+
+
+def reduce_identity(dtype, mode: str):
+    """The value a ``max`` (``min``) reduction starts from: the dtype's lowest (highest)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "f":
+        return -np.inf if mode == "max" else np.inf
+    info = np.iinfo(dtype)
+    return info.min if mode == "max" else info.max

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from .plan import backend, default_workers
-from .precision import _fill, anchored_finish, finish, split_mean
+from .precision import _fill, anchored_finish, finish, reduce_identity, split_mean
 
 __all__ = ["BAND_BYTES", "Sums", "sum_mode"]
 
@@ -46,13 +46,6 @@ def sum_mode(dtype: np.dtype, reduce: str, uniform: bool) -> tuple[str, np.dtype
     return "anchored", data, np.dtype(np.float64)
 
 
-def _identity(dtype: np.dtype, mode: str):
-    if dtype.kind == "f":
-        return -np.inf if mode == "max" else np.inf
-    info = np.iinfo(dtype)
-    return info.min if mode == "max" else info.max
-
-
 class _Band:
     """The arrays of one band of rows (flat): sums, and the anchor or low halves if needed."""
 
@@ -64,7 +57,7 @@ class _Band:
         self.reset(sums.mode)
 
     def reset(self, mode: str) -> None:
-        self.acc[:] = _identity(self.acc.dtype, mode) if mode in ("max", "min") else 0
+        self.acc[:] = reduce_identity(self.acc.dtype, mode) if mode in ("max", "min") else 0
         for a in (self.lo, self.seen):
             if a is not None:
                 a[:] = 0
