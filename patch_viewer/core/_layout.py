@@ -139,9 +139,19 @@ def n_elements(shape) -> int:
 DIRECT_MAX_STEPS = 8
 
 
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints, exactly (no float rounding)."""
+    return -(-a // b)
+
+
+def block_depths(patch_size, stride) -> list[int]:
+    """Block offsets per axis: how many stride blocks one patch spans (``ceil(p / s)``)."""
+    return [ceil_div(p, s) for p, s in zip(patch_size, stride)]
+
+
 def depth(grid: PatchGrid) -> list[int]:
-    """Block offsets per axis: how many stride blocks one patch spans."""
-    return [-(-p // s) for p, s in zip(grid.patch_size, grid.stride)]
+    """:func:`block_depths` of the grid's patch size and stride."""
+    return block_depths(grid.patch_size, grid.stride)
 
 
 def is_direct(grid: PatchGrid) -> bool:

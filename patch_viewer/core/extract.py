@@ -16,6 +16,7 @@ from ._layout import (
     to_canonical,
     window_view,
 )
+from .checks import check_grid
 from .grid import PatchGrid
 from .merge.plan import backend
 
@@ -69,8 +70,7 @@ def extract_patches(image, grid: PatchGrid, *, copy: bool = False, layout: str =
     >>> p[1, 0].tolist()
     [[8, 9], [12, 13]]
     """
-    if not isinstance(grid, PatchGrid):
-        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    check_grid(grid)
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
     if layout != "C" and not copy:

@@ -19,6 +19,8 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage as ndi
 
+from .checks import check_number
+
 
 @dataclass(frozen=True)
 class Param:
@@ -32,24 +34,17 @@ class Param:
 
     def __post_init__(self):
         for key in ("default", "min", "max"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                raise TypeError(f"Param `{key}` must be a number, got {value!r}")
+            check_number(getattr(self, key), f"Param `{key}`")
         if self.kind not in (int, float):
             raise TypeError(f"Param `kind` must be int or float, got {self.kind!r}")
         if not self.min <= self.default <= self.max:
             raise ValueError(f"Param `default` must be in [min, max] = [{self.min}, {self.max}], "
                              f"got {self.default!r}")
 
-    def check(self, name: str, value):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-            raise TypeError(f"filter parameter `{name}` must be a number, got {value!r}")
-        if self.kind is int and float(value) != int(value):
-            raise TypeError(f"filter parameter `{name}` must be an integer, got {value!r}")
-        if not (self.min <= value <= self.max):
-            raise ValueError(
-                f"filter parameter `{name}` must be in [{self.min}, {self.max}], got {value!r}"
-            )
+    def check(self, name: str, value: float) -> float:
+        """``value`` checked against the declared range, as ``kind``."""
+        check_number(value, f"filter parameter `{name}`", self.min, self.max,
+                     integer=self.kind is int)
         return self.kind(value)
 
 

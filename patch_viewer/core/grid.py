@@ -88,7 +88,7 @@ class PatchGrid:
         shape = _image_shape(self.image_shape)
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("image_shape", shape)
-        channel_axis = _channel_axis(self.channel_axis, len(shape))
+        channel_axis = _normalise_channel_axis(self.channel_axis, len(shape))
         set_("channel_axis", channel_axis)
         spatial = tuple(n for i, n in enumerate(shape) if i != channel_axis)
         if not 1 <= len(spatial) <= 3:
@@ -258,7 +258,8 @@ def _image_shape(shape) -> tuple[int, ...]:
     return shape
 
 
-def _channel_axis(axis, ndim: int) -> int | None:
+def _normalise_channel_axis(axis, ndim: int) -> int | None:
+    """``channel_axis`` checked and made non-negative (None stays None)."""
     if axis is None:
         return None
     if isinstance(axis, (bool, np.bool_)):  # True is an int to operator.index: never mean 1

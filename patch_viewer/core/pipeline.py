@@ -29,6 +29,7 @@ from .checks import (
     check_dtype,
     check_fill_value,
     check_finite_for_integer,
+    check_grid,
     check_image,
     check_progress,
     check_reduce_window,
@@ -281,8 +282,7 @@ def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_para
     All arguments are validated before the generator is returned. A dask or zarr ``image``
     gives a lazy :class:`Result` at once (see :func:`process`).
     """
-    if not isinstance(grid, PatchGrid):
-        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    check_grid(grid)
     max_bytes = parse_max_bytes(max_bytes)
     dtype = check_dtype(dtype)
     fill_value = check_fill_value(fill_value, dtype)

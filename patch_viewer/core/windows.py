@@ -7,10 +7,9 @@ or Bartlett window, the image border is never zeroed.
 
 from __future__ import annotations
 
-import math
-import numbers
-
 import numpy as np
+
+from .checks import check_number
 
 #: Named windows. ``"overlap-tile"`` is not a weighting: each pixel is taken from the one patch
 #: whose centre is nearest to it (the U-Net overlap-tile strategy).
@@ -65,12 +64,7 @@ def window_factors(window: str, patch_size, **params) -> list[np.ndarray]:
         if key not in allowed:
             raise TypeError(f"window {window!r} takes no parameter {key!r}; it takes {tuple(allowed)}")
         _, lo, hi = allowed[key]
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real,
-                                                                         np.number)):
-            raise TypeError(f"window parameter `{key}` must be a number in [{lo}, {hi}], "
-                            f"got {value!r}")
-        if not lo <= value <= hi:  # NaN fails too
-            raise ValueError(f"window parameter `{key}` must be in [{lo}, {hi}], got {value!r}")
+        check_number(value, f"window parameter `{key}`", lo, hi)
     params = {k: float(v) for k, v in params.items()}
     return [_FACTORS[window](int(p), **params) for p in patch_size]
 
@@ -133,8 +127,3 @@ def separable_factors(window, patch_size, **params) -> list[np.ndarray] | None:
         return window_factors(window, patch_size, **params)
     return None
 
-
-def window_sum(window, patch_size, **params) -> float:
-    """Total weight of one patch (for normalisation and read-outs)."""
-    w = make_window(window, patch_size, **params)
-    return float(math.prod(patch_size)) if w is None else float(w.sum())

@@ -10,6 +10,7 @@ overlap weights.
 
 from __future__ import annotations
 
+from ..checks import check_grid
 from ..grid import PatchGrid
 from .plan import BACKENDS, REDUCTIONS, backend, default_workers, make_merge_plan
 from .precision import check_dtype, work_dtype
@@ -93,8 +94,7 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
     from .._layout import from_canonical, is_lazy, patches_to_canonical
     from .precision import _fill
 
-    if not isinstance(grid, PatchGrid):
-        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    check_grid(grid)
     if is_lazy(patches):
         raise TypeError(
             "`patches` must be an in-memory array: a patch stack is many times larger than its "

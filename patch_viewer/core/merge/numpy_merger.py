@@ -10,7 +10,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .._layout import DIRECT_MAX_STEPS, ROWS_FIRST_ORDER, is_direct, n_elements, split_regular, stack_order
+from .._layout import (
+    DIRECT_MAX_STEPS,
+    ROWS_FIRST_ORDER,
+    block_depths,
+    ceil_div,
+    is_direct,
+    n_elements,
+    split_regular,
+    stack_order,
+)
 from ..grid import PatchGrid
 from ..windows import make_window, separable_factors
 from .kernels_numpy import (
@@ -119,8 +128,8 @@ class NumpyMerger:
             for i in range(0, b, per):
                 yield piece[i:i + per], b0 + i, row0
             return
-        n = min(g0, max(-(-g0 // rows), min_parts if b == 1 else 1))
-        rows = -(-g0 // n)
+        n = min(g0, max(ceil_div(g0, rows), min_parts if b == 1 else 1))
+        rows = ceil_div(g0, n)
         for bi in range(b):
             for r in range(0, g0, rows):
                 yield piece[bi:bi + 1, r:r + rows], b0 + bi, row0 + r
@@ -208,7 +217,7 @@ class NumpyMerger:
         nd = self._nd
         stride = self.grid.stride
         g, p = sub.shape[1:1 + nd], sub.shape[1 + nd:1 + 2 * nd]
-        depth = [-(-pk // sk) for pk, sk in zip(p, stride)]
+        depth = block_depths(p, stride)
         anchor = self.mode == "mean" and self.anchor
         padded = None
         cascade = math.prod(depth) > DIRECT_MAX_STEPS

@@ -8,6 +8,7 @@ import math
 import numpy as np
 
 from .._layout import split_regular
+from ..checks import check_grid
 from ..grid import PatchGrid
 from ..windows import make_window, separable_factors
 from .kernels_numpy import overlap_add
@@ -44,8 +45,7 @@ def weight_map(grid: PatchGrid, window="uniform", **window_params) -> np.ndarray
     >>> weight_map(PatchGrid((6,), 4, stride=2)).tolist()
     [1.0, 1.0, 2.0, 2.0, 1.0, 1.0]
     """
-    if not isinstance(grid, PatchGrid):
-        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    check_grid(grid)
     return weights_in(grid, window, window_params, np.float64)
 
 
