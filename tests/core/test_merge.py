@@ -1,5 +1,4 @@
 import numpy as np
-from unittest import mock
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -293,7 +292,10 @@ def test_threaded_accumulation_equals_single_thread(grid, reduce, window, worker
     rng = np.random.default_rng(seed)
     p = rng.standard_normal((3,) + grid.patches_shape)  # batch of 3 images, float64
     # many parts (NumPy) or bands (numba), so that every thread gets some
-    with mock.patch.object(nm, "PIECE_BYTES", 256), mock.patch.object(plan, "BAND_BYTES", 64):
+    # (pytest.MonkeyPatch.context: hypothesis runs many examples inside one test call)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nm, "PIECE_BYTES", 256)
+        mp.setattr(plan, "BAND_BYTES", 64)
         one = merge_patches(p, grid, window=window, reduce=reduce, workers=1)
         for n in (2, workers):
             many = merge_patches(p, grid, window=window, reduce=reduce, workers=n)
@@ -317,7 +319,9 @@ def test_numpy_banded_merge_equals_streaming(grid, reduce, dtype, workers, band_
     # at least one column per group where staging runs, so that it always does
     stage = {"STAGE_BYTES": 0} if stage_bytes is None else {"STAGE_BYTES": stage_bytes,
                                                             "STAGE_MIN_COLUMNS": 0}
-    with mock.patch.multiple(ne, BAND_BYTES=band_bytes, **stage):
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"BAND_BYTES": band_bytes, **stage}.items():
+            mp.setattr(ne, name, value)
         banded = merger.finish(merger.merge_banded(canon, workers))
     streamed = NumpyMerger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
     streamed.add(canon)
