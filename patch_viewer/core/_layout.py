@@ -63,7 +63,10 @@ def to_canonical(image: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarra
 
 def from_canonical(canon: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarray:
     """Inverse of :func:`to_canonical` (a view)."""
-    out = canon[..., 0] if grid.channel_axis is None else np.moveaxis(canon, -1, grid.channel_axis + 1)
+    if grid.channel_axis is None:
+        out = canon[..., 0]
+    else:
+        out = np.moveaxis(canon, -1, grid.channel_axis + 1)
     return out if batched else out[0]
 
 

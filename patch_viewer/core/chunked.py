@@ -209,10 +209,8 @@ def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_par
             "some pixels are covered by no patch (edge='drop' or stride > patch_size): "
             f"pass `fill_value` to mark them in an integer output dtype ({out_dtype})"
         )
-    if fill_value is not None:
-        fill = fill_value
-    else:  # NaN marks uncovered pixels; integer outputs here have none (checked above)
-        fill = np.nan if out_dtype.kind == "f" else 0
+    # NaN marks uncovered pixels; integer outputs here have none (checked above)
+    fill = fill_value if fill_value is not None else (np.nan if out_dtype.kind == "f" else 0)
 
     ov = da.overlap.overlap(canon, depth={ax: d for ax, d in enumerate(depth, start=1)},
                             boundary="none", allow_rechunk=False)

@@ -13,8 +13,8 @@ float64; median keeps integer dtypes and computes float16 in float32.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -210,7 +210,7 @@ def identity(stack, spatial_axes):
 
 
 @register_filter("gaussian", params={"sigma": Param(1.0, 0.1, 20.0, float, "blur radius (px)")},
-                 halo=lambda sigma: _gauss_reach(sigma))
+                 halo=_gauss_reach)
 def gaussian(stack, spatial_axes, sigma):
     """Gaussian blur inside each patch (reflecting at the patch border)."""
     x = _float(stack)

@@ -11,8 +11,8 @@ a function marked with :func:`elementwise` is compiled and called on each value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 

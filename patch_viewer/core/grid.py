@@ -27,8 +27,9 @@ def _positive_ints(value, name: str, ndim: int) -> tuple[int, ...]:
             ) from None
         if len(values) != ndim:
             raise ValueError(
-                f"`{name}` must have one entry per spatial axis ({ndim}), got {len(values)}: {value!r}"
-            )
+                f"`{name}` must have one entry per spatial axis ({ndim}), got {len(values)}: "
+                f"{value!r}"
+            ) from None
         try:
             values = tuple(
                 operator.index(v) if not isinstance(v, (bool, np.bool_)) else None for v in values
@@ -36,7 +37,7 @@ def _positive_ints(value, name: str, ndim: int) -> tuple[int, ...]:
         except TypeError:
             raise TypeError(f"`{name}` entries must be integers, got {value!r}") from None
         if None in values:
-            raise TypeError(f"`{name}` entries must be integers, got {value!r}")
+            raise TypeError(f"`{name}` entries must be integers, got {value!r}") from None
     if any(v < 1 for v in values):
         raise ValueError(f"`{name}` must be >= 1 on every axis, got {value!r}")
     return values
@@ -112,10 +113,7 @@ class PatchGrid:
                     f"the allowed range is 1..{n}, or use edge='pad'"
                     + _rgb_hint(shape, channel_axis)
                 )
-            if self.edge == "drop":
-                g = (n - p) // s + 1
-            else:
-                g = math.ceil(max(n - p, 0) / s) + 1
+            g = (n - p) // s + 1 if self.edge == "drop" else math.ceil(max(n - p, 0) / s) + 1
             o = np.arange(g, dtype=np.intp) * s
             if self.edge == "shift":
                 o[-1] = min(o[-1], n - p)
@@ -227,8 +225,8 @@ class PatchGrid:
         if len(point) != self.ndim:
             raise ValueError(f"`point` must have {self.ndim} coordinates, got {point}")
         index = []
-        for x, n, o, p in zip(point, self.spatial_shape, self.origins, self.patch_size):
-            x = math.floor(x)
+        for coord, n, o, p in zip(point, self.spatial_shape, self.origins, self.patch_size):
+            x = math.floor(coord)
             if not 0 <= x < n:
                 return None
             # Patches covering x have o <= x < o + p; the one with the largest origin is nearest.

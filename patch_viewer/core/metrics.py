@@ -21,7 +21,8 @@ def error_map(merged, reference) -> np.ndarray:
     merged = np.asarray(merged)
     reference = np.asarray(reference)
     if merged.shape != reference.shape:
-        raise ValueError(f"`merged` shape {merged.shape} differs from `reference` shape {reference.shape}")
+        raise ValueError(f"`merged` shape {merged.shape} differs from `reference` shape "
+                         f"{reference.shape}")
     dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN: not a warning
         return np.subtract(merged, reference, dtype=dtype)
@@ -201,7 +202,7 @@ def ssim_window(shape, channel_axis) -> int:
     below 3 there is nothing structural to compare."""
     spatial = [n for i, n in enumerate(shape)
                if channel_axis is None or i != channel_axis % len(shape)]
-    win = min(7, min(spatial))
+    win = min(7, *spatial)
     return win - (1 - win % 2)
 
 

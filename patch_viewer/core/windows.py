@@ -62,7 +62,8 @@ def window_factors(window: str, patch_size, **params) -> list[np.ndarray]:
     allowed = WINDOW_PARAMS.get(window, {})
     for key, value in params.items():
         if key not in allowed:
-            raise TypeError(f"window {window!r} takes no parameter {key!r}; it takes {tuple(allowed)}")
+            raise TypeError(f"window {window!r} takes no parameter {key!r}; it takes "
+                            f"{tuple(allowed)}")
         _, lo, hi = allowed[key]
         check_number(value, f"window parameter `{key}`", lo, hi)
     params = {k: float(v) for k, v in params.items()}
@@ -112,7 +113,8 @@ def make_window(window, patch_size, **params) -> np.ndarray | None:
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"`window` array must be numeric, got dtype {arr.dtype}")
     if arr.shape != patch_size:
-        raise ValueError(f"`window` array must have the patch's spatial shape {patch_size}, got {arr.shape}")
+        raise ValueError(f"`window` array must have the patch's spatial shape {patch_size}, "
+                         f"got {arr.shape}")
     arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)) or arr.min() < 0:
         raise ValueError("`window` array values must be finite and >= 0")

@@ -153,7 +153,7 @@ def test_integer_dtype_saturates_instead_of_wrapping():
 def test_nan_into_an_integer_dtype_is_refused():
     g = PatchGrid((4,), 2, stride=1)
     image = np.array([np.nan, 1, 2, 3])
-    with pytest.raises(ValueError, match="NaN.*dtype"):
+    with pytest.raises(ValueError, match=r"NaN.*dtype"):
         merge_patches(extract_patches(image, g), g, dtype=np.int16)
 
 

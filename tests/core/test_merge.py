@@ -171,7 +171,8 @@ def test_random_stack_matches_brute_force(grid, reduce, window, dtype, seed):
     canon = p[..., None] if grid.channel_axis is None else p
     expected = to_user_layout(brute_merge(canon, grid, window, reduce), grid)
     rtol = 1e-5 if merged.dtype == np.float32 else 1e-10
-    np.testing.assert_allclose(merged, expected, rtol=rtol, atol=rtol * (1 + float(np.abs(p).max())))
+    np.testing.assert_allclose(merged, expected, rtol=rtol,
+                               atol=rtol * (1 + float(np.abs(p).max())))
     assert np.array_equal(np.isnan(merged), np.isnan(expected))
 
 
@@ -197,7 +198,8 @@ def test_weight_map_matches_brute_force(grid, window):
 
 
 @settings(max_examples=200, deadline=None)
-@given(grids(), st.sampled_from(["mean", "max"]), st.sampled_from(["uniform", "hann", "overlap-tile"]),
+@given(grids(), st.sampled_from(["mean", "max"]),
+       st.sampled_from(["uniform", "hann", "overlap-tile"]),
        st.integers(1, 5), st.integers(0, 2**32 - 1))
 def test_streaming_equals_all_at_once(grid, reduce, window, rows, seed):
     """Adding the stack in batches of patch rows gives the same result as all at once.
@@ -285,7 +287,8 @@ def test_nan_in_patches_stays_local():
 
 
 @settings(max_examples=100, deadline=None)
-@given(grids(), st.sampled_from(["mean", "max"]), st.sampled_from(["uniform", "hann", "overlap-tile"]),
+@given(grids(), st.sampled_from(["mean", "max"]),
+       st.sampled_from(["uniform", "hann", "overlap-tile"]),
        st.integers(2, 4), st.integers(0, 2**32 - 1))
 def test_threaded_accumulation_equals_single_thread(grid, reduce, window, workers, seed):
     assume(reduce == "mean" or window == "uniform")
@@ -394,7 +397,7 @@ def test_banded_merge_with_channels_last():
 
 def test_workers_argument_is_checked():
     grid = PatchGrid((10, 10), 4, stride=2)
-    with pytest.raises(ValueError, match="workers.*>= 1"):
+    with pytest.raises(ValueError, match=r"workers.*>= 1"):
         merge_patches(np.ones(grid.patches_shape), grid, workers=0)
 
 

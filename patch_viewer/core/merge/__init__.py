@@ -20,7 +20,7 @@ __all__ = ["BACKENDS", "REDUCTIONS", "Merger", "backend", "max_weight", "merge_p
            "merge_state_bytes", "weight_map", "work_dtype"]
 
 
-def Merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="uniform",  # noqa: N802
+def Merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="uniform",
            reduce="mean", window_params=None):
     """A streaming accumulator on the active backend: ``add(piece, b0, row0)`` pieces of
     canonical patches ``(b, g0, *grid_shape[1:], *patch_size, C)`` (rows of an image in

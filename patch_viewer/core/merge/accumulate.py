@@ -38,7 +38,7 @@ class _Geometry:
             [max(n, int(o[-1]) + p) for n, o, p in zip(grid.spatial_shape, grid.origins,
                                                       grid.patch_size)], grid, 1)
         self.spatial = three_axes(grid.spatial_shape, grid, 1)
-        n0, n1, n2 = self.extent
+        _, n1, n2 = self.extent
         self.wc = n2 * c
         self.row_len = n1 * self.wc  # elements of one band row
 
@@ -58,7 +58,7 @@ class _Geometry:
     def denominators(self):
         """``(den0, den1, denk)`` for :func:`kernels_numba.weigh` (see :class:`MergePlan`)."""
         plan = self.plan
-        n0, n1, n2 = self.extent
+        n0, n1, _ = self.extent
         if plan.weights is not None:  # a window that does not separate: the whole map
             w = np.ones(self.extent + [self.c])
             w[:self.spatial[0], :self.spatial[1], :self.spatial[2]] = plan.weights.reshape(

@@ -23,7 +23,8 @@ __all__ = ["assign", "interleave", "ola", "overlap_add", "owned_segments", "row_
            "short_buffers"]
 
 def _block_view(region: np.ndarray, axes, strides) -> np.ndarray:
-    """Split each axis ``axes[j]`` of ``region`` into ``(blocks, strides[j])`` (a writeable view)."""
+    """Split each axis ``axes[j]`` of ``region`` into ``(blocks, strides[j])`` (a writeable
+    view)."""
     shape, st = [], []
     for i, (n, t) in enumerate(zip(region.shape, region.strides)):
         if i in axes:

@@ -32,7 +32,14 @@ from .kernels_numpy import (
     short_buffers,
 )
 from .plan import REDUCTIONS
-from .precision import accumulation, anchored_finish, finish, is_wide_int, narrow_sums_exact, work_dtype
+from .precision import (
+    accumulation,
+    anchored_finish,
+    finish,
+    is_wide_int,
+    narrow_sums_exact,
+    work_dtype,
+)
 from .weights import coverage_mask, weight_sums, weights_in
 
 __all__ = ["NumpyMerger"]
@@ -78,7 +85,8 @@ class NumpyMerger:
             # every covered pixel is owned once
             self.ref = np.zeros(shape, self.work if wide is None else wide)  # no garbage NaN
             rule = "first" if self.mode == "mean" else "centre"
-            self._owned = [owned_segments(o, p, rule) for o, p in zip(grid.origins, grid.patch_size)]
+            self._owned = [owned_segments(o, p, rule)
+                           for o, p in zip(grid.origins, grid.patch_size)]
         if self.mode != "pick":
             self._identity = self._start_value()
             self._acc_shape = shape
@@ -372,10 +380,7 @@ class NumpyMerger:
         """
         grid = self.grid
         crop = (slice(None),) + tuple(slice(0, n) for n in grid.spatial_shape)
-        if self.mode == "pick":
-            out = self.ref[crop]
-        else:
-            out = self.acc[crop]
+        out = self.ref[crop] if self.mode == "pick" else self.acc[crop]
         if self.mode == "mean":
             dst = out if out.dtype == self.work else np.empty(out.shape, self.work)
             # Uncovered pixels (0/0, and an anchor never written) are replaced by the fill.
