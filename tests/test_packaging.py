@@ -19,3 +19,17 @@ def test_license_is_an_spdx_expression_with_its_text():
     assert "LICENSE" in meta.get_all("License-File")
     # and no legacy License classifier beside it (PEP 639 forbids both)
     assert not any(c.startswith("License ::") for c in meta.get_all("Classifier"))
+
+
+def test_every_core_module_declares_its_public_names():
+    import importlib
+    import pkgutil
+
+    import patch_viewer.core as core
+
+    for info in pkgutil.walk_packages(core.__path__, core.__name__ + "."):
+        module = importlib.import_module(info.name)
+        names = getattr(module, "__all__", None)
+        assert names is not None, f"{info.name} has no __all__"
+        assert not [n for n in names if not hasattr(module, n)], info.name
+        assert not [n for n in names if n.startswith("_")], info.name

@@ -12,6 +12,11 @@ import numpy as np
 
 from .grid import PatchGrid
 
+__all__ = ["DEFAULT_MAX_BYTES", "DIRECT_MAX_STEPS", "ROWS_FIRST_ORDER", "block_depths", "ceil_div",
+           "check_bytes", "depth", "empty_in_order", "from_canonical", "is_batched", "is_direct",
+           "is_lazy", "n_elements", "pad_canonical", "patches_to_canonical", "regular_slices",
+           "split_regular", "stack_order", "to_canonical", "window_view"]
+
 #: Default refusal threshold for materialising arrays (bytes); see ``max_bytes`` arguments.
 DEFAULT_MAX_BYTES = 4 * 2**30
 

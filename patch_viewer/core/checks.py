@@ -10,6 +10,10 @@ import numpy as np
 
 from .grid import PatchGrid
 
+__all__ = ["check_dtype", "check_fill_value", "check_finite_for_integer", "check_grid",
+           "check_image", "check_number", "check_progress", "check_reduce_window", "is_real_number",
+           "parse_max_bytes"]
+
 
 def check_grid(grid) -> PatchGrid:
     """``grid`` must be a :class:`PatchGrid` (not, say, a shape or a patch size)."""

@@ -20,6 +20,8 @@ from .checks import check_grid
 from .grid import PatchGrid
 from .merge.plan import backend
 
+__all__ = ["LAYOUTS", "extract_patches", "extract_rows"]
+
 
 LAYOUTS = ("C", "merge")
 

@@ -21,6 +21,8 @@ from scipy import ndimage as ndi
 
 from .checks import check_number
 
+__all__ = ["FILTERS", "Param", "PatchFilter", "get_filter", "otsu_thresholds", "register_filter"]
+
 
 @dataclass(frozen=True)
 class Param:

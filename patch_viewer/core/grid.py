@@ -8,6 +8,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+__all__ = ["EDGE_MODES", "PAD_MODES", "PatchGrid"]
+
 EDGE_MODES = ("shift", "drop", "pad")
 PAD_MODES = ("reflect", "constant", "edge", "wrap")
 

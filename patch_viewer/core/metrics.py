@@ -7,6 +7,10 @@ import math
 import numpy as np
 from skimage.metrics import structural_similarity
 
+__all__ = ["METRICS", "REDUCE_ELEMENTS", "compute_metrics", "data_range_of", "dtype_range",
+           "error_map", "error_summary", "error_sums", "iter_ssim", "ssim_bytes", "ssim_clean",
+           "ssim_of", "ssim_window"]
+
 METRICS = ("max_abs", "rmse", "psnr", "ssim")
 
 

@@ -45,6 +45,8 @@ from .merge.plan import image_source
 from .metrics import METRICS, compute_metrics, error_map
 from .windows import make_window
 
+__all__ = ["REFERENCES", "Plan", "Result", "iter_process", "make_plan", "merge_stream", "process"]
+
 REFERENCES = ("input", "filter")
 
 #: Fraction added to the itemised memory plan for allocator slack (measured peak RSS came

@@ -11,6 +11,8 @@ import numpy as np
 
 from .checks import check_number
 
+__all__ = ["WINDOWS", "WINDOW_PARAMS", "make_window", "separable_factors", "window_factors"]
+
 #: Named windows. ``"overlap-tile"`` is not a weighting: each pixel is taken from the one patch
 #: whose centre is nearest to it (the U-Net overlap-tile strategy).
 WINDOWS = ("uniform", "triangular", "hann", "gaussian", "overlap-tile")

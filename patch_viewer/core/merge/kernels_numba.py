@@ -26,6 +26,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+__all__ = ["JIT", "U", "band_anchored", "band_gather", "band_max", "band_min", "band_sum",
+           "band_sum_split", "band_weighted", "copy_band", "weigh", "weigh_scaled"]
+
 JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 U = np.uint64
 
