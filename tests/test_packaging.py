@@ -25,7 +25,7 @@ def test_every_core_module_declares_its_public_names():
     import importlib
     import pkgutil
 
-    import patch_viewer.core as core
+    from patch_viewer import core
 
     for info in pkgutil.walk_packages(core.__path__, core.__name__ + "."):
         module = importlib.import_module(info.name)

@@ -7,6 +7,7 @@ image) and a trailing channel axis (1 when the image has none). Both are views, 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -31,7 +32,7 @@ def check_bytes(nbytes: int, what: str, max_bytes: int | None, hint: str) -> Non
         )
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -57,7 +58,7 @@ def is_batched(shape: tuple[int, ...], grid: PatchGrid, name: str = "image") -> 
     )
 
 
-def to_canonical(image: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarray:
+def to_canonical(image: Any, grid: PatchGrid, batched: bool) -> Any:
     """View ``image`` as ``(batch, *spatial, channels)`` (a dask array stays a dask array)."""
     if not batched:
         image = image[None]

@@ -111,7 +111,7 @@ def check_progress(progress) -> None:
                         f"{progress!r}")
 
 
-def check_image(image, grid: PatchGrid):
+def check_image(image, grid: PatchGrid) -> np.ndarray:
     """Refuse masked arrays (their mask would be ignored), non-real dtypes and an RGB(A) image
     whose grid has no channel axis (with the fix in the message)."""
     if isinstance(image, np.ma.MaskedArray):

@@ -13,8 +13,9 @@ float64; median keeps integer dtypes and computes float16 in float32.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 from scipy import ndimage as ndi
@@ -55,15 +56,15 @@ class PatchFilter:
     """A named per-patch filter with declared parameters."""
 
     name: str
-    func: Callable
-    params: dict = field(default_factory=dict)
+    func: Callable[..., Any]
+    params: dict[str, Param] = field(default_factory=dict)
     doc: str = ""
     #: ``halo(**params) -> int``: how far (px) the filter reaches when applied to a whole image,
     #: or None for filters built on per-image statistics (invert, zscore, ...). The chunked
     #: path needs it to compute ``reference="filter"`` block by block.
-    halo: Callable | None = None
+    halo: Callable[..., int] | None = None
 
-    def validate(self, params: dict | None) -> dict:
+    def validate(self, params: Mapping[str, float] | None) -> dict[str, float]:
         """Parameters with defaults filled in, checked against their declared ranges."""
         params = dict(params or {})
         unknown = set(params) - set(self.params)
@@ -74,7 +75,8 @@ class PatchFilter:
             )
         return {k: p.check(k, params.get(k, p.default)) for k, p in self.params.items()}
 
-    def __call__(self, stack, spatial_axes, **params):
+    def __call__(self, stack: np.ndarray, spatial_axes: Sequence[int],
+                 **params: float) -> np.ndarray:
         # Non-finite pixels give NaN where a patch statistic is undefined (documented), not
         # RuntimeWarnings from inside NumPy.
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -89,8 +91,9 @@ class PatchFilter:
 FILTERS: dict[str, PatchFilter] = {}
 
 
-def register_filter(name: str, func: Callable | None = None, *, params: dict | None = None,
-                    batched: bool = True, doc: str = "", halo: Callable | None = None):
+def register_filter(name: str, func: Callable[..., Any] | None = None, *,
+                    params: dict[str, Param] | None = None, batched: bool = True, doc: str = "",
+                    halo: Callable[..., int] | None = None) -> Callable[..., Any]:
     """Add a filter to the registry (usable as a decorator).
 
     Parameters
@@ -152,7 +155,7 @@ def _check_registration(name, func, params, halo) -> None:
         raise TypeError(f"filter `halo` must be callable or None, got {halo!r}")
 
 
-def get_filter(spec) -> PatchFilter:
+def get_filter(spec: str | PatchFilter | Callable[..., Any]) -> PatchFilter:
     """A :class:`PatchFilter` from a registered name, a PatchFilter, or a batched callable."""
     if isinstance(spec, PatchFilter):
         return spec

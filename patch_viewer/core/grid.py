@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -12,6 +14,8 @@ __all__ = ["EDGE_MODES", "PAD_MODES", "PatchGrid"]
 
 EDGE_MODES = ("shift", "drop", "pad")
 PAD_MODES = ("reflect", "constant", "edge", "wrap")
+#: A pad mode, as ``numpy.pad`` names it.
+PadMode = Literal["reflect", "constant", "edge", "wrap"]
 
 
 def _positive_ints(value, name: str, ndim: int) -> tuple[int, ...]:
@@ -32,20 +36,18 @@ def _positive_ints(value, name: str, ndim: int) -> tuple[int, ...]:
                 f"`{name}` must have one entry per spatial axis ({ndim}), got {len(values)}: "
                 f"{value!r}"
             ) from None
-        try:
-            values = tuple(
-                operator.index(v) if not isinstance(v, (bool, np.bool_)) else None for v in values
-            )
-        except TypeError:
+        if any(isinstance(v, (bool, np.bool_)) for v in values):
             raise TypeError(f"`{name}` entries must be integers, got {value!r}") from None
-        if None in values:
+        try:
+            values = tuple(operator.index(v) for v in values)
+        except TypeError:
             raise TypeError(f"`{name}` entries must be integers, got {value!r}") from None
     if any(v < 1 for v in values):
         raise ValueError(f"`{name}` must be >= 1 on every axis, got {value!r}")
     return values
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PatchGrid:
     """Geometry of overlapping patches over an image: origins, counts and edge handling.
 
@@ -76,22 +78,28 @@ class PatchGrid:
     [0, 3, 6]
     """
 
+    # The fields hold normalised values (tuples, a non-negative channel axis); __init__ takes
+    # what users pass (an int for every axis, a negative axis) and normalises it.
     image_shape: tuple[int, ...]
-    patch_size: tuple[int, ...] | int
-    stride: tuple[int, ...] | int = 1
-    edge: str = "shift"
-    pad_mode: str = "reflect"
-    channel_axis: int | None = None
-    # Derived in __post_init__.
+    patch_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    edge: str
+    pad_mode: PadMode
+    channel_axis: int | None
+    # Derived in __init__.
     grid_shape: tuple[int, ...] = field(init=False)
     padded_shape: tuple[int, ...] = field(init=False)
     origins: tuple[np.ndarray, ...] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
-        shape = _image_shape(self.image_shape)
+    def __init__(self, image_shape: Sequence[int], patch_size: int | Sequence[int],
+                 stride: int | Sequence[int] = 1, edge: str = "shift", pad_mode: str = "reflect",
+                 channel_axis: int | None = None) -> None:
+        shape = _image_shape(image_shape)
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("image_shape", shape)
-        channel_axis = _normalise_channel_axis(self.channel_axis, len(shape))
+        set_("edge", edge)
+        set_("pad_mode", pad_mode)
+        channel_axis = _normalise_channel_axis(channel_axis, len(shape))
         set_("channel_axis", channel_axis)
         spatial = tuple(n for i, n in enumerate(shape) if i != channel_axis)
         if not 1 <= len(spatial) <= 3:
@@ -103,12 +111,12 @@ class PatchGrid:
             raise ValueError(f"`edge` must be one of {EDGE_MODES}, got {self.edge!r}")
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"`pad_mode` must be one of {PAD_MODES}, got {self.pad_mode!r}")
-        patch = _positive_ints(self.patch_size, "patch_size", len(spatial))
-        stride = _positive_ints(self.stride, "stride", len(spatial))
+        patch = _positive_ints(patch_size, "patch_size", len(spatial))
+        steps = _positive_ints(stride, "stride", len(spatial))
         set_("patch_size", patch)
-        set_("stride", stride)
+        set_("stride", steps)
         counts, origins, padded = [], [], []
-        for ax, (n, p, s) in enumerate(zip(spatial, patch, stride)):
+        for ax, (n, p, s) in enumerate(zip(spatial, patch, steps)):
             if p > n and self.edge != "pad":
                 raise ValueError(
                     f"`patch_size` {p} is larger than the image ({n} pixels) on spatial axis {ax}; "

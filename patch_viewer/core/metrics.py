@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from skimage.metrics import structural_similarity
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = ["METRICS", "REDUCE_ELEMENTS", "compute_metrics", "data_range_of", "dtype_range",
            "error_map", "error_summary", "error_sums", "iter_ssim", "ssim_bytes", "ssim_clean",
@@ -14,7 +18,7 @@ __all__ = ["METRICS", "REDUCE_ELEMENTS", "compute_metrics", "data_range_of", "dt
 METRICS = ("max_abs", "rmse", "psnr", "ssim")
 
 
-def error_map(merged, reference) -> np.ndarray:
+def error_map(merged: ArrayLike, reference: ArrayLike) -> np.ndarray:
     """Signed error ``merged - reference`` as float (NaN where ``merged`` is uncovered).
 
     Examples
@@ -116,8 +120,9 @@ def error_summary(n, sum_sq, max_abs, data_range) -> tuple[float, float, float]:
     return max_abs, math.sqrt(mse), psnr
 
 
-def compute_metrics(merged, reference, *, channel_axis=None, data_range=None,
-                    ssim: bool = True, error=None) -> dict:
+def compute_metrics(merged: ArrayLike, reference: ArrayLike, *, channel_axis: int | None = None,
+                    data_range: float | None = None, ssim: bool = True,
+                    error: np.ndarray | None = None) -> dict[str, float]:
     """Max-abs error, RMSE, PSNR (dB) and SSIM of ``merged`` against ``reference``.
 
     Pixels where either image is not finite (pixels no patch covers are NaN) are left out of

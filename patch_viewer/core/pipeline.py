@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Generator, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,7 +38,7 @@ from .checks import (
     parse_max_bytes,
 )
 from .chunked import chunked_process, reference_axes
-from .filters import get_filter
+from .filters import PatchFilter, get_filter
 from .grid import PatchGrid
 from .extract import extract_rows
 from .fused import PatchStats, fused_form
@@ -44,6 +46,9 @@ from .merge import REDUCTIONS, Merger, backend, merge_state_bytes, weight_map
 from .merge.plan import image_source
 from .metrics import METRICS, compute_metrics, error_map
 from .windows import make_window
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, DTypeLike
 
 __all__ = ["REFERENCES", "Plan", "Result", "iter_process", "make_plan", "merge_stream", "process"]
 
@@ -273,10 +278,15 @@ def _copy_in_order(batch, order):
     return out
 
 
-def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
-                 window="uniform", window_params=None, reduce="mean", reference="input",
-                 dtype=None, fill_value=None, batch_bytes=None, max_bytes=None, ssim=True,
-                 metrics=True):
+def iter_process(image: ArrayLike, grid: PatchGrid,
+                 patch_filter: str | PatchFilter | Callable[..., Any] = "identity", *,
+                 filter_params: Mapping[str, float] | None = None,
+                 window: str | ArrayLike = "uniform",
+                 window_params: Mapping[str, float] | None = None, reduce: str = "mean",
+                 reference: str = "input", dtype: DTypeLike | None = None,
+                 fill_value: float | None = None, batch_bytes: int | None = None,
+                 max_bytes: int | str | None = None, ssim: bool = True,
+                 metrics: bool = True) -> Generator[tuple[int, int], None, Result]:
     """Generator form of :func:`process`: yields ``(patches_done, patches_total)`` after each
     batch and returns the :class:`Result` (``StopIteration.value``; napari's ``thread_worker``
     emits it as ``returned``). Closing the generator cancels the run.
@@ -346,10 +356,15 @@ def _run(image, grid, filt, params, window, window_params, reduce, reference, dt
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
 
 
-def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
-            window="uniform", window_params=None, reduce="mean", reference="input", dtype=None,
-            fill_value=None, batch_bytes=None, max_bytes=None, progress=None, ssim=True,
-            metrics=True) -> Result:
+def process(image: ArrayLike, grid: PatchGrid,
+            patch_filter: str | PatchFilter | Callable[..., Any] = "identity", *,
+            filter_params: Mapping[str, float] | None = None, window: str | ArrayLike = "uniform",
+            window_params: Mapping[str, float] | None = None, reduce: str = "mean",
+            reference: str = "input", dtype: DTypeLike | None = None,
+            fill_value: float | None = None, batch_bytes: int | None = None,
+            max_bytes: int | str | None = None,
+            progress: Callable[[int, int], object] | None = None, ssim: bool = True,
+            metrics: bool = True) -> Result:
     """Cut ``image`` into patches, filter each patch, merge them back and measure the error.
 
     Parameters

@@ -7,9 +7,15 @@ or Bartlett window, the image border is never zeroed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from .checks import check_number
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = ["WINDOWS", "WINDOW_PARAMS", "make_window", "separable_factors", "window_factors"]
 
@@ -72,7 +78,8 @@ def window_factors(window: str, patch_size, **params) -> list[np.ndarray]:
     return [_FACTORS[window](int(p), **params) for p in patch_size]
 
 
-def make_window(window, patch_size, **params) -> np.ndarray | None:
+def make_window(window: str | ArrayLike, patch_size: Sequence[int],
+                **params: float) -> np.ndarray | None:
     """The window as an array of the patch's spatial shape (float64, strictly positive).
 
     Parameters

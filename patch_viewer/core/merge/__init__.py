@@ -10,11 +10,17 @@ overlap weights.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from ..checks import check_grid
 from ..grid import PatchGrid
 from .plan import BACKENDS, REDUCTIONS, backend, default_workers, make_merge_plan
 from .precision import check_dtype, work_dtype
 from .weights import max_weight, weight_map
+
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import ArrayLike, DTypeLike
 
 __all__ = ["BACKENDS", "REDUCTIONS", "Merger", "backend", "max_weight", "merge_patches",
            "merge_state_bytes", "weight_map", "work_dtype"]
@@ -36,8 +42,10 @@ def Merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="un
     return numpy_merger(grid, n_images, n_channels, dtype, **options)
 
 
-def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", dtype=None,
-                  fill_value=None, workers=None, **window_params):
+def merge_patches(patches: ArrayLike, grid: PatchGrid, *, window: str | ArrayLike = "uniform",
+                  reduce: str = "mean", dtype: DTypeLike | None = None,
+                  fill_value: float | None = None, workers: int | None = None,
+                  **window_params: float) -> np.ndarray:
     """Merge a patch stack back into an image, blending where patches overlap.
 
     Parameters

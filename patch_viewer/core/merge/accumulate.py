@@ -211,8 +211,10 @@ class _Result:
         else:
             K.copy_band(canvas.acc, y0, n1, wc, dst)
         if mode == "anchored":
+            assert self.ref is not None
             K.copy_band(canvas.ref, y0, n1, wc, self.ref[bi, y0:y1])
         if mode == "split":
+            assert self.lo is not None
             K.copy_band(canvas.lo, y0, n1, wc, self.lo[bi, y0:y1])
 
     def finish(self, grid: PatchGrid, dtype, fill_value) -> np.ndarray:
@@ -226,10 +228,12 @@ class _Result:
             fill_value is None or np.isnan(fill_value))
         covered = None if nan_marks else self.covered(grid)
         if mode == "split":
+            assert self.lo is not None
             count = self.counts().reshape(out.shape[1:])
             out = split_mean(out, self.lo, count, target if target.kind in "biu" else
                              np.float64, plan.data.kind == "u")
         elif mode == "anchored":
+            assert self.ref is not None
             return self._shaped(anchored_finish(self.ref, out, covered, dtype, fill_value,
                                                 plan.work), grid)
         return self._shaped(finish(out, covered, dtype, fill_value, plan.work), grid)
@@ -312,13 +316,14 @@ class NumbaMerger:
         self.geo3 = _Geometry(grid, plan, n_channels)
         self.n_images = n_images
         size = math.prod(self.geo3.extent) * n_channels
-        self._canvases = [None] * n_images
+        self._canvases: list[_Canvas | None] = [None] * n_images
         self._size = size
 
     def _canvas(self, bi: int) -> _Canvas:
-        if self._canvases[bi] is None:
-            self._canvases[bi] = _Canvas(self.plan, self._size)
-        return self._canvases[bi]
+        canvas = self._canvases[bi]
+        if canvas is None:
+            canvas = self._canvases[bi] = _Canvas(self.plan, self._size)
+        return canvas
 
     def add(self, piece: np.ndarray, b0: int = 0, row0: int = 0) -> None:
         """Add a canonical piece ``(b, g, *grid_shape[1:], *patch_size, C)``."""

@@ -90,7 +90,7 @@ class NumpyMerger:
         if self.mode != "pick":
             self._identity = self._start_value()
             self._acc_shape = shape
-            self._acc = None
+            self._acc: np.ndarray | None = None
             self._op = {"mean": np.add, "max": np.maximum, "min": np.minimum}[self.mode]
         self._runs = [split_regular(o, s) for o, s in zip(grid.origins, grid.stride)]
         self._win = None if self.window is None else self.window[..., None].astype(self.work)
