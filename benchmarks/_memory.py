@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 
@@ -19,10 +20,8 @@ def tree_peak(pid: int | None = None, every: float = 0.05):
         while not done.is_set():
             total = 0
             for p in [root, *root.children(recursive=True)]:
-                try:
+                with contextlib.suppress(psutil.Error):
                     total += p.memory_info().rss
-                except psutil.Error:
-                    pass
             peak[0] = max(peak[0], total)
             done.wait(every)
 

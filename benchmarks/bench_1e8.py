@@ -7,9 +7,9 @@ Images are made on the fly in chunks (the input alone would be 1 GB), each chunk
 ``patch_viewer.process`` with a filter that makes new values (``scale``: x * 2, marked
 ``pv.elementwise``; ``--filter invert`` for a per-patch one, ``--filter gaussian`` for one that
 runs on materialised batches), on two worker processes (``--threads`` for threads).
-``PATCH_VIEWER_BACKEND=numpy`` measures the NumPy fallback. Prints the rate in patches/s, the time the full 10^8 run
-takes at that rate (linear extrapolation: every chunk is the same work), and the peak resident
-memory summed over all processes.
+``PATCH_VIEWER_BACKEND=numpy`` measures the NumPy fallback. Prints the rate in patches/s, the
+time the full 10^8 run takes at that rate (linear extrapolation: every chunk is the same work),
+and the peak resident memory summed over all processes.
 """
 
 from __future__ import annotations

@@ -4,11 +4,12 @@
 
 Prints the time from a parameter change (live preview on: no debounce, the run starts at once)
 to the layers' data being set (worker + layer updates, before the canvas redraw), and the redraw
-that follows, separately, for 512^2, 2048^2 and 4096^2 float32 images with the identity and a Gaussian
-filter (patch 64, stride 32 and 31 in turn), and the time to redraw the `patch grid` layer at
-10^3, 10^4 and 10^5 patches. Medians over repeats. "idle": each change comes after the previous
-run has finished (metrics and SSIM included); "back to back": right after the previous run's
-layers showed, while its metrics and SSIM still run (a newer run stops them at their next step).
+that follows, separately, for 512^2, 2048^2 and 4096^2 float32 images with the identity and a
+Gaussian filter (patch 64, stride 32 and 31 in turn), and the time to redraw the `patch grid`
+layer at 10^3, 10^4 and 10^5 patches. Medians over repeats. "idle": each change comes after the
+previous run has finished (metrics and SSIM included); "back to back": right after the previous
+run's layers showed, while its metrics and SSIM still run (a newer run stops them at their next
+step).
 """
 
 from __future__ import annotations
@@ -83,7 +84,7 @@ def main(repeats: int = 5, sides=(512, 2048, 4096)):
         w.run()
         wait_computed(w)
         times = []
-        for k in range(repeats):
+        for _ in range(repeats):
             t0 = time.perf_counter()
             w.index.value = (w.index.value + 977) % (w.index.max + 1)  # redraws the grid
             QApplication.processEvents()

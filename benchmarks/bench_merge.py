@@ -218,7 +218,8 @@ def torch_fold(image, grid, stack, threads, offsets=None):
     def run():
         torch.set_num_threads(threads)
         out = torch.nn.functional.fold(cols, size, grid.patch_size, stride=grid.stride) / count
-        return out[0].permute(1, 2, 0).numpy()[..., 0] if c == 1 else out[0].permute(1, 2, 0).numpy()
+        out = out[0].permute(1, 2, 0).numpy()
+        return out[..., 0] if c == 1 else out
 
     return run
 

@@ -3,7 +3,7 @@
 class probabilities, and its seam error against the same classifier on the whole image, for
 the uniform and the hann window.
 
-    python benchmarks/example_classifier.py   # prints the table, writes figures/classifier_seams.png
+    python benchmarks/example_classifier.py   # the table, and figures/classifier_seams.png
 """
 
 import time

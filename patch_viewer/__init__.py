@@ -4,8 +4,10 @@ Importing this package pulls in NumPy, SciPy and scikit-image only (no Qt, napar
 the napari plugin lives in private modules that napari loads through the manifest.
 """
 
+from . import core
 from .core import *  # noqa: F403
-from .core import __all__ as _core_all
 
+# The one place the version is written: pyproject.toml reads it (hatch dynamic version).
 __version__ = "0.1.0"
-__all__ = ["__version__", *_core_all]
+__all__ = ["__version__"]
+__all__ += core.__all__

@@ -44,6 +44,11 @@ def images(tmp_path):
     return folder, arrays
 
 
+def _metric_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def _read(path):
     return batch.io.probe(path).read()
 
@@ -68,7 +73,7 @@ def test_every_format_round_trips_exactly_with_metrics(images, tmp_path, capsys)
             np.testing.assert_array_equal(merged, expected)  # identity filter: exact
         err_ext = "tif" if ext in ("png", "jpg") else ext
         assert not _read(out / f"{stem}_error.{err_ext}").any()
-    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    rows = _metric_rows(tmp_path / "m.csv")
     assert [r["input"].rsplit("/", 1)[1] for r in rows] == sorted(arrays)
     assert all(float(r["max_abs"]) == 0 and r["psnr"] == "inf" for r in rows)
     rgb = next(r for r in rows if r["input"].endswith("rgb.png"))
@@ -84,7 +89,7 @@ def test_filtered_results_and_metrics_equal_the_api(images, tmp_path, capsys):
                         "--param", "sigma=1.5", "--window", "hann", "--metrics", out / "m.csv",
                         "--reference", "filter")
     assert code == 0, err
-    rows = list(csv.DictReader(open(out / "m.csv")))
+    rows = _metric_rows(out / "m.csv")
     for name, row in zip(("a0.npy", "a1.npy"), rows):
         grid = pv.PatchGrid(arrays[name].shape, 12, 4)
         r = pv.process(arrays[name], grid, "gaussian", filter_params={"sigma": 1.5},
@@ -108,7 +113,7 @@ def test_large_images_stream_through_dask_to_zarr(tmp_path, capsys):
     r = pv.process(image, pv.PatchGrid(image.shape, 48, 32), "median")
     np.testing.assert_array_equal(zarr.open_array(str(out / "big.zarr"))[...], r.merged)
     np.testing.assert_array_equal(zarr.open_array(str(out / "big_error.zarr"))[...], r.error)
-    row = next(csv.DictReader(open(tmp_path / "m.csv")))
+    row = _metric_rows(tmp_path / "m.csv")[0]
     assert float(row["ssim"]) == pytest.approx(r.metrics["ssim"], rel=1e-8)
     assert f"{r.grid.n_patches:,}/{r.grid.n_patches:,}" in err
 
@@ -196,7 +201,7 @@ def test_a_failing_image_is_logged_and_the_rest_goes_on(tmp_path, capsys, fail_f
     for name in written:
         np.testing.assert_array_equal(np.load(tmp_path / "out" / name),
                                       np.load(folder / name))
-    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    rows = _metric_rows(tmp_path / "m.csv")
     assert [r["input"].rsplit("/", 1)[1] for r in rows] == expected  # rows earned are kept
     if not fail_fast:
         assert "1 of 6 image(s) failed" in err and "4.npy" in err
@@ -279,7 +284,7 @@ def test_skip_existing_resumes_and_completes_the_metrics(tmp_path, capsys):
     code, stdout, err = _run(capsys, *argv, "--skip-existing")
     assert code == 0, err
     assert "skipped (already done): 3" in stdout and "1 image(s)" in stdout.splitlines()[-1]
-    rows = list(csv.DictReader(open(m)))
+    rows = _metric_rows(m)
     assert [r["input"].rsplit("/", 1)[1] for r in rows] == ["0.npy", "1.npy", "2.npy", "3.npy"]
 
 

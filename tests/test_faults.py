@@ -43,6 +43,11 @@ def _start(inputs, out, *extra):
                             start_new_session=True, env={**os.environ, "PYTHONPATH": _root()})
 
 
+def _metric_rows(path):
+    with open(path) as f:
+        return list(csv.DictReader(f))
+
+
 def _root():
     return str(Path(__file__).resolve().parents[1])
 
@@ -85,7 +90,7 @@ def _check_outputs(out: Path, inputs: Path, expect_all: bool):
         image = np.load(inputs / path.name)
         expected = pv.process(image, pv.PatchGrid(SHAPE, 16, 2), "gaussian", metrics=False)
         np.testing.assert_array_equal(np.load(path), expected.merged)
-    rows = list(csv.DictReader(open(out / "m.csv")))
+    rows = _metric_rows(out / "m.csv")
     assert all(r["ssim"] not in ("", None) for r in rows)  # every row complete
     assert {Path(r["output"]).name for r in rows} <= {p.name for p in _finished(out)}
     assert not [p for p in out.iterdir() if ".tmp-" in p.name]
@@ -117,7 +122,7 @@ def test_sigkill_leaves_no_orphan_and_the_next_run_finishes(folder, tmp_path, ta
     proc.communicate(timeout=30)
     # Workers notice their parent's death through a pipe and exit within moments.
     assert _wait_for(lambda: not _group_alive(proc.pid), timeout=5), _group_alive(proc.pid)
-    rows = list(csv.DictReader(open(out / "m.csv")))  # the rows earned survive a SIGKILL
+    rows = _metric_rows(out / "m.csv")  # the rows earned survive a SIGKILL
     assert len(rows) >= 2
     # A stale temporary file of the dead run (as a kill mid-write leaves) is cleaned.
     (out / f".im11.npy.tmp-{proc.pid}").write_bytes(b"partial")
@@ -195,7 +200,7 @@ def test_a_corrupt_file_mid_folder_is_logged_and_the_rest_written(tmp_path, caps
     for i in range(9):
         image = rng.integers(0, 255, (64, 64), dtype=np.uint8)
         name = inputs / f"im{i}.{kind}"
-        {"npy": lambda p, a: np.save(p, a), "png": iio.imwrite,
+        {"npy": np.save, "png": iio.imwrite,
          "tif": tifffile.imwrite}[kind](name, image)
     bad = inputs / f"im4.{kind}"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated
@@ -209,7 +214,7 @@ def test_a_corrupt_file_mid_folder_is_logged_and_the_rest_written(tmp_path, caps
     assert "pip install" not in err and "empty (0 bytes)" in err
     written = sorted(p.name for p in out.iterdir())
     assert written == sorted(f"im{i}.{kind}" for i in (0, 1, 2, 3, 5, 7, 8))
-    rows = list(csv.DictReader(open(tmp_path / "m.csv")))
+    rows = _metric_rows(tmp_path / "m.csv")
     assert len(rows) == 7
     code = main(["process", str(inputs), "-o", str(out), "--patch-size", "8", "--stride", "4",
                  "--fail-fast", "--overwrite"])

@@ -7,10 +7,16 @@ image) and a trailing channel axis (1 when the image has none). Both are views, 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
 from .grid import PatchGrid
+
+__all__ = ["DEFAULT_MAX_BYTES", "DIRECT_MAX_STEPS", "ROWS_FIRST_ORDER", "block_depths", "ceil_div",
+           "check_bytes", "depth", "empty_in_order", "from_canonical", "is_batched", "is_direct",
+           "is_lazy", "n_elements", "pad_canonical", "patches_to_canonical", "regular_slices",
+           "split_regular", "stack_order", "to_canonical", "window_view"]
 
 #: Default refusal threshold for materialising arrays (bytes); see ``max_bytes`` arguments.
 DEFAULT_MAX_BYTES = 4 * 2**30
@@ -26,7 +32,7 @@ def check_bytes(nbytes: int, what: str, max_bytes: int | None, hint: str) -> Non
         )
 
 
-def _fmt_bytes(n: int) -> str:
+def _fmt_bytes(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if n < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
@@ -52,7 +58,7 @@ def is_batched(shape: tuple[int, ...], grid: PatchGrid, name: str = "image") -> 
     )
 
 
-def to_canonical(image: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarray:
+def to_canonical(image: Any, grid: PatchGrid, batched: bool) -> Any:
     """View ``image`` as ``(batch, *spatial, channels)`` (a dask array stays a dask array)."""
     if not batched:
         image = image[None]
@@ -63,7 +69,10 @@ def to_canonical(image: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarra
 
 def from_canonical(canon: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarray:
     """Inverse of :func:`to_canonical` (a view)."""
-    out = canon[..., 0] if grid.channel_axis is None else np.moveaxis(canon, -1, grid.channel_axis + 1)
+    if grid.channel_axis is None:
+        out = canon[..., 0]
+    else:
+        out = np.moveaxis(canon, -1, grid.channel_axis + 1)
     return out if batched else out[0]
 
 
@@ -106,7 +115,7 @@ def pad_canonical(canon: np.ndarray, grid: PatchGrid) -> np.ndarray:
     return np.pad(canon, widths, mode=grid.pad_mode)
 
 
-def _pad_value(grid: PatchGrid, canon) -> object:
+def _pad_value(grid: PatchGrid, canon) -> float:
     """``grid.pad_value`` checked against the image's dtype (it must be representable)."""
     value, dtype = grid.pad_value, np.dtype(canon.dtype)
     if dtype.kind in "biu":
@@ -160,9 +169,19 @@ def n_elements(shape) -> int:
 DIRECT_MAX_STEPS = 8
 
 
+def ceil_div(a: int, b: int) -> int:
+    """``ceil(a / b)`` for ints, exactly (no float rounding)."""
+    return -(-a // b)
+
+
+def block_depths(patch_size, stride) -> list[int]:
+    """Block offsets per axis: how many stride blocks one patch spans (``ceil(p / s)``)."""
+    return [ceil_div(p, s) for p, s in zip(patch_size, stride)]
+
+
 def depth(grid: PatchGrid) -> list[int]:
-    """Block offsets per axis: how many stride blocks one patch spans."""
-    return [-(-p // s) for p, s in zip(grid.patch_size, grid.stride)]
+    """:func:`block_depths` of the grid's patch size and stride."""
+    return block_depths(grid.patch_size, grid.stride)
 
 
 def is_direct(grid: PatchGrid) -> bool:

@@ -140,13 +140,15 @@ class Accumulator:
                              "the mean only")
         self._win = win
         self._origins: list[np.ndarray] = []
-        self._sorted = None  # the origins sorted by row, for the weights of a band of rows
-        self._factors = None  # per-axis weights of a whole grid streamed in order
+        # the origins sorted by row, for the weights of a band of rows
+        self._sorted: np.ndarray | None = None
+        # per-axis weights (window sums, counts) of a whole grid streamed in order
+        self._factors: tuple[list, list] | None = None
         self._batches = 0
         self._window = (window, dict(window_params or {}))
         self._table = None
         self._compiled = backend() == "numba"  # decided once
-        self._state = None
+        self._state: Sums | None = None
         self.dtype: np.dtype | None = None  # of the patches, fixed by the first batch
         self.n_added = 0
         self._nd = nd
@@ -202,14 +204,16 @@ class Accumulator:
                 f"were {self.dtype}: convert it first (one accumulator sums one dtype)")
         if not len(org):
             return
-        if self._state is None:
+        state = self._state
+        if state is None:
             self.dtype = data.dtype
-            self._state = Sums(data.dtype, self.reduce, self._win, self._three(self._extent),
-                               self._three(self.spatial_shape),
-                               self._three(self.patch_size), self.channels or 1)
-            self._state.unsigned = data.dtype.kind == "u"
-        self._state.check_rows(org)
-        self._state.add(data, org)
+            state = self._state = Sums(data.dtype, self.reduce, self._win,
+                                       self._three(self._extent),
+                                       self._three(self.spatial_shape),
+                                       self._three(self.patch_size), self.channels or 1)
+            state.unsigned = data.dtype.kind == "u"
+        state.check_rows(org)
+        state.add(data, org)
         if self._factors is None:  # a whole grid in order needs no origins (see _stream)
             self._origins.append(org)
             self._sorted = None
@@ -244,11 +248,10 @@ class Accumulator:
             if idx.ndim != 2 or idx.shape[1] != nd:
                 raise ValueError(f"`indices` must be flat (N,) or grid indices (N, {nd}), got "
                                  f"shape {idx.shape}")
-            else:
-                bad = ((idx < 0) | (idx >= np.array(grid.grid_shape))).any(axis=1)
-                if bad.any():
-                    raise IndexError(f"`indices` must lie within grid_shape {grid.grid_shape}, "
-                                     f"got {idx[bad][:5].tolist()}")
+            outside = ((idx < 0) | (idx >= np.array(grid.grid_shape))).any(axis=1)
+            if outside.any():
+                raise IndexError(f"`indices` must lie within grid_shape {grid.grid_shape}, "
+                                 f"got {idx[outside][:5].tolist()}")
             org = np.stack([o[idx[:, ax]] for ax, o in enumerate(grid.origins)], axis=-1) \
                 if len(idx) else np.zeros((0, nd), np.int64)
         else:
@@ -256,12 +259,12 @@ class Accumulator:
             if org.ndim != 2 or org.shape[1] != nd:
                 raise ValueError(f"`origins` must have shape (N, {nd}), got {org.shape}")
             top = np.array([m - p for m, p in zip(grid.padded_shape, grid.patch_size)])
-            bad = ((org < 0) | (org > top)).any(axis=1)
-            if bad.any():
+            beyond = ((org < 0) | (org > top)).any(axis=1)
+            if beyond.any():
                 raise IndexError(
                     f"`origins` must place whole patches of {grid.patch_size} inside the image "
                     f"(origins {' x '.join(f'0..{t}' for t in top.tolist())}), got "
-                    f"{org[bad][:5].tolist()}")
+                    f"{org[beyond][:5].tolist()}")
         out = np.empty(org.shape, np.int64)
         for ax, f in enumerate(self.scale):
             v = org[:, ax] * f.numerator
@@ -298,7 +301,7 @@ class Accumulator:
             self._scaled_origins = [
                 (np.asarray(o, np.int64) * f.numerator) // f.denominator
                 for o, f in zip(self.grid.origins, self.scale)]
-            for o, g, f in zip(self.grid.origins, self._scaled_origins, self.scale):
+            for o, f in zip(self.grid.origins, self.scale):
                 if f.denominator != 1 and (np.asarray(o) * f.numerator % f.denominator).any():
                     bad = np.asarray(o)[np.asarray(o) * f.numerator % f.denominator != 0]
                     raise ValueError(f"origins {bad[:3].tolist()} do not map to whole output "
@@ -363,7 +366,7 @@ class Accumulator:
 
     def _window_sums(self) -> np.ndarray:
         out = np.zeros(self._extent, np.float64)
-        if self._origins:
+        if self._origins and self._win is not None:
             _add_windows(out, self._win, self._spatial(np.concatenate(self._origins)))
         return out
 
@@ -380,9 +383,8 @@ class Accumulator:
             out = self._state.result(self._den_rows, None, dtype, fill_value,
                                      work_dtype(self.dtype))
             out = out.reshape(self._canon_shape())
-        if self.channels is None:
-            return out[..., 0]
-        return np.moveaxis(out, -1, self.channel_axis)
+        axis = self.channel_axis
+        return out[..., 0] if axis is None else np.moveaxis(out, -1, axis)
 
     def _canon_shape(self) -> tuple[int, ...]:
         return self.spatial_shape + (self.channels or 1,)

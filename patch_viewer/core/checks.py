@@ -10,6 +10,47 @@ import numpy as np
 
 from .grid import PatchGrid
 
+__all__ = ["check_dtype", "check_fill_value", "check_finite_for_integer", "check_grid",
+           "check_image", "check_number", "check_progress", "check_reduce_window", "is_real_number",
+           "parse_max_bytes"]
+
+
+def check_grid(grid) -> PatchGrid:
+    """``grid`` must be a :class:`PatchGrid` (not, say, a shape or a patch size)."""
+    if not isinstance(grid, PatchGrid):
+        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    return grid
+
+
+def is_real_number(value) -> bool:
+    """A real number (Python or NumPy), but not a bool: ``True`` is an int to Python, never a
+    size or a sigma here."""
+    return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
+
+
+def check_number(value, name: str, lo: float | None = None, hi: float | None = None, *,
+                 integer: bool = False) -> None:
+    """``value`` must be a real number (not a bool), whole if ``integer``, and in ``[lo, hi]``
+    when a range is given (NaN is in no range). ``name`` is how messages name it, e.g.
+    ``"filter parameter `size`"``.
+
+    Examples
+    --------
+    >>> check_number(2.0, "window parameter `sigma`", 0.01, 10.0)
+    >>> check_number(True, "`x`")
+    Traceback (most recent call last):
+    ...
+    TypeError: `x` must be a number, got True
+    """
+    ranged = lo is not None and hi is not None
+    where = f" in [{lo}, {hi}]" if ranged else ""
+    if not is_real_number(value):
+        raise TypeError(f"{name} must be a number{where}, got {value!r}")
+    if integer and float(value) != int(value):
+        raise TypeError(f"{name} must be an integer, got {value!r}")
+    if ranged and not lo <= value <= hi:  # NaN fails too
+        raise ValueError(f"{name} must be in [{lo}, {hi}], got {value!r}")
+
 
 def parse_max_bytes(value, name: str = "max_bytes") -> int | None:
     """A byte count from an int or a string such as ``"1GB"`` or ``"500 MiB"``
@@ -70,7 +111,7 @@ def check_progress(progress) -> None:
                         f"{progress!r}")
 
 
-def check_image(image, grid: PatchGrid):
+def check_image(image, grid: PatchGrid) -> np.ndarray:
     """Refuse masked arrays (their mask would be ignored), non-real dtypes and an RGB(A) image
     whose grid has no channel axis (with the fix in the message)."""
     if isinstance(image, np.ma.MaskedArray):

@@ -25,7 +25,7 @@ import numpy as np
 
 from ._layout import from_canonical, to_canonical
 from .checks import check_reduce_window
-from .filters import get_filter
+from .filters import PatchFilter, get_filter
 from .grid import PatchGrid
 from .merge.precision import work_dtype
 from .merge.weights import weights_in
@@ -149,6 +149,15 @@ def _weights_block(*, grid, starts, depth, window, window_params, block_id=None)
     return out
 
 
+def _filter_only(spec) -> PatchFilter:
+    """The filter ``spec`` names (predictors take :mod:`.chunked_predict`'s path)."""
+    filt = get_filter(spec)
+    if not isinstance(filt, PatchFilter):
+        raise TypeError(f"predictor {filt.name!r} runs on dask arrays through process(), "
+                        "not chunked_merge")
+    return filt
+
+
 def _filter_block(block, *, filt, params, axes):
     return np.asarray(filt(block, axes, **params))
 
@@ -193,7 +202,7 @@ def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_par
     if image.dtype.kind not in "biuf":
         raise TypeError(f"`image` must hold real numbers, got dtype {image.dtype}")
     batched = is_batched(image.shape, grid)
-    filt = get_filter(patch_filter)
+    filt = _filter_only(patch_filter)
     params = filt.validate(filter_params) if filt.params or filter_params else {}
     window_params = dict(window_params or {})
     make_window(window, grid.patch_size, **window_params)  # validates
@@ -214,10 +223,8 @@ def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_par
             "some pixels are covered by no patch (edge='drop' or stride > patch_size): "
             f"pass `fill_value` to mark them in an integer output dtype ({out_dtype})"
         )
-    if fill_value is not None:
-        fill = fill_value
-    else:  # NaN marks uncovered pixels; integer outputs here have none (checked above)
-        fill = np.nan if out_dtype.kind == "f" else 0
+    # NaN marks uncovered pixels; integer outputs here have none (checked above)
+    fill = fill_value if fill_value is not None else (np.nan if out_dtype.kind == "f" else 0)
 
     ov = da.overlap.overlap(canon, depth={ax: d for ax, d in enumerate(depth, start=1)},
                             boundary="none", allow_rechunk=False)
@@ -245,7 +252,7 @@ def chunked_reference(image, grid: PatchGrid, patch_filter, filter_params=None):
 
     image = as_dask(image)
     batched = is_batched(image.shape, grid)
-    filt = get_filter(patch_filter)
+    filt = _filter_only(patch_filter)
     params = filt.validate(filter_params) if filt.params or filter_params else {}
     if filt.halo is None:
         raise ValueError(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -16,15 +17,21 @@ from ._layout import (
     to_canonical,
     window_view,
 )
+from .checks import check_grid
 from .grid import PatchGrid
 from .merge.plan import backend
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+__all__ = ["LAYOUTS", "extract_patches", "extract_rows"]
 
 
 LAYOUTS = ("C", "merge")
 
 
-def extract_patches(image, grid: PatchGrid, *, copy: bool = False, layout: str = "C",
-                    max_bytes: int | None = None):
+def extract_patches(image: ArrayLike, grid: PatchGrid, *, copy: bool = False,
+                    layout: str = "C", max_bytes: int | None = None) -> np.ndarray:
     """Cut ``image`` into the patches of ``grid``.
 
     Parameters
@@ -69,8 +76,7 @@ def extract_patches(image, grid: PatchGrid, *, copy: bool = False, layout: str =
     >>> p[1, 0].tolist()
     [[8, 9], [12, 13]]
     """
-    if not isinstance(grid, PatchGrid):
-        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    check_grid(grid)
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
     if layout != "C" and not copy:
@@ -138,7 +144,7 @@ def extract_rows(padded: np.ndarray, grid: PatchGrid, row0: int = 0,
         K.copy_patches(*src, geo, b, out.view(bits).reshape(-1))
         return out
     view = window_view(padded, grid)
-    index = [slice(None)] + [np.asarray(o) for o in grid.origins]
+    index: list = [slice(None)] + [np.asarray(o) for o in grid.origins]
     index[1] = index[1][row0:row0 + rows]
     np.copyto(out, view[(index[0],) + np.ix_(*index[1:])])
     return out

@@ -13,11 +13,19 @@ float64; median keeps integer dtypes and computes float16 in float32.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy import ndimage as ndi
+
+from .checks import check_number
+
+if TYPE_CHECKING:
+    from .predict import Predictor
+
+__all__ = ["FILTERS", "Param", "PatchFilter", "get_filter", "otsu_thresholds", "register_filter"]
 
 
 @dataclass(frozen=True)
@@ -32,24 +40,17 @@ class Param:
 
     def __post_init__(self):
         for key in ("default", "min", "max"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float, np.number)):
-                raise TypeError(f"Param `{key}` must be a number, got {value!r}")
+            check_number(getattr(self, key), f"Param `{key}`")
         if self.kind not in (int, float):
             raise TypeError(f"Param `kind` must be int or float, got {self.kind!r}")
         if not self.min <= self.default <= self.max:
             raise ValueError(f"Param `default` must be in [min, max] = [{self.min}, {self.max}], "
                              f"got {self.default!r}")
 
-    def check(self, name: str, value):
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
-            raise TypeError(f"filter parameter `{name}` must be a number, got {value!r}")
-        if self.kind is int and float(value) != int(value):
-            raise TypeError(f"filter parameter `{name}` must be an integer, got {value!r}")
-        if not (self.min <= value <= self.max):
-            raise ValueError(
-                f"filter parameter `{name}` must be in [{self.min}, {self.max}], got {value!r}"
-            )
+    def check(self, name: str, value: float) -> float:
+        """``value`` checked against the declared range, as ``kind``."""
+        check_number(value, f"filter parameter `{name}`", self.min, self.max,
+                     integer=self.kind is int)
         return self.kind(value)
 
 
@@ -58,15 +59,15 @@ class PatchFilter:
     """A named per-patch filter with declared parameters."""
 
     name: str
-    func: Callable
-    params: dict = field(default_factory=dict)
+    func: Callable[..., Any]
+    params: dict[str, Param] = field(default_factory=dict)
     doc: str = ""
     #: ``halo(**params) -> int``: how far (px) the filter reaches when applied to a whole image,
     #: or None for filters built on per-image statistics (invert, zscore, ...). The chunked
     #: path needs it to compute ``reference="filter"`` block by block.
-    halo: Callable | None = None
+    halo: Callable[..., int] | None = None
 
-    def validate(self, params: dict | None) -> dict:
+    def validate(self, params: Mapping[str, float] | None) -> dict[str, float]:
         """Parameters with defaults filled in, checked against their declared ranges."""
         params = dict(params or {})
         unknown = set(params) - set(self.params)
@@ -77,7 +78,8 @@ class PatchFilter:
             )
         return {k: p.check(k, params.get(k, p.default)) for k, p in self.params.items()}
 
-    def __call__(self, stack, spatial_axes, **params):
+    def __call__(self, stack: np.ndarray, spatial_axes: Sequence[int],
+                 **params: float) -> np.ndarray:
         # Non-finite pixels give NaN where a patch statistic is undefined (documented), not
         # RuntimeWarnings from inside NumPy.
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -89,11 +91,13 @@ class PatchFilter:
         return out
 
 
-FILTERS: dict[str, PatchFilter] = {}
+#: Filters and predictors by name (built in, registered, or from the entry-point group).
+FILTERS: dict[str, PatchFilter | Predictor] = {}
 
 
-def register_filter(name: str, func: Callable | None = None, *, params: dict | None = None,
-                    batched: bool = True, doc: str = "", halo: Callable | None = None):
+def register_filter(name: str, func: Callable[..., Any] | None = None, *,
+                    params: dict[str, Param] | None = None, batched: bool = True, doc: str = "",
+                    halo: Callable[..., int] | None = None) -> Callable[..., Any]:
     """Add a filter to the registry (usable as a decorator).
 
     Parameters
@@ -155,7 +159,7 @@ def _check_registration(name, func, params, halo) -> None:
         raise TypeError(f"filter `halo` must be callable or None, got {halo!r}")
 
 
-def get_filter(spec):
+def get_filter(spec: str | PatchFilter | Predictor | Callable[..., Any]) -> PatchFilter | Predictor:
     """A :class:`PatchFilter` (or a :class:`~patch_viewer.core.predict.Predictor`) from a
     registered name, a PatchFilter or Predictor, or a batched callable."""
     from .predict import Predictor
@@ -218,7 +222,7 @@ def identity(stack, spatial_axes):
 
 
 @register_filter("gaussian", params={"sigma": Param(1.0, 0.1, 20.0, float, "blur radius (px)")},
-                 halo=lambda sigma: _gauss_reach(sigma))
+                 halo=_gauss_reach)
 def gaussian(stack, spatial_axes, sigma):
     """Gaussian blur inside each patch (reflecting at the patch border)."""
     x = _float(stack)

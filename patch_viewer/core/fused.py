@@ -11,10 +11,14 @@ a function marked with :func:`elementwise` is compiled and called on each value.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+if TYPE_CHECKING:  # for annotations only (fused_form imports the registry when called)
+    from .filters import PatchFilter
 
 __all__ = ["Fused", "elementwise", "fused_form"]
 
@@ -36,7 +40,7 @@ def elementwise(func: Callable) -> Callable:
     def on_stack(stack, spatial_axes):
         return func(stack)
 
-    on_stack.__elementwise__ = func
+    on_stack.__elementwise__ = func  # type: ignore[attr-defined]  # the marker fused_form reads
     on_stack.__name__ = getattr(func, "__name__", "elementwise")
     on_stack.__doc__ = getattr(func, "__doc__", None)
     return on_stack
@@ -69,7 +73,7 @@ _RULES = {"invert": ("range", _invert), "minmax": ("range", _minmax),
           "zscore": ("moments", _zscore)}
 
 
-def fused_form(filt, params: dict, dtype: np.dtype, channels: int) -> Fused | None:
+def fused_form(filt: PatchFilter, params: dict, dtype: np.dtype, channels: int) -> Fused | None:
     """The fused form of a :class:`~patch_viewer.core.filters.PatchFilter` for images of
     ``dtype`` with ``channels`` channels, or None where it must run on materialised batches."""
     from .filters import FILTERS
@@ -149,4 +153,5 @@ class PatchStats:
             a, b = np.empty(shape, dtype), np.empty(shape, dtype)
             stats = K.patch_range if self.fused.kind == "range" else K.patch_moments
             stats(*src, geo, 1, a, b)
+        assert self.fused.rule is not None  # "range" and "moments" forms carry their rule
         return self.fused.rule(a, b)

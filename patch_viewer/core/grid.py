@@ -4,12 +4,18 @@ from __future__ import annotations
 
 import math
 import operator
+from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
+__all__ = ["EDGE_MODES", "PAD_MODES", "PatchGrid"]
+
 EDGE_MODES = ("shift", "drop", "pad")
 PAD_MODES = ("reflect", "constant", "edge", "wrap")
+#: A pad mode, as ``numpy.pad`` names it.
+PadMode = Literal["reflect", "constant", "edge", "wrap"]
 
 
 def _positive_ints(value, name: str, ndim: int) -> tuple[int, ...]:
@@ -27,22 +33,21 @@ def _positive_ints(value, name: str, ndim: int) -> tuple[int, ...]:
             ) from None
         if len(values) != ndim:
             raise ValueError(
-                f"`{name}` must have one entry per spatial axis ({ndim}), got {len(values)}: {value!r}"
-            )
+                f"`{name}` must have one entry per spatial axis ({ndim}), got {len(values)}: "
+                f"{value!r}"
+            ) from None
+        if any(isinstance(v, (bool, np.bool_)) for v in values):
+            raise TypeError(f"`{name}` entries must be integers, got {value!r}") from None
         try:
-            values = tuple(
-                operator.index(v) if not isinstance(v, (bool, np.bool_)) else None for v in values
-            )
+            values = tuple(operator.index(v) for v in values)
         except TypeError:
             raise TypeError(f"`{name}` entries must be integers, got {value!r}") from None
-        if None in values:
-            raise TypeError(f"`{name}` entries must be integers, got {value!r}")
     if any(v < 1 for v in values):
         raise ValueError(f"`{name}` must be >= 1 on every axis, got {value!r}")
     return values
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, init=False)
 class PatchGrid:
     """Geometry of overlapping patches over an image: origins, counts and edge handling.
 
@@ -77,23 +82,29 @@ class PatchGrid:
     [0, 3, 6]
     """
 
+    # The fields hold normalised values (tuples, a non-negative channel axis); __init__ takes
+    # what users pass (an int for every axis, a negative axis) and normalises it.
     image_shape: tuple[int, ...]
-    patch_size: tuple[int, ...] | int
-    stride: tuple[int, ...] | int = 1
-    edge: str = "shift"
-    pad_mode: str = "reflect"
-    channel_axis: int | None = None
-    pad_value: float = 0
-    # Derived in __post_init__.
+    patch_size: tuple[int, ...]
+    stride: tuple[int, ...]
+    edge: str
+    pad_mode: PadMode
+    channel_axis: int | None
+    pad_value: float
+    # Derived in __init__.
     grid_shape: tuple[int, ...] = field(init=False)
     padded_shape: tuple[int, ...] = field(init=False)
     origins: tuple[np.ndarray, ...] = field(init=False, repr=False, compare=False)
 
-    def __post_init__(self):
-        shape = _image_shape(self.image_shape)
+    def __init__(self, image_shape: Sequence[int], patch_size: int | Sequence[int],
+                 stride: int | Sequence[int] = 1, edge: str = "shift", pad_mode: str = "reflect",
+                 channel_axis: int | None = None, pad_value: float = 0) -> None:
+        shape = _image_shape(image_shape)
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("image_shape", shape)
-        channel_axis = _channel_axis(self.channel_axis, len(shape))
+        set_("edge", edge)
+        set_("pad_mode", pad_mode)
+        channel_axis = _normalise_channel_axis(channel_axis, len(shape))
         set_("channel_axis", channel_axis)
         spatial = tuple(n for i, n in enumerate(shape) if i != channel_axis)
         if not 1 <= len(spatial) <= 3:
@@ -105,23 +116,20 @@ class PatchGrid:
             raise ValueError(f"`edge` must be one of {EDGE_MODES}, got {self.edge!r}")
         if self.pad_mode not in PAD_MODES:
             raise ValueError(f"`pad_mode` must be one of {PAD_MODES}, got {self.pad_mode!r}")
-        set_("pad_value", _pad_value(self.pad_value))
-        patch = _positive_ints(self.patch_size, "patch_size", len(spatial))
-        stride = _positive_ints(self.stride, "stride", len(spatial))
+        set_("pad_value", _pad_value(pad_value))
+        patch = _positive_ints(patch_size, "patch_size", len(spatial))
+        steps = _positive_ints(stride, "stride", len(spatial))
         set_("patch_size", patch)
-        set_("stride", stride)
+        set_("stride", steps)
         counts, origins, padded = [], [], []
-        for ax, (n, p, s) in enumerate(zip(spatial, patch, stride)):
+        for ax, (n, p, s) in enumerate(zip(spatial, patch, steps)):
             if p > n and self.edge != "pad":
                 raise ValueError(
                     f"`patch_size` {p} is larger than the image ({n} pixels) on spatial axis {ax}; "
                     f"the allowed range is 1..{n}, or use edge='pad'"
                     + _rgb_hint(shape, channel_axis)
                 )
-            if self.edge == "drop":
-                g = (n - p) // s + 1
-            else:
-                g = math.ceil(max(n - p, 0) / s) + 1
+            g = (n - p) // s + 1 if self.edge == "drop" else math.ceil(max(n - p, 0) / s) + 1
             o = np.arange(g, dtype=np.intp) * s
             if self.edge == "shift":
                 o[-1] = min(o[-1], n - p)
@@ -233,8 +241,8 @@ class PatchGrid:
         if len(point) != self.ndim:
             raise ValueError(f"`point` must have {self.ndim} coordinates, got {point}")
         index = []
-        for x, n, o, p in zip(point, self.spatial_shape, self.origins, self.patch_size):
-            x = math.floor(x)
+        for coord, n, o, p in zip(point, self.spatial_shape, self.origins, self.patch_size):
+            x = math.floor(coord)
             if not 0 <= x < n:
                 return None
             # Patches covering x have o <= x < o + p; the one with the largest origin is nearest.
@@ -256,7 +264,7 @@ def _pad_value(value):
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.number)):
         raise TypeError(f"`pad_value` must be a number, got {value!r}")
     value = value.item() if isinstance(value, np.generic) else value
-    if value != value:
+    if math.isnan(value):
         raise ValueError("`pad_value` must not be NaN (a padded pixel would poison every mean "
                          "it enters); use a finite number")
     return value
@@ -274,7 +282,8 @@ def _image_shape(shape) -> tuple[int, ...]:
     return shape
 
 
-def _channel_axis(axis, ndim: int) -> int | None:
+def _normalise_channel_axis(axis, ndim: int) -> int | None:
+    """``channel_axis`` checked and made non-negative (None stays None)."""
     if axis is None:
         return None
     if isinstance(axis, (bool, np.bool_)):  # True is an int to operator.index: never mean 1

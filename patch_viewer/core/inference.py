@@ -185,9 +185,9 @@ def _reference(image, grid, model: Predictor, params, reference, batched, acc: A
                 f"reference='filter' runs predictor {model.name!r} on the whole image; it "
                 f"returned {a.shape + ()} where {acc.shape} was expected (a per-patch or "
                 f"fixed-size model cannot run on the whole image: use reference='input')")
-        if acc.channels is not None:
+        axis = acc.channel_axis
+        if acc.channels is not None and axis is not None:
             a = np.moveaxis(a, 0, -1) if model.channels_first else a
-            a = np.moveaxis(a.reshape(acc.spatial_shape + (acc.channels,)), -1,
-                            acc.channel_axis)
+            a = np.moveaxis(a.reshape(acc.spatial_shape + (acc.channels,)), -1, axis)
         refs.append(a)
     return _stack(refs, batched)

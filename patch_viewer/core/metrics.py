@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 from skimage.metrics import structural_similarity
 
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+__all__ = ["METRICS", "REDUCE_ELEMENTS", "compute_metrics", "data_range_of", "dtype_range",
+           "error_map", "error_summary", "error_sums", "iter_ssim", "ssim_bytes", "ssim_clean",
+           "ssim_of", "ssim_window"]
+
 METRICS = ("max_abs", "rmse", "psnr", "ssim")
 
 
-def error_map(merged, reference) -> np.ndarray:
+def error_map(merged: ArrayLike, reference: ArrayLike) -> np.ndarray:
     """Signed error ``merged - reference`` as float (NaN where ``merged`` is uncovered).
 
     Examples
@@ -21,7 +29,8 @@ def error_map(merged, reference) -> np.ndarray:
     merged = np.asarray(merged)
     reference = np.asarray(reference)
     if merged.shape != reference.shape:
-        raise ValueError(f"`merged` shape {merged.shape} differs from `reference` shape {reference.shape}")
+        raise ValueError(f"`merged` shape {merged.shape} differs from `reference` shape "
+                         f"{reference.shape}")
     dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN: not a warning
         return np.subtract(merged, reference, dtype=dtype)
@@ -111,8 +120,9 @@ def error_summary(n, sum_sq, max_abs, data_range) -> tuple[float, float, float]:
     return max_abs, math.sqrt(mse), psnr
 
 
-def compute_metrics(merged, reference, *, channel_axis=None, data_range=None,
-                    ssim: bool = True, error=None) -> dict:
+def compute_metrics(merged: ArrayLike, reference: ArrayLike, *, channel_axis: int | None = None,
+                    data_range: float | None = None, ssim: bool = True,
+                    error: np.ndarray | None = None) -> dict[str, float]:
     """Max-abs error, RMSE, PSNR (dB) and SSIM of ``merged`` against ``reference``.
 
     Pixels where either image is not finite (pixels no patch covers are NaN) are left out of
@@ -201,7 +211,7 @@ def ssim_window(shape, channel_axis) -> int:
     below 3 there is nothing structural to compare."""
     spatial = [n for i, n in enumerate(shape)
                if channel_axis is None or i != channel_axis % len(shape)]
-    win = min(7, min(spatial))
+    win = min(7, *spatial)
     return win - (1 - win % 2)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable, Generator, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -23,13 +25,14 @@ from .checks import (
     check_dtype,
     check_fill_value,
     check_finite_for_integer,
+    check_grid,
     check_image,
     check_progress,
     check_reduce_window,
     parse_max_bytes,
 )
 from .chunked import chunked_process, reference_axes
-from .filters import get_filter
+from .filters import PatchFilter, get_filter
 from .predict import Predictor
 from .grid import PatchGrid
 from .merge import REDUCTIONS, weight_map
@@ -37,12 +40,21 @@ from .metrics import METRICS, compute_metrics, error_map
 from .stream import REFERENCES, Plan, Result, make_plan, merge_stream
 from .windows import make_window
 
-__all__ = ["REFERENCES", "Plan", "Result", "iter_process", "make_plan", "process"]
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike, DTypeLike
 
-def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
-                 window="uniform", window_params=None, reduce="mean", reference="input",
-                 dtype=None, fill_value=None, batch_bytes=None, max_bytes=None, ssim=True,
-                 metrics=True, indices=None, uncovered="fill"):
+__all__ = ["REFERENCES", "Plan", "Result", "iter_process", "make_plan", "merge_stream", "process"]
+
+def iter_process(image: ArrayLike, grid: PatchGrid,
+                 patch_filter: str | PatchFilter | Predictor | Callable[..., Any] = "identity",
+                 *, filter_params: Mapping[str, float] | None = None,
+                 window: str | ArrayLike = "uniform",
+                 window_params: Mapping[str, float] | None = None, reduce: str = "mean",
+                 reference: str = "input", dtype: DTypeLike | None = None,
+                 fill_value: float | None = None, batch_bytes: int | None = None,
+                 max_bytes: int | str | None = None, ssim: bool = True,
+                 metrics: bool = True, indices: ArrayLike | None = None,
+                 uncovered: str = "fill") -> Generator[tuple[int, int], None, Result]:
     """Generator form of :func:`process`: yields ``(patches_done, patches_total)`` after each
     batch and returns the :class:`Result` (``StopIteration.value``; napari's ``thread_worker``
     emits it as ``returned``). Closing the generator cancels the run.
@@ -50,8 +62,7 @@ def iter_process(image, grid: PatchGrid, patch_filter="identity", *, filter_para
     All arguments are validated before the generator is returned. A dask or zarr ``image``
     gives a lazy :class:`Result` at once (see :func:`process`).
     """
-    if not isinstance(grid, PatchGrid):
-        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    check_grid(grid)
     max_bytes = parse_max_bytes(max_bytes)
     dtype = check_dtype(dtype)
     fill_value = check_fill_value(fill_value, dtype)
@@ -161,10 +172,16 @@ def _run(image, grid, filt, params, window, window_params, reduce, reference, dt
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
 
 
-def process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
-            window="uniform", window_params=None, reduce="mean", reference="input", dtype=None,
-            fill_value=None, batch_bytes=None, max_bytes=None, progress=None, ssim=True,
-            metrics=True, indices=None, uncovered="fill") -> Result:
+def process(image: ArrayLike, grid: PatchGrid,
+            patch_filter: str | PatchFilter | Predictor | Callable[..., Any] = "identity", *,
+            filter_params: Mapping[str, float] | None = None, window: str | ArrayLike = "uniform",
+            window_params: Mapping[str, float] | None = None, reduce: str = "mean",
+            reference: str = "input", dtype: DTypeLike | None = None,
+            fill_value: float | None = None, batch_bytes: int | None = None,
+            max_bytes: int | str | None = None,
+            progress: Callable[[int, int], object] | None = None, ssim: bool = True,
+            metrics: bool = True, indices: ArrayLike | None = None,
+            uncovered: str = "fill") -> Result:
     """Cut ``image`` into patches, filter each patch, merge them back and measure the error.
 
     Parameters

@@ -47,14 +47,15 @@ def load_entry_points(group: str = GROUP) -> list[str]:
                               f"{type(item).__name__}, not a PatchFilter or Predictor; skipped",
                               stacklevel=2)
                 continue
+            named = item
             if not isinstance(obj, (list, tuple)) and item.name != ep.name:
-                item = dataclasses.replace(item, name=ep.name)
-            if item.name in builtin:
+                named = dataclasses.replace(item, name=ep.name)
+            if named.name in builtin:
                 warnings.warn(f"patch_viewer: filter plugin {ep.name!r} would replace the "
-                              f"built-in filter {item.name!r}; skipped", stacklevel=2)
+                              f"built-in filter {named.name!r}; skipped", stacklevel=2)
                 continue
-            FILTERS[item.name] = item
-            added.append(item.name)
+            FILTERS[named.name] = named
+            added.append(named.name)
     return added
 
 

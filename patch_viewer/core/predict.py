@@ -16,7 +16,8 @@ import math
 import operator
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Callable, Iterator, NamedTuple
+from collections.abc import Callable, Iterator, Mapping
+from typing import NamedTuple
 
 import numpy as np
 
@@ -102,7 +103,7 @@ class Predictor:
 
     func: Callable
     name: str = ""
-    channels: int | None | str = "infer"
+    channels: int | str | None = "infer"
     scale: object = None
     dtype: object = None
     per_patch: bool | None = None
@@ -131,7 +132,7 @@ class Predictor:
                 raise ValueError(f"predictor `channels` must be an int >= 1, None or 'infer', "
                                  f"got {k!r}")
 
-    def validate(self, params: dict | None) -> dict:
+    def validate(self, params: Mapping[str, float] | None) -> dict:
         """Parameters with defaults filled in, checked against their declared ranges."""
         from .filters import PatchFilter
 
@@ -192,7 +193,7 @@ class Predictor:
 
     def _check_declared(self, spec: Output, grid: PatchGrid) -> None:
         problems = []
-        if self.channels != "infer" and self.channels != spec.channels:
+        if self.channels not in ("infer", spec.channels):
             problems.append(f"channels {spec.channels} (declared {self.channels})")
         if self.scale is not None and parse_scale(self.scale, grid.ndim) != spec.scale:
             problems.append(f"scale {tuple(map(str, spec.scale))} (declared {self.scale})")
@@ -286,7 +287,7 @@ def load_callable(spec: str):
     module, attr = spec.split(":")
     try:
         obj = importlib.import_module(module)
-    except Exception as exc:  # noqa: BLE001 - any import failure is the user's to read
+    except Exception as exc:
         raise ImportError(f"cannot import module {module!r} for {spec!r}: "
                           f"{type(exc).__name__}: {exc}") from exc
     for part in attr.split("."):

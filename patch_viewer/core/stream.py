@@ -141,7 +141,7 @@ class Result:
     merged: np.ndarray
     weights: np.ndarray
     reference: np.ndarray
-    error: np.ndarray
+    error: np.ndarray | None
     metrics: dict
     grid: PatchGrid
     plan: Plan

@@ -11,10 +11,15 @@ start, or in a thread of its own.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .merge.plan import backend
+
+if TYPE_CHECKING:
+    from numpy.typing import DTypeLike
 
 __all__ = ["warm_up"]
 
@@ -25,7 +30,8 @@ WARM_DTYPES = ("uint8", "uint16", "float32", "float64")
 WARM_FILTERS = ("identity", "gaussian", "invert")
 
 
-def warm_up(dtypes=WARM_DTYPES, filters=WARM_FILTERS) -> float:
+def warm_up(dtypes: Iterable[DTypeLike] = WARM_DTYPES,
+            filters: Iterable[str] = WARM_FILTERS) -> float:
     """Load the compiled kernels a merge and a ``process`` of these dtypes and filters use.
 
     Runs tiny merges (every window family: uniform and weighted; mean and max) and

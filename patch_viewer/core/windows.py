@@ -7,10 +7,17 @@ or Bartlett window, the image border is never zeroed.
 
 from __future__ import annotations
 
-import math
-import numbers
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
+
+from .checks import check_number
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
+
+__all__ = ["WINDOWS", "WINDOW_PARAMS", "make_window", "separable_factors", "window_factors"]
 
 #: Named windows. ``"overlap-tile"`` is not a weighting: each pixel is taken from the one patch
 #: whose centre is nearest to it (the U-Net overlap-tile strategy).
@@ -63,19 +70,16 @@ def window_factors(window: str, patch_size, **params) -> list[np.ndarray]:
     allowed = WINDOW_PARAMS.get(window, {})
     for key, value in params.items():
         if key not in allowed:
-            raise TypeError(f"window {window!r} takes no parameter {key!r}; it takes {tuple(allowed)}")
+            raise TypeError(f"window {window!r} takes no parameter {key!r}; it takes "
+                            f"{tuple(allowed)}")
         _, lo, hi = allowed[key]
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (numbers.Real,
-                                                                         np.number)):
-            raise TypeError(f"window parameter `{key}` must be a number in [{lo}, {hi}], "
-                            f"got {value!r}")
-        if not lo <= value <= hi:  # NaN fails too
-            raise ValueError(f"window parameter `{key}` must be in [{lo}, {hi}], got {value!r}")
+        check_number(value, f"window parameter `{key}`", lo, hi)
     params = {k: float(v) for k, v in params.items()}
     return [_FACTORS[window](int(p), **params) for p in patch_size]
 
 
-def make_window(window, patch_size, **params) -> np.ndarray | None:
+def make_window(window: str | ArrayLike, patch_size: Sequence[int],
+                **params: float) -> np.ndarray | None:
     """The window as an array of the patch's spatial shape (float64, strictly positive).
 
     Parameters
@@ -118,7 +122,8 @@ def make_window(window, patch_size, **params) -> np.ndarray | None:
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"`window` array must be numeric, got dtype {arr.dtype}")
     if arr.shape != patch_size:
-        raise ValueError(f"`window` array must have the patch's spatial shape {patch_size}, got {arr.shape}")
+        raise ValueError(f"`window` array must have the patch's spatial shape {patch_size}, "
+                         f"got {arr.shape}")
     arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)) or arr.min() < 0:
         raise ValueError("`window` array values must be finite and >= 0")
@@ -133,8 +138,3 @@ def separable_factors(window, patch_size, **params) -> list[np.ndarray] | None:
         return window_factors(window, patch_size, **params)
     return None
 
-
-def window_sum(window, patch_size, **params) -> float:
-    """Total weight of one patch (for normalisation and read-outs)."""
-    w = make_window(window, patch_size, **params)
-    return float(math.prod(patch_size)) if w is None else float(w.sum())

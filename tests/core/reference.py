@@ -52,8 +52,8 @@ def brute_merge(patches, grid: PatchGrid, window="uniform", reduce="mean", **par
                 cands = [i for i, oi in enumerate(o) if oi <= xk < oi + p]
                 if not cands:
                     break
-                centre = lambda i: abs(xk - (o[i] + (p - 1) / 2))  # noqa: E731
-                best = min(cands, key=lambda i: (centre(i), i))
+                centre = (p - 1) / 2
+                best = min(cands, key=lambda i: (abs(xk - (o[i] + centre)), i))
                 idx.append(best)
                 off.append(xk - o[best])
             else:

@@ -176,5 +176,5 @@ def test_bad_layout_names_the_choices():
     grid = PatchGrid((10, 10), 3)
     with pytest.raises(ValueError, match=r"layout.*'C', 'merge'.*'F'"):
         extract_patches(np.zeros((10, 10)), grid, copy=True, layout="F")
-    with pytest.raises(ValueError, match="layout.*copy=True"):
+    with pytest.raises(ValueError, match=r"layout.*copy=True"):
         extract_patches(np.zeros((10, 10)), grid, layout="merge")

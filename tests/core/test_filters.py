@@ -80,11 +80,11 @@ def test_constant_patches_do_not_divide_by_zero():
 def test_parameters_are_checked():
     with pytest.raises(ValueError, match=r"sigma.*\[0.1, 20.0\]"):
         FILTERS["gaussian"](np.ones((1, 4, 4)), (1, 2), sigma=0)
-    with pytest.raises(TypeError, match="size.*integer"):
+    with pytest.raises(TypeError, match=r"size.*integer"):
         FILTERS["median"](np.ones((1, 4, 4)), (1, 2), size=2.5)
-    with pytest.raises(TypeError, match="gaussian.*sigma.*unknown.*radius"):
+    with pytest.raises(TypeError, match=r"gaussian.*sigma.*unknown.*radius"):
         FILTERS["gaussian"](np.ones((1, 4, 4)), (1, 2), radius=1)
-    with pytest.raises(ValueError, match="patch_filter.*gaussian"):
+    with pytest.raises(ValueError, match=r"patch_filter.*gaussian"):
         get_filter("blur")
     with pytest.raises(TypeError, match="patch_filter"):
         get_filter(3)

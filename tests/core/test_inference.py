@@ -308,7 +308,7 @@ def test_pad_value_pads_constant_edges():
     assert process(image, grid).merged.tolist() == image.tolist()  # cropped back
     lazy = process(da.from_array(image, chunks=3), grid, "gaussian")
     np.testing.assert_array_equal(lazy.merged.compute(), process(image, grid, "gaussian").merged)
-    with pytest.raises(ValueError, match="pad_value.*0..255"):
+    with pytest.raises(ValueError, match=r"pad_value.*0\.\.255"):
         extract_patches(image.astype(np.uint8), PatchGrid((5, 5), 4, stride=3, edge="pad",
                                                            pad_mode="constant", pad_value=300))
     with pytest.raises(TypeError, match="pad_value"):
@@ -326,7 +326,7 @@ def test_every_refusal_names_what_is_wrong():
     with pytest.raises(IndexError, match=r"origins 0\.\.6 x 0\.\.6\), got \[\[7, 0\]\]"):
         acc.add(np.zeros((1, 4, 4, 2)), origins=[[7, 0]])
     acc.add(np.ones((1, 4, 4, 2), np.float32), [0])
-    with pytest.raises(TypeError, match="batch 1 has dtype float64.*float32"):
+    with pytest.raises(TypeError, match=r"batch 1 has dtype float64.*float32"):
         acc.add(np.ones((1, 4, 4, 2)), [1])
     assert acc.n_added == 1 and acc.result()[0, 0].tolist() == [1, 1]  # still usable
     with pytest.raises(ValueError, match=r"`mask` must have the image's spatial shape \(10, 10\)"):
@@ -339,7 +339,7 @@ def test_a_predictor_that_breaks_its_declaration_or_first_call():
     image = np.random.default_rng(8).random((16, 16))
     grid = PatchGrid(image.shape, 4, stride=2)
     declared = Predictor(lambda b: np.stack([b, b], -1), name="two", channels=3)
-    with pytest.raises(PredictionError, match="'two'.*channels 2 \\(declared 3\\)"):
+    with pytest.raises(PredictionError, match=r"'two'.*channels 2 \(declared 3\)"):
         process(image, grid, declared)
     calls = []
 
@@ -426,7 +426,7 @@ def test_entry_point_filters_join_the_registry(monkeypatch):
 
 def test_load_callable_imports_never_evaluates():
     assert pv.load_callable("numpy.linalg:norm") is np.linalg.norm
-    with pytest.raises(ValueError, match="package.module:function"):
+    with pytest.raises(ValueError, match=r"package\.module:function"):
         pv.load_callable("__import__('os').system('true')")
     with pytest.raises(ImportError, match="cannot import module 'no_such_module'"):
         pv.load_callable("no_such_module:f")

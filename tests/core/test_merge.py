@@ -1,5 +1,4 @@
 import numpy as np
-from unittest import mock
 import pytest
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -172,7 +171,8 @@ def test_random_stack_matches_brute_force(grid, reduce, window, dtype, seed):
     canon = p[..., None] if grid.channel_axis is None else p
     expected = to_user_layout(brute_merge(canon, grid, window, reduce), grid)
     rtol = 1e-5 if merged.dtype == np.float32 else 1e-10
-    np.testing.assert_allclose(merged, expected, rtol=rtol, atol=rtol * (1 + float(np.abs(p).max())))
+    np.testing.assert_allclose(merged, expected, rtol=rtol,
+                               atol=rtol * (1 + float(np.abs(p).max())))
     assert np.array_equal(np.isnan(merged), np.isnan(expected))
 
 
@@ -198,7 +198,8 @@ def test_weight_map_matches_brute_force(grid, window):
 
 
 @settings(max_examples=200, deadline=None)
-@given(grids(), st.sampled_from(["mean", "max"]), st.sampled_from(["uniform", "hann", "overlap-tile"]),
+@given(grids(), st.sampled_from(["mean", "max"]),
+       st.sampled_from(["uniform", "hann", "overlap-tile"]),
        st.integers(1, 5), st.integers(0, 2**32 - 1))
 def test_streaming_equals_all_at_once(grid, reduce, window, rows, seed):
     """Adding the stack in batches of patch rows gives the same result as all at once.
@@ -286,14 +287,18 @@ def test_nan_in_patches_stays_local():
 
 
 @settings(max_examples=100, deadline=None)
-@given(grids(), st.sampled_from(["mean", "max"]), st.sampled_from(["uniform", "hann", "overlap-tile"]),
+@given(grids(), st.sampled_from(["mean", "max"]),
+       st.sampled_from(["uniform", "hann", "overlap-tile"]),
        st.integers(2, 4), st.integers(0, 2**32 - 1))
 def test_threaded_accumulation_equals_single_thread(grid, reduce, window, workers, seed):
     assume(reduce == "mean" or window == "uniform")
     rng = np.random.default_rng(seed)
     p = rng.standard_normal((3,) + grid.patches_shape)  # batch of 3 images, float64
     # many parts (NumPy) or bands (numba), so that every thread gets some
-    with mock.patch.object(nm, "PIECE_BYTES", 256), mock.patch.object(plan, "BAND_BYTES", 64):
+    # (pytest.MonkeyPatch.context: hypothesis runs many examples inside one test call)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(nm, "PIECE_BYTES", 256)
+        mp.setattr(plan, "BAND_BYTES", 64)
         one = merge_patches(p, grid, window=window, reduce=reduce, workers=1)
         for n in (2, workers):
             many = merge_patches(p, grid, window=window, reduce=reduce, workers=n)
@@ -317,7 +322,9 @@ def test_numpy_banded_merge_equals_streaming(grid, reduce, dtype, workers, band_
     # at least one column per group where staging runs, so that it always does
     stage = {"STAGE_BYTES": 0} if stage_bytes is None else {"STAGE_BYTES": stage_bytes,
                                                             "STAGE_MIN_COLUMNS": 0}
-    with mock.patch.multiple(ne, BAND_BYTES=band_bytes, **stage):
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in {"BAND_BYTES": band_bytes, **stage}.items():
+            mp.setattr(ne, name, value)
         banded = merger.finish(merger.merge_banded(canon, workers))
     streamed = NumpyMerger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
     streamed.add(canon)
@@ -390,7 +397,7 @@ def test_banded_merge_with_channels_last():
 
 def test_workers_argument_is_checked():
     grid = PatchGrid((10, 10), 4, stride=2)
-    with pytest.raises(ValueError, match="workers.*>= 1"):
+    with pytest.raises(ValueError, match=r"workers.*>= 1"):
         merge_patches(np.ones(grid.patches_shape), grid, workers=0)
 
 

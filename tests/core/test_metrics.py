@@ -50,7 +50,7 @@ def test_tiny_images_have_no_ssim_but_other_metrics():
 
 
 def test_bad_input():
-    with pytest.raises(ValueError, match="merged.*shape.*reference"):
+    with pytest.raises(ValueError, match=r"merged.*shape.*reference"):
         compute_metrics(np.zeros(3), np.zeros(4))
     with pytest.raises(ValueError, match="data_range"):
         compute_metrics(np.zeros(3), np.zeros(3), data_range=0)

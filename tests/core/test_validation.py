@@ -82,7 +82,7 @@ def test_rgb_without_channel_axis_says_how():
 
 def test_masked_arrays_are_refused_not_silently_unmasked():
     masked = np.ma.masked_greater(IMAGE, 0.5)
-    with pytest.raises(TypeError, match="masked array.*filled"):
+    with pytest.raises(TypeError, match=r"masked array.*filled"):
         process(masked, GRID)
 
 
@@ -90,7 +90,7 @@ def test_masked_arrays_are_refused_not_silently_unmasked():
 def test_non_finite_pixels_into_an_integer_dtype_are_refused(bad):
     image = IMAGE.copy()
     image[3, 3] = bad
-    with pytest.raises(ValueError, match="NaN or inf.*integer `dtype`"):
+    with pytest.raises(ValueError, match=r"NaN or inf.*integer `dtype`"):
         process(image, GRID, dtype=np.uint8)
     assert np.isnan(process(image, GRID).merged[3, 3]) == np.isnan(bad)
 

@@ -10,16 +10,23 @@ overlap weights.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
+from ..checks import check_grid
 from ..grid import PatchGrid
 from .plan import BACKENDS, REDUCTIONS, backend, default_workers, make_merge_plan
 from .precision import check_dtype, work_dtype
 from .weights import max_weight, weight_map
 
+if TYPE_CHECKING:
+    import numpy as np
+    from numpy.typing import ArrayLike, DTypeLike
+
 __all__ = ["BACKENDS", "REDUCTIONS", "Merger", "backend", "max_weight", "merge_patches",
            "merge_state_bytes", "weight_map", "work_dtype"]
 
 
-def Merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="uniform",  # noqa: N802
+def Merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="uniform",
            reduce="mean", window_params=None):
     """A streaming accumulator on the active backend: ``add(piece, b0, row0)`` pieces of
     canonical patches ``(b, g0, *grid_shape[1:], *patch_size, C)`` (rows of an image in
@@ -35,8 +42,10 @@ def Merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="un
     return numpy_merger(grid, n_images, n_channels, dtype, **options)
 
 
-def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", dtype=None,
-                  fill_value=None, workers=None, **window_params):
+def merge_patches(patches: ArrayLike, grid: PatchGrid, *, window: str | ArrayLike = "uniform",
+                  reduce: str = "mean", dtype: DTypeLike | None = None,
+                  fill_value: float | None = None, workers: int | None = None,
+                  **window_params: float) -> np.ndarray:
     """Merge a patch stack back into an image, blending where patches overlap.
 
     Parameters
@@ -93,8 +102,7 @@ def merge_patches(patches, grid: PatchGrid, *, window="uniform", reduce="mean", 
     from .._layout import from_canonical, is_lazy, patches_to_canonical
     from .precision import _fill
 
-    if not isinstance(grid, PatchGrid):
-        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    check_grid(grid)
     if is_lazy(patches):
         raise TypeError(
             "`patches` must be an in-memory array: a patch stack is many times larger than its "

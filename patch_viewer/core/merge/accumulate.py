@@ -38,7 +38,7 @@ class _Geometry:
             [max(n, int(o[-1]) + p) for n, o, p in zip(grid.spatial_shape, grid.origins,
                                                       grid.patch_size)], grid, 1)
         self.spatial = three_axes(grid.spatial_shape, grid, 1)
-        n0, n1, n2 = self.extent
+        _, n1, n2 = self.extent
         self.wc = n2 * c
         self.row_len = n1 * self.wc  # elements of one band row
 
@@ -58,7 +58,7 @@ class _Geometry:
     def denominators(self):
         """``(den0, den1, denk)`` for :func:`kernels_numba.weigh` (see :class:`MergePlan`)."""
         plan = self.plan
-        n0, n1, n2 = self.extent
+        n0, n1, _ = self.extent
         if plan.weights is not None:  # a window that does not separate: the whole map
             w = np.ones(self.extent + [self.c])
             w[:self.spatial[0], :self.spatial[1], :self.spatial[2]] = plan.weights.reshape(
@@ -204,8 +204,10 @@ class _Result:
         else:
             K.copy_band(canvas.acc, y0, n1, wc, dst)
         if mode == "anchored":
+            assert self.ref is not None
             K.copy_band(canvas.ref, y0, n1, wc, self.ref[bi, y0:y1])
         if mode == "split":
+            assert self.lo is not None
             K.copy_band(canvas.lo, y0, n1, wc, self.lo[bi, y0:y1])
 
     def finish(self, grid: PatchGrid, dtype, fill_value) -> np.ndarray:
@@ -219,10 +221,12 @@ class _Result:
             fill_value is None or np.isnan(fill_value))
         covered = None if nan_marks else self.covered(grid)
         if mode == "split":
+            assert self.lo is not None
             count = self.counts().reshape(out.shape[1:])
             out = split_mean(out, self.lo, count, target if target.kind in "biu" else
                              np.float64, plan.data.kind == "u")
         elif mode == "anchored":
+            assert self.ref is not None
             return self._shaped(anchored_finish(self.ref, out, covered, dtype, fill_value,
                                                 plan.work), grid)
         return self._shaped(finish(out, covered, dtype, fill_value, plan.work), grid)
@@ -305,13 +309,14 @@ class NumbaMerger:
         self.geo3 = _Geometry(grid, plan, n_channels)
         self.n_images = n_images
         size = math.prod(self.geo3.extent) * n_channels
-        self._canvases = [None] * n_images
+        self._canvases: list[_Canvas | None] = [None] * n_images
         self._size = size
 
     def _canvas(self, bi: int) -> _Canvas:
-        if self._canvases[bi] is None:
-            self._canvases[bi] = _Canvas(self.plan, self._size)
-        return self._canvases[bi]
+        canvas = self._canvases[bi]
+        if canvas is None:
+            canvas = self._canvases[bi] = _Canvas(self.plan, self._size)
+        return canvas
 
     def add(self, piece: np.ndarray, b0: int = 0, row0: int = 0) -> None:
         """Add a canonical piece ``(b, g, *grid_shape[1:], *patch_size, C)``."""

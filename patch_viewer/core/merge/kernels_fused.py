@@ -15,6 +15,9 @@ from numba import njit
 
 from .kernels_numba import JIT, U
 
+__all__ = ["band_affine", "band_affine_scaled", "band_affine_weighted", "band_map", "copy_patches",
+           "patch_moments", "patch_range"]
+
 # --------------------------------------------------------------------------- the fused stream
 # process() filters patches inside the merge where the filter allows it: ``(v - c) / d`` with
 # one (c, d) per patch (invert, minmax, zscore, a scale) computed in the filter's dtype, so

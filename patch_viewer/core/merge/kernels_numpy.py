@@ -16,14 +16,15 @@ import math
 
 import numpy as np
 
-from .._layout import DIRECT_MAX_STEPS, ROWS_FIRST_ORDER, is_direct
+from .._layout import DIRECT_MAX_STEPS, ROWS_FIRST_ORDER, block_depths, ceil_div, is_direct
 from ..grid import PatchGrid
 
 __all__ = ["assign", "interleave", "ola", "overlap_add", "owned_segments", "row_offset_preparer",
            "short_buffers"]
 
 def _block_view(region: np.ndarray, axes, strides) -> np.ndarray:
-    """Split each axis ``axes[j]`` of ``region`` into ``(blocks, strides[j])`` (a writeable view)."""
+    """Split each axis ``axes[j]`` of ``region`` into ``(blocks, strides[j])`` (a writeable
+    view)."""
     shape, st = [], []
     for i, (n, t) in enumerate(zip(region.shape, region.strides)):
         if i in axes:
@@ -47,7 +48,7 @@ def ola(out: np.ndarray, a: np.ndarray, axes: list[int], strides: list[int], op)
     sl = [slice(None)] * out.ndim
     for j, (ax, s) in enumerate(zip(axes, strides)):
         g, p = a.shape[ax + j], a.shape[ax + j + 1]
-        d = -(-p // s)
+        d = ceil_div(p, s)
         sizes.append((g, p, s, d))
         sl[ax] = slice(0, (g + d - 1) * s)
     ov = _block_view(out[tuple(sl)], axes, strides)
@@ -96,7 +97,7 @@ def interleave(a: np.ndarray, nd: int) -> np.ndarray:
 def _ola_1d(out: np.ndarray, a: np.ndarray, ax: int, s: int, op) -> None:
     """One axis of :func:`ola`, looping over whichever is fewer: patches or overlap depth."""
     g, p = a.shape[ax], a.shape[ax + 1]
-    if g >= -(-p // s):
+    if g >= ceil_div(p, s):
         ola(out, a, [ax], [s], op)
         return
     lead = (slice(None),) * ax
@@ -216,7 +217,7 @@ def overlap_add(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity:
         _rows_first(canvas, a, origin, stride, op, identity, prepare=padded)
         return
     p = a.shape[1 + nd: 1 + 2 * nd]
-    depth = [-(-pk // sk) for pk, sk in zip(p, stride)]
+    depth = block_depths(p, stride)
     t = interleave(a, nd)
     region = canvas[(slice(None),) + tuple(slice(o, None) for o in origin)]
     if math.prod(depth) <= DIRECT_MAX_STEPS:

@@ -10,7 +10,16 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .._layout import DIRECT_MAX_STEPS, ROWS_FIRST_ORDER, is_direct, n_elements, split_regular, stack_order
+from .._layout import (
+    DIRECT_MAX_STEPS,
+    ROWS_FIRST_ORDER,
+    block_depths,
+    ceil_div,
+    is_direct,
+    n_elements,
+    split_regular,
+    stack_order,
+)
 from ..grid import PatchGrid
 from ..windows import make_window, separable_factors
 from .kernels_numpy import (
@@ -23,7 +32,14 @@ from .kernels_numpy import (
     short_buffers,
 )
 from .plan import REDUCTIONS
-from .precision import accumulation, anchored_finish, finish, is_wide_int, narrow_sums_exact, work_dtype
+from .precision import (
+    accumulation,
+    anchored_finish,
+    finish,
+    is_wide_int,
+    narrow_sums_exact,
+    work_dtype,
+)
 from .weights import coverage_mask, weight_sums, weights_in
 
 __all__ = ["NumpyMerger"]
@@ -69,11 +85,12 @@ class NumpyMerger:
             # every covered pixel is owned once
             self.ref = np.zeros(shape, self.work if wide is None else wide)  # no garbage NaN
             rule = "first" if self.mode == "mean" else "centre"
-            self._owned = [owned_segments(o, p, rule) for o, p in zip(grid.origins, grid.patch_size)]
+            self._owned = [owned_segments(o, p, rule)
+                           for o, p in zip(grid.origins, grid.patch_size)]
         if self.mode != "pick":
             self._identity = self._start_value()
             self._acc_shape = shape
-            self._acc = None
+            self._acc: np.ndarray | None = None
             self._op = {"mean": np.add, "max": np.maximum, "min": np.minimum}[self.mode]
         self._runs = [split_regular(o, s) for o, s in zip(grid.origins, grid.stride)]
         self._win = None if self.window is None else self.window[..., None].astype(self.work)
@@ -94,7 +111,7 @@ class NumpyMerger:
                                                    self.grid.coverage_range()[1])
         self.narrow = (narrow and self.mode == "mean" and self.window is None
                        and not self.anchor and self.acc_dtype != self.work
-                       and dtype == np.float32 and narrow_sums_exact(self.grid))
+                       and dtype.newbyteorder("=") == np.float32 and narrow_sums_exact(self.grid))
         if self.mode in ("max", "min"):
             self.acc_dtype = dtype if is_wide_int(dtype) else self.work
         elif self.narrow:
@@ -119,8 +136,8 @@ class NumpyMerger:
             for i in range(0, b, per):
                 yield piece[i:i + per], b0 + i, row0
             return
-        n = min(g0, max(-(-g0 // rows), min_parts if b == 1 else 1))
-        rows = -(-g0 // n)
+        n = min(g0, max(ceil_div(g0, rows), min_parts if b == 1 else 1))
+        rows = ceil_div(g0, n)
         for bi in range(b):
             for r in range(0, g0, rows):
                 yield piece[bi:bi + 1, r:r + rows], b0 + bi, row0 + r
@@ -208,7 +225,7 @@ class NumpyMerger:
         nd = self._nd
         stride = self.grid.stride
         g, p = sub.shape[1:1 + nd], sub.shape[1 + nd:1 + 2 * nd]
-        depth = [-(-pk // sk) for pk, sk in zip(p, stride)]
+        depth = block_depths(p, stride)
         anchor = self.mode == "mean" and self.anchor
         padded = None
         cascade = math.prod(depth) > DIRECT_MAX_STEPS
@@ -365,10 +382,7 @@ class NumpyMerger:
         """
         grid = self.grid
         crop = (slice(None),) + tuple(slice(0, n) for n in grid.spatial_shape)
-        if self.mode == "pick":
-            out = self.ref[crop]
-        else:
-            out = self.acc[crop]
+        out = self.ref[crop] if self.mode == "pick" else self.acc[crop]
         if self.mode == "mean":
             dst = out if out.dtype == self.work else np.empty(out.shape, self.work)
             # Uncovered pixels (0/0, and an anchor never written) are replaced by the fill.

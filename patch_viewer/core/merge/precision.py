@@ -67,7 +67,8 @@ def sum_dtype(dtype, uniform: bool, max_cover: int) -> tuple[np.dtype, str]:
             return np.dtype(np.int64), "split"
         need = _bits(dtype) + (dtype.kind == "u") + cover  # bits, the sign included
         return np.dtype(np.int32 if need < 31 else np.int64), "plain"
-    narrow = dtype.kind == "f" and dtype.itemsize <= 4 or dtype.kind in "bui" and _bits(dtype) <= 16
+    narrow = ((dtype.kind == "f" and dtype.itemsize <= 4)
+              or (dtype.kind in "bui" and _bits(dtype) <= 16))
     if narrow and (not uniform or _bits(dtype) + 1 + cover <= 53):
         return np.dtype(np.float64), "plain"
     return np.dtype(np.float64), "anchored"
@@ -187,7 +188,8 @@ def _fill(fill_value, dtype: np.dtype, needed: bool):
         raise TypeError(f"`fill_value` must be a number, got {fill_value!r}")
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        if not (number == number and int(value) == value and info.min <= int(value) <= info.max):
+        if math.isnan(number) or not (int(value) == value
+                                      and info.min <= int(value) <= info.max):
             raise ValueError(
                 f"`fill_value` must be an integer in {info.min}..{info.max} for dtype {dtype}, "
                 f"got {fill_value!r}")

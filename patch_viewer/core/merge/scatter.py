@@ -35,8 +35,8 @@ def sum_mode(dtype: np.dtype, reduce: str, uniform: bool) -> tuple[str, np.dtype
     data = np.dtype(np.float32) if data == np.float16 else data.newbyteorder("=")
     if reduce != "mean":
         return reduce, data, data
-    narrow = dtype.kind == "f" and dtype.itemsize <= 4 or dtype.kind in "bui" and (
-        dtype.kind == "b" or dtype.itemsize <= 2)
+    narrow = (dtype.kind == "f" and dtype.itemsize <= 4) or (dtype.kind in "bui" and (
+        dtype.kind == "b" or dtype.itemsize <= 2))
     if uniform and dtype.kind in "biu":
         if dtype.itemsize == 8:
             return "split", data, np.dtype(np.int64)
@@ -83,8 +83,8 @@ class Sums:
         self.rows = max(1, min(extent[0], BAND_BYTES // (self.row * self.acc_dtype.itemsize)))
         self.bands: list[_Band | None] = [None] * math.ceil(extent[0] / self.rows)
         self.released = 0  # bands 0 .. released - 1 are finished into ``out`` and gone
-        self.out = None
-        self.out_key = None
+        self.out: np.ndarray | None = None
+        self.out_key: tuple | None = None
         self.free: list[_Band] = []
         self.compiled = backend() == "numba"
         self.geo = np.array([patch3[0], patch3[1], patch3[2] * c, extent[1], extent[2] * c],
@@ -127,14 +127,15 @@ class Sums:
                 self._numpy(flat, o3, band, y0, y1, base)
 
     def _band(self, b: int) -> _Band:
-        if self.bands[b] is None:
-            band = self.free.pop() if self.free else None
-            if band is None:
-                band = _Band(self, self.rows * self.row)
-            else:
+        band = self.bands[b]
+        if band is None:
+            if self.free:
+                band = self.free.pop()
                 band.reset(self.mode)
+            else:
+                band = _Band(self, self.rows * self.row)
             self.bands[b] = band
-        return self.bands[b]
+        return band
 
     def _compiled(self, flat, o3, tasks) -> None:
         from . import kernels_scatter as S
@@ -189,7 +190,7 @@ class Sums:
     def release(self, below: int, den_of, target: np.dtype, fill_value, work) -> None:
         """Finish every band wholly above canvas row ``below`` into the output and recycle
         it (``den_of(y0, y1)`` gives those rows' weights)."""
-        key = (np.dtype(target), fill_value if fill_value == fill_value else "nan")
+        key = (np.dtype(target), "nan" if _is_nan(fill_value) else fill_value)
         if self.out is None:
             self.out = np.empty(self.crop[:1] + self.crop[1:2] + (self.crop[2] * self.c,),
                                 target)
@@ -200,16 +201,17 @@ class Sums:
                 min((self.released + 1) * self.rows, self.extent[0]) <= below:
             b = self.released
             self._finish(b, den_of, target, fill_value, work, self.out)
-            if self.bands[b] is not None:
-                self.free.append(self.bands[b])
+            band = self.bands[b]
+            if band is not None:
+                self.free.append(band)
                 self.bands[b] = None
             self.released += 1
 
     def result(self, den_of, counts_of, dtype, fill_value, work) -> np.ndarray:
         """The finished image ``(crop0, crop1, crop2 * c)`` (released bands included)."""
         target = np.dtype(work if dtype is None else dtype)
-        if self.released:
-            key = (target, fill_value if fill_value == fill_value else "nan")
+        if self.released and self.out is not None and self.out_key is not None:
+            key = (target, "nan" if _is_nan(fill_value) else fill_value)
             if key != self.out_key:
                 raise ValueError("this accumulator streamed part of its result into "
                                  f"{self.out_key[0]}: ask for the same dtype and fill value")
@@ -285,3 +287,7 @@ class Sums:
 def _cuts(y0: int, y1: int, n: int):
     edges = np.linspace(y0, y1, n + 1).round().astype(int)
     return edges[:-1], edges[1:]
+
+
+def _is_nan(value) -> bool:
+    return isinstance(value, float) and math.isnan(value)

@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import itertools
 import math
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from .._layout import split_regular
+from ..checks import check_grid
 from ..grid import PatchGrid
 from ..windows import make_window, separable_factors
 from .kernels_numpy import overlap_add
+
+if TYPE_CHECKING:
+    from numpy.typing import ArrayLike
 
 __all__ = ["coverage_mask", "max_weight", "outer", "weight_map", "weight_sums", "weights_in"]
 
@@ -28,7 +33,8 @@ def coverage_mask(grid: PatchGrid) -> np.ndarray:
 
 
 
-def weight_map(grid: PatchGrid, window="uniform", **window_params) -> np.ndarray:
+def weight_map(grid: PatchGrid, window: str | ArrayLike = "uniform",
+               **window_params: float) -> np.ndarray:
     """Sum of the window weights of all patches covering each pixel.
 
     With the uniform window this is the coverage count. Separable windows cost O(H + W): the
@@ -44,8 +50,7 @@ def weight_map(grid: PatchGrid, window="uniform", **window_params) -> np.ndarray
     >>> weight_map(PatchGrid((6,), 4, stride=2)).tolist()
     [1.0, 1.0, 2.0, 2.0, 1.0, 1.0]
     """
-    if not isinstance(grid, PatchGrid):
-        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    check_grid(grid)
     return weights_in(grid, window, window_params, np.float64)
 
 
@@ -90,6 +95,7 @@ def weights_in(grid: PatchGrid, window, window_params: dict, dtype) -> np.ndarra
     if sums is not None:
         return outer([w.astype(dtype) for w in sums], np.multiply)
     win = make_window(window, grid.patch_size, **window_params)
+    assert win is not None  # uniform and overlap-tile have separable sums (above)
     extent = tuple(n + s for n, s in zip(grid.padded_shape, grid.stride))
     acc = np.zeros((1,) + extent + (1,), dtype)
     runs = [split_regular(o, s) for o, s in zip(grid.origins, grid.stride)]
