@@ -334,8 +334,9 @@ def main(argv=None):
     ap.add_argument("workloads", nargs="*", help=f"any of {', '.join(WORKLOADS)} (prefix ok)")
     ap.add_argument("--quick", action="store_true", help="3 repeats instead of 9")
     args = ap.parse_args(argv)
-    chosen = [w for w in WORKLOADS if not args.workloads
-              or any(w.startswith(a) for a in args.workloads)]
+    # A workload's exact name picks it alone ("W3" is a workload, and a prefix of W3-drop).
+    chosen = [w for w in WORKLOADS if not args.workloads or w in args.workloads
+              or any(w.startswith(a) and a not in WORKLOADS for a in args.workloads)]
     header = (f"numpy {np.__version__}, numba {_numba_version()}, patch_viewer {pv.__version__}, "
               f"{time.strftime('%Y-%m-%d')}, medians over repeats")
     if len(chosen) > 1:
