@@ -212,13 +212,21 @@ def torch_fold(image, grid, stack, threads, offsets=None):
                                 .transpose(2, 0, 1, 3).reshape(1, c * p0 * p1, grid.n_patches))
     cols = torch.from_numpy(cols.astype(np.float32 if stack.dtype != np.float64 else np.float64))
     ones = torch.ones_like(cols)
-    size = grid.spatial_shape
+    # fold's output must be tiled exactly: the padded extent for edge="pad" (cropped after),
+    # the covered part for edge="drop" (the rest stays uncovered: NaN)
+    size = tuple(int(o[-1]) + p for o, p in zip(grid.origins, grid.patch_size))
     count = torch.nn.functional.fold(ones, size, grid.patch_size, stride=grid.stride)
 
     def run():
         torch.set_num_threads(threads)
         out = torch.nn.functional.fold(cols, size, grid.patch_size, stride=grid.stride) / count
         out = out[0].permute(1, 2, 0).numpy()
+        h, w = grid.spatial_shape
+        if out.shape[:2] != (h, w):
+            full = np.full((h, w, c), np.nan, out.dtype)
+            a, b = min(h, out.shape[0]), min(w, out.shape[1])
+            full[:a, :b] = out[:a, :b]
+            out = full
         return out[..., 0] if c == 1 else out
 
     return run
