@@ -16,13 +16,17 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _layers
-from .core import PatchGrid, compute_metrics, iter_process, make_plan, process
-from .core._layout import _fmt_bytes, is_lazy  # private core helpers (no public home yet)
+from ._layers import LAYER_NAMES  # noqa: F401 - defined once, in the module that styles layers
+from .core import (
+    PatchGrid,
+    compute_metrics,
+    format_bytes,
+    is_lazy,
+    iter_process,
+    make_plan,
+    process,
+)
 from .core.metrics import iter_ssim
-
-#: The one source of the names of the layers the explorer maintains.
-LAYER_NAMES = ("patch grid", "overlap weights", "patches", "filtered patches", "merged", "error",
-               "tile labels")
 VOLUME_MODES = ("3-D patches", "2-D patches per plane")
 #: The GUI refuses runs whose estimated peak memory exceeds this.
 GUI_MAX_BYTES = 2 * 2**30
@@ -126,7 +130,7 @@ def start(job: Job):
         n = job.image.shape[0] if job.batched else 1
         need = make_plan(job.grid, n).peak_bytes
         raise MemoryError(f"Too much memory: raise the stride or shrink the patch "
-                          f"({_fmt_bytes(need)} needed, {_fmt_bytes(GUI_MAX_BYTES)} allowed).")
+                          f"({format_bytes(need)} needed, {format_bytes(GUI_MAX_BYTES)} allowed).")
 
 
 def patch_near(grid: PatchGrid, point) -> tuple | None:
@@ -169,7 +173,7 @@ def robust_limits(data, rgb: bool = False, q: float = 0.5) -> tuple[float, float
     return (lo, hi)
 
 
-def _throttled(gen, interval: float = PROGRESS_INTERVAL):
+def throttle_progress(gen, interval: float = PROGRESS_INTERVAL):
     """Re-yield ``gen``'s ``(done, total)`` as :class:`Progress` at most every ``interval``
     seconds, ``None`` in between: every batch still yields, so a newer run's ``quit()`` stops
     this one at once. Returns ``gen``'s return value."""
@@ -214,7 +218,7 @@ def _lazy_metrics(result, job: Job):
 def compute(gen, job: Job):
     """Worker body: stream the run (yielding :class:`Progress`), hand over the layers' data
     (:class:`Shown`), then :class:`Metrics`, then return the slow SSIM (lazy: every metric)."""
-    result = yield from _throttled(gen)
+    result = yield from throttle_progress(gen)
     stack_cls = _layers.LazyPatchStack if job.lazy else _layers.PatchStack
     error = _layers.error_data(result.error, job.rgb)  # lazy stays lazy
     weights = result.weights if job.lazy else result.weights.astype(np.float32)
@@ -245,7 +249,7 @@ def summary_lines(job: Job, result) -> list[str]:
     cmin, cmax = job.grid.coverage_range()
     return [f"patches: {result.plan.n_patches:,}   grid: "
             f"{' x '.join(map(str, job.grid.grid_shape))}",
-            f"coverage: {cmin}–{cmax}   est. memory: {_fmt_bytes(result.plan.peak_bytes)}",
+            f"coverage: {cmin}–{cmax}   est. memory: {format_bytes(result.plan.peak_bytes)}",
             f"compute time: {result.elapsed * 1e3:.0f} ms" + ("  (lazy)" if job.lazy else ""),
             "max |err|: …   RMSE: …", "PSNR: …   SSIM: …"]
 
@@ -279,7 +283,7 @@ def to_python(p: Params, *, rgb: bool, path: str | None = None, layer: str = "im
             f"result = pv.process(image, grid, {_process_args(p)})\n")
 
 
-def to_command(p: Params, *, path: str | None, output: str = "merged") -> str:
+def to_command(p: Params, *, path: str | None, output: str = "results") -> str:
     """A ``patch-viewer process`` line that reproduces the run (float64 merged, as ``.npy``)."""
     import shlex
 

@@ -9,8 +9,13 @@ import math
 
 import numpy as np
 
-from .core import PatchGrid
-from .core._layout import pad_canonical, to_canonical, window_view
+from .core import PatchGrid, sliding_patches
+
+#: The one source of the names of the layers the explorer maintains (a contract: scripts
+#: find the results by these names). Everywhere else uses the constants below.
+LAYER_NAMES = ("patch grid", "overlap weights", "patches", "filtered patches", "merged", "error",
+               "tile labels")
+GRID, WEIGHTS, PATCHES, FILTERED, MERGED, ERROR, LABELS = LAYER_NAMES
 
 GRID_COLOR = (0.0, 0.9, 1.0, 0.35)
 SELECTED_COLOR = (1.0, 0.85, 0.0, 1.0)
@@ -118,12 +123,11 @@ class PatchStack:
     """
 
     def __init__(self, image: np.ndarray, grid: PatchGrid, batched: bool = False):
-        canon = pad_canonical(to_canonical(image, grid, batched), grid)
-        self._view = window_view(canon, grid)  # (b, *positions, *patch, C)
+        self._view = sliding_patches(image, grid, batched)  # (b, *positions, *patch, C)
         self._grid = grid
         self._batched = batched
         self._channels = grid.channel_axis is not None
-        lead = (canon.shape[0],) if batched else ()
+        lead = (self._view.shape[0],) if batched else ()
         nd = grid.ndim
         self.shape = grid.patches_shape[:nd] + lead + grid.patches_shape[nd:]
         self.dtype = image.dtype
@@ -278,13 +282,12 @@ class FilteredPatchStack:
 
 # ------------------------------------------------------------------------- layer styling
 #: Where each result sits beside the source image: (row, column) tiles in one canvas.
-TILES = {"merged": (0, 1), "error": (0, 2), "overlap weights": (1, 0), "patches": (1, 1)}
+TILES = {MERGED: (0, 1), ERROR: (0, 2), WEIGHTS: (1, 0), PATCHES: (1, 1)}
 
 
 #: What each tile shows, as its caption on the canvas.
-TILE_CAPTIONS = {"input": "input + patch grid", "overlap weights": "overlap weights",
-                 "merged": "merged", "error": "error (merged − reference)",
-                 "patches": "selected patch: before | after"}
+TILE_CAPTIONS = {"input": "input + patch grid", WEIGHTS: WEIGHTS, MERGED: MERGED,
+                 ERROR: "error (merged − reference)", PATCHES: "selected patch: before | after"}
 
 
 def tile_gap(image_hw) -> float:
@@ -298,8 +301,8 @@ def tile_offset(name: str, image_hw, ndim: int, patch_hw=(0, 0)) -> tuple:
     patch sits right of the raw one (``patch_hw``)."""
     h, w = image_hw
     gap = tile_gap(image_hw)
-    if name == "filtered patches":
-        row, col = TILES["patches"]
+    if name == FILTERED:
+        row, col = TILES[PATCHES]
         return (0.0,) * (ndim - 2) + (row * (h + gap), col * (w + gap) + patch_hw[1] + gap / 2)
     row, col = TILES[name]
     return (0.0,) * (ndim - 2) + (row * (h + gap), col * (w + gap))

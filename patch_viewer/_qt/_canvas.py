@@ -8,12 +8,11 @@ from __future__ import annotations
 import numpy as np
 
 from .. import _layers
-from .._controller import LAYER_NAMES
-from ..core.merge import max_weight  # private to the core; no public home yet
+from .._layers import ERROR, FILTERED, GRID, LABELS, LAYER_NAMES, MERGED, PATCHES, WEIGHTS
+from ..core import max_weight
 
 #: Bottom to top; the input image stays below all of them.
-ORDER = ("overlap weights", "merged", "error", "patches", "filtered patches", "patch grid",
-         "tile labels")
+ORDER = (WEIGHTS, MERGED, ERROR, PATCHES, FILTERED, GRID, LABELS)
 assert set(ORDER) == set(LAYER_NAMES)
 
 
@@ -48,23 +47,23 @@ class Canvas:
         self.hw = tuple(max(a, b) for a, b in zip(img_hw, self.patch_hw))
         kw = job.kwargs
         weights_kw = _layers.weights_kwargs(max_weight(grid, kw["window"], **kw["window_params"]))
-        old = self.alive("error")
+        old = self.alive(ERROR)
         span = abs(job.limits[1] - job.limits[0])
         limit = error_limit if error_limit is not None else (
             float(old.contrast_limits[1]) if old is not None else 0.05 * span)
         after = _layers.FilteredPatchStack(shown.stack, grid, job.batched, kw["patch_filter"],
                                            kw["filter_params"])
         source = (id(job.image), grid, job.batched)
-        inputs = {"overlap weights": (grid, kw["window"], tuple(kw["window_params"].items())),
-                  "patches": source,
-                  "filtered patches": (source, kw["patch_filter"],
+        inputs = {WEIGHTS: (grid, kw["window"], tuple(kw["window_params"].items())),
+                  PATCHES: source,
+                  FILTERED: (source, kw["patch_filter"],
                                        tuple(kw["filter_params"].items()))}
         for name, data, kwargs in [
-            ("overlap weights", shown.weights, weights_kw),
-            ("merged", shown.merged, _layers.image_kwargs(shown.merged_limits, job.rgb)),
-            ("error", shown.error, _layers.error_kwargs(limit, span)),
-            ("patches", shown.stack, _layers.image_kwargs(job.limits, job.rgb)),
-            ("filtered patches", after, _layers.image_kwargs(shown.merged_limits, job.rgb)),
+            (WEIGHTS, shown.weights, weights_kw),
+            (MERGED, shown.merged, _layers.image_kwargs(shown.merged_limits, job.rgb)),
+            (ERROR, shown.error, _layers.error_kwargs(limit, span)),
+            (PATCHES, shown.stack, _layers.image_kwargs(job.limits, job.rgb)),
+            (FILTERED, after, _layers.image_kwargs(shown.merged_limits, job.rgb)),
         ]:
             ndim = np.ndim(data) if not hasattr(data, "ndim") else data.ndim
             ndim -= 1 if kwargs.get("rgb") else 0
@@ -74,14 +73,14 @@ class Canvas:
                 continue  # its inputs did not change (the weights do not depend on the filter)
             self._show(name, data, dict(kwargs, translate=offset))
             self._inputs[name] = key
-        self.layers["overlap weights"].colorbar.visible = True
-        self.layers["error"].colorbar.visible = True
+        self.layers[WEIGHTS].colorbar.visible = True
+        self.layers[ERROR].colorbar.visible = True
         labels = _layers.axis_labels(grid, self.viewer.dims.ndim)
         if tuple(self.viewer.dims.axis_labels) != labels:
             self.viewer.dims.axis_labels = labels
 
     def set_error_limit(self, limit, span):
-        err = self.alive("error")
+        err = self.alive(ERROR)
         if err is not None:
             err.contrast_limits = _layers.error_kwargs(limit, span)["contrast_limits"]
         self._error_zero = limit == 0  # a zero error is dark: the caption says so
@@ -108,13 +107,13 @@ class Canvas:
     def _captions(self):
         pts, text = _layers.caption_points(self.hw)
         if getattr(self, "_error_zero", False):
-            k = list(_layers.TILE_CAPTIONS).index("error")
+            k = list(_layers.TILE_CAPTIONS).index(ERROR)
             text[k] = "error: 0 everywhere"
-        layer = self.alive("tile labels")
+        layer = self.alive(LABELS)
         size = max(8, min(14, int(400 / max(self.hw))))
         if layer is None:
-            self.layers["tile labels"] = self.viewer.add_points(
-                pts, name="tile labels", size=0.01, face_color="transparent",
+            self.layers[LABELS] = self.viewer.add_points(
+                pts, name=LABELS, size=0.01, face_color="transparent",
                 border_width=0, features={"caption": text},
                 text={"string": "{caption}", "color": "white", "size": size,
                       "anchor": "lower_left"})
@@ -146,7 +145,7 @@ class Canvas:
         self.selected = index
         self._draw_grid(index)
         grid, batched, planes = self.shown
-        stacks = [s for s in (self.alive("patches"), self.alive("filtered patches")) if s]
+        stacks = [s for s in (self.alive(PATCHES), self.alive(FILTERED)) if s]
         if not stacks:
             return
         step = list(self.viewer.dims.current_step)
@@ -171,14 +170,14 @@ class Canvas:
         grid, _, planes = self.shown
         vectors, colors = _layers.grid_lines(grid, index, planes=planes,
                                              max_per_axis=self._max_outlines)
-        layer = self.alive("patch grid")
+        layer = self.alive(GRID)
         width = _layers.line_width(self.hw)
         if layer is None or layer.data.shape[-1] != vectors.shape[-1]:
             if layer is not None:
                 self.viewer.layers.remove(layer)
-            self.layers["patch grid"] = self.viewer.add_vectors(
+            self.layers[GRID] = self.viewer.add_vectors(
                 vectors, edge_color=colors, vector_style="line", edge_width=width,
-                name="patch grid")
+                name=GRID)
         else:
             layer.data = vectors
             layer.edge_color = colors
@@ -186,7 +185,7 @@ class Canvas:
 
     def grid_step(self):
         """The patch-grid position of the sliders, or None."""
-        stack = self.alive("patches")
+        stack = self.alive(PATCHES)
         if self.grid is None or stack is None:
             return None
         first = self.viewer.dims.ndim - stack.ndim

@@ -153,7 +153,7 @@ class PatchExplorer(Container):
         return ctl.to_python(self.params(), rgb=bool(layer.rgb), path=self._source_path(),
                              layer=layer.name)
 
-    def to_command(self, output: str = "merged") -> str:
+    def to_command(self, output: str = "results") -> str:
         """A ``patch-viewer process`` line reproducing the current result."""
         return ctl.to_command(self.params(), path=self._source_path(), output=output)
 

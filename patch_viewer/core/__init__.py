@@ -4,11 +4,12 @@ filters, metrics, pipeline.
 Nothing here imports napari, Qt or magicgui.
 """
 
-from .extract import extract_patches
+from .checks import format_bytes, is_lazy
+from .extract import extract_patches, sliding_patches
 from .fused import elementwise
 from .filters import FILTERS, Param, PatchFilter, get_filter, register_filter
 from .grid import EDGE_MODES, PAD_MODES, PatchGrid
-from .merge import REDUCTIONS, Merger, backend, merge_patches, weight_map
+from .merge import REDUCTIONS, Merger, backend, max_weight, merge_patches, weight_map
 from .metrics import METRICS, compute_metrics, error_map
 from .pipeline import REFERENCES, Plan, Result, iter_process, make_plan, process
 from .warmup import warm_up
@@ -17,7 +18,8 @@ from .windows import WINDOW_PARAMS, WINDOWS, make_window
 __all__ = [
     "EDGE_MODES", "FILTERS", "METRICS", "PAD_MODES", "REDUCTIONS", "REFERENCES", "WINDOWS",
     "WINDOW_PARAMS", "Merger", "backend", "Param", "PatchFilter", "PatchGrid", "Plan", "Result",
-    "compute_metrics", "elementwise", "error_map", "extract_patches", "get_filter", "iter_process",
-    "make_plan", "make_window", "merge_patches", "process", "register_filter", "warm_up",
+    "compute_metrics", "elementwise", "error_map", "extract_patches", "format_bytes",
+    "get_filter", "is_lazy", "iter_process", "make_plan", "make_window", "max_weight",
+    "merge_patches", "process", "register_filter", "sliding_patches", "warm_up",
     "weight_map",
 ]

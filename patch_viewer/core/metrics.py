@@ -9,6 +9,9 @@ from skimage.metrics import structural_similarity
 
 METRICS = ("max_abs", "rmse", "psnr", "ssim")
 
+__all__ = ["METRICS", "compute_metrics", "data_range_of", "dtype_range", "error_map",
+           "error_sums", "error_summary", "iter_ssim", "ssim_bytes", "ssim_of", "ssim_window"]
+
 
 def error_map(merged, reference) -> np.ndarray:
     """Signed error ``merged - reference`` as float (NaN where ``merged`` is uncovered).

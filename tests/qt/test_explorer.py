@@ -227,7 +227,7 @@ def test_copy_as_python_and_as_command_reproduce_the_merged_layer(
     image = viewer.layers[w.image.value.name].data
     np.save(tmp_path / "image.npy", image)
     cmd = w.to_command().replace("IMAGE.tif", str(tmp_path / "image.npy"))
-    cmd = cmd.replace(" -o merged ", f" -o {tmp_path / 'out'} ")
+    cmd = cmd.replace(" -o results ", f" -o {tmp_path / 'out'} ")
     assert cmd.startswith("patch-viewer process ")
     args = [sys.executable, "-m", "patch_viewer", *cmd.split()[1:]]
     done = subprocess.run(args, capture_output=True, text=True, timeout=120)
