@@ -373,6 +373,20 @@ def error_kwargs(max_abs: float, value_range: float = 1.0) -> dict:
     return dict(colormap=ERROR_COLORMAP, contrast_limits=(-m, m))
 
 
+#: The error in the 3-D view: a maximum-intensity projection of a signed error would show only
+#: its positive half (and 'minip' only its negative one), so the 3-D view projects ``|error|``
+#: with a sequential colormap, dark at zero like :data:`ERROR_COLORMAP`'s middle.
+ABS_ERROR_COLORMAP = "magma"
+ABS_ERROR_CAPTION = "|error|, max projection (2-D view: signed)"
+
+
+def abs_error_kwargs(max_abs: float, value_range: float = 1.0) -> dict:
+    """Sequential colormap from 0 to ``max_abs`` (see :func:`error_kwargs`) for ``|error|``
+    drawn as a maximum-intensity projection."""
+    m = error_kwargs(max_abs, value_range)["contrast_limits"][1]
+    return dict(colormap=ABS_ERROR_COLORMAP, contrast_limits=(0.0, m), rendering="mip")
+
+
 def image_kwargs(source_limits, rgb: bool) -> dict:
     """Grey image with the given limits; RGB data is shown as RGB (limits from its own data)."""
     kw = dict(contrast_limits=tuple(source_limits))

@@ -29,6 +29,9 @@ class Canvas:
         self.selected = None
         self._max_outlines = _layers.MAX_OUTLINES_PER_AXIS
         self._inputs: dict = {}  # layer name -> what its data was made from
+        self._error = None  # the signed error on screen, its |error| (made on demand), limits
+        self._abs = None
+        self._error_style = (0.0, 1.0)
 
     def alive(self, name):
         layer = self.layers.get(name)
@@ -61,7 +64,7 @@ class Canvas:
         for name, data, kwargs in [
             (WEIGHTS, shown.weights, weights_kw),
             (MERGED, shown.merged, _layers.image_kwargs(shown.merged_limits, job.rgb)),
-            (ERROR, shown.error, _layers.error_kwargs(limit, span)),
+            (ERROR, *self._error_display(shown.error, limit, span)),
             (PATCHES, shown.stack, _layers.image_kwargs(job.limits, job.rgb)),
             (FILTERED, after, _layers.image_kwargs(shown.merged_limits, job.rgb)),
         ]:
@@ -73,6 +76,7 @@ class Canvas:
                 continue  # its inputs did not change (the weights do not depend on the filter)
             self._show(name, data, dict(kwargs, translate=offset))
             self._inputs[name] = key
+        self._restyle_error()
         self.layers[WEIGHTS].colorbar.visible = True
         self.layers[ERROR].colorbar.visible = True
         labels = _layers.axis_labels(grid, self.viewer.dims.ndim)
@@ -81,10 +85,50 @@ class Canvas:
 
     def set_error_limit(self, limit, span):
         err = self.alive(ERROR)
+        self._error_style = (limit, span)
         if err is not None:
-            err.contrast_limits = _layers.error_kwargs(limit, span)["contrast_limits"]
+            err.contrast_limits = self._error_display(self._error, limit, span)[1][
+                "contrast_limits"]
         self._error_zero = limit == 0  # a zero error is dark: the caption says so
         self._captions()
+
+    # ------------------------------------------------------------------ the error in 3-D
+    @property
+    def error_projected(self) -> bool:
+        """Whether the error tile shows ``|error|`` (the 3-D view's maximum-intensity
+        projection) rather than the signed error (the 2-D view)."""
+        return self.viewer.dims.ndisplay == 3
+
+    def _error_display(self, error, limit, span):
+        """The error tile's data and styling for the current view: signed with a diverging
+        colormap in 2-D; ``|error|`` with a sequential one in 3-D, where a maximum-intensity
+        projection of the signed error would hide its negative half."""
+        self._error_style = (limit, span)
+        if error is not self._error:
+            self._error, self._abs = error, None
+        if not self.error_projected:
+            return error, _layers.error_kwargs(limit, span)
+        if self._abs is None:
+            self._abs = np.abs(error)  # a dask error stays lazy
+        return self._abs, _layers.abs_error_kwargs(limit, span)
+
+    def _restyle_error(self):
+        layer = self.alive(ERROR)
+        if layer is None or self._error is None:
+            return
+        data, kwargs = self._error_display(self._error, *self._error_style)
+        if layer.data is not data:
+            layer.data = data
+        if (layer.colormap.name == _layers.ABS_ERROR_COLORMAP) != self.error_projected:
+            layer.colormap = kwargs["colormap"]  # only on a change of view: a user's own stays
+        layer.contrast_limits = kwargs["contrast_limits"]
+        layer.rendering = "mip"
+
+    def set_ndisplay(self, ndisplay: int):
+        """The viewer switched between the 2-D and the 3-D view: restyle the error tile."""
+        self._restyle_error()
+        if self.alive(LABELS) is not None:
+            self._captions()
 
     def _show(self, name, data, kwargs):
         layer = self.alive(name)
@@ -109,6 +153,9 @@ class Canvas:
         if getattr(self, "_error_zero", False):
             k = list(_layers.TILE_CAPTIONS).index(ERROR)
             text[k] = "error: 0 everywhere"
+        elif self.error_projected:
+            k = list(_layers.TILE_CAPTIONS).index(ERROR)
+            text[k] = _layers.ABS_ERROR_CAPTION
         layer = self.alive(LABELS)
         size = max(8, min(14, int(400 / max(self.hw))))
         if layer is None:

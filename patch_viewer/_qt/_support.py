@@ -18,7 +18,10 @@ TIPS = {
     "reduce": "How overlapping patch values are combined.",
     "filter": "Filter applied to every patch on its own.",
     "reference": "What the error compares the merged image with. 'filter on whole image' "
-                 "shows the seams that patch-wise filtering leaves.",
+                 "shows the seams that patch-wise filtering leaves. In the 3-D view the "
+                 "error tile shows |error| as a maximum-intensity projection (a projection of "
+                 "the signed error would hide where the merged image is below the reference); "
+                 "the 2-D view shows its sign.",
     "live": "Re-run at once whenever a control changes.",
     "run": "Run now (also runs long jobs that live preview holds back).",
     "cancel": "Stop the running job.",

@@ -301,3 +301,32 @@ def test_tune_chart_is_not_squashed_when_docked(explorer, qtbot):
     tune = w.open_tune()
     qtbot.wait(50)
     assert tune.chart.height() >= 300
+
+
+def test_3d_view_projects_the_error_with_both_signs(make_napari_viewer, qtbot):
+    """A maximum-intensity projection of the signed error showed only its positive half: the
+    3-D view projects |error| (sequential colormap); the 2-D view keeps the sign."""
+    viewer, w = dock(make_napari_viewer, "volume", filter="gaussian", reference="filter")
+    w.patch_size.value = 16
+    w.stride.value = 12
+    with qtbot.waitSignal(w.signals.ssim_computed, timeout=60_000):
+        result = run(qtbot, w)
+    signed = np.asarray(result.error)
+    assert signed.min() < 0 < signed.max()  # both signs to show
+    layer = viewer.layers["error"]
+    lo, hi = layer.contrast_limits
+    assert lo == -hi and layer.colormap.name == _layers.ERROR_COLORMAP["name"]
+    viewer.dims.ndisplay = 3
+    assert layer.rendering == "mip"
+    np.testing.assert_array_equal(layer.data, np.abs(signed))
+    assert layer.colormap.name == _layers.ABS_ERROR_COLORMAP
+    assert layer.contrast_limits == [0.0, hi]
+    projection = np.asarray(layer.data).max(axis=0)  # what the MIP along z draws
+    np.testing.assert_array_equal(projection, np.abs(signed).max(axis=0))
+    assert _layers.ABS_ERROR_CAPTION in list(viewer.layers["tile labels"].features["caption"])
+    assert "maximum-intensity projection" in w.reference.tooltip
+    run(qtbot, w)  # a new result in the 3-D view arrives projected too
+    assert np.asarray(layer.data).min() >= 0
+    viewer.dims.ndisplay = 2
+    assert np.asarray(layer.data).min() < 0
+    assert layer.colormap.name == _layers.ERROR_COLORMAP["name"] and layer.contrast_limits[0] < 0
