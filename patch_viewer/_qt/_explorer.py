@@ -79,6 +79,7 @@ class PatchExplorer(Container):
         self.signals = ExplorerSignals()
         self._generation = 0
         self._worker = None
+        self._running = False  # the current generation's worker has not finished
         self._job = None
         self._lines: list[str] = []
         self._timer = QTimer()  # interval 0: coalesces the changes of one event-loop turn
@@ -220,17 +221,34 @@ class PatchExplorer(Container):
         return ctl.make_job(data, bool(layer.rgb), layer.contrast_limits, self.params())
 
     # ------------------------------------------------------------------ running
+    @property
+    def busy(self) -> bool:
+        """Whether a run is pending or running (results, metrics or SSIM still to come);
+        ``signals.idle`` is emitted when this turns False."""
+        return self._running or self._timer.isActive()
+
+    def _settle(self):
+        """Nothing of the current generation is left running: say so, unless a newer
+        change is already scheduled."""
+        self._running = False
+        if not self.busy:
+            self.signals.idle.emit()
+
     def run(self, *_, auto: bool = False):
         """Start a run with the current parameters; a newer run makes older results stale.
         ``auto`` (live preview) holds back runs estimated over ``WARN_SECONDS``."""
         if self.image.value is None:
             self._message(HINT)
+            self._settle()
             return
         try:
             job = self.make_job()
             gen = ctl.start(job)
         except (ValueError, TypeError, MemoryError) as exc:
+            self._stop()  # what runs now is for older settings
+            self._generation += 1
             self._fail(str(exc), toast=False)
+            self._settle()
             return
         if auto and not job.lazy and job.estimated_seconds > ctl.WARN_SECONDS:
             self._stop()  # what runs now is for older settings
@@ -238,6 +256,7 @@ class PatchExplorer(Container):
             self._message(f"This run is estimated at about {job.estimated_seconds:.0f} s "
                           f"({job.grid.n_patches:,} patches): press Run to start it, or raise "
                           f"the stride.", warn=True)
+            self._settle()
             return
         self._stop()
         self._generation += 1
@@ -252,6 +271,7 @@ class PatchExplorer(Container):
         worker.errored.connect(partial(self._on_error, g))
         worker.finished.connect(partial(self._on_finished, g))
         self._worker = worker
+        self._running = True
         self.cancel_button.enabled = True
         self.signals.started.emit(job)
         worker.start()
@@ -271,6 +291,7 @@ class PatchExplorer(Container):
         self._message("Cancelled. " + ("The layers show the last finished run."
                                        if self.canvas.grid is not None else ""))
         self.signals.finished.emit()
+        self._settle()
 
     def _mark_stale(self):
         if self._lines:
@@ -321,6 +342,7 @@ class PatchExplorer(Container):
         if generation == self._generation:
             self.cancel_button.enabled = False
             self.signals.finished.emit()
+            self._settle()
 
     def _message(self, text: str, warn: bool = False):
         self.readout.value = text

@@ -34,13 +34,17 @@ TIPS = {
 
 class ExplorerSignals(QObject):
     """``started(job)``, ``computed(result)`` once the layers show a run, ``ssim_computed``,
-    ``failed(message)``, ``finished()`` when the worker is done or cancelled."""
+    ``failed(message)``, ``finished()`` when the worker is done or cancelled, and ``idle()``
+    once nothing is running or pending: the layers and the read-out show everything there is
+    to show (a finished run with its metrics and SSIM, an error, a held-back or cancelled run,
+    or the hint of an empty viewer). Scripts and the launcher wait on ``idle``."""
 
     started = Signal(object)
     computed = Signal(object)
     ssim_computed = Signal(float)
     failed = Signal(str)
     finished = Signal()
+    idle = Signal()
 
 
 class Undocked(QObject):

@@ -330,3 +330,40 @@ def test_3d_view_projects_the_error_with_both_signs(make_napari_viewer, qtbot):
     viewer.dims.ndisplay = 2
     assert np.asarray(layer.data).min() < 0
     assert layer.colormap.name == _layers.ERROR_COLORMAP["name"] and layer.contrast_limits[0] < 0
+
+
+def test_idle_signal_comes_once_everything_is_shown(explorer, qtbot):
+    """The launcher waits on `signals.idle`, not on private attributes or on "…" in the
+    read-out: idle comes after the metrics and SSIM, after an error and after a cancel."""
+    viewer, w = explorer
+    with qtbot.waitSignal(w.signals.idle, timeout=30_000):
+        w.filter.value = "gaussian"
+        w.run()
+        assert w.busy
+    assert not w.busy and "SSIM: 0." in w.readout.value and "…" not in w.readout.value
+    with qtbot.waitSignal(w.signals.idle, timeout=5_000):
+        w.patch_size.value = 1000  # larger than the image with edge=shift: refused at once
+        w.run()
+    assert not w.busy and w.readout.value.startswith("⚠")
+    w.patch_size.value = 32
+    with qtbot.waitSignal(w.signals.idle, timeout=5_000):
+        w.run()
+        w.cancel()
+    assert not w.busy
+
+
+def test_launcher_screenshot_waits_on_the_idle_signal(make_napari_viewer, qtbot, tmp_path):
+    from patch_viewer.cli import screenshot_when_idle
+
+    viewer, w = dock(make_napari_viewer, "classic", filter="gaussian")
+    from types import SimpleNamespace
+
+    path = tmp_path / "shot.png"
+    closed = []
+    window = SimpleNamespace(screenshot=viewer.screenshot,  # the fixture closes the viewer
+                             close=lambda: closed.append("SSIM: 0." in w.readout.value))
+    screenshot_when_idle(window, w, str(path))
+    with qtbot.waitSignal(w.signals.idle, timeout=30_000):
+        w.run()
+    qtbot.waitUntil(lambda: bool(closed), timeout=5_000)
+    assert path.exists() and closed == [True]  # shot once, with every metric shown
