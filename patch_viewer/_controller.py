@@ -34,6 +34,8 @@ GUI_MAX_BYTES = 2 * 2**30
 PIXELS_PER_SECOND = 2e7
 #: Live preview does not start runs estimated longer than this; the user presses Run.
 WARN_SECONDS = 3.0
+#: A run shows that it runs (metrics marked stale, progress, Cancel) once it outlasts this.
+SHOW_BUSY_AFTER_MS = 150
 #: Seconds between progress updates (each one repaints the widget on the main thread).
 PROGRESS_INTERVAL = 0.1
 
@@ -194,6 +196,21 @@ def throttle_progress(gen, interval: float = PROGRESS_INTERVAL):
         gen.close()  # cancelling the worker cancels the run
 
 
+_weights_shown: list = [None, None]  # (grid, window, window_params), float32 weights
+
+
+def _display_weights(job: Job, weights: np.ndarray) -> np.ndarray:
+    """The weights as displayed (float32), the same array as the last run's when the grid and
+    window did not change (the filter does not change them; the layer is then not reset)."""
+    key = (job.grid, job.kwargs["window"], tuple(job.kwargs["window_params"].items()))
+    last_key, last = _weights_shown
+    if last_key == key and last is not None and last.shape == weights.shape:
+        return last
+    shown = weights.astype(np.float32)
+    _weights_shown[:] = [key, shown]
+    return shown
+
+
 class _Cancelled(Exception):
     pass
 
@@ -221,7 +238,7 @@ def compute(gen, job: Job):
     result = yield from throttle_progress(gen)
     stack_cls = _layers.LazyPatchStack if job.lazy else _layers.PatchStack
     error = _layers.error_data(result.error, job.rgb)  # lazy stays lazy
-    weights = result.weights if job.lazy else result.weights.astype(np.float32)
+    weights = result.weights if job.lazy else _display_weights(job, result.weights)
     limits = job.limits if job.lazy else robust_limits(result.merged, job.rgb)
     merged = result.merged
     if job.rgb and not job.lazy and job.image.dtype == np.uint8:

@@ -87,8 +87,9 @@ class Canvas:
         err = self.alive(ERROR)
         self._error_style = (limit, span)
         if err is not None:
-            err.contrast_limits = self._error_display(self._error, limit, span)[1][
-                "contrast_limits"]
+            limits = self._error_display(self._error, limit, span)[1]["contrast_limits"]
+            if not np.allclose(err.contrast_limits, limits):
+                err.contrast_limits = limits
         self._error_zero = limit == 0  # a zero error is dark: the caption says so
         self._captions()
 
@@ -121,8 +122,10 @@ class Canvas:
             layer.data = data
         if (layer.colormap.name == _layers.ABS_ERROR_COLORMAP) != self.error_projected:
             layer.colormap = kwargs["colormap"]  # only on a change of view: a user's own stays
-        layer.contrast_limits = kwargs["contrast_limits"]
-        layer.rendering = "mip"
+        if not np.allclose(layer.contrast_limits, kwargs["contrast_limits"]):
+            layer.contrast_limits = kwargs["contrast_limits"]
+        if layer.rendering != "mip":
+            layer.rendering = "mip"
 
     def set_ndisplay(self, ndisplay: int):
         """The viewer switched between the 2-D and the 3-D view: restyle the error tile."""
@@ -164,8 +167,11 @@ class Canvas:
                 border_width=0, features={"caption": text},
                 text={"string": "{caption}", "color": "white", "size": size,
                       "anchor": "lower_left"})
-        else:
+            return
+        # Unchanged captions are not set again: each set re-lays the text out (~20 ms).
+        if layer.data.shape != pts.shape or not np.array_equal(layer.data, pts):
             layer.data = pts
+        if list(layer.features["caption"]) != text:
             layer.features = {"caption": text}
 
     def _order(self):
@@ -228,7 +234,8 @@ class Canvas:
         else:
             layer.data = vectors
             layer.edge_color = colors
-            layer.edge_width = width
+            if layer.edge_width != width:
+                layer.edge_width = width
 
     def grid_step(self):
         """The patch-grid position of the sliders, or None."""

@@ -86,6 +86,13 @@ class PatchExplorer(Container):
         self._timer.setSingleShot(True)
         self._timer.setInterval(0)
         self._timer.timeout.connect(partial(self.run, auto=True))
+        # A run that outlasts this shows that it runs (stale metrics, progress, Cancel). A
+        # quicker one changes no widget before its layers: under software OpenGL every widget
+        # repaint composes the whole window, which the worker then waits for.
+        self._busy_timer = QTimer()
+        self._busy_timer.setSingleShot(True)
+        self._busy_timer.setInterval(ctl.SHOW_BUSY_AFTER_MS)
+        self._busy_timer.timeout.connect(self._show_busy)
         for w in (self.patch_size, self.stride, self.edge, self.pad_mode, self.window,
                   self.sigma, self.reduce, self.reference):
             w.changed.connect(self._on_param)
@@ -231,6 +238,7 @@ class PatchExplorer(Container):
         """Nothing of the current generation is left running: say so, unless a newer
         change is already scheduled."""
         self._running = False
+        self._busy_timer.stop()
         if not self.busy:
             self.signals.idle.emit()
 
@@ -261,9 +269,6 @@ class PatchExplorer(Container):
         self._stop()
         self._generation += 1
         self._job = job
-        self.progress.max, self.progress.value = 1000, 0
-        self.progress.label = "progress"
-        self._mark_stale()
         worker = create_worker(ctl.compute, gen, job, _start_thread=False, _ignore_errors=True)
         g = self._generation
         worker.yielded.connect(partial(self._on_yielded, g, job))
@@ -272,9 +277,9 @@ class PatchExplorer(Container):
         worker.finished.connect(partial(self._on_finished, g))
         self._worker = worker
         self._running = True
-        self.cancel_button.enabled = True
-        self.signals.started.emit(job)
         worker.start()
+        self._busy_timer.start()
+        self.signals.started.emit(job)
 
     def _stop(self):
         if self._job is not None:
@@ -286,6 +291,7 @@ class PatchExplorer(Container):
         """Stop the running job; the layers keep the last finished run."""
         self._stop()
         self._generation += 1
+        self._busy_timer.stop()
         self.cancel_button.enabled = False
         self.progress.value = 0
         self._message("Cancelled. " + ("The layers show the last finished run."
@@ -293,7 +299,13 @@ class PatchExplorer(Container):
         self.signals.finished.emit()
         self._settle()
 
-    def _mark_stale(self):
+    def _show_busy(self):
+        """The run is taking a while: mark the metrics stale, show progress and Cancel."""
+        if not self._running:
+            return
+        self.progress.max, self.progress.value = 1000, 0
+        self.progress.label = "progress"
+        self.cancel_button.enabled = True
         if self._lines:
             self.readout.value = "\n".join(["(updating…)"] + self._lines)
             self.readout.native.setStyleSheet("color: gray")
@@ -306,12 +318,14 @@ class PatchExplorer(Container):
             eta = value.eta
             self.progress.label = "progress" if eta is None else f"{eta:.0f} s left"
         elif isinstance(value, ctl.Shown):
-            self.progress.value = self.progress.max
-            self.progress.label = "progress"
-            self.selection.show(job, value)
+            self._busy_timer.stop()
+            self.selection.show(job, value)  # the layers first, then the widgets
             self._lines = ctl.summary_lines(job, value.result)
             self._message("\n".join(self._lines))
             self.signals.computed.emit(value.result)
+            if self.progress.value:  # a repaint at once (QProgressBar): only if it showed
+                self.progress.value = self.progress.max
+                self.progress.label = "progress"
         elif isinstance(value, ctl.Metrics):
             self._on_metrics(value.values, value.error_limit)
 
