@@ -175,10 +175,11 @@ def robust_limits(data, rgb: bool = False, q: float = 0.5) -> tuple[float, float
     return (lo, hi)
 
 
-def throttle_progress(gen, interval: float = PROGRESS_INTERVAL):
+def throttle_progress(gen, interval: float | None = None):
     """Re-yield ``gen``'s ``(done, total)`` as :class:`Progress` at most every ``interval``
     seconds, ``None`` in between: every batch still yields, so a newer run's ``quit()`` stops
     this one at once. Returns ``gen``'s return value."""
+    interval = PROGRESS_INTERVAL if interval is None else interval
     t0 = last = time.perf_counter()
     try:
         while True:

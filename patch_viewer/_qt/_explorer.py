@@ -68,7 +68,7 @@ class PatchExplorer(Container):
         copies = Container(widgets=[self.copy_python, self.copy_command, self.tune_button], layout="horizontal",
                            labels=False)
         self.index = SpinBox(value=0, min=0, max=0, label="patch index", tooltip=t["index"])
-        self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
+        self.progress = ProgressBar(value=0, min=0, max=1000, label="progress")
         self.readout = Label(value=HINT)
         super().__init__(widgets=[
             self.image, self.patch_size, self.stride, self.edge, self.pad_mode,
@@ -80,6 +80,7 @@ class PatchExplorer(Container):
         self._generation = 0
         self._worker = None
         self._running = False  # the current generation's worker has not finished
+        self._busy_shown = False  # the current run shows progress (it outlasted 150 ms)
         self._job = None
         self._lines: list[str] = []
         self._timer = QTimer()  # interval 0: coalesces the changes of one event-loop turn
@@ -276,7 +277,7 @@ class PatchExplorer(Container):
         worker.errored.connect(partial(self._on_error, g))
         worker.finished.connect(partial(self._on_finished, g))
         self._worker = worker
-        self._running = True
+        self._running, self._busy_shown = True, False
         worker.start()
         self._busy_timer.start()
         self.signals.started.emit(job)
@@ -303,7 +304,8 @@ class PatchExplorer(Container):
         """The run is taking a while: mark the metrics stale, show progress and Cancel."""
         if not self._running:
             return
-        self.progress.max, self.progress.value = 1000, 0
+        self._busy_shown = True
+        self.progress.value = 0
         self.progress.label = "progress"
         self.cancel_button.enabled = True
         if self._lines:
@@ -314,6 +316,8 @@ class PatchExplorer(Container):
         if generation != self._generation or value is None:
             return
         if isinstance(value, ctl.Progress):
+            if not self._busy_shown:  # a quick run shows no progress (see _busy_timer)
+                return
             self.progress.value = int(1000 * value.done / max(value.total, 1))
             eta = value.eta
             self.progress.label = "progress" if eta is None else f"{eta:.0f} s left"

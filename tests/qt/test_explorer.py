@@ -397,3 +397,15 @@ def test_launcher_screenshot_waits_on_the_idle_signal(make_napari_viewer, qtbot,
         w.run()
     qtbot.waitUntil(lambda: bool(closed), timeout=5_000)
     assert path.exists() and closed == [True]  # shot once, with every metric shown
+
+
+def test_progress_before_the_run_shows_busy_is_ignored(make_napari_viewer, qtbot, monkeypatch):
+    """A progress update that came before the busy display (150 ms) once raised in a slot
+    (the bar's range was set only by the busy display)."""
+    monkeypatch.setattr(_controller, "SHOW_BUSY_AFTER_MS", 60_000)
+    monkeypatch.setattr(_controller, "PROGRESS_INTERVAL", 0.0)
+    viewer, w = dock(make_napari_viewer, "noisy", filter="median")
+    w.stride.value = 4
+    with qtbot.waitSignal(w.signals.idle, timeout=60_000):
+        w.run()
+    assert w.progress.value == 0 and "SSIM" in w.readout.value
