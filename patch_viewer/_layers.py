@@ -308,8 +308,15 @@ def tile_offset(name: str, image_hw, ndim: int, patch_hw=(0, 0)) -> tuple:
     return (0.0,) * (ndim - 2) + (row * (h + gap), col * (w + gap))
 
 
+#: Room right of the last tile column, as a fraction of a tile's width: the captions are drawn
+#: in screen pixels from each tile's left edge, and the view that fits the layers must not
+#: clip the rightmost one ("error (merged − reference)", about 180 px wide).
+CAPTION_MARGIN = 0.45
+
+
 def caption_points(image_hw) -> tuple[np.ndarray, list[str]]:
-    """Where each tile's caption sits (just above its top-left corner) and its text."""
+    """Where each tile's caption sits (just above its top-left corner) and its text; a last,
+    empty caption right of the tiles keeps room for the rightmost caption's text."""
     h, w = image_hw
     gap = tile_gap(image_hw)
     pts, text = [], []
@@ -317,6 +324,9 @@ def caption_points(image_hw) -> tuple[np.ndarray, list[str]]:
         row, col = (0, 0) if name == "input" else TILES[name]
         pts.append((row * (h + gap) - 0.5 - gap * 0.9, col * (w + gap) - 0.5))
         text.append(caption)
+    right = max(col for _, col in TILES.values()) + 1
+    pts.append((-0.5 - gap * 0.9, right * (w + gap) - gap - 0.5 + CAPTION_MARGIN * w))
+    text.append("")
     return np.array(pts), text
 
 

@@ -57,7 +57,7 @@ def test_every_tile_has_a_caption_and_layers_keep_their_order(explorer, qtbot):
     with qtbot.waitSignal(w.signals.ssim_computed, timeout=30_000):
         run(qtbot, w)
     captions = list(viewer.layers["tile labels"].features["caption"])
-    assert captions == list(_layers.TILE_CAPTIONS.values())
+    assert captions == [*_layers.TILE_CAPTIONS.values(), ""]  # "": room for the last one
     assert "error (merged − reference)" in captions
     names = [layer.name for layer in viewer.layers]
     assert names == ["camera 100x100", *ORDER]
@@ -409,3 +409,15 @@ def test_progress_before_the_run_shows_busy_is_ignored(make_napari_viewer, qtbot
     with qtbot.waitSignal(w.signals.idle, timeout=60_000):
         w.run()
     assert w.progress.value == 0 and "SSIM" in w.readout.value
+
+
+def test_the_rightmost_caption_is_not_clipped_by_the_fitted_view(explorer, qtbot):
+    """The view that fits the layers cut "error (merged − reference)" at the canvas edge: the
+    captions are drawn in screen pixels, so the layout keeps room right of the last tile."""
+    viewer, w = explorer
+    w.filter.value = "gaussian"
+    run(qtbot, w)
+    error = viewer.layers["error"]
+    right_of_error = error.translate[-1] + error.data.shape[-1]
+    labels_right = viewer.layers["tile labels"].extent.world[1][-1]
+    assert labels_right >= right_of_error + 0.4 * error.data.shape[-1]
