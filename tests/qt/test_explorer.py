@@ -421,3 +421,14 @@ def test_the_rightmost_caption_is_not_clipped_by_the_fitted_view(explorer, qtbot
     right_of_error = error.translate[-1] + error.data.shape[-1]
     labels_right = viewer.layers["tile labels"].extent.world[1][-1]
     assert labels_right >= right_of_error + 0.4 * error.data.shape[-1]
+
+
+def test_a_run_that_showed_progress_ends_at_full(make_napari_viewer, qtbot, monkeypatch):
+    """A one-batch run that showed busy ended with its bar at 0%."""
+    monkeypatch.setattr(_controller, "SHOW_BUSY_AFTER_MS", 0)
+    viewer, w = dock(make_napari_viewer, "noisy", filter="median")  # hundreds of ms
+    w.stride.value = 4
+    with qtbot.waitSignal(w.signals.idle, timeout=60_000):
+        w.run()
+        qtbot.waitUntil(lambda: w.cancel_button.enabled, timeout=5_000)  # it showed busy
+    assert w.progress.value == w.progress.max
