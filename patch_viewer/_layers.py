@@ -311,7 +311,16 @@ def tile_offset(name: str, image_hw, ndim: int, patch_hw=(0, 0)) -> tuple:
 #: Room right of the last tile column, as a fraction of a tile's width: the captions are drawn
 #: in screen pixels from each tile's left edge, and the view that fits the layers must not
 #: clip the rightmost one ("error (merged − reference)", about 180 px wide).
-CAPTION_MARGIN = 0.45
+CAPTION_MARGIN = 0.6
+
+
+def caption_size(image_hw, zoom: float) -> int:
+    """Caption font size for tiles of ``image_hw`` pixels at ``zoom`` (screen px per image px).
+    A size ``s`` draws about ``0.85 s`` px per character: "input + patch grid" then fits over
+    its tile and gap, and "error (merged − reference)" over its tile and
+    :data:`CAPTION_MARGIN`; from 6 to 14."""
+    tile = max(image_hw) * max(zoom, 1e-9)
+    return int(min(14, max(6, tile // 14)))
 
 
 def caption_points(image_hw) -> tuple[np.ndarray, list[str]]:
@@ -387,7 +396,7 @@ def error_kwargs(max_abs: float, value_range: float = 1.0) -> dict:
 #: its positive half (and 'minip' only its negative one), so the 3-D view projects ``|error|``
 #: with a sequential colormap, dark at zero like :data:`ERROR_COLORMAP`'s middle.
 ABS_ERROR_COLORMAP = "magma"
-ABS_ERROR_CAPTION = "|error|, max projection (2-D view: signed)"
+ABS_ERROR_CAPTION = "|error| (max projection)"
 
 
 def abs_error_kwargs(max_abs: float, value_range: float = 1.0) -> dict:

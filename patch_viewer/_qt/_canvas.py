@@ -132,6 +132,8 @@ class Canvas:
         self._restyle_error()
         if self.alive(LABELS) is not None:
             self._captions()
+            self.viewer.reset_view()  # the other view's camera does not frame the tiles
+            self.set_zoom(self.viewer.camera.zoom)
 
     def _show(self, name, data, kwargs):
         layer = self.alive(name)
@@ -160,13 +162,17 @@ class Canvas:
             k = list(_layers.TILE_CAPTIONS).index(ERROR)
             text[k] = _layers.ABS_ERROR_CAPTION
         layer = self.alive(LABELS)
-        size = max(8, min(14, int(400 / max(self.hw))))
+        size = _layers.caption_size(self.hw, self.viewer.camera.zoom)
         if layer is None:
             self.layers[LABELS] = self.viewer.add_points(
                 pts, name=LABELS, size=0.01, face_color="transparent",
                 border_width=0, features={"caption": text},
                 text={"string": "{caption}", "color": "white", "size": size,
                       "anchor": "lower_left"})
+            # The first results: fit the view to every tile with its caption (napari fitted
+            # it to the first layers only, and cut the rightmost caption).
+            self.viewer.reset_view()
+            self.set_zoom(self.viewer.camera.zoom)
             return
         # Unchanged captions are not set again: each set re-lays the text out (~20 ms).
         if layer.data.shape != pts.shape or not np.array_equal(layer.data, pts):
@@ -186,6 +192,10 @@ class Canvas:
         """Thin the grid for ``zoom``; True when the outlines changed."""
         if self.grid is None:
             return False
+        labels = self.alive(LABELS)
+        size = _layers.caption_size(self.hw, zoom)
+        if labels is not None and labels.text.size != size:
+            labels.text.size = size  # captions are in screen px: they follow the tiles
         n = _layers.outlines_for_zoom(self.grid, zoom)
         changed, self._max_outlines = n != self._max_outlines, n
         if changed and self.selected is not None:

@@ -359,6 +359,8 @@ class PatchExplorer(Container):
     def _on_finished(self, generation):
         if generation == self._generation:
             self.cancel_button.enabled = False
+            if self._lines and self.progress.value != self.progress.max:
+                self.progress.value = self.progress.max  # done; after the layers, not before
             self.signals.finished.emit()
             self._settle()
 

@@ -408,7 +408,7 @@ def test_progress_before_the_run_shows_busy_is_ignored(make_napari_viewer, qtbot
     w.stride.value = 4
     with qtbot.waitSignal(w.signals.idle, timeout=60_000):
         w.run()
-    assert w.progress.value == 0 and "SSIM" in w.readout.value
+    assert w.progress.value == w.progress.max and "SSIM" in w.readout.value
 
 
 def test_the_rightmost_caption_is_not_clipped_by_the_fitted_view(explorer, qtbot):
@@ -432,3 +432,14 @@ def test_a_run_that_showed_progress_ends_at_full(make_napari_viewer, qtbot, monk
         w.run()
         qtbot.waitUntil(lambda: w.cancel_button.enabled, timeout=5_000)  # it showed busy
     assert w.progress.value == w.progress.max
+
+
+def test_captions_shrink_with_the_tiles_on_screen(explorer, qtbot):
+    """Captions are drawn in screen pixels: on small tiles they overlapped their neighbours."""
+    viewer, w = explorer
+    run(qtbot, w)
+    labels = viewer.layers["tile labels"]
+    viewer.camera.zoom = 0.5  # 100 px tiles drawn 50 px wide
+    small = labels.text.size
+    viewer.camera.zoom = 4.0
+    assert small < labels.text.size <= 14 and small >= 6
