@@ -320,7 +320,7 @@ def caption_size(image_hw, zoom: float) -> int:
     its tile and gap, and "error (merged − reference)" over its tile and
     :data:`CAPTION_MARGIN`; from 6 to 14."""
     tile = max(image_hw) * max(zoom, 1e-9)
-    return int(min(14, max(6, tile // 14)))
+    return int(min(14, max(6, tile // 16)))
 
 
 def caption_points(image_hw) -> tuple[np.ndarray, list[str]]:

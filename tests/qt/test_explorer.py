@@ -443,3 +443,16 @@ def test_captions_shrink_with_the_tiles_on_screen(explorer, qtbot):
     small = labels.text.size
     viewer.camera.zoom = 4.0
     assert small < labels.text.size <= 14 and small >= 6
+
+
+def test_tune_chart_keeps_rmse_readable_beside_max_error(explorer, qtbot):
+    """RMSE far below max |error| was a flat line at zero on a shared linear axis."""
+    viewer, w = explorer
+    tune = w.open_tune()
+    tune.points = [_controller.TunePoint(s, r, m, 0.01, 100 // s)
+                   for s, r, m in [(4, 0.01, 0.5), (8, 0.2, 3.0), (16, 2.0, 80.0)]]
+    tune.draw()
+    assert tune.figure.axes[0].get_yscale() == "symlog"
+    tune.points = [_controller.TunePoint(s, 1.0, 2.0, 0.01, 10) for s in (4, 8)]
+    tune.draw()
+    assert tune.figure.axes[0].get_yscale() == "linear"
