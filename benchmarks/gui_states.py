@@ -15,7 +15,9 @@ STATES = {
     "classic-sobel": dict(sample="classic", filter="sobel", reference="filter"),
     "noisy-median": dict(sample="noisy", filter="median", reference="filter", window="hann"),
     "rgb": dict(sample="rgb", filter="gaussian", window="hann"),
-    "volume": dict(sample="volume", patch=16, stride=12),
+    "volume": dict(sample="volume", filter="gaussian", reference="filter", patch=16, stride=12),
+    "volume-3d": dict(sample="volume", filter="gaussian", reference="filter", patch=16,
+                      stride=12, ndisplay=3),
     "error-memory": dict(sample="classic", patch=8, stride=1, max_bytes=1000),
     "stride1": dict(sample="noisy", patch=32, stride=1, run=True),
     "tune": dict(sample="noisy", filter="median", reference="filter", window="hann", tune=True),
@@ -30,7 +32,8 @@ def wait(signal, ms=60_000):
 
 
 def render(name, sample=None, filter="identity", reference="input", window="uniform",
-           patch=32, stride=16, max_bytes=None, run=False, tune=False, out=Path(".")):
+           patch=32, stride=16, max_bytes=None, run=False, tune=False, ndisplay=2,
+           out=Path(".")):
     from patch_viewer import _controller
 
     viewer = napari.Viewer()
@@ -47,14 +50,22 @@ def render(name, sample=None, filter="identity", reference="input", window="unif
         w.filter.value = filter
         w.window.value = window
         w.reference.value = reference
+        idle = []  # the public signal: results, metrics and SSIM shown, or an error
+        w.signals.idle.connect(lambda: idle.append(True))
         w.run()
-        if not max_bytes:
-            wait(w.signals.ssim_computed)
+        if not idle:
+            wait(w.signals.idle)
     _controller.GUI_MAX_BYTES = 2 * 2**30
+    viewer.dims.ndisplay = ndisplay
     if tune:
         panel = w.open_tune()
+        done = []
+        panel.progress.valueChanged.connect(
+            lambda v: done.append(v) if v == panel.progress.maximum() else None)
         panel.sweep()
-        wait(panel._worker.finished)
+        napari.qt.get_qapp().processEvents()
+        while not done:
+            wait(panel.progress.valueChanged, 5_000)
     for _ in range(5):
         napari.qt.get_qapp().processEvents()
     viewer.screenshot(str(out / f"state-{name}.png"), canvas_only=False, flash=False)

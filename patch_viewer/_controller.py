@@ -16,15 +16,18 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import _layers
-from .core import PatchGrid, compute_metrics, iter_process, make_plan, process
-from .core._layout import _fmt_bytes, is_lazy  # private core helpers (no public home yet)
+from ._layers import LAYER_NAMES  # noqa: F401 - defined once, in the module that styles layers
+from .core import (
+    PatchGrid,
+    compute_metrics,
+    format_bytes,
+    is_lazy,
+    iter_process,
+    make_plan,
+    process,
+)
 from .core.metrics import iter_ssim
 
-#: The one source of the names of the layers the explorer maintains.
-LAYER_NAMES = ("patch grid", "overlap weights", "patches", "filtered patches", "merged", "error",
-               "tile labels")
-#: Layers shown only for some runs: the argmax of a predictor's channels.
-OPTIONAL_LAYER_NAMES = ("classes",)
 #: The filter list's entry for a model named by its import path (``package.module:function``).
 CUSTOM = "custom function…"
 VOLUME_MODES = ("3-D patches", "2-D patches per plane")
@@ -34,6 +37,8 @@ GUI_MAX_BYTES = 2 * 2**30
 PIXELS_PER_SECOND = 2e7
 #: Live preview does not start runs estimated longer than this; the user presses Run.
 WARN_SECONDS = 3.0
+#: A run shows that it runs (metrics marked stale, progress, Cancel) once it outlasts this.
+SHOW_BUSY_AFTER_MS = 150
 #: Seconds between progress updates (each one repaints the widget on the main thread).
 PROGRESS_INTERVAL = 0.1
 
@@ -150,7 +155,7 @@ def start(job: Job):
         n = job.image.shape[0] if job.batched else 1
         need = make_plan(job.grid, n).peak_bytes
         raise MemoryError(f"Too much memory: raise the stride or shrink the patch "
-                          f"({_fmt_bytes(need)} needed, {_fmt_bytes(GUI_MAX_BYTES)} allowed).")
+                          f"({format_bytes(need)} needed, {format_bytes(GUI_MAX_BYTES)} allowed).")
 
 
 def patch_near(grid: PatchGrid, point) -> tuple | None:
@@ -193,10 +198,11 @@ def robust_limits(data, rgb: bool = False, q: float = 0.5) -> tuple[float, float
     return (lo, hi)
 
 
-def _throttled(gen, interval: float = PROGRESS_INTERVAL):
+def throttle_progress(gen, interval: float | None = None):
     """Re-yield ``gen``'s ``(done, total)`` as :class:`Progress` at most every ``interval``
     seconds, ``None`` in between: every batch still yields, so a newer run's ``quit()`` stops
     this one at once. Returns ``gen``'s return value."""
+    interval = PROGRESS_INTERVAL if interval is None else interval
     t0 = last = time.perf_counter()
     try:
         while True:
@@ -212,6 +218,21 @@ def _throttled(gen, interval: float = PROGRESS_INTERVAL):
                 yield None
     finally:
         gen.close()  # cancelling the worker cancels the run
+
+
+_weights_shown: list = [None, None]  # (grid, window, window_params), float32 weights
+
+
+def _display_weights(job: Job, weights: np.ndarray) -> np.ndarray:
+    """The weights as displayed (float32), the same array as the last run's when the grid and
+    window did not change (the filter does not change them; the layer is then not reset)."""
+    key = (job.grid, job.kwargs["window"], tuple(job.kwargs["window_params"].items()))
+    last_key, last = _weights_shown
+    if last_key == key and last is not None and last.shape == weights.shape:
+        return last
+    shown = weights.astype(np.float32)
+    _weights_shown[:] = [key, shown]
+    return shown
 
 
 class _Cancelled(Exception):
@@ -238,7 +259,7 @@ def _lazy_metrics(result, job: Job):
 def compute(gen, job: Job):
     """Worker body: stream the run (yielding :class:`Progress`), hand over the layers' data
     (:class:`Shown`), then :class:`Metrics`, then return the slow SSIM (lazy: every metric)."""
-    result = yield from _throttled(gen)
+    result = yield from throttle_progress(gen)
     stack_cls = _layers.LazyPatchStack if job.lazy else _layers.PatchStack
     stack = stack_cls(job.image, job.grid, job.batched)
     if not job.lazy and result.merged.shape != job.image.shape:
@@ -253,7 +274,7 @@ def compute(gen, job: Job):
             return (yield from iter_ssim(result.merged, result.reference, channel_axis=ca))
         return None
     error = _layers.error_data(result.error, job.rgb)  # lazy stays lazy
-    weights = result.weights if job.lazy else result.weights.astype(np.float32)
+    weights = result.weights if job.lazy else _display_weights(job, result.weights)
     limits = job.limits if job.lazy else robust_limits(result.merged, job.rgb)
     merged = result.merged
     if job.rgb and not job.lazy and job.image.dtype == np.uint8:
@@ -312,8 +333,8 @@ def output_lines(result, job: Job) -> list[str]:
         what = f"{extra[0]} channels: RGB shows the first {min(extra[0], 3)}, 'classes' the argmax"
     else:
         what = f"shape {merged.shape} (shown resampled to the image)"
-    names = ", ".join(outputs) if len(outputs) > 1 else "merged"
-    lines = [f"output ({names}): {what}"]
+    names = f" ({', '.join(outputs)})" if len(outputs) > 1 else ""
+    lines = [f"output{names}: {what}"]
     if result.error is None:
         lines.append("no error map: the output is not an image like the input (set "
                      "'error vs' to the filter on the whole image)")
@@ -330,7 +351,7 @@ def summary_lines(job: Job, result) -> list[str]:
     cmin, cmax = job.grid.coverage_range()
     return [f"patches: {result.plan.n_patches:,}   grid: "
             f"{' x '.join(map(str, job.grid.grid_shape))}",
-            f"coverage: {cmin}–{cmax}   est. memory: {_fmt_bytes(result.plan.peak_bytes)}",
+            f"coverage: {cmin}–{cmax}   est. memory: {format_bytes(result.plan.peak_bytes)}",
             f"compute time: {result.elapsed * 1e3:.0f} ms" + ("  (lazy)" if job.lazy else ""),
             *output_lines(result, job),
             *(["max |err|: n/a   RMSE: n/a", "PSNR: n/a   SSIM: n/a"] if result.error is None
@@ -367,7 +388,7 @@ def to_python(p: Params, *, rgb: bool, path: str | None = None, layer: str = "im
             f"result = pv.process(image, grid, {_process_args(p)})\n")
 
 
-def to_command(p: Params, *, path: str | None, output: str = "merged") -> str:
+def to_command(p: Params, *, path: str | None, output: str = "results") -> str:
     """A ``patch-viewer process`` line that reproduces the run (float64 merged, as ``.npy``)."""
     import shlex
 

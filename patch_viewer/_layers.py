@@ -9,8 +9,16 @@ import math
 
 import numpy as np
 
-from .core import PatchGrid
-from .core._layout import pad_canonical, to_canonical, window_view
+from .core import PatchGrid, sliding_patches
+
+#: The one source of the names of the layers the explorer maintains (a contract: scripts
+#: find the results by these names). Everywhere else uses the constants below.
+LAYER_NAMES = ("patch grid", "overlap weights", "patches", "filtered patches", "merged", "error",
+               "tile labels")
+GRID, WEIGHTS, PATCHES, FILTERED, MERGED, ERROR, LABELS = LAYER_NAMES
+#: Layers shown only for some runs: the argmax of a predictor's channels.
+OPTIONAL_LAYER_NAMES = ("classes",)
+(CLASSES,) = OPTIONAL_LAYER_NAMES
 
 GRID_COLOR = (0.0, 0.9, 1.0, 0.35)
 SELECTED_COLOR = (1.0, 0.85, 0.0, 1.0)
@@ -118,12 +126,11 @@ class PatchStack:
     """
 
     def __init__(self, image: np.ndarray, grid: PatchGrid, batched: bool = False):
-        canon = pad_canonical(to_canonical(image, grid, batched), grid)
-        self._view = window_view(canon, grid)  # (b, *positions, *patch, C)
+        self._view = sliding_patches(image, grid, batched)  # (b, *positions, *patch, C)
         self._grid = grid
         self._batched = batched
         self._channels = grid.channel_axis is not None
-        lead = (canon.shape[0],) if batched else ()
+        lead = (self._view.shape[0],) if batched else ()
         nd = grid.ndim
         self.shape = grid.patches_shape[:nd] + lead + grid.patches_shape[nd:]
         self.dtype = image.dtype
@@ -337,13 +344,12 @@ def rgb_limits(data: np.ndarray) -> tuple[float, float]:
 
 # ------------------------------------------------------------------------- layer styling
 #: Where each result sits beside the source image: (row, column) tiles in one canvas.
-TILES = {"merged": (0, 1), "error": (0, 2), "overlap weights": (1, 0), "patches": (1, 1)}
+TILES = {MERGED: (0, 1), ERROR: (0, 2), WEIGHTS: (1, 0), PATCHES: (1, 1)}
 
 
 #: What each tile shows, as its caption on the canvas.
-TILE_CAPTIONS = {"input": "input + patch grid", "overlap weights": "overlap weights",
-                 "merged": "merged", "error": "error (merged − reference)",
-                 "patches": "selected patch: before | after"}
+TILE_CAPTIONS = {"input": "input + patch grid", WEIGHTS: WEIGHTS, MERGED: MERGED,
+                 ERROR: "error (merged − reference)", PATCHES: "selected patch: before | after"}
 
 
 def tile_gap(image_hw) -> float:
@@ -357,15 +363,31 @@ def tile_offset(name: str, image_hw, ndim: int, patch_hw=(0, 0)) -> tuple:
     patch sits right of the raw one (``patch_hw``)."""
     h, w = image_hw
     gap = tile_gap(image_hw)
-    if name == "filtered patches":
-        row, col = TILES["patches"]
+    if name == FILTERED:
+        row, col = TILES[PATCHES]
         return (0.0,) * (ndim - 2) + (row * (h + gap), col * (w + gap) + patch_hw[1] + gap / 2)
     row, col = TILES[name]
     return (0.0,) * (ndim - 2) + (row * (h + gap), col * (w + gap))
 
 
+#: Room right of the last tile column, as a fraction of a tile's width: the captions are drawn
+#: in screen pixels from each tile's left edge, and the view that fits the layers must not
+#: clip the rightmost one ("error (merged − reference)", about 180 px wide).
+CAPTION_MARGIN = 0.6
+
+
+def caption_size(image_hw, zoom: float) -> int:
+    """Caption font size for tiles of ``image_hw`` pixels at ``zoom`` (screen px per image px).
+    A size ``s`` draws about ``0.85 s`` px per character: "input + patch grid" then fits over
+    its tile and gap, and "error (merged − reference)" over its tile and
+    :data:`CAPTION_MARGIN`; from 6 to 14."""
+    tile = max(image_hw) * max(zoom, 1e-9)
+    return int(min(14, max(6, tile // 16)))
+
+
 def caption_points(image_hw) -> tuple[np.ndarray, list[str]]:
-    """Where each tile's caption sits (just above its top-left corner) and its text."""
+    """Where each tile's caption sits (just above its top-left corner) and its text; a last,
+    empty caption right of the tiles keeps room for the rightmost caption's text."""
     h, w = image_hw
     gap = tile_gap(image_hw)
     pts, text = [], []
@@ -373,6 +395,9 @@ def caption_points(image_hw) -> tuple[np.ndarray, list[str]]:
         row, col = (0, 0) if name == "input" else TILES[name]
         pts.append((row * (h + gap) - 0.5 - gap * 0.9, col * (w + gap) - 0.5))
         text.append(caption)
+    right = max(col for _, col in TILES.values()) + 1
+    pts.append((-0.5 - gap * 0.9, right * (w + gap) - gap - 0.5 + CAPTION_MARGIN * w))
+    text.append("")
     return np.array(pts), text
 
 
@@ -427,6 +452,20 @@ def error_kwargs(max_abs: float, value_range: float = 1.0) -> dict:
     gets ``±1e-3`` of the value range, so it shows as the colormap's neutral middle."""
     m = max_abs if max_abs > 0 and math.isfinite(max_abs) else 1e-3 * max(value_range, 1e-9)
     return dict(colormap=ERROR_COLORMAP, contrast_limits=(-m, m))
+
+
+#: The error in the 3-D view: a maximum-intensity projection of a signed error would show only
+#: its positive half (and 'minip' only its negative one), so the 3-D view projects ``|error|``
+#: with a sequential colormap, dark at zero like :data:`ERROR_COLORMAP`'s middle.
+ABS_ERROR_COLORMAP = "magma"
+ABS_ERROR_CAPTION = "|error| (max projection)"
+
+
+def abs_error_kwargs(max_abs: float, value_range: float = 1.0) -> dict:
+    """Sequential colormap from 0 to ``max_abs`` (see :func:`error_kwargs`) for ``|error|``
+    drawn as a maximum-intensity projection."""
+    m = error_kwargs(max_abs, value_range)["contrast_limits"][1]
+    return dict(colormap=ABS_ERROR_COLORMAP, contrast_limits=(0.0, m), rendering="mip")
 
 
 def image_kwargs(source_limits, rgb: bool) -> dict:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -256,30 +255,36 @@ def main(argv=None) -> int:
     widget.window.value = args.window
     with widget.live.changed.blocked():  # live preview on, without scheduling a second run
         widget.live.value = True
-    widget.run()
     if args.screenshot:
         viewer.window.resize(1500, 900)
-        _screenshot_when_done(viewer, widget, args.screenshot)
+        screenshot_when_idle(viewer, widget, args.screenshot)
+    widget.run()
     napari.run()
     return 0
 
 
-def _screenshot_when_done(viewer, widget, path):
+#: The launcher's screenshot waits at most this long for the explorer to settle.
+SCREENSHOT_TIMEOUT_S = 120
+
+
+def screenshot_when_idle(viewer, widget, path, timeout: float = SCREENSHOT_TIMEOUT_S):
+    """Save ``viewer``'s window to ``path`` and close it once ``widget`` is idle (its run shown
+    with every metric, or its error), or after ``timeout`` seconds. Connect before the run."""
     from qtpy.QtCore import QTimer
 
-    start = time.monotonic()
+    state = {"done": False}
 
-    def shoot():
-        busy = widget._worker is not None and widget._worker.is_running
-        pending = "…" in str(widget.readout.value)  # metrics still on their way
-        if (busy or pending) and time.monotonic() - start < 120:
-            QTimer.singleShot(200, shoot)
+    def shoot(*_):
+        if state["done"]:
             return
+        state["done"] = True
         viewer.screenshot(path, canvas_only=False, flash=False)
         print(f"saved {path}")
         viewer.close()
 
-    QTimer.singleShot(800, shoot)
+    # The next event-loop turn: the dock's read-out and the canvas draw the last update first.
+    widget.signals.idle.connect(lambda: QTimer.singleShot(0, shoot))
+    QTimer.singleShot(int(timeout * 1000), shoot)
 
 
 if __name__ == "__main__":

@@ -71,7 +71,7 @@ class PatchExplorer(Container):
         copies = Container(widgets=[self.copy_python, self.copy_command, self.tune_button], layout="horizontal",
                            labels=False)
         self.index = SpinBox(value=0, min=0, max=0, label="patch index", tooltip=t["index"])
-        self.progress = ProgressBar(value=0, min=0, max=1, label="progress")
+        self.progress = ProgressBar(value=0, min=0, max=1000, label="progress")
         self.readout = Label(value=HINT)
         super().__init__(widgets=[
             self.image, self.patch_size, self.stride, self.edge, self.pad_mode,
@@ -82,12 +82,21 @@ class PatchExplorer(Container):
         self.signals = ExplorerSignals()
         self._generation = 0
         self._worker = None
+        self._running = False  # the current generation's worker has not finished
+        self._busy_shown = False  # the current run shows progress (it outlasted 150 ms)
         self._job = None
         self._lines: list[str] = []
         self._timer = QTimer()  # interval 0: coalesces the changes of one event-loop turn
         self._timer.setSingleShot(True)
         self._timer.setInterval(0)
         self._timer.timeout.connect(partial(self.run, auto=True))
+        # A run that outlasts this shows that it runs (stale metrics, progress, Cancel). A
+        # quicker one changes no widget before its layers: under software OpenGL every widget
+        # repaint composes the whole window, which the worker then waits for.
+        self._busy_timer = QTimer()
+        self._busy_timer.setSingleShot(True)
+        self._busy_timer.setInterval(ctl.SHOW_BUSY_AFTER_MS)
+        self._busy_timer.timeout.connect(self._show_busy)
         for w in (self.patch_size, self.stride, self.edge, self.pad_mode, self.window,
                   self.sigma, self.reduce, self.reference):
             w.changed.connect(self._on_param)
@@ -161,7 +170,7 @@ class PatchExplorer(Container):
         return ctl.to_python(self.params(), rgb=bool(layer.rgb), path=self._source_path(),
                              layer=layer.name)
 
-    def to_command(self, output: str = "merged") -> str:
+    def to_command(self, output: str = "results") -> str:
         """A ``patch-viewer process`` line reproducing the current result."""
         return ctl.to_command(self.params(), path=self._source_path(), output=output)
 
@@ -236,17 +245,35 @@ class PatchExplorer(Container):
         return ctl.make_job(data, bool(layer.rgb), layer.contrast_limits, self.params())
 
     # ------------------------------------------------------------------ running
+    @property
+    def busy(self) -> bool:
+        """Whether a run is pending or running (results, metrics or SSIM still to come);
+        ``signals.idle`` is emitted when this turns False."""
+        return self._running or self._timer.isActive()
+
+    def _settle(self):
+        """Nothing of the current generation is left running: say so, unless a newer
+        change is already scheduled."""
+        self._running = False
+        self._busy_timer.stop()
+        if not self.busy:
+            self.signals.idle.emit()
+
     def run(self, *_, auto: bool = False):
         """Start a run with the current parameters; a newer run makes older results stale.
         ``auto`` (live preview) holds back runs estimated over ``WARN_SECONDS``."""
         if self.image.value is None:
             self._message(HINT)
+            self._settle()
             return
         try:
             job = self.make_job()
             gen = ctl.start(job)
         except (ValueError, TypeError, MemoryError) as exc:
+            self._stop()  # what runs now is for older settings
+            self._generation += 1
             self._fail(str(exc), toast=False)
+            self._settle()
             return
         if auto and not job.lazy and job.estimated_seconds > ctl.WARN_SECONDS:
             self._stop()  # what runs now is for older settings
@@ -254,13 +281,11 @@ class PatchExplorer(Container):
             self._message(f"This run is estimated at about {job.estimated_seconds:.0f} s "
                           f"({job.grid.n_patches:,} patches): press Run to start it, or raise "
                           f"the stride.", warn=True)
+            self._settle()
             return
         self._stop()
         self._generation += 1
         self._job = job
-        self.progress.max, self.progress.value = 1000, 0
-        self.progress.label = "progress"
-        self._mark_stale()
         worker = create_worker(ctl.compute, gen, job, _start_thread=False, _ignore_errors=True)
         g = self._generation
         worker.yielded.connect(partial(self._on_yielded, g, job))
@@ -268,9 +293,10 @@ class PatchExplorer(Container):
         worker.errored.connect(partial(self._on_error, g))
         worker.finished.connect(partial(self._on_finished, g))
         self._worker = worker
-        self.cancel_button.enabled = True
-        self.signals.started.emit(job)
+        self._running, self._busy_shown = True, False
         worker.start()
+        self._busy_timer.start()
+        self.signals.started.emit(job)
 
     def _stop(self):
         if self._job is not None:
@@ -282,13 +308,22 @@ class PatchExplorer(Container):
         """Stop the running job; the layers keep the last finished run."""
         self._stop()
         self._generation += 1
+        self._busy_timer.stop()
         self.cancel_button.enabled = False
         self.progress.value = 0
         self._message("Cancelled. " + ("The layers show the last finished run."
                                        if self.canvas.grid is not None else ""))
         self.signals.finished.emit()
+        self._settle()
 
-    def _mark_stale(self):
+    def _show_busy(self):
+        """The run is taking a while: mark the metrics stale, show progress and Cancel."""
+        if not self._running:
+            return
+        self._busy_shown = True
+        self.progress.value = 0
+        self.progress.label = "progress"
+        self.cancel_button.enabled = True
         if self._lines:
             self.readout.value = "\n".join(["(updating…)"] + self._lines)
             self.readout.native.setStyleSheet("color: gray")
@@ -297,16 +332,20 @@ class PatchExplorer(Container):
         if generation != self._generation or value is None:
             return
         if isinstance(value, ctl.Progress):
+            if not self._busy_shown:  # a quick run shows no progress (see _busy_timer)
+                return
             self.progress.value = int(1000 * value.done / max(value.total, 1))
             eta = value.eta
             self.progress.label = "progress" if eta is None else f"{eta:.0f} s left"
         elif isinstance(value, ctl.Shown):
-            self.progress.value = self.progress.max
-            self.progress.label = "progress"
-            self.selection.show(job, value)
+            self._busy_timer.stop()
+            self.selection.show(job, value)  # the layers first, then the widgets
             self._lines = ctl.summary_lines(job, value.result)
             self._message("\n".join(self._lines))
             self.signals.computed.emit(value.result)
+            if self._busy_shown:  # a repaint at once (QProgressBar): only if it showed
+                self.progress.value = self.progress.max
+                self.progress.label = "progress"
         elif isinstance(value, ctl.Metrics):
             self._on_metrics(value.values, value.error_limit)
 
@@ -336,7 +375,10 @@ class PatchExplorer(Container):
     def _on_finished(self, generation):
         if generation == self._generation:
             self.cancel_button.enabled = False
+            if self._lines and self.progress.value != self.progress.max:
+                self.progress.value = self.progress.max  # done; after the layers, not before
             self.signals.finished.emit()
+            self._settle()
 
     def _message(self, text: str, warn: bool = False):
         self.readout.value = text

@@ -19,6 +19,7 @@ class Selection:
         self.viewer.mouse_drag_callbacks.append(self._on_click)
         self.viewer.dims.events.current_step.connect(self._on_dims)
         self.viewer.scene.camera.events.zoom.connect(self._on_zoom)
+        self.viewer.dims.events.ndisplay.connect(self._on_ndisplay)
         self.viewer.layers.events.inserted.connect(self._refresh_images)
         self.viewer.layers.events.removed.connect(self._refresh_images)
 
@@ -26,6 +27,7 @@ class Selection:
         steps = [lambda: self.viewer.mouse_drag_callbacks.remove(self._on_click),
                  lambda: self.viewer.dims.events.current_step.disconnect(self._on_dims),
                  lambda: self.viewer.scene.camera.events.zoom.disconnect(self._on_zoom),
+                 lambda: self.viewer.dims.events.ndisplay.disconnect(self._on_ndisplay),
                  lambda: self.viewer.layers.events.inserted.disconnect(self._refresh_images),
                  lambda: self.viewer.layers.events.removed.disconnect(self._refresh_images)]
         for step in steps:  # an exception escaping a Qt slot aborts PyQt5
@@ -87,6 +89,9 @@ class Selection:
         step = self.canvas.grid_step()
         if step is not None and step != self.canvas.selected:
             self.select(step, follow=False)  # the user browses: never move the z slider
+
+    def _on_ndisplay(self, event):
+        self.canvas.set_ndisplay(self.viewer.dims.ndisplay)
 
     def _on_zoom(self, event):
         if not self._syncing and self.canvas.grid is not None:

@@ -24,7 +24,10 @@ TIPS = {
               "and may return another number of channels (class probabilities), dtype or "
               "resolution.",
     "reference": "What the error compares the merged image with. 'filter on whole image' "
-                 "shows the seams that patch-wise filtering leaves.",
+                 "shows the seams that patch-wise filtering leaves. In the 3-D view the "
+                 "error tile shows |error| as a maximum-intensity projection (a projection of "
+                 "the signed error would hide where the merged image is below the reference); "
+                 "the 2-D view shows its sign.",
     "live": "Re-run at once whenever a control changes.",
     "run": "Run now (also runs long jobs that live preview holds back).",
     "cancel": "Stop the running job.",
@@ -37,13 +40,17 @@ TIPS = {
 
 class ExplorerSignals(QObject):
     """``started(job)``, ``computed(result)`` once the layers show a run, ``ssim_computed``,
-    ``failed(message)``, ``finished()`` when the worker is done or cancelled."""
+    ``failed(message)``, ``finished()`` when the worker is done or cancelled, and ``idle()``
+    once nothing is running or pending: the layers and the read-out show everything there is
+    to show (a finished run with its metrics and SSIM, an error, a held-back or cancelled run,
+    or the hint of an empty viewer). Scripts and the launcher wait on ``idle``."""
 
     started = Signal(object)
     computed = Signal(object)
     ssim_computed = Signal(float)
     failed = Signal(str)
     finished = Signal()
+    idle = Signal()
 
 
 class Undocked(QObject):

@@ -103,6 +103,10 @@ class TunePanel(QWidget):
         err.plot(s, [p.max_abs for p in pts], "s--", color="#7cff8a", label="max |error|",
                  picker=6)
         err.set_ylabel("seam error vs whole-image filter", **style)
+        values = [v for p in pts for v in (p.rmse, p.max_abs) if v > 0]
+        if values and max(values) > 10 * min(values):
+            # RMSE sits far below max |error|: on a linear axis it was a flat line at zero.
+            err.set_yscale("symlog", linthresh=min(values))
         err.legend(fontsize=7)
         cost = fig.add_subplot(2, 1, 2, sharex=err)
         cost.plot(s, [p.seconds * 1e3 for p in pts], "o-", color="#ffd24a", picker=6)

@@ -5,11 +5,12 @@ Nothing here imports napari, Qt or magicgui.
 """
 
 from .accumulator import Accumulator
-from .extract import extract_patches
+from .checks import format_bytes, is_lazy
+from .extract import extract_patches, sliding_patches
 from .fused import elementwise
 from .filters import FILTERS, Param, PatchFilter, get_filter, register_filter
 from .grid import EDGE_MODES, PAD_MODES, PatchGrid
-from .merge import REDUCTIONS, Merger, backend, merge_patches, weight_map
+from .merge import REDUCTIONS, Merger, backend, max_weight, merge_patches, weight_map
 from .metrics import METRICS, compute_metrics, error_map
 from .pipeline import REFERENCES, Plan, Result, iter_process, make_plan, process
 from .predict import (
@@ -51,17 +52,21 @@ __all__ = [
     "elementwise",
     "error_map",
     "extract_patches",
+    "format_bytes",
     "get_filter",
+    "is_lazy",
     "iter_batches",
     "iter_process",
     "load_callable",
     "make_plan",
     "make_window",
+    "max_weight",
     "merge_patches",
     "process",
     "register_filter",
     "register_predictor",
     "select_patches",
+    "sliding_patches",
     "warm_up",
     "weight_map",
 ]

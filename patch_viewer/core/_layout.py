@@ -11,6 +11,8 @@ from typing import Any
 
 import numpy as np
 
+from .checks import format_bytes as _fmt_bytes
+from .checks import is_lazy
 from .grid import PatchGrid
 
 __all__ = ["DEFAULT_MAX_BYTES", "DIRECT_MAX_STEPS", "ROWS_FIRST_ORDER", "block_depths", "ceil_div",
@@ -30,20 +32,6 @@ def check_bytes(nbytes: int, what: str, max_bytes: int | None, hint: str) -> Non
             f"{what} would take {_fmt_bytes(nbytes)}, over the limit of {_fmt_bytes(limit)} "
             f"(`max_bytes`); {hint}"
         )
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
-        n /= 1024
-    raise AssertionError  # pragma: no cover
-
-
-def is_lazy(array) -> bool:
-    """Whether ``array`` is a dask or zarr array (the chunked path handles it without loading
-    it; in-memory functions refuse it)."""
-    return type(array).__module__.startswith(("dask.", "zarr."))
 
 
 def is_batched(shape: tuple[int, ...], grid: PatchGrid, name: str = "image") -> bool:

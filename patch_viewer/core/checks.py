@@ -11,8 +11,35 @@ import numpy as np
 from .grid import PatchGrid
 
 __all__ = ["check_dtype", "check_fill_value", "check_finite_for_integer", "check_grid",
-           "check_image", "check_number", "check_progress", "check_reduce_window", "is_real_number",
-           "parse_max_bytes"]
+           "check_image", "check_number", "check_progress", "check_reduce_window",
+           "format_bytes", "is_lazy", "is_real_number", "parse_max_bytes"]
+
+
+def format_bytes(n: float) -> str:
+    """A byte count for people: powers of 1024, one decimal.
+
+    Examples
+    --------
+    >>> format_bytes(512), format_bytes(3 * 2**29), format_bytes(447 * 2**30)
+    ('512 B', '1.5 GiB', '447.0 GiB')
+    """
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n} B"
+        n /= 1024
+    raise AssertionError  # pragma: no cover
+
+
+def is_lazy(array) -> bool:
+    """Whether ``array`` is a dask or zarr array (the chunked path handles it without loading
+    it; in-memory functions refuse it).
+
+    Examples
+    --------
+    >>> is_lazy(np.zeros(3))
+    False
+    """
+    return type(array).__module__.startswith(("dask.", "zarr."))
 
 
 def check_grid(grid) -> PatchGrid:

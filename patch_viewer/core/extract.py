@@ -29,6 +29,8 @@ __all__ = ["LAYOUTS", "extract_patches", "extract_rows"]
 
 LAYOUTS = ("C", "merge")
 
+__all__ = ["LAYOUTS", "extract_patches", "extract_rows", "sliding_patches"]
+
 
 def extract_patches(image: ArrayLike, grid: PatchGrid, *, copy: bool = False,
                     layout: str = "C", max_bytes: int | None = None) -> np.ndarray:
@@ -172,3 +174,24 @@ def _regular_view(image: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarr
         shape += (image.shape[grid.channel_axis + lead],)
         strides += (st[grid.channel_axis + lead],)
     return np.lib.stride_tricks.as_strided(image, shape, strides, writeable=False)
+
+
+def sliding_patches(image: np.ndarray, grid: PatchGrid, batched: bool = False) -> np.ndarray:
+    """Read-only view of the patch at *every* position of the (padded) image, not only at the
+    grid's origins: shape ``(b, *positions, *patch_size, C)``, with a batch axis ``b`` (1 for
+    one image) and a channel axis ``C`` (1 without channels).
+
+    Index it with ``grid.origins`` to read any patch of the grid without copying, including the
+    shifted last patch of an irregular (``edge="shift"``) grid. Only ``edge="pad"`` copies the
+    image (once, to pad it).
+
+    Examples
+    --------
+    >>> grid = PatchGrid((5, 6), 4, stride=2)
+    >>> view = sliding_patches(np.arange(30.0).reshape(5, 6), grid)
+    >>> view.shape
+    (1, 2, 3, 4, 4, 1)
+    >>> float(view[0, grid.origins[0][1], grid.origins[1][1], 0, 0, 0])  # the shifted last row
+    8.0
+    """
+    return window_view(pad_canonical(to_canonical(image, grid, batched), grid), grid)

@@ -17,6 +17,20 @@ __all__ = ["METRICS", "REDUCE_ELEMENTS", "compute_metrics", "data_range_of", "dt
 
 METRICS = ("max_abs", "rmse", "psnr", "ssim")
 
+__all__ = [
+    "METRICS",
+    "compute_metrics",
+    "data_range_of",
+    "dtype_range",
+    "error_map",
+    "error_summary",
+    "error_sums",
+    "iter_ssim",
+    "ssim_bytes",
+    "ssim_of",
+    "ssim_window",
+]
+
 
 def error_map(merged: ArrayLike, reference: ArrayLike) -> np.ndarray:
     """Signed error ``merged - reference`` as float (NaN where ``merged`` is uncovered).

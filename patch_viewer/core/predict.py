@@ -153,7 +153,7 @@ class Predictor:
         elif isinstance(out, (tuple, list)):
             items = [(f"output{k}", v) for k, v in enumerate(out)]
         else:
-            items = [("merged", out)]
+            items = [("output", out)]  # one output: Result.merged; by name in outputs
         if not items:
             raise PredictionError(f"predictor {self.name!r} returned no output on {where}")
         return {str(k): _numpy(v) for k, v in items}

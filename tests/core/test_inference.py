@@ -174,7 +174,7 @@ def test_k_channel_predictor_equals_merging_each_channel(edge):
         want = merge_patches(f(patches), grid)
         np.testing.assert_array_equal(r.merged[..., c], want)
     assert r.error is None and np.isnan(r.metrics["rmse"])
-    assert list(r.outputs) == ["merged"]
+    assert list(r.outputs) == ["output"]
 
 
 def test_predictor_with_another_dtype_and_several_outputs():

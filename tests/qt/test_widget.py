@@ -397,7 +397,7 @@ def test_launcher(tmp_path):
 
 
 def test_progress_is_throttled_but_every_batch_still_yields():
-    from patch_viewer._widget import _throttled
+    from patch_viewer._controller import throttle_progress
 
     closed = []
 
@@ -409,7 +409,7 @@ def test_progress_is_throttled_but_every_batch_still_yields():
         finally:
             closed.append(True)
 
-    gen = _throttled(run(), interval=3600)
+    gen = throttle_progress(run(), interval=3600)
     items = []
     try:
         while True:
@@ -417,8 +417,8 @@ def test_progress_is_throttled_but_every_batch_still_yields():
     except StopIteration as stop:
         assert stop.value == "result"
     assert items == [None] * 5  # one per batch (so quit() is seen), none shown: a short run
-    assert [(p.done, p.total) for p in _throttled(run(), interval=0)] == [(k, 5) for k in range(5)]
-    gen = _throttled(run(), interval=0)
+    assert [(p.done, p.total) for p in throttle_progress(run(), interval=0)] == [(k, 5) for k in range(5)]
+    gen = throttle_progress(run(), interval=0)
     next(gen)
     gen.close()  # cancelling the worker closes the run
     assert closed == [True, True, True]
