@@ -39,8 +39,9 @@ def job(chunk, filt, batch_bytes):
     start, n = chunk
     grid = pv.PatchGrid((100, 100), 39, stride=1)
     images = np.random.default_rng(start).random((n, 100, 100), dtype=np.float32)
-    r = pv.process(images, grid, scale if filt == "scale" else filt, ssim=False,
-                   batch_bytes=batch_bytes)
+    r = pv.process(
+        images, grid, scale if filt == "scale" else filt, ssim=False, batch_bytes=batch_bytes
+    )
     assert r.merged.shape == images.shape
     return n * grid.n_patches
 
@@ -48,8 +49,9 @@ def job(chunk, filt, batch_bytes):
 def warm(filt):
     """Each worker's start: imports, and one small run that compiles (or loads) the kernels."""
     grid = pv.PatchGrid((100, 100), 39, stride=1)
-    pv.process(np.zeros((1, 100, 100), np.float32), grid, scale if filt == "scale" else filt,
-               ssim=False)
+    pv.process(
+        np.zeros((1, 100, 100), np.float32), grid, scale if filt == "scale" else filt, ssim=False
+    )
 
 
 def main(argv=None):
@@ -57,11 +59,16 @@ def main(argv=None):
     ap.add_argument("--images", type=int, default=1000)
     ap.add_argument("--chunk", type=int, default=32, help="images per process() call")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--threads", action="store_true",
-                    help="threads instead of processes (slower: the GIL)")
+    ap.add_argument(
+        "--threads", action="store_true", help="threads instead of processes (slower: the GIL)"
+    )
     ap.add_argument("--filter", default="scale", help="'scale' or a registered filter name")
-    ap.add_argument("--batch-mib", type=float, default=None,
-                    help="streamed batch size (default: process()'s own)")
+    ap.add_argument(
+        "--batch-mib",
+        type=float,
+        default=None,
+        help="streamed batch size (default: process()'s own)",
+    )
     args = ap.parse_args(argv)
     grid = pv.PatchGrid((100, 100), 39, stride=1)
     batch_bytes = None if args.batch_mib is None else int(args.batch_mib * 2**20)
@@ -72,26 +79,33 @@ def main(argv=None):
     with pool_cls(args.workers, initializer=warm, initargs=(args.filter,)) as pool:
         list(pool.map(time.sleep, [0.2] * args.workers))  # every worker started and warm
         t0 = time.perf_counter()
-        done = sum(pool.map(functools.partial(job, filt=args.filter, batch_bytes=batch_bytes),
-                            chunks))
+        done = sum(
+            pool.map(functools.partial(job, filt=args.filter, batch_bytes=batch_bytes), chunks)
+        )
     elapsed = time.perf_counter() - t0
     startup = t0 - t_start
     peak = stop()
     rate = done / elapsed
     total = TOTAL_IMAGES * grid.n_patches
     kind = "threads" if args.threads else "processes"
-    print(f"{args.images:,} images, {done:,} patches of 39x39 (filter {args.filter}, "
-          f"{args.workers} {kind}): {elapsed:.1f} s, {rate / 1e6:.2f} M patches/s")
-    print(f"10^8 patches ({total:,}) at that rate: {total / rate:.0f} s "
-          f"({'measured' if args.images >= TOTAL_IMAGES else 'extrapolated linearly'}), plus "
-          f"{startup:.1f} s to start the workers (imports, kernels loaded or compiled); peak "
-          f"resident memory {peak / 2**20:.0f} MiB (all processes)")
+    print(
+        f"{args.images:,} images, {done:,} patches of 39x39 (filter {args.filter}, "
+        f"{args.workers} {kind}): {elapsed:.1f} s, {rate / 1e6:.2f} M patches/s"
+    )
+    print(
+        f"10^8 patches ({total:,}) at that rate: {total / rate:.0f} s "
+        f"({'measured' if args.images >= TOTAL_IMAGES else 'extrapolated linearly'}), plus "
+        f"{startup:.1f} s to start the workers (imports, kernels loaded or compiled); peak "
+        f"resident memory {peak / 2**20:.0f} MiB (all processes)"
+    )
     us = args.workers * elapsed / done * 1e6
     print(f"per patch: {us:.2f} µs of one core, everything included")
     if args.filter in ("gaussian", "uniform", "sobel", "unsharp", "median"):
         fast, ref = filter_cost(args.filter)
-        print(f"the filter alone, per 39x39 patch on one core: {fast:.2f} µs here "
-              f"(this backend), {ref:.2f} µs with scipy.ndimage ({ref / fast:.2f}x)")
+        print(
+            f"the filter alone, per 39x39 patch on one core: {fast:.2f} µs here "
+            f"(this backend), {ref:.2f} µs with scipy.ndimage ({ref / fast:.2f}x)"
+        )
 
 
 def filter_cost(name, n=15_376):

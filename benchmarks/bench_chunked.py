@@ -33,12 +33,12 @@ def make_input(path: Path, size: int, chunk: int) -> None:
     t = time.perf_counter()
     image = da.random.default_rng(0).random((size, size), chunks=chunk, dtype=np.float32)
     image.to_zarr(str(path))
-    print(f"wrote {path} ({size}x{size} float32) in {time.perf_counter() - t:.0f} s",
-          flush=True)
+    print(f"wrote {path} ({size}x{size} float32) in {time.perf_counter() - t:.0f} s", flush=True)
 
 
-def run_mode(mode: str, src: Path, out: Path, patch: int, stride: int, ssim: bool,
-             work_chunk: int) -> dict:
+def run_mode(
+    mode: str, src: Path, out: Path, patch: int, stride: int, ssim: bool, work_chunk: int
+) -> dict:
     """One measured run (called in a fresh process)."""
     import dask
     import dask.array as da
@@ -51,8 +51,13 @@ def run_mode(mode: str, src: Path, out: Path, patch: int, stride: int, ssim: boo
     if mode == "cluster":
         import distributed
 
-        cluster = distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                           dashboard_address=None, memory_limit="1GiB")
+        cluster = distributed.LocalCluster(
+            n_workers=2,
+            threads_per_worker=1,
+            processes=True,
+            dashboard_address=None,
+            memory_limit="1GiB",
+        )
         client = distributed.Client(cluster)
     t = time.perf_counter()
     # Stored in 2,048^2 chunks, processed in 1,024^2 ones: each task then holds a quarter of
@@ -61,8 +66,9 @@ def run_mode(mode: str, src: Path, out: Path, patch: int, stride: int, ssim: boo
     grid = pv.PatchGrid(image.shape, patch, stride=stride)
     r = pv.process(image, grid, "gaussian", filter_params={"sigma": 2.0}, ssim=ssim)
     merged = r.merged.rechunk(image.chunksize)
-    target = zarr.open_array(str(out), mode="w", shape=merged.shape, dtype=merged.dtype,
-                             chunks=merged.chunksize)
+    target = zarr.open_array(
+        str(out), mode="w", shape=merged.shape, dtype=merged.dtype, chunks=merged.chunksize
+    )
     store = da.store(merged, target, lock=False, compute=False)
     metrics = {k: v for k, v in r.metrics.items() if ssim or k != "ssim"}
     if client is not None:
@@ -74,8 +80,13 @@ def run_mode(mode: str, src: Path, out: Path, patch: int, stride: int, ssim: boo
         client.close()
         cluster.close()
     peak = stop()
-    return {"mode": mode, "seconds": elapsed, "peak_bytes": peak, "patches": grid.n_patches,
-            "metrics": {k: float(v) for k, v in metrics.items()}}
+    return {
+        "mode": mode,
+        "seconds": elapsed,
+        "peak_bytes": peak,
+        "patches": grid.n_patches,
+        "metrics": {k: float(v) for k, v in metrics.items()},
+    }
 
 
 def main(argv=None):
@@ -85,36 +96,60 @@ def main(argv=None):
     ap.add_argument("--work-chunk", type=int, default=1024, help="chunk edge processed")
     ap.add_argument("--patch", type=int, default=256)
     ap.add_argument("--stride", type=int, default=192)
-    ap.add_argument("--modes", nargs="+", default=["threads", "cluster"],
-                    choices=["threads", "cluster"])
+    ap.add_argument(
+        "--modes", nargs="+", default=["threads", "cluster"], choices=["threads", "cluster"]
+    )
     ap.add_argument("--ssim", action="store_true", help="include SSIM (a second full pass)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/patch-viewer-bench"))
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     src = args.workdir / f"input-{args.size}.zarr"
     if args.child:
-        result = run_mode(args.child, src, args.workdir / f"merged-{args.child}.zarr",
-                          args.patch, args.stride, args.ssim, args.work_chunk)
+        result = run_mode(
+            args.child,
+            src,
+            args.workdir / f"merged-{args.child}.zarr",
+            args.patch,
+            args.stride,
+            args.ssim,
+            args.work_chunk,
+        )
         print("RESULT " + json.dumps(result))
         return
     args.workdir.mkdir(parents=True, exist_ok=True)
     make_input(src, args.size, args.chunk)
-    print(f"{args.size}x{args.size} float32 zarr (stored in {args.chunk}^2 chunks, processed in "
-          f"{args.work_chunk}^2), patch {args.patch}, "
-          f"stride {args.stride}, gaussian sigma 2, 2 workers")
+    print(
+        f"{args.size}x{args.size} float32 zarr (stored in {args.chunk}^2 chunks, processed in "
+        f"{args.work_chunk}^2), patch {args.patch}, "
+        f"stride {args.stride}, gaussian sigma 2, 2 workers"
+    )
     print("| mode | wall s | patches/s | peak memory | max-abs err | RMSE |")
     print("|---|---|---|---|---|---|")
     for mode in args.modes:
-        cmd = [sys.executable, __file__, "--child", mode, "--size", str(args.size),
-               "--patch", str(args.patch), "--stride", str(args.stride), "--work-chunk",
-               str(args.work_chunk), "--workdir",
-               str(args.workdir)] + (["--ssim"] if args.ssim else [])
+        cmd = [
+            sys.executable,
+            __file__,
+            "--child",
+            mode,
+            "--size",
+            str(args.size),
+            "--patch",
+            str(args.patch),
+            "--stride",
+            str(args.stride),
+            "--work-chunk",
+            str(args.work_chunk),
+            "--workdir",
+            str(args.workdir),
+        ] + (["--ssim"] if args.ssim else [])
         out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
         r = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
         m = r["metrics"]
-        print(f"| {mode} | {r['seconds']:.1f} | {r['patches'] / r['seconds']:,.0f} | "
-              f"{r['peak_bytes'] / 2**30:.2f} GiB | {m['max_abs']:.3g} | {m['rmse']:.3g} |",
-              flush=True)
+        print(
+            f"| {mode} | {r['seconds']:.1f} | {r['patches'] / r['seconds']:,.0f} | "
+            f"{r['peak_bytes'] / 2**30:.2f} GiB | {m['max_abs']:.3g} | {m['rmse']:.3g} |",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

@@ -48,9 +48,24 @@ def main(argv=None):
     make_inputs(src, args.images)
     print(f"inputs: {args.images:,} .npy files in {src} ({time.perf_counter() - t:.0f} s to make)")
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "patch_viewer", "process", str(src), "-o", str(out),
-           "--patch-size", "39", "--stride", "1", "--filter", args.filter, "--workers",
-           str(args.workers), "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "patch_viewer",
+        "process",
+        str(src),
+        "-o",
+        str(out),
+        "--patch-size",
+        "39",
+        "--stride",
+        "1",
+        "--filter",
+        args.filter,
+        "--workers",
+        str(args.workers),
+        "-q",
+    ]
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     elapsed = time.perf_counter() - t
@@ -59,11 +74,15 @@ def main(argv=None):
     patches = args.images * PATCHES_PER_IMAGE
     rate = patches / elapsed
     total = TOTAL_IMAGES * PATCHES_PER_IMAGE
-    print(f"patch-viewer process, filter {args.filter}, {args.workers} workers: {args.images:,} "
-          f"images, {patches:,} patches in {elapsed:.1f} s = {rate / 1e6:.2f} M patches/s")
-    print(f"10^8 patches ({total:,}): {total / rate:.0f} s "
-          f"({'measured' if args.images >= TOTAL_IMAGES else 'extrapolated linearly'}, I/O "
-          f"included)")
+    print(
+        f"patch-viewer process, filter {args.filter}, {args.workers} workers: {args.images:,} "
+        f"images, {patches:,} patches in {elapsed:.1f} s = {rate / 1e6:.2f} M patches/s"
+    )
+    print(
+        f"10^8 patches ({total:,}): {total / rate:.0f} s "
+        f"({'measured' if args.images >= TOTAL_IMAGES else 'extrapolated linearly'}, I/O "
+        f"included)"
+    )
     shutil.rmtree(out, ignore_errors=True)
 
 

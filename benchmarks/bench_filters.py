@@ -48,15 +48,20 @@ def cases(sizes):
     axes = (1, 2)
     sig = {s: (0.0, s, s) for s in sizes}
     return [
-        (f"gaussian sigma {s}",
-         lambda x, s=s: ndi.gaussian_filter(x, sig[s], output=np.empty_like(x)),
-         lambda x, s=s: S.gaussian(x, axes, s),
-         lambda x, s=s: matmul_gaussian(x, s))
+        (
+            f"gaussian sigma {s}",
+            lambda x, s=s: ndi.gaussian_filter(x, sig[s], output=np.empty_like(x)),
+            lambda x, s=s: S.gaussian(x, axes, s),
+            lambda x, s=s: matmul_gaussian(x, s),
+        )
         for s in sizes
     ] + [
-        ("uniform size 3",
-         lambda x: ndi.uniform_filter(x, (1, 3, 3), output=np.empty_like(x)),
-         lambda x: S.uniform(x, axes, 3), None),
+        (
+            "uniform size 3",
+            lambda x: ndi.uniform_filter(x, (1, 3, 3), output=np.empty_like(x)),
+            lambda x: S.uniform(x, axes, 3),
+            None,
+        ),
         ("sobel (3 passes x 2 axes)", None, None, None),
         ("unsharp radius 1", None, None, None),
     ]
@@ -69,11 +74,15 @@ def main():
     ap.add_argument("--repeat", type=int, default=5)
     args = ap.parse_args()
     x = np.random.default_rng(0).random((args.patches, args.size, args.size), np.float32)
-    print(f"# {args.patches} patches of {args.size}x{args.size} float32, "
-          f"{platform.processor() or platform.machine()}, best of {args.repeat}; compiled: "
-          f"{pv_threads()} thread(s), scipy: one")
-    print("| filter | scipy µs/patch | compiled µs/patch | speed-up | ulp vs scipy "
-          "| matmul µs/patch | matmul ulp |")
+    print(
+        f"# {args.patches} patches of {args.size}x{args.size} float32, "
+        f"{platform.processor() or platform.machine()}, best of {args.repeat}; compiled: "
+        f"{pv_threads()} thread(s), scipy: one"
+    )
+    print(
+        "| filter | scipy µs/patch | compiled µs/patch | speed-up | ulp vs scipy "
+        "| matmul µs/patch | matmul ulp |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|")
     for name, case_ref, case_fast, mm in cases((1.0, 5.0)):
         ref, fast = case_ref, case_fast
@@ -94,9 +103,11 @@ def main():
                 out[key] = f(x)
                 best[key] = min(best[key], time.perf_counter() - t)
         us = {k: v / args.patches * 1e6 for k, v in best.items()}
-        row = (f"| {name} | {us['ref']:.2f} | {us['fast']:.2f} | {us['ref'] / us['fast']:.2f}x "
-               f"| {ulp(out['ref'], out['fast'])} |")
-        row += (f" {us['mm']:.2f} | {ulp(out['ref'], out['mm'])} |" if mm else " — | — |")
+        row = (
+            f"| {name} | {us['ref']:.2f} | {us['fast']:.2f} | {us['ref'] / us['fast']:.2f}x "
+            f"| {ulp(out['ref'], out['fast'])} |"
+        )
+        row += f" {us['mm']:.2f} | {ulp(out['ref'], out['mm'])} |" if mm else " — | — |"
         print(row, flush=True)
 
 

@@ -42,8 +42,10 @@ def main(repeats: int = 5, sides=(512, 2048, 4096)):
     viewer = napari.Viewer(show=True)
     viewer.window.resize(1500, 900)
     rng = np.random.default_rng(0)
-    print("| image | filter | patches | change -> layers set (ms): idle | back to back | "
-          "redraw (ms) |")
+    print(
+        "| image | filter | patches | change -> layers set (ms): idle | back to back | "
+        "redraw (ms) |"
+    )
     print("|---|---|---:|---:|---:|---:|")
     for side in sides:
         viewer.layers.clear()
@@ -72,8 +74,10 @@ def main(repeats: int = 5, sides=(512, 2048, 4096)):
                         redraws.append(time.perf_counter() - t1)
                 medians.append(statistics.median(times) * 1e3)
             w.live.value = False
-            print(f"| {side}x{side} | {name} | {w.grid.n_patches:,} | {medians[0]:.0f} | "
-                  f"{medians[1]:.0f} | {statistics.median(redraws) * 1e3:.0f} |")
+            print(
+                f"| {side}x{side} | {name} | {w.grid.n_patches:,} | {medians[0]:.0f} | "
+                f"{medians[1]:.0f} | {statistics.median(redraws) * 1e3:.0f} |"
+            )
         viewer.window.remove_dock_widget("all")
     print("\n| patches | segments drawn | patch grid redraw (ms) |")
     print("|---:|---:|---:|")
@@ -94,8 +98,10 @@ def main(repeats: int = 5, sides=(512, 2048, 4096)):
             w.index.value = (w.index.value + 977) % (w.index.max + 1)  # redraws the grid
             QApplication.processEvents()
             times.append(time.perf_counter() - t0)
-        print(f"| {w.grid.n_patches:,} | {len(viewer.layers['patch grid'].data):,} | "
-              f"{statistics.median(times) * 1e3:.1f} |")
+        print(
+            f"| {w.grid.n_patches:,} | {len(viewer.layers['patch grid'].data):,} | "
+            f"{statistics.median(times) * 1e3:.1f} |"
+        )
     WorkerBase.await_workers(10_000)  # SSIM may still be on its way; let it land first
     viewer.close()
 

@@ -35,7 +35,7 @@ def conv_bank(batch):
     out = np.zeros((n, h, w, 16), np.float32)
     for dy in range(3):
         for dx in range(3):
-            out += pad[:, dy:dy + h, dx:dx + w, None] * BANK[dy, dx]
+            out += pad[:, dy : dy + h, dx : dx + w, None] * BANK[dy, dx]
     return out
 
 
@@ -82,8 +82,9 @@ def monai(image):
     timed = Timed(cf)
     t = time.perf_counter()
     with torch.no_grad():
-        out = sliding_window_inference(torch.from_numpy(image[None, None]), (256, 256), 8,
-                                       timed, overlap=0.25, mode="constant")
+        out = sliding_window_inference(
+            torch.from_numpy(image[None, None]), (256, 256), 8, timed, overlap=0.25, mode="constant"
+        )
     total = time.perf_counter() - t
     return total, timed.inside, out[0].numpy()
 
@@ -92,11 +93,11 @@ def accumulator_vs_merge(repeat: int):
     rng = np.random.default_rng(1)
     image = rng.random((1024, 1024), dtype=np.float32)
     grid = pv.PatchGrid(image.shape, 32, stride=3)
-    stack = np.ascontiguousarray(pv.extract_patches(image, grid).reshape(
-        (grid.n_patches, 32, 32)))
+    stack = np.ascontiguousarray(pv.extract_patches(image, grid).reshape((grid.n_patches, 32, 32)))
     order = rng.permutation(grid.n_patches)
-    batches = [(np.ascontiguousarray(stack[b]), b) for b in np.array_split(
-        order, grid.n_patches // 64)]
+    batches = [
+        (np.ascontiguousarray(stack[b]), b) for b in np.array_split(order, grid.n_patches // 64)
+    ]
     floor_out = np.empty_like(stack)
     best = {"copy": np.inf, "merge": np.inf, "acc": np.inf}
     for _ in range(repeat):  # interleaved
@@ -120,8 +121,10 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeat", type=int, default=3)
     args = ap.parse_args()
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-          f"{os.cpu_count()} cores, numpy {np.__version__}, backend {pv.backend()}")
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} cores, numpy {np.__version__}, backend {pv.backend()}"
+    )
     pv.warm_up()
     image = np.random.default_rng(0).random((2048, 2048), dtype=np.float32)
     grid = pv.PatchGrid(image.shape, 256, stride=192)
@@ -144,8 +147,10 @@ def main():
         a, b = rows["patch_viewer"][-1][2], rows["MONAI"][-1][2]
         diff = float(np.abs(a - np.moveaxis(b, 0, -1)).max())
         print(f"# results agree: max |ours - MONAI| = {diff:.2e}")
-    print("\n## Sliding-window inference, 2048² float32, 256/192 (121 patches), 16-channel "
-          "3x3 conv bank, batches of 8")
+    print(
+        "\n## Sliding-window inference, 2048² float32, 256/192 (121 patches), 16-channel "
+        "3x3 conv bank, batches of 8"
+    )
     print(f"The predictor alone on the same batches: {bare:.2f} s (median of {args.repeat}).\n")
     print("| | total | in the predictor | overhead (median) | overhead / predictor alone |")
     print("|---|---:|---:|---:|---:|")
@@ -156,20 +161,28 @@ def main():
         over[name] = float(np.median([t - i for t, i, _ in runs]))
         total = float(np.median([t for t, _, _ in runs]))
         inside = float(np.median([i for _, i, _ in runs]))
-        print(f"| {name} | {total:.2f} s | {inside:.2f} s | {over[name]:.3f} s | "
-              f"{over[name] / bare:.1%} |")
+        print(
+            f"| {name} | {total:.2f} s | {inside:.2f} s | {over[name]:.3f} s | "
+            f"{over[name] / bare:.1%} |"
+        )
     if len(over) == 2:
         print(f"\nour overhead / MONAI's: {over['patch_viewer'] / over['MONAI']:.2f}")
     grid, nbytes, best = accumulator_vs_merge(args.repeat)
-    print(f"\n## Accumulator: {grid.n_patches:,} patches of 32² float32 (1024², stride 3, "
-          f"{nbytes / 2**20:.0f} MiB), random order, batches of 64")
+    print(
+        f"\n## Accumulator: {grid.n_patches:,} patches of 32² float32 (1024², stride 3, "
+        f"{nbytes / 2**20:.0f} MiB), random order, batches of 64"
+    )
     print("| | time | x merge_patches | x one copy of the stack |")
     print("|---|---:|---:|---:|")
-    for name, label in (("copy", "np.copyto of the stack (floor)"),
-                        ("merge", "merge_patches, one call"),
-                        ("acc", "Accumulator.add x 1,7xx + result")):
-        print(f"| {label} | {best[name] * 1e3:.0f} ms | {best[name] / best['merge']:.2f} | "
-              f"{best[name] / best['copy']:.2f} |")
+    for name, label in (
+        ("copy", "np.copyto of the stack (floor)"),
+        ("merge", "merge_patches, one call"),
+        ("acc", "Accumulator.add x 1,7xx + result"),
+    ):
+        print(
+            f"| {label} | {best[name] * 1e3:.0f} ms | {best[name] / best['merge']:.2f} | "
+            f"{best[name] / best['copy']:.2f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -35,15 +35,18 @@ def _numba_version():
         return "missing"
     return numba.__version__
 
+
 WORKLOADS = {
     "W1-f64": dict(shape=(100, 100), dtype=np.float64, patch=39, stride=1),
     "W1-u8": dict(shape=(100, 100), dtype=np.uint8, patch=39, stride=1),
     "W2": dict(shape=(1024, 1024), dtype=np.float32, patch=64, stride=32),
     "W3": dict(shape=(2048, 2048, 3), dtype=np.uint8, patch=256, stride=192, channel_axis=-1),
-    "W3-drop": dict(shape=(2048, 2048, 3), dtype=np.uint8, patch=256, stride=192,
-                    channel_axis=-1, edge="drop"),
-    "W3-pad": dict(shape=(2048, 2048, 3), dtype=np.uint8, patch=256, stride=192,
-                   channel_axis=-1, edge="pad"),
+    "W3-drop": dict(
+        shape=(2048, 2048, 3), dtype=np.uint8, patch=256, stride=192, channel_axis=-1, edge="drop"
+    ),
+    "W3-pad": dict(
+        shape=(2048, 2048, 3), dtype=np.uint8, patch=256, stride=192, channel_axis=-1, edge="pad"
+    ),
     "W4": dict(shape=(128, 128, 128), dtype=np.float32, patch=32, stride=16),
     "W5": dict(shape=(512, 512), dtype=np.float32, patch=39, stride=1),
 }
@@ -171,8 +174,9 @@ def empatches_peer(image, grid, stack, offsets=None):
     if grid.ndim != 2 or len(set(grid.patch_size)) != 1 or len(set(grid.stride)) != 1:
         return None
     emp = EMPatches()
-    patches, indices = emp.extract_patches(image, patchsize=grid.patch_size[0],
-                                           stride=grid.stride[0])
+    patches, indices = emp.extract_patches(
+        image, patchsize=grid.patch_size[0], stride=grid.stride[0]
+    )
     if offsets is not None:
         if len(patches) != len(offsets):
             return None
@@ -208,8 +212,11 @@ def torch_fold(image, grid, stack, threads, offsets=None):
     c = 1 if grid.channel_axis is None else image.shape[grid.channel_axis]
     p0, p1 = grid.patch_size
     canon = stack if grid.channel_axis is not None else stack[..., None]
-    cols = np.ascontiguousarray(np.moveaxis(canon.reshape(grid.n_patches, p0, p1, c), 0, -1)
-                                .transpose(2, 0, 1, 3).reshape(1, c * p0 * p1, grid.n_patches))
+    cols = np.ascontiguousarray(
+        np.moveaxis(canon.reshape(grid.n_patches, p0, p1, c), 0, -1)
+        .transpose(2, 0, 1, 3)
+        .reshape(1, c * p0 * p1, grid.n_patches)
+    )
     cols = torch.from_numpy(cols.astype(np.float32 if stack.dtype != np.float64 else np.float64))
     ones = torch.ones_like(cols)
     # fold's output must be tiled exactly: the padded extent for edge="pad" (cropped after),
@@ -248,8 +255,9 @@ def check(make, image, grid, stack):
     overlapping patches disagree; the truth is patch_viewer's merge, which the test suite
     checks against a brute-force per-pixel mean. None when the peer's grid differs."""
     offsets = np.arange(grid.n_patches, dtype=np.float64) * 16 / grid.n_patches
-    shifted = stack.astype(np.float64) + offsets.reshape(grid.grid_shape + (1,) * len(
-        grid.patch_shape))
+    shifted = stack.astype(np.float64) + offsets.reshape(
+        grid.grid_shape + (1,) * len(grid.patch_shape)
+    )
     fn = make(image.astype(np.float64), grid, shifted, offsets=offsets)
     if fn is None:
         return None
@@ -283,8 +291,13 @@ def run_workload(name, spec, repeats, out=sys.stdout):
     time.sleep(1.0)
     rng = np.random.default_rng(0)
     image = (rng.random(spec["shape"]) * 250).astype(spec["dtype"])
-    grid = pv.PatchGrid(image.shape, spec["patch"], spec["stride"],
-                        channel_axis=spec.get("channel_axis"), edge=spec.get("edge", "shift"))
+    grid = pv.PatchGrid(
+        image.shape,
+        spec["patch"],
+        spec["stride"],
+        channel_axis=spec.get("channel_axis"),
+        edge=spec.get("edge", "shift"),
+    )
     stack = pv.extract_patches(image, grid, copy=True)
     merged = pv.merge_patches(stack, grid, fill_value=0)
     out_dtype = merged.dtype
@@ -301,12 +314,15 @@ def run_workload(name, spec, repeats, out=sys.stdout):
     numpy_copy = timeit(lambda: np.ascontiguousarray(pv.extract_patches(image, grid)), repeats)
     merge = lambda **kw: pv.merge_patches(stack, grid, fill_value=0, **kw)  # noqa: E731
     ours = timeit(merge, repeats)
-    both = timeit(lambda: pv.merge_patches(pv.extract_patches(image, grid), grid, fill_value=0),
-                  repeats)
+    both = timeit(
+        lambda: pv.merge_patches(pv.extract_patches(image, grid), grid, fill_value=0), repeats
+    )
     one = timeit(lambda: merge(workers=1), repeats)
-    rows = [(f"patch_viewer merge ({pv.backend()})", ours, peak_bytes(merge), True),
-            ("patch_viewer extract (view) + merge", both, None, True),
-            ("patch_viewer merge, 1 thread", one, None, True)]
+    rows = [
+        (f"patch_viewer merge ({pv.backend()})", ours, peak_bytes(merge), True),
+        ("patch_viewer extract (view) + merge", both, None, True),
+        ("patch_viewer merge, 1 thread", one, None, True),
+    ]
     rows += numpy_rows(image, grid, stack, repeats)
     for peer, make in PEERS.items():
         fn = make(image, grid, stack)
@@ -318,21 +334,28 @@ def run_workload(name, spec, repeats, out=sys.stdout):
         rows.append((peer, t, mem, correct))
         del fn
         gc.collect()
-    print(f"\n### {name}: {image.shape} {image.dtype}, patch {spec['patch']}, stride "
-          f"{spec['stride']} ({grid.n_patches:,} patches, stack {stack.nbytes / 2**20:.1f} MiB)",
-          file=out)
-    print(f"floor {floor * 1e3:.2f} ms; extraction: view {view_s * 1e6:.1f} µs, copy "
-          f"{extract_copy * 1e3:.2f} ms = {extract_copy / stack_copy:.2f}x one np.copyto of the "
-          f"stack ({stack_copy * 1e3:.2f} ms), {extract_copy / fresh_copy:.2f}x one into a new "
-          f"array ({fresh_copy * 1e3:.2f} ms); NumPy's copy of the view "
-          f"{numpy_copy * 1e3:.2f} ms\n", file=out)
+    print(
+        f"\n### {name}: {image.shape} {image.dtype}, patch {spec['patch']}, stride "
+        f"{spec['stride']} ({grid.n_patches:,} patches, stack {stack.nbytes / 2**20:.1f} MiB)",
+        file=out,
+    )
+    print(
+        f"floor {floor * 1e3:.2f} ms; extraction: view {view_s * 1e6:.1f} µs, copy "
+        f"{extract_copy * 1e3:.2f} ms = {extract_copy / stack_copy:.2f}x one np.copyto of the "
+        f"stack ({stack_copy * 1e3:.2f} ms), {extract_copy / fresh_copy:.2f}x one into a new "
+        f"array ({fresh_copy * 1e3:.2f} ms); NumPy's copy of the view "
+        f"{numpy_copy * 1e3:.2f} ms\n",
+        file=out,
+    )
     print("| method | median ms | x floor | x patch_viewer | peak MiB | true mean |", file=out)
     print("|---|---:|---:|---:|---:|---|", file=out)
     for label, t, mem, correct in rows:
         mem_s = "n/a" if mem is None else f"{mem / 2**20:.1f}"
         verdict = {True: "yes", False: "**NO**", None: "n/c (other grid)"}[correct]
-        print(f"| {label} | {t * 1e3:.2f} | {t / floor:.1f} | {t / ours:.1f} | {mem_s} | "
-              f"{verdict} |", file=out)
+        print(
+            f"| {label} | {t * 1e3:.2f} | {t / floor:.1f} | {t / ours:.1f} | {mem_s} | {verdict} |",
+            file=out,
+        )
     out.flush()
     return {"floor": floor, "ours": ours, "view": view_s, "rows": rows}
 
@@ -343,10 +366,17 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true", help="3 repeats instead of 9")
     args = ap.parse_args(argv)
     # A workload's exact name picks it alone ("W3" is a workload, and a prefix of W3-drop).
-    chosen = [w for w in WORKLOADS if not args.workloads or w in args.workloads
-              or any(w.startswith(a) and a not in WORKLOADS for a in args.workloads)]
-    header = (f"numpy {np.__version__}, numba {_numba_version()}, patch_viewer {pv.__version__}, "
-              f"{time.strftime('%Y-%m-%d')}, medians over repeats")
+    chosen = [
+        w
+        for w in WORKLOADS
+        if not args.workloads
+        or w in args.workloads
+        or any(w.startswith(a) and a not in WORKLOADS for a in args.workloads)
+    ]
+    header = (
+        f"numpy {np.__version__}, numba {_numba_version()}, patch_viewer {pv.__version__}, "
+        f"{time.strftime('%Y-%m-%d')}, medians over repeats"
+    )
     if len(chosen) > 1:
         # One fresh process per workload: the heap a previous workload's peers leave behind
         # (hundreds of MiB of index arrays and tile lists) slowed later measurements by up to

@@ -39,8 +39,13 @@ print(json.dumps({"import": t1 - t0, "warm_up": warm, "first": t4 - t3, "second"
 
 
 def child(warm: bool, env: dict) -> dict:
-    out = subprocess.run([sys.executable, "-c", CHILD, "1" if warm else "0"], env=env,
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", CHILD, "1" if warm else "0"],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -72,9 +77,11 @@ def main():
     print("| setting | import patch_viewer | warm_up() | first merge | second merge |")
     print("|---|---:|---:|---:|---:|")
     for label, r in rows:
-        print(f"| {label} | {r['import'] * 1e3:.0f} ms | "
-              f"{r['warm_up'] * 1e3:.0f} ms | {r['first'] * 1e3:.1f} ms | "
-              f"{r['second'] * 1e3:.1f} ms |")
+        print(
+            f"| {label} | {r['import'] * 1e3:.0f} ms | "
+            f"{r['warm_up'] * 1e3:.0f} ms | {r['first'] * 1e3:.1f} ms | "
+            f"{r['second'] * 1e3:.1f} ms |"
+        )
 
 
 if __name__ == "__main__":

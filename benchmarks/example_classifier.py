@@ -19,9 +19,11 @@ from sklearn.ensemble import RandomForestClassifier
 import patch_viewer as pv
 
 ROOT = Path(__file__).parents[1]
-SCRIBBLES = {1: [(170, 40), (205, 90), (175, 60)],  # stroma
-             2: [(180, 100), (152, 168), (144, 118), (126, 169)],  # nuclei (hematoxylin)
-             3: [(33, 200), (233, 140), (20, 230)]}  # DAB-stained epithelium
+SCRIBBLES = {
+    1: [(170, 40), (205, 90), (175, 60)],  # stroma
+    2: [(180, 100), (152, 168), (144, 118), (126, 169)],  # nuclei (hematoxylin)
+    3: [(33, 200), (233, 140), (20, 230)],
+}  # DAB-stained epithelium
 
 
 def train(image):
@@ -29,14 +31,23 @@ def train(image):
     scribbles = np.zeros(image.shape[:2], np.uint8)
     for label, corners in SCRIBBLES.items():
         for r, c in corners:
-            scribbles[r:r + 5, c:c + 5] = label
-    clf = fit_segmenter(scribbles, features(image),
-                        RandomForestClassifier(n_estimators=50, max_depth=10, random_state=0))
+            scribbles[r : r + 5, c : c + 5] = label
+    clf = fit_segmenter(
+        scribbles,
+        features(image),
+        RandomForestClassifier(n_estimators=50, max_depth=10, random_state=0),
+    )
 
     def classify(batch):
         """(N, h, w, 3) RGB patches -> (N, h, w, 3) class probabilities."""
-        return np.stack([clf.predict_proba(features(p).reshape(-1, clf.n_features_in_))
-                         .reshape(p.shape[:2] + (3,)) for p in batch]).astype(np.float32)
+        return np.stack(
+            [
+                clf.predict_proba(features(p).reshape(-1, clf.n_features_in_)).reshape(
+                    p.shape[:2] + (3,)
+                )
+                for p in batch
+            ]
+        ).astype(np.float32)
 
     return pv.Predictor(classify, channels=3, batch_size=16), scribbles
 
@@ -50,8 +61,10 @@ def main():
     for window in ("uniform", "hann"):
         t = time.perf_counter()
         results[window] = r = pv.process(image, grid, model, window=window, reference="filter")
-        print(f"{window:8s} | {r.metrics['rmse']:9.4f} | {r.metrics['max_abs']:11.3f} | "
-              f"{time.perf_counter() - t:.1f} s")
+        print(
+            f"{window:8s} | {r.metrics['rmse']:9.4f} | {r.metrics['max_abs']:11.3f} | "
+            f"{time.perf_counter() - t:.1f} s"
+        )
     _figure(image, scribbles, results)
 
 
@@ -76,8 +89,9 @@ def _figure(image, scribbles, results):
     for a in ax:
         a.axis("off")
     fig.colorbar(im, ax=list(ax), fraction=0.02, label="max over classes |p - p(whole image)|")
-    fig.savefig(ROOT / "benchmarks" / "figures" / "classifier_seams.png", dpi=80,
-                bbox_inches="tight")
+    fig.savefig(
+        ROOT / "benchmarks" / "figures" / "classifier_seams.png", dpi=80, bbox_inches="tight"
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Render the Patch Explorer in the states a user sees, one PNG each (run under Xvfb).
 
-    xvfb-run -a -s "-screen 0 1600x1000x24" python benchmarks/gui_states.py benchmarks/figures
+xvfb-run -a -s "-screen 0 1600x1000x24" python benchmarks/gui_states.py benchmarks/figures
 """
 
 import sys
@@ -16,8 +16,9 @@ STATES = {
     "noisy-median": dict(sample="noisy", filter="median", reference="filter", window="hann"),
     "rgb": dict(sample="rgb", filter="gaussian", window="hann"),
     "volume": dict(sample="volume", filter="gaussian", reference="filter", patch=16, stride=12),
-    "volume-3d": dict(sample="volume", filter="gaussian", reference="filter", patch=16,
-                      stride=12, ndisplay=3),
+    "volume-3d": dict(
+        sample="volume", filter="gaussian", reference="filter", patch=16, stride=12, ndisplay=3
+    ),
     "error-memory": dict(sample="classic", patch=8, stride=1, max_bytes=1000),
     "stride1": dict(sample="noisy", patch=32, stride=1, run=True),
     "tune": dict(sample="noisy", filter="median", reference="filter", window="hann", tune=True),
@@ -31,9 +32,20 @@ def wait(signal, ms=60_000):
     loop.exec_() if hasattr(loop, "exec_") else loop.exec()
 
 
-def render(name, sample=None, filter="identity", reference="input", window="uniform",
-           patch=32, stride=16, max_bytes=None, run=False, tune=False, ndisplay=2,
-           out=Path(".")):
+def render(
+    name,
+    sample=None,
+    filter="identity",
+    reference="input",
+    window="uniform",
+    patch=32,
+    stride=16,
+    max_bytes=None,
+    run=False,
+    tune=False,
+    ndisplay=2,
+    out=Path("."),
+):
     from patch_viewer import _controller
 
     viewer = napari.Viewer()
@@ -61,7 +73,8 @@ def render(name, sample=None, filter="identity", reference="input", window="unif
         panel = w.open_tune()
         done = []
         panel.progress.valueChanged.connect(
-            lambda v: done.append(v) if v == panel.progress.maximum() else None)
+            lambda v: done.append(v) if v == panel.progress.maximum() else None
+        )
         panel.sweep()
         napari.qt.get_qapp().processEvents()
         while not done:

@@ -122,12 +122,24 @@ def make_job(data, rgb: bool, limits, p: Params) -> Job:
         data = np.asarray(data)
     per_plane = data.ndim - rgb == 3 and p.per_plane
     shape = data.shape[1:] if per_plane else data.shape
-    grid = PatchGrid(shape, p.patch_size, p.stride, edge=p.edge, pad_mode=p.pad_mode,
-                     channel_axis=-1 if rgb else None)
+    grid = PatchGrid(
+        shape,
+        p.patch_size,
+        p.stride,
+        edge=p.edge,
+        pad_mode=p.pad_mode,
+        channel_axis=-1 if rgb else None,
+    )
     window_params = {"sigma": p.window_sigma} if p.window == "gaussian" else {}
-    kwargs = dict(patch_filter=_model(p), filter_params=dict(p.filter_params),
-                  window=p.window, window_params=window_params, reduce=p.reduce,
-                  reference=p.reference, max_bytes=GUI_MAX_BYTES)
+    kwargs = dict(
+        patch_filter=_model(p),
+        filter_params=dict(p.filter_params),
+        window=p.window,
+        window_params=window_params,
+        reduce=p.reduce,
+        reference=p.reference,
+        max_bytes=GUI_MAX_BYTES,
+    )
     return Job(data, grid, per_plane, rgb, kwargs, tuple(limits), lazy, p)
 
 
@@ -154,8 +166,10 @@ def start(job: Job):
     except MemoryError:
         n = job.image.shape[0] if job.batched else 1
         need = make_plan(job.grid, n).peak_bytes
-        raise MemoryError(f"Too much memory: raise the stride or shrink the patch "
-                          f"({format_bytes(need)} needed, {format_bytes(GUI_MAX_BYTES)} allowed).")
+        raise MemoryError(
+            f"Too much memory: raise the stride or shrink the patch "
+            f"({format_bytes(need)} needed, {format_bytes(GUI_MAX_BYTES)} allowed)."
+        )
 
 
 def patch_near(grid: PatchGrid, point) -> tuple | None:
@@ -178,8 +192,10 @@ def keep_position(old: PatchGrid | None, index: tuple | None, new: PatchGrid) ->
     if old is None or index is None or old.ndim != new.ndim:
         return (0,) * new.ndim
     centre = [o + (p - 1) / 2 for o, p in zip(old.patch_origin(index), old.patch_size)]
-    return tuple(int(np.argmin(np.abs(o + (p - 1) / 2 - c)))
-                 for o, p, c in zip(new.origins, new.patch_size, centre))
+    return tuple(
+        int(np.argmin(np.abs(o + (p - 1) / 2 - c)))
+        for o, p, c in zip(new.origins, new.patch_size, centre)
+    )
 
 
 def robust_limits(data, rgb: bool = False, q: float = 0.5) -> tuple[float, float]:
@@ -268,9 +284,12 @@ def compute(gen, job: Job):
         if shown.comparable:  # K channels against the model run on the whole image
             spatial = job.grid.ndim + job.batched
             ca = result.merged.ndim - 1 if result.merged.ndim > spatial else None
-            yield Metrics(compute_metrics(result.merged, result.reference, channel_axis=ca,
-                                          ssim=False, error=result.error),
-                          _layers.error_limit(shown.error))
+            yield Metrics(
+                compute_metrics(
+                    result.merged, result.reference, channel_axis=ca, ssim=False, error=result.error
+                ),
+                _layers.error_limit(shown.error),
+            )
             return (yield from iter_ssim(result.merged, result.reference, channel_axis=ca))
         return None
     error = _layers.error_data(result.error, job.rgb)  # lazy stays lazy
@@ -286,8 +305,16 @@ def compute(gen, job: Job):
     if job.lazy:
         return _lazy_metrics(result, job)
     channel_axis = None if job.grid.channel_axis is None else job.grid.channel_axis + job.batched
-    yield Metrics(compute_metrics(result.merged, result.reference, channel_axis=channel_axis,
-                                  ssim=False, error=result.error), _layers.error_limit(error))
+    yield Metrics(
+        compute_metrics(
+            result.merged,
+            result.reference,
+            channel_axis=channel_axis,
+            ssim=False,
+            error=result.error,
+        ),
+        _layers.error_limit(error),
+    )
     return (yield from iter_ssim(result.merged, result.reference, channel_axis=channel_axis))
 
 
@@ -301,24 +328,29 @@ def _predicted(result, job: Job, stack) -> Shown:
     if job.batched:
         parts = [_layers.channels_display(m, spatial) for m in merged]
         shown = np.stack([q[0] for q in parts])
-        rgb, classes = parts[0][1], None if parts[0][2] is None else np.stack(
-            [q[2] for q in parts])
+        rgb, classes = parts[0][1], None if parts[0][2] is None else np.stack([q[2] for q in parts])
     else:
         shown, rgb, classes = _layers.channels_display(merged, spatial)
     limits = _layers.rgb_limits(shown) if rgb else robust_limits(shown)
     comparable = result.error is not None
     if comparable:
         e = np.asarray(result.error)
-        e = e if e.ndim == len(job.image.shape) - job.rgb else np.take_along_axis(
-            e, np.abs(np.nan_to_num(e)).argmax(axis=-1)[..., None], axis=-1)[..., 0]
-        error = _layers._resample(e, spatial) if e.shape[-len(spatial):] != spatial else e
+        e = (
+            e
+            if e.ndim == len(job.image.shape) - job.rgb
+            else np.take_along_axis(
+                e, np.abs(np.nan_to_num(e)).argmax(axis=-1)[..., None], axis=-1
+            )[..., 0]
+        )
+        error = _layers._resample(e, spatial) if e.shape[-len(spatial) :] != spatial else e
     else:
         error = np.zeros(job.image.shape[:-1] if job.rgb else job.image.shape, np.float32)
     weights = np.asarray(result.weights, np.float32)
     if weights.shape != tuple(spatial):
         weights = _layers._resample(weights, spatial)
-    return Shown(result, stack, weights, error.astype(np.float32), limits, shown, rgb,
-                 classes, comparable)
+    return Shown(
+        result, stack, weights, error.astype(np.float32), limits, shown, rgb, classes, comparable
+    )
 
 
 def output_lines(result, job: Job) -> list[str]:
@@ -328,7 +360,7 @@ def output_lines(result, job: Job) -> list[str]:
         return []
     merged = result.merged
     spatial = job.image.shape[:-1] if job.rgb else job.image.shape
-    extra = merged.shape[len(spatial):] if merged.shape[:len(spatial)] == spatial else None
+    extra = merged.shape[len(spatial) :] if merged.shape[: len(spatial)] == spatial else None
     if extra:
         what = f"{extra[0]} channels: RGB shows the first {min(extra[0], 3)}, 'classes' the argmax"
     else:
@@ -336,32 +368,43 @@ def output_lines(result, job: Job) -> list[str]:
     names = f" ({', '.join(outputs)})" if len(outputs) > 1 else ""
     lines = [f"output{names}: {what}"]
     if result.error is None:
-        lines.append("no error map: the output is not an image like the input (set "
-                     "'error vs' to the filter on the whole image)")
+        lines.append(
+            "no error map: the output is not an image like the input (set "
+            "'error vs' to the filter on the whole image)"
+        )
     return lines
 
 
 def metric_lines(m: dict, ssim: bool = True) -> list[str]:
-    return [f"max |err|: {float(m['max_abs']):.3g}   RMSE: {float(m['rmse']):.3g}",
-            f"PSNR: {float(m['psnr']):.1f} dB   "
-            + (f"SSIM: {float(m['ssim']):.4f}" if ssim else "SSIM: …")]
+    return [
+        f"max |err|: {float(m['max_abs']):.3g}   RMSE: {float(m['rmse']):.3g}",
+        f"PSNR: {float(m['psnr']):.1f} dB   "
+        + (f"SSIM: {float(m['ssim']):.4f}" if ssim else "SSIM: …"),
+    ]
 
 
 def summary_lines(job: Job, result) -> list[str]:
     cmin, cmax = job.grid.coverage_range()
-    return [f"patches: {result.plan.n_patches:,}   grid: "
-            f"{' x '.join(map(str, job.grid.grid_shape))}",
-            f"coverage: {cmin}–{cmax}   est. memory: {format_bytes(result.plan.peak_bytes)}",
-            f"compute time: {result.elapsed * 1e3:.0f} ms" + ("  (lazy)" if job.lazy else ""),
-            *output_lines(result, job),
-            *(["max |err|: n/a   RMSE: n/a", "PSNR: n/a   SSIM: n/a"] if result.error is None
-              else ["max |err|: …   RMSE: …", "PSNR: …   SSIM: …"])]
+    return [
+        f"patches: {result.plan.n_patches:,}   grid: {' x '.join(map(str, job.grid.grid_shape))}",
+        f"coverage: {cmin}–{cmax}   est. memory: {format_bytes(result.plan.peak_bytes)}",
+        f"compute time: {result.elapsed * 1e3:.0f} ms" + ("  (lazy)" if job.lazy else ""),
+        *output_lines(result, job),
+        *(
+            ["max |err|: n/a   RMSE: n/a", "PSNR: n/a   SSIM: n/a"]
+            if result.error is None
+            else ["max |err|: …   RMSE: …", "PSNR: …   SSIM: …"]
+        ),
+    ]
 
 
 # ---------------------------------------------------------------------- settings carried to code
 def _process_args(p: Params) -> str:
-    args = [f"pv.Predictor(pv.load_callable({p.custom!r}))" if p.patch_filter == CUSTOM
-            else repr(p.patch_filter)]
+    args = [
+        f"pv.Predictor(pv.load_callable({p.custom!r}))"
+        if p.patch_filter == CUSTOM
+        else repr(p.patch_filter)
+    ]
     if p.filter_params:
         args.append(f"filter_params={dict(p.filter_params)!r}")
     args.append(f"window={p.window!r}")
@@ -382,10 +425,12 @@ def to_python(p: Params, *, rgb: bool, path: str | None = None, layer: str = "im
     else:
         load = f"image = viewer.layers[{layer!r}].data  # in napari's console"
     shape = "image.shape[1:]" if p.per_plane else "image.shape"
-    return (f"import patch_viewer as pv\n{load}\n"
-            f"grid = pv.PatchGrid({shape}, {tuple(p.patch_size)!r}, {tuple(p.stride)!r}, "
-            f"edge={p.edge!r}, pad_mode={p.pad_mode!r}, channel_axis={-1 if rgb else None!r})\n"
-            f"result = pv.process(image, grid, {_process_args(p)})\n")
+    return (
+        f"import patch_viewer as pv\n{load}\n"
+        f"grid = pv.PatchGrid({shape}, {tuple(p.patch_size)!r}, {tuple(p.stride)!r}, "
+        f"edge={p.edge!r}, pad_mode={p.pad_mode!r}, channel_axis={-1 if rgb else None!r})\n"
+        f"result = pv.process(image, grid, {_process_args(p)})\n"
+    )
 
 
 def to_command(p: Params, *, path: str | None, output: str = "results") -> str:
@@ -393,18 +438,42 @@ def to_command(p: Params, *, path: str | None, output: str = "results") -> str:
     import shlex
 
     if p.patch_filter == CUSTOM:
-        return (f"# {p.custom} has no command-line name: register it as an entry point of the "
-                f"patch_viewer.filters group (see the README), then use --filter NAME")
-    words = ["patch-viewer", "process", str(path) if path else "IMAGE.tif", "-o", output,
-             "--patch-size", *map(str, p.patch_size), "--stride", *map(str, p.stride),
-             "--edge", p.edge, "--pad-mode", p.pad_mode, "--filter", p.patch_filter]
+        return (
+            f"# {p.custom} has no command-line name: register it as an entry point of the "
+            f"patch_viewer.filters group (see the README), then use --filter NAME"
+        )
+    words = [
+        "patch-viewer",
+        "process",
+        str(path) if path else "IMAGE.tif",
+        "-o",
+        output,
+        "--patch-size",
+        *map(str, p.patch_size),
+        "--stride",
+        *map(str, p.stride),
+        "--edge",
+        p.edge,
+        "--pad-mode",
+        p.pad_mode,
+        "--filter",
+        p.patch_filter,
+    ]
     for k, v in p.filter_params.items():
         words += ["--param", f"{k}={v}"]
     words += ["--window", p.window]
     if p.window == "gaussian":
         words += ["--window-sigma", repr(p.window_sigma)]
-    words += ["--reduce", p.reduce, "--reference", p.reference, "--dtype", "float64",
-              "--format", "npy"]
+    words += [
+        "--reduce",
+        p.reduce,
+        "--reference",
+        p.reference,
+        "--dtype",
+        "float64",
+        "--format",
+        "npy",
+    ]
     return " ".join(shlex.quote(w) for w in words)
 
 
@@ -436,16 +505,38 @@ def sweep(image, p: Params, rgb: bool, strides):
     if p.per_plane:  # 2-D patches per plane: tune on the middle plane
         image = image[image.shape[0] // 2]
     spatial = image.shape[:-1] if rgb else image.shape
-    crop = tuple(slice(max(0, (n - TUNE_CROP) // 2), max(0, (n - TUNE_CROP) // 2) + TUNE_CROP)
-                 for n in spatial)
+    crop = tuple(
+        slice(max(0, (n - TUNE_CROP) // 2), max(0, (n - TUNE_CROP) // 2) + TUNE_CROP)
+        for n in spatial
+    )
     image = image[crop]
     window_params = {"sigma": p.window_sigma} if p.window == "gaussian" else {}
     for s in strides:
-        grid = PatchGrid(image.shape, p.patch_size, s, edge=p.edge, pad_mode=p.pad_mode,
-                         channel_axis=-1 if rgb else None)
+        grid = PatchGrid(
+            image.shape,
+            p.patch_size,
+            s,
+            edge=p.edge,
+            pad_mode=p.pad_mode,
+            channel_axis=-1 if rgb else None,
+        )
         t0 = time.perf_counter()
-        r = process(image, grid, p.patch_filter, filter_params=p.filter_params, window=p.window,
-                    window_params=window_params, reduce=p.reduce, reference="filter",
-                    ssim=False, max_bytes=GUI_MAX_BYTES)
-        yield TunePoint(int(s), float(r.metrics["rmse"]), float(r.metrics["max_abs"]),
-                        time.perf_counter() - t0, grid.n_patches)
+        r = process(
+            image,
+            grid,
+            p.patch_filter,
+            filter_params=p.filter_params,
+            window=p.window,
+            window_params=window_params,
+            reduce=p.reduce,
+            reference="filter",
+            ssim=False,
+            max_bytes=GUI_MAX_BYTES,
+        )
+        yield TunePoint(
+            int(s),
+            float(r.metrics["rmse"]),
+            float(r.metrics["max_abs"]),
+            time.perf_counter() - t0,
+            grid.n_patches,
+        )

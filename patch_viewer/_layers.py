@@ -13,8 +13,15 @@ from .core import PatchGrid, sliding_patches
 
 #: The one source of the names of the layers the explorer maintains (a contract: scripts
 #: find the results by these names). Everywhere else uses the constants below.
-LAYER_NAMES = ("patch grid", "overlap weights", "patches", "filtered patches", "merged", "error",
-               "tile labels")
+LAYER_NAMES = (
+    "patch grid",
+    "overlap weights",
+    "patches",
+    "filtered patches",
+    "merged",
+    "error",
+    "tile labels",
+)
 GRID, WEIGHTS, PATCHES, FILTERED, MERGED, ERROR, LABELS = LAYER_NAMES
 #: Layers shown only for some runs: the argmax of a predictor's channels.
 OPTIONAL_LAYER_NAMES = ("classes",)
@@ -40,8 +47,13 @@ def thinning(grid: PatchGrid, max_per_axis: int = MAX_OUTLINES_PER_AXIS) -> tupl
     return tuple(max(1, math.ceil(g / max_per_axis)) for g in grid.grid_shape)
 
 
-def grid_lines(grid: PatchGrid, selected=None, *, planes: int | None = None,
-               max_per_axis: int = MAX_OUTLINES_PER_AXIS):
+def grid_lines(
+    grid: PatchGrid,
+    selected=None,
+    *,
+    planes: int | None = None,
+    max_per_axis: int = MAX_OUTLINES_PER_AXIS,
+):
     """Patch outlines as napari Vectors data: ``(vectors, colors)``.
 
     Outlines are drawn in the last two spatial axes as full-length lines at the start and end
@@ -55,8 +67,8 @@ def grid_lines(grid: PatchGrid, selected=None, *, planes: int | None = None,
         return np.zeros((0, 2, 1)), np.zeros((0, 4))
     steps = thinning(grid, max_per_axis)
     (h, w) = grid.spatial_shape[h_axis], grid.spatial_shape[w_axis]
-    ys = _edges(grid.origins[h_axis][::steps[h_axis]], grid.patch_size[h_axis], h)
-    xs = _edges(grid.origins[w_axis][::steps[w_axis]], grid.patch_size[w_axis], w)
+    ys = _edges(grid.origins[h_axis][:: steps[h_axis]], grid.patch_size[h_axis], h)
+    xs = _edges(grid.origins[w_axis][:: steps[w_axis]], grid.patch_size[w_axis], w)
     segs = [((y, -0.5), (0.0, w)) for y in ys] + [((-0.5, x), (h, 0.0)) for x in xs]
     colors = [GRID_COLOR] * len(segs)
     if selected is not None:
@@ -66,8 +78,12 @@ def grid_lines(grid: PatchGrid, selected=None, *, planes: int | None = None,
         # Three parallel lines per edge: the selection is thicker than the grid.
         d = line_width((h, w))
         for e in (-d, 0.0, d):
-            segs += [((y0 + e, x0 - d), (0.0, pw + 2 * d)), ((y0 + ph + e, x0 - d), (0.0, pw + 2 * d)),
-                     ((y0 - d, x0 + e), (ph + 2 * d, 0.0)), ((y0 - d, x0 + pw + e), (ph + 2 * d, 0.0))]
+            segs += [
+                ((y0 + e, x0 - d), (0.0, pw + 2 * d)),
+                ((y0 + ph + e, x0 - d), (0.0, pw + 2 * d)),
+                ((y0 - d, x0 + e), (ph + 2 * d, 0.0)),
+                ((y0 - d, x0 + pw + e), (ph + 2 * d, 0.0)),
+            ]
         colors += [SELECTED_COLOR] * SELECTION_SEGMENTS
     vec = np.array(segs, dtype=np.float64).reshape(-1, 2, 2)
     col = np.array(colors)
@@ -86,7 +102,7 @@ def grid_lines(grid: PatchGrid, selected=None, *, planes: int | None = None,
         keep = np.ones(len(out), bool)
         for k in range(n_planes):
             if not z0 <= k < z0 + pz:
-                keep[k * per + per - SELECTION_SEGMENTS:(k + 1) * per] = False
+                keep[k * per + per - SELECTION_SEGMENTS : (k + 1) * per] = False
         out, colors = out[keep], colors[keep]
     return out, colors
 
@@ -112,8 +128,9 @@ def _edges(origins: np.ndarray, p: int, n: int) -> np.ndarray:
     start there (gaps between patches), and the image's far edge."""
     ends = origins + p
     gaps = ends[:-1][ends[:-1] < origins[1:]] if len(origins) > 1 else ends
-    return np.unique(np.concatenate([origins, gaps, [min(int(ends[-1]), n)]])).astype(
-        np.float64) - 0.5
+    return (
+        np.unique(np.concatenate([origins, gaps, [min(int(ends[-1]), n)]])).astype(np.float64) - 0.5
+    )
 
 
 class PatchStack:
@@ -145,15 +162,15 @@ class PatchStack:
         ellipsis = [n for n, k in enumerate(key) if k is Ellipsis]
         if ellipsis:
             i = ellipsis[0]
-            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
         key = key + (slice(None),) * (self.ndim - len(key))
         b = 1 if self._batched else 0
         nd = self._grid.ndim
         if b:  # public order (*grid, batch, *patch) -> internal (batch, *grid, *patch)
-            key = (key[nd],) + key[:nd] + key[nd + 1:]
+            key = (key[nd],) + key[:nd] + key[nd + 1 :]
         # Grid indices -> window positions: ints and regular runs become basic (view) indexing;
         # only an irregular selection (a shifted last patch inside a range) is gathered.
-        picks = [_as_index(origins[k]) for k, origins in zip(key[b:b + nd], self._grid.origins)]
+        picks = [_as_index(origins[k]) for k, origins in zip(key[b : b + nd], self._grid.origins)]
         basic = tuple(slice(None) if isinstance(p, np.ndarray) else p for p in picks)
         out = self._view[(key[0] if b else 0,) + basic]  # (*[b], *kept positions, *patch, C)
         axis = 1 if b and not isinstance(key[0], (int, np.integer)) else 0  # batch axis kept?
@@ -164,7 +181,7 @@ class PatchStack:
                 axis += 1
         if not self._channels:
             out = out[..., 0]
-        rest = key[b + nd:]
+        rest = key[b + nd :]
         out = out[(slice(None),) * (out.ndim - len(rest)) + tuple(rest)]
         if b and not isinstance(key[0], (int, np.integer)):  # batch kept: move it after the grid
             out = np.moveaxis(out, 0, axis - 1)
@@ -200,10 +217,15 @@ class LazyPatchStack:
         """One patch ``(*patch_size[, C])`` of image ``b`` (None: a single image)."""
         grid = self._grid
         image = self._image if b is None else self._image[b]
-        spatial = [ax for ax in range(image.ndim) if grid.channel_axis is None
-                   or ax != grid.channel_axis % len(grid.image_shape)]
-        picks = [self._index[k][o:o + p] for k, (o, p) in
-                 enumerate(zip(grid.patch_origin(index), grid.patch_size))]
+        spatial = [
+            ax
+            for ax in range(image.ndim)
+            if grid.channel_axis is None or ax != grid.channel_axis % len(grid.image_shape)
+        ]
+        picks = [
+            self._index[k][o : o + p]
+            for k, (o, p) in enumerate(zip(grid.patch_origin(index), grid.patch_size))
+        ]
         lo = [int(np.clip(pk, 0, None).min()) for pk in picks]
         hi = [int(pk.max()) + 1 for pk in picks]
         region = [slice(None)] * image.ndim
@@ -225,17 +247,17 @@ class LazyPatchStack:
             key = (key,)
         if any(k is Ellipsis for k in key):
             i = key.index(Ellipsis)
-            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
         key = key + (slice(None),) * (self.ndim - len(key))
         nd, b = self._grid.ndim, int(self._batched)
-        lead = key[:nd + b]
-        ranges = [np.arange(n)[k] for n, k in zip(self.shape[:nd + b], lead)]
-        picked = np.empty([np.size(r) for r in ranges] + list(self.shape[nd + b:]), self.dtype)
+        lead = key[: nd + b]
+        ranges = [np.arange(n)[k] for n, k in zip(self.shape[: nd + b], lead)]
+        picked = np.empty([np.size(r) for r in ranges] + list(self.shape[nd + b :]), self.dtype)
         for pos in np.ndindex(*[np.size(r) for r in ranges]):
             at = tuple(int(np.ravel(r)[i]) for r, i in zip(ranges, pos))
             picked[pos] = self._patch(at[:nd], at[nd] if b else None)
         drop = tuple(0 if np.ndim(r) == 0 else slice(None) for r in ranges)
-        return picked[drop][(Ellipsis,) + tuple(key[nd + b:])]
+        return picked[drop][(Ellipsis,) + tuple(key[nd + b :])]
 
     def __array__(self, dtype=None, copy=None):
         out = self[...]
@@ -261,7 +283,7 @@ class FilteredPatchStack:
         if self._model is not None and probe.shape[1:] != grid.patch_shape:
             # a predictor's other output: shown as channels_display shows it
             self.rgb = probe.ndim == 1 + grid.ndim + 1
-            self.shape = stack.shape[:self._lead] + probe.shape[1:]
+            self.shape = stack.shape[: self._lead] + probe.shape[1:]
             self.ndim = len(self.shape)
 
     def _run(self, flat: np.ndarray) -> np.ndarray:
@@ -270,8 +292,9 @@ class FilteredPatchStack:
             return np.asarray(self._filter(flat, self._spatial(flat.ndim), **self._params))
         batch = flat  # (N, *patch[, C]): what iter_batches gives the model
         if self._model.channels_first:
-            batch = np.moveaxis(batch, -1, 1) if self._grid.channel_axis is not None else \
-                batch[:, None]
+            batch = (
+                np.moveaxis(batch, -1, 1) if self._grid.channel_axis is not None else batch[:, None]
+            )
         out = next(iter(self._model.run(batch, self._params, "the selected patch").values()))
         if self._model.channels_first and out.ndim == 2 + self._grid.ndim:
             out = np.moveaxis(out, 1, -1)
@@ -291,14 +314,14 @@ class FilteredPatchStack:
             key = (key,)
         if any(k is Ellipsis for k in key):
             i = key.index(Ellipsis)
-            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1:]
+            key = key[:i] + (slice(None),) * (self.ndim - len(key) + 1) + key[i + 1 :]
         key = key + (slice(None),) * (self.ndim - len(key))
-        whole = np.asarray(self._stack[key[:self._lead]])  # whole patches: filter, then slice
+        whole = np.asarray(self._stack[key[: self._lead]])  # whole patches: filter, then slice
         patch_shape = self._grid.patch_shape
         flat = whole.reshape((-1, *patch_shape))
         out = self._run(flat)
-        lead = whole.shape[:whole.ndim - len(patch_shape)]
-        return out.reshape(lead + out.shape[1:])[(Ellipsis,) + tuple(key[self._lead:])]
+        lead = whole.shape[: whole.ndim - len(patch_shape)]
+        return out.reshape(lead + out.shape[1:])[(Ellipsis,) + tuple(key[self._lead :])]
 
     def __array__(self, dtype=None, copy=None):
         out = self[...]
@@ -313,7 +336,7 @@ def channels_display(out: np.ndarray, spatial_shape) -> tuple[np.ndarray, bool, 
     is the argmax over the channels (1-based, a Labels image) for two or more channels."""
     out = np.asarray(out)
     spatial_shape = tuple(spatial_shape)
-    if out.shape[:len(spatial_shape)] != spatial_shape:  # another resolution: nearest pixels
+    if out.shape[: len(spatial_shape)] != spatial_shape:  # another resolution: nearest pixels
         out = _resample(out, spatial_shape)
     if out.ndim == len(spatial_shape):
         return out, False, None
@@ -322,15 +345,19 @@ def channels_display(out: np.ndarray, spatial_shape) -> tuple[np.ndarray, bool, 
         return out[..., 0], False, None
     classes = (np.argmax(np.nan_to_num(out, nan=-np.inf), axis=-1) + 1).astype(np.uint16)
     rgb = np.zeros(out.shape[:-1] + (3,), np.float32)
-    rgb[..., :min(k, 3)] = out[..., :3]
+    rgb[..., : min(k, 3)] = out[..., :3]
     return rgb, True, classes
 
 
 def _resample(out: np.ndarray, spatial_shape) -> np.ndarray:
-    index = tuple(np.minimum((np.arange(n) * m) // n, m - 1)
-                  for n, m in zip(spatial_shape, out.shape))
-    return out[np.ix_(*index)] if out.ndim == len(spatial_shape) else \
-        out[np.ix_(*index, np.arange(out.shape[-1]))]
+    index = tuple(
+        np.minimum((np.arange(n) * m) // n, m - 1) for n, m in zip(spatial_shape, out.shape)
+    )
+    return (
+        out[np.ix_(*index)]
+        if out.ndim == len(spatial_shape)
+        else out[np.ix_(*index, np.arange(out.shape[-1]))]
+    )
 
 
 def rgb_limits(data: np.ndarray) -> tuple[float, float]:
@@ -348,8 +375,13 @@ TILES = {MERGED: (0, 1), ERROR: (0, 2), WEIGHTS: (1, 0), PATCHES: (1, 1)}
 
 
 #: What each tile shows, as its caption on the canvas.
-TILE_CAPTIONS = {"input": "input + patch grid", WEIGHTS: WEIGHTS, MERGED: MERGED,
-                 ERROR: "error (merged − reference)", PATCHES: "selected patch: before | after"}
+TILE_CAPTIONS = {
+    "input": "input + patch grid",
+    WEIGHTS: WEIGHTS,
+    MERGED: MERGED,
+    ERROR: "error (merged − reference)",
+    PATCHES: "selected patch: before | after",
+}
 
 
 def tile_gap(image_hw) -> float:
@@ -403,8 +435,8 @@ def caption_points(image_hw) -> tuple[np.ndarray, list[str]]:
 
 def axis_labels(grid: PatchGrid, ndim: int) -> tuple[str, ...]:
     """Names for the viewer's axes when the patch stack (grid axes first) is shown."""
-    grid_names = ("patch plane", "patch row", "patch column")[3 - grid.ndim:]
-    spatial = ("z", "y", "x")[3 - min(grid.ndim, 3):]
+    grid_names = ("patch plane", "patch row", "patch column")[3 - grid.ndim :]
+    spatial = ("z", "y", "x")[3 - min(grid.ndim, 3) :]
     rest = ndim - len(grid_names)
     tail = spatial[-rest:] if rest <= len(spatial) else ("plane",) * (rest - len(spatial)) + spatial
     return tuple(grid_names) + tuple(tail)
@@ -417,8 +449,12 @@ def line_width(image_hw) -> float:
 
 def weights_kwargs(hi: float) -> dict:
     """Perceptual colormap from 0 to the largest weight ``hi`` (see ``max_weight``)."""
-    return dict(colormap="viridis", contrast_limits=(0.0, hi if hi > 0 else 1.0),
-                blending="translucent", opacity=1.0)
+    return dict(
+        colormap="viridis",
+        contrast_limits=(0.0, hi if hi > 0 else 1.0),
+        blending="translucent",
+        opacity=1.0,
+    )
 
 
 def error_data(error: np.ndarray, rgb: bool) -> np.ndarray:
@@ -443,8 +479,10 @@ def error_limit(error: np.ndarray) -> float:
 
 #: Diverging, dark in the middle: on napari's dark canvas a zero error is quiet and seams glow
 #: (magenta: merged below the reference; green: above).
-ERROR_COLORMAP = {"name": "error: magenta - black - green",
-                  "colors": [[1.0, 0.25, 0.85, 1.0], [0.0, 0.0, 0.0, 1.0], [0.3, 1.0, 0.35, 1.0]]}
+ERROR_COLORMAP = {
+    "name": "error: magenta - black - green",
+    "colors": [[1.0, 0.25, 0.85, 1.0], [0.0, 0.0, 0.0, 1.0], [0.3, 1.0, 0.35, 1.0]],
+}
 
 
 def error_kwargs(max_abs: float, value_range: float = 1.0) -> dict:

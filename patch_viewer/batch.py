@@ -28,8 +28,18 @@ from .core.metrics import ssim_bytes
 
 #: Images per in-memory batch are chosen so that a batch holds about this many bytes (float64).
 BATCH_TARGET_BYTES = 8 * 2**20
-METRIC_COLUMNS = ("input", "output", "shape", "dtype", "patches", "max_abs", "rmse", "psnr",
-                  "ssim", "covered")
+METRIC_COLUMNS = (
+    "input",
+    "output",
+    "shape",
+    "dtype",
+    "patches",
+    "max_abs",
+    "rmse",
+    "psnr",
+    "ssim",
+    "covered",
+)
 
 
 @dataclass(frozen=True)
@@ -105,8 +115,14 @@ def _size(values):
 
 
 def _grid(image: io.ImageFile, opts: Options) -> PatchGrid:
-    return PatchGrid(image.shape, _size(opts.patch_size), _size(opts.stride), edge=opts.edge,
-                     pad_mode=opts.pad_mode, channel_axis=_channel_axis(image, opts.channel_axis))
+    return PatchGrid(
+        image.shape,
+        _size(opts.patch_size),
+        _size(opts.stride),
+        edge=opts.edge,
+        pad_mode=opts.pad_mode,
+        channel_axis=_channel_axis(image, opts.channel_axis),
+    )
 
 
 def out_dtype(dtype: np.dtype, opts: Options, grid: PatchGrid | None = None) -> np.dtype:
@@ -134,8 +150,13 @@ def _filter_dtype(dtype: np.dtype, opts: Options, grid: PatchGrid | None = None)
 def predicted(grid: PatchGrid, dtype: np.dtype, opts: Options):
     """The outputs of the chosen predictor on ``grid`` (one call on one zero patch; cached per
     geometry and dtype)."""
-    key = (opts.patch_filter, grid.patch_size, grid.n_channels, np.dtype(dtype).str,
-           tuple(sorted(opts.filter_params.items())))
+    key = (
+        opts.patch_filter,
+        grid.patch_size,
+        grid.n_channels,
+        np.dtype(dtype).str,
+        tuple(sorted(opts.filter_params.items())),
+    )
     if key not in _PREDICTED:
         _PREDICTED[key] = FILTERS[opts.patch_filter].probe(grid, dtype, opts.filter_params)
     return _PREDICTED[key]
@@ -148,22 +169,32 @@ def image_bytes(it: Item, opts: Options, n: int = 1) -> int:
     """Planned peak of ``n`` images of ``it``'s kind in memory: read, stacked, processed
     (:func:`make_plan`), then measured one at a time."""
     dtype = it.image.dtype
-    plan = make_plan(it.grid, n, dtype=dtype, window=opts.window, reduce=opts.reduce,
-                     reference=opts.reference, filter_dtype=_filter_dtype(dtype, opts, it.grid),
-                     out_dtype=out_dtype(dtype, opts, it.grid), metrics=False)
+    plan = make_plan(
+        it.grid,
+        n,
+        dtype=dtype,
+        window=opts.window,
+        reduce=opts.reduce,
+        reference=opts.reference,
+        filter_dtype=_filter_dtype(dtype, opts, it.grid),
+        out_dtype=out_dtype(dtype, opts, it.grid),
+        metrics=False,
+    )
     pixels = math.prod(it.image.shape)
     metrics = 0
     if opts.metrics is not None:
-        metrics = 24 * min(pixels, 2**20) + (ssim_bytes(it.image.shape, it.grid.channel_axis)
-                                             if opts.ssim else 0)
+        metrics = 24 * min(pixels, 2**20) + (
+            ssim_bytes(it.image.shape, it.grid.channel_axis) if opts.ssim else 0
+        )
     return 2 * n * pixels * dtype.itemsize + plan.peak_bytes + metrics
 
 
 def _lazy_bytes(grid: PatchGrid, chunk: int, threads: int) -> int:
     """Rough peak of the chunked route: per thread, a halo'd chunk held ~6 times (input,
     canvas, anchor, result, error, metrics) in float64, plus a filtered batch."""
-    block = math.prod(min(n, chunk) + 2 * (p - 1) for n, p in zip(grid.padded_shape,
-                                                                  grid.patch_size, strict=True))
+    block = math.prod(
+        min(n, chunk) + 2 * (p - 1) for n, p in zip(grid.padded_shape, grid.patch_size, strict=True)
+    )
     return threads * (6 * 8 * block * (grid.n_channels or 1) + 2 * 8 * 2**20)
 
 
@@ -191,16 +222,21 @@ def check_options(opts: Options) -> list[str]:
         try:
             int(opts.channel_axis)
         except ValueError:
-            problems.append(f"--channel-axis must be auto, none or an integer, got "
-                            f"{opts.channel_axis!r}")
+            problems.append(
+                f"--channel-axis must be auto, none or an integer, got {opts.channel_axis!r}"
+            )
     problems += _check_paths(opts)
     return problems
 
 
 #: Core messages name API parameters: the options that set them.
-_OPTIONS = {"window parameter `sigma`": "--window-sigma", "`window`": "--window",
-            "`fill_value`": "--fill-value", "filter parameter": "--param",
-            "filter ": "--filter/--param"}
+_OPTIONS = {
+    "window parameter `sigma`": "--window-sigma",
+    "`window`": "--window",
+    "`fill_value`": "--fill-value",
+    "filter parameter": "--param",
+    "filter ": "--filter/--param",
+}
 
 
 def _cli_names(message: str) -> str:
@@ -221,8 +257,7 @@ def _check_paths(opts: Options) -> list[str]:
         if m.is_dir():
             problems.append(f"--metrics {m}: is a folder; give a CSV file name")
         elif not m.parent.is_dir() and m.parent.resolve() != opts.output.resolve():
-            problems.append(f"--metrics {m}: folder {m.parent} does not exist (only -o is "
-                            f"created)")
+            problems.append(f"--metrics {m}: folder {m.parent} does not exist (only -o is created)")
     return problems
 
 
@@ -249,8 +284,14 @@ def make_batch_plan(paths, opts: Options) -> Plan:
     todo = [it for it in items if not it.skip]
     batches = _batches([it for it in todo if not it.lazy], opts)
     processes = max(1, min(opts.workers, len(batches)))
-    return Plan(items, batches, sum(it.grid.n_patches for it in todo),
-                _peak_bytes(todo, batches, processes, opts), processes, unreadable)
+    return Plan(
+        items,
+        batches,
+        sum(it.grid.n_patches for it in todo),
+        _peak_bytes(todo, batches, processes, opts),
+        processes,
+        unreadable,
+    )
 
 
 def _probe_all(files):
@@ -280,8 +321,11 @@ def _plan_items(images, opts: Options, problems: list[str]) -> list[Item]:
 def _peak_bytes(todo: list[Item], batches, processes: int, opts: Options) -> int:
     """The larger of the in-memory phase (each process on its largest batch) and the
     largest streamed image."""
-    lazy = [_lazy_bytes(it.grid, opts.chunk, stream_threads(it.grid, opts.chunk, opts.workers))
-            for it in todo if it.lazy]
+    lazy = [
+        _lazy_bytes(it.grid, opts.chunk, stream_threads(it.grid, opts.chunk, opts.workers))
+        for it in todo
+        if it.lazy
+    ]
     in_memory = processes * max((image_bytes(b[0], opts, len(b)) for b in batches), default=0)
     return max([*lazy, in_memory, 0])
 
@@ -291,12 +335,16 @@ def _plan_item(image: io.ImageFile, opts: Options, processes: int) -> Item:
     fmt = image.format if opts.out_format == "same" else opts.out_format
     dtype = out_dtype(image.dtype, opts, grid)
     model = FILTERS[opts.patch_filter]
-    if opts.errors and isinstance(model, Predictor) and not model.comparable(
-            predicted(grid, image.dtype, opts), grid):
+    if (
+        opts.errors
+        and isinstance(model, Predictor)
+        and not model.comparable(predicted(grid, image.dtype, opts), grid)
+    ):
         raise io.ImageError(
             f"{image.path}: --errors compares the output with the input, but predictor "
             f"{model.name!r} returns {predicted(grid, image.dtype, opts)[0].describe(grid, False)} "
-            f"for patches of {grid.patch_shape}; leave out --errors")
+            f"for patches of {grid.patch_shape}; leave out --errors"
+        )
     probe_item = Item(image, grid, False, Path(), None, fmt, None)
     in_memory_bytes = image_bytes(probe_item, opts)
     share = opts.max_memory // processes
@@ -308,7 +356,8 @@ def _plan_item(image: io.ImageFile, opts: Options, processes: int) -> Item:
                 f"the {format_bytes(share)} share of each of {processes} process(es) in "
                 f"--max-memory {format_bytes(opts.max_memory)}, and {image.format} files "
                 f"cannot be streamed; convert it to TIFF or zarr, raise --max-memory, or "
-                f"use fewer --workers")
+                f"use fewer --workers"
+            )
         threads = stream_threads(grid, opts.chunk, opts.workers)
         need = _lazy_bytes(grid, opts.chunk, threads)
         if need > opts.max_memory:
@@ -316,7 +365,8 @@ def _plan_item(image: io.ImageFile, opts: Options, processes: int) -> Item:
                 f"{image.path}: streaming in chunks of {opts.chunk} px on {threads} thread(s) "
                 f"needs about {format_bytes(need)} ({format_bytes(need // threads)} a "
                 f"thread), over --max-memory {format_bytes(opts.max_memory)}; use a smaller "
-                f"--chunk or fewer --workers")
+                f"--chunk or fewer --workers"
+            )
         fmt = "zarr"
     _check_format(image, grid, fmt, dtype, opts)
     suffix = {"tiff": ".tif", "png": ".png", "jpeg": ".jpg", "npy": ".npy", "zarr": ".zarr"}
@@ -332,7 +382,8 @@ def _check_format(image, grid, fmt, dtype, opts) -> None:
     if fmt in io.INTEGER_ONLY and dtype not in (np.uint8, np.uint16):
         raise io.ImageError(
             f"{image.path}: {fmt} output holds 8- or 16-bit integers only, not {dtype}; use "
-            f"--dtype input, or --format tiff/npy/zarr")
+            f"--dtype input, or --format tiff/npy/zarr"
+        )
     if fmt == "jpeg" and dtype != np.uint8:
         raise io.ImageError(f"{image.path}: JPEG output holds uint8 only, not {dtype}")
     if not grid.is_covering and dtype.kind != "f":
@@ -340,7 +391,8 @@ def _check_format(image, grid, fmt, dtype, opts) -> None:
             raise io.ImageError(
                 f"{image.path}: some pixels are covered by no patch (--edge drop, or stride > "
                 f"patch size) and the {dtype} output cannot mark them NaN: pass --fill-value, "
-                f"or --dtype float32")
+                f"or --dtype float32"
+            )
         check_fill_value(opts.fill_value, dtype)
 
 
@@ -375,8 +427,10 @@ def _collision(out: Path, it: Item, inputs, zarr_inputs, seen) -> str | None:
     if r in inputs or any(r.is_relative_to(i) for i in zarr_inputs):
         return f"{out}: would overwrite an input; choose another -o/--output"
     if r in seen:
-        return (f"{out}: written twice (from {seen[r]} and {it.image.path}); give the inputs "
-                f"distinct names")
+        return (
+            f"{out}: written twice (from {seen[r]} and {it.image.path}); give the inputs "
+            f"distinct names"
+        )
     if out.is_dir() and not (it.out_format == "zarr" and io.is_zarr_dir(out)):
         return f"{out}: is a folder; outputs replace files only, never folders"
     return None
@@ -404,7 +458,8 @@ def _done(it: Item, opts: Options, have_rows: set[str]) -> bool:
     outs = [(it.output, out_dtype(it.image.dtype, opts, it.grid))]
     outs += [(it.error_output, None)] if it.error_output else []
     return all(_complete(o, it.image.shape, dt) for o, dt in outs) and (
-        opts.metrics is None or str(it.image.path) in have_rows)
+        opts.metrics is None or str(it.image.path) in have_rows
+    )
 
 
 def _existing(items: list[Item], opts: Options) -> list[str]:
@@ -417,12 +472,19 @@ def _existing(items: list[Item], opts: Options) -> list[str]:
         if opts.skip_existing and _done(it, opts, have_rows):
             it.skip = True
         elif not (opts.overwrite or opts.skip_existing):
-            problems += [f"{o}: exists; pass --overwrite to replace it, or --skip-existing "
-                         f"to keep it" for o in existing]
-    if opts.metrics is not None and opts.metrics.exists() and not (opts.overwrite
-                                                                   or opts.skip_existing):
-        problems.append(f"--metrics {opts.metrics}: exists; pass --overwrite to replace it, or "
-                        f"--skip-existing to add to it")
+            problems += [
+                f"{o}: exists; pass --overwrite to replace it, or --skip-existing to keep it"
+                for o in existing
+            ]
+    if (
+        opts.metrics is not None
+        and opts.metrics.exists()
+        and not (opts.overwrite or opts.skip_existing)
+    ):
+        problems.append(
+            f"--metrics {opts.metrics}: exists; pass --overwrite to replace it, or "
+            f"--skip-existing to add to it"
+        )
     return problems
 
 
@@ -431,8 +493,11 @@ def _batches(items: list[Item], opts: Options) -> list[list[Item]]:
     out: list[list[Item]] = []
     for it in items:
         key = (it.image.shape, it.image.dtype, it.grid)
-        if out and (out[-1][0].image.shape, out[-1][0].image.dtype, out[-1][0].grid) == key \
-                and len(out[-1]) < _batch_size(it, opts):
+        if (
+            out
+            and (out[-1][0].image.shape, out[-1][0].image.dtype, out[-1][0].grid) == key
+            and len(out[-1]) < _batch_size(it, opts)
+        ):
             out[-1].append(it)
         else:
             out.append([it])
@@ -455,14 +520,20 @@ def describe(plan: Plan, opts: Options) -> str:
     listed = ", ".join("x".join(map(str, s)) for s in shapes[:3])
     listed += ", ..." if len(shapes) > 3 else ""
     lines = [
-        (f"plan: {len(plan.items):,} image(s) of {len(shapes)} shape(s) ({listed}), "
-         f"{plan.n_patches:,} patches of {ps}, stride {'x'.join(map(str, opts.stride))}, "
-         f"filter {opts.patch_filter}, window {opts.window}"),
-        (f"      in memory: {sum(map(len, plan.batches)):,} image(s) in {len(plan.batches):,} "
-         f"batch(es) on {plan.processes} process(es); streamed through dask: {len(lazy)} "
-         f"image(s)" + (f"; skipped (already done): {skipped}" if skipped else "")),
-        (f"      estimated peak memory {format_bytes(plan.peak_bytes)} of a "
-         f"{format_bytes(opts.max_memory)} budget (--max-memory); output to {opts.output}/"),
+        (
+            f"plan: {len(plan.items):,} image(s) of {len(shapes)} shape(s) ({listed}), "
+            f"{plan.n_patches:,} patches of {ps}, stride {'x'.join(map(str, opts.stride))}, "
+            f"filter {opts.patch_filter}, window {opts.window}"
+        ),
+        (
+            f"      in memory: {sum(map(len, plan.batches)):,} image(s) in {len(plan.batches):,} "
+            f"batch(es) on {plan.processes} process(es); streamed through dask: {len(lazy)} "
+            f"image(s)" + (f"; skipped (already done): {skipped}" if skipped else "")
+        ),
+        (
+            f"      estimated peak memory {format_bytes(plan.peak_bytes)} of a "
+            f"{format_bytes(opts.max_memory)} budget (--max-memory); output to {opts.output}/"
+        ),
     ]
     lines += [f"      will skip (unreadable): {msg}" for _, msg in plan.unreadable]
     return "\n".join(lines)
@@ -473,5 +544,8 @@ def read_rows(path: Path) -> list[dict]:
     if not Path(path).is_file():
         return []
     with open(path, newline="") as f:
-        return [r for r in csv.DictReader(f)
-                if r.get("input") and all(r.get(k) not in (None, "") for k in METRIC_COLUMNS)]
+        return [
+            r
+            for r in csv.DictReader(f)
+            if r.get("input") and all(r.get(k) not in (None, "") for k in METRIC_COLUMNS)
+        ]

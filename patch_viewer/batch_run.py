@@ -93,14 +93,18 @@ class Progress:
         eta = "?" if not math.isfinite(left) else time.strftime("%H:%M:%S", time.gmtime(left))
         width = 24
         fill = min(width, width * self.done // self.total)
-        return (f"[{'#' * fill}{'.' * (width - fill)}] {100 * self.done / self.total:5.1f}% "
-                f"{self.done:,}/{self.total:,} patches | {_rate(rate)} | "
-                f"ETA {eta}")
+        return (
+            f"[{'#' * fill}{'.' * (width - fill)}] {100 * self.done / self.total:5.1f}% "
+            f"{self.done:,}/{self.total:,} patches | {_rate(rate)} | "
+            f"ETA {eta}"
+        )
 
     def finish(self) -> str:
         elapsed = time.perf_counter() - self.start
-        summary = (f"done: {self.done:,} patches in {elapsed:.1f} s "
-                   f"({_rate(self.done / max(elapsed, 1e-9))})")
+        summary = (
+            f"done: {self.done:,} patches in {elapsed:.1f} s "
+            f"({_rate(self.done / max(elapsed, 1e-9))})"
+        )
         if self.enabled:
             self.stream.write(("\r" + self.line() + "\n" if self.tty else "") + summary + "\n")
             self.stream.flush()
@@ -164,16 +168,26 @@ def append_row(path: Path, row: dict) -> None:
 
 # --------------------------------------------------------------------------- running
 def _process_kwargs(opts: Options) -> dict:
-    return {"patch_filter": opts.patch_filter, "filter_params": opts.filter_params,
-            "window": opts.window, "window_params": opts.window_params, "reduce": opts.reduce,
-            "reference": opts.reference, "fill_value": opts.fill_value}
+    return {
+        "patch_filter": opts.patch_filter,
+        "filter_params": opts.filter_params,
+        "window": opts.window,
+        "window_params": opts.window_params,
+        "reduce": opts.reduce,
+        "reference": opts.reference,
+        "fill_value": opts.fill_value,
+    }
 
 
 def _row(it: Item, metrics: dict) -> dict:
-    return {"input": str(it.image.path), "output": str(it.output),
-            "shape": "x".join(map(str, it.image.shape)), "dtype": str(it.image.dtype),
-            "patches": it.grid.n_patches,
-            **{k: f"{float(metrics[k]):.9g}" for k in METRIC_COLUMNS[5:]}}
+    return {
+        "input": str(it.image.path),
+        "output": str(it.output),
+        "shape": "x".join(map(str, it.image.shape)),
+        "dtype": str(it.image.dtype),
+        "patches": it.grid.n_patches,
+        **{k: f"{float(metrics[k]):.9g}" for k in METRIC_COLUMNS[5:]},
+    }
 
 
 def _read_all(batch: list[Item]):
@@ -197,14 +211,28 @@ def _run_batch(batch: list[Item], opts: Options, tick=None) -> list[tuple[str, o
         return out
     first = good[0]
     dtype = out_dtype(first.image.dtype, opts, first.grid)
-    r = process(np.stack(images), first.grid, dtype=dtype,
-                metrics=False, progress=tick, **_process_kwargs(opts))
+    r = process(
+        np.stack(images),
+        first.grid,
+        dtype=dtype,
+        metrics=False,
+        progress=tick,
+        **_process_kwargs(opts),
+    )
     for k, it in enumerate(good):
         row = None
         if opts.metrics is not None:
-            m = r.metrics if r.error is None else compute_metrics(
-                r.merged[k], r.reference[k], channel_axis=first.grid.channel_axis,
-                ssim=opts.ssim, error=r.error[k])  # (a predictor's output of another shape: NaN)
+            m = (
+                r.metrics
+                if r.error is None
+                else compute_metrics(
+                    r.merged[k],
+                    r.reference[k],
+                    channel_axis=first.grid.channel_axis,
+                    ssim=opts.ssim,
+                    error=r.error[k],
+                )
+            )  # (a predictor's output of another shape: NaN)
             row = _row(it, m)
         with _WRITING:  # an image and its row: a worker told to exit waits for both
             meta = it.image.meta if it.out_format == "tiff" else None
@@ -274,9 +302,12 @@ class _Pool:
         self.counter = ctx.Value("q", 0)
         self.stop = ctx.Event()
         self._read, self._write = os.pipe()
-        self.pool = ProcessPoolExecutor(n, mp_context=ctx, initializer=_init_worker,
-                                        initargs=(self.counter, self.stop, self._read,
-                                                  self._write, os.getpid()))
+        self.pool = ProcessPoolExecutor(
+            n,
+            mp_context=ctx,
+            initializer=_init_worker,
+            initargs=(self.counter, self.stop, self._read, self._write, os.getpid()),
+        )
 
     def abandon(self) -> None:
         """Stop now: closing the pipe makes every worker exit, whatever it is doing."""
@@ -349,8 +380,7 @@ class _Run:
         except io.DiskFullError:
             raise
         except Exception as exc:  # noqa: BLE001 - the batch failed: each of its images did
-            results = [("failed", (str(it.image.path), f"{it.image.path}: {exc}"))
-                       for it in batch]
+            results = [("failed", (str(it.image.path), f"{it.image.path}: {exc}")) for it in batch]
         self.outcome(results)
 
     def streamed(self) -> None:
@@ -417,8 +447,13 @@ def _run_lazy(it: Item, opts: Options, progress: Progress) -> dict | None:
     import zarr
 
     image = it.image.lazy(opts.chunk)
-    r = process(image, it.grid, dtype=out_dtype(it.image.dtype, opts, it.grid), ssim=opts.ssim,
-                **_process_kwargs(opts))
+    r = process(
+        image,
+        it.grid,
+        dtype=out_dtype(it.image.dtype, opts, it.grid),
+        ssim=opts.ssim,
+        **_process_kwargs(opts),
+    )
     targets = [(it.output, r.merged)]
     if it.error_output is not None:
         targets.append((it.error_output, r.error))
@@ -434,8 +469,7 @@ def _run_lazy(it: Item, opts: Options, progress: Progress) -> dict | None:
     try:
         import dask.array as da
 
-        stored = da.store([a for a, _ in stores], [z for _, z in stores], lock=False,
-                          compute=False)
+        stored = da.store([a for a, _ in stores], [z for _, z in stores], lock=False, compute=False)
         wanted = r.metrics if opts.metrics is not None else {}
         with _Tick(it.grid.n_patches, progress) as tick:
             _, metrics = dask.compute(stored, wanted, scheduler="threads", pool=threads)
@@ -450,8 +484,9 @@ def _run_lazy(it: Item, opts: Options, progress: Progress) -> dict | None:
         for abort in aborts:
             abort()
         if io._disk_full(exc, it.output):
-            raise io.DiskFullError(f"disk full: cannot write {it.output} "
-                                   f"({io._free(it.output.parent)})") from exc
+            raise io.DiskFullError(
+                f"disk full: cannot write {it.output} ({io._free(it.output.parent)})"
+            ) from exc
         raise
     return _row(it, metrics) if opts.metrics is not None else None
 

@@ -25,8 +25,15 @@ from pathlib import Path
 import numpy as np
 
 #: Suffix -> format name, for files the command line reads and writes.
-FORMATS = {".tif": "tiff", ".tiff": "tiff", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg",
-           ".npy": "npy", ".zarr": "zarr"}
+FORMATS = {
+    ".tif": "tiff",
+    ".tiff": "tiff",
+    ".png": "png",
+    ".jpg": "jpeg",
+    ".jpeg": "jpeg",
+    ".npy": "npy",
+    ".zarr": "zarr",
+}
 #: Formats that hold 8/16-bit integer pixels only.
 INTEGER_ONLY = ("png", "jpeg")
 #: Formats that can be read lazily (chunk by chunk) for images larger than memory.
@@ -56,8 +63,11 @@ def format_of(path) -> str | None:
 
 def is_zarr_dir(path: Path) -> bool:
     path = Path(path)
-    return path.is_dir() and (path.suffix.lower() == ".zarr" or (path / "zarr.json").exists()
-                              or (path / ".zarray").exists())
+    return path.is_dir() and (
+        path.suffix.lower() == ".zarr"
+        or (path / "zarr.json").exists()
+        or (path / ".zarray").exists()
+    )
 
 
 @dataclass(frozen=True)
@@ -91,8 +101,10 @@ class ImageFile:
             raise ImageError(_reader_message(self.path, exc)) from None
         arr = _native(arr)
         if arr.shape != self.shape or arr.dtype != self.dtype:
-            raise ImageError(f"{self.path}: read {arr.shape} {arr.dtype}, but its header said "
-                             f"{self.shape} {self.dtype}; the file is damaged")
+            raise ImageError(
+                f"{self.path}: read {arr.shape} {arr.dtype}, but its header said "
+                f"{self.shape} {self.dtype}; the file is damaged"
+            )
         return arr
 
     def lazy(self, chunk: int):
@@ -103,10 +115,12 @@ class ImageFile:
             z = _open_zarr(self.path)
             # Read whole stored chunks (each decoded once), then split them in memory.
             arr = da.from_array(z, chunks=_chunks(self.shape, chunk, z.chunks)).rechunk(
-                _chunks(self.shape, chunk))
+                _chunks(self.shape, chunk)
+            )
         elif self.format == "npy":
-            arr = da.from_array(np.load(self.path, mmap_mode="r"),
-                                chunks=_chunks(self.shape, chunk))
+            arr = da.from_array(
+                np.load(self.path, mmap_mode="r"), chunks=_chunks(self.shape, chunk)
+            )
         elif self.format == "tiff":
             import tifffile
             import zarr
@@ -214,7 +228,8 @@ def probe(path) -> ImageFile:
     fmt = "zarr" if is_zarr_dir(path) else format_of(path)
     if fmt is None or (fmt == "zarr" and not path.is_dir()):
         raise ImageError(
-            f"{path}: unsupported format (supported: {', '.join(sorted(set(FORMATS)))})")
+            f"{path}: unsupported format (supported: {', '.join(sorted(set(FORMATS)))})"
+        )
     if not path.exists():
         raise ImageError(f"{path}: no such file")
     if path.is_file() and path.stat().st_size == 0:  # before a reader opens (and leaks) it
@@ -251,8 +266,11 @@ def find_inputs(paths) -> list[Path]:
     out = []
     for p in map(Path, paths):
         if p.is_dir() and not is_zarr_dir(p):
-            found = sorted(q for q in p.iterdir() if (format_of(q) and not q.name.startswith("."))
-                           and (q.is_file() or is_zarr_dir(q)))
+            found = sorted(
+                q
+                for q in p.iterdir()
+                if (format_of(q) and not q.name.startswith(".")) and (q.is_file() or is_zarr_dir(q))
+            )
             if not found:
                 raise ImageError(f"{p}: folder holds no supported images")
             out.extend(found)
@@ -354,8 +372,7 @@ def atomic(path):
     except BaseException as exc:
         _discard(tmp)
         if _disk_full(exc, path):
-            raise DiskFullError(f"disk full: cannot write {path} ({_free(path.parent)})") \
-                from exc
+            raise DiskFullError(f"disk full: cannot write {path} ({_free(path.parent)})") from exc
         raise
 
 
@@ -378,8 +395,13 @@ def _write_format(tmp: Path, path: Path, array, fmt: str, meta: dict) -> None:
     elif fmt == "zarr":
         import zarr
 
-        z = zarr.open_array(str(tmp), mode="w", shape=array.shape, dtype=array.dtype,
-                            chunks=_chunks(array.shape, 1024))
+        z = zarr.open_array(
+            str(tmp),
+            mode="w",
+            shape=array.shape,
+            dtype=array.dtype,
+            chunks=_chunks(array.shape, 1024),
+        )
         z[...] = array
     elif fmt in INTEGER_ONLY:
         import imageio.v3 as iio
@@ -394,8 +416,12 @@ def _write_tiff(tmp: Path, array, meta: dict) -> None:
     import tifffile
 
     axes = meta.get("axes")
-    rgb = array.ndim == 3 and array.shape[-1] in (3, 4) and array.dtype == np.uint8 and \
-        (axes is None or axes.endswith("S"))
+    rgb = (
+        array.ndim == 3
+        and array.shape[-1] in (3, 4)
+        and array.dtype == np.uint8
+        and (axes is None or axes.endswith("S"))
+    )
     extra = {}
     if axes and len(axes) == array.ndim:
         extra["metadata"] = {"axes": axes}
@@ -404,8 +430,9 @@ def _write_tiff(tmp: Path, array, meta: dict) -> None:
         if meta.get("resolutionunit") is not None:
             extra["resolutionunit"] = meta["resolutionunit"]
     planar = "separate" if axes and axes[0] == "S" and array.ndim == 3 else None
-    tifffile.imwrite(tmp, array, photometric="rgb" if rgb else "minisblack",
-                     planarconfig=planar, **extra)
+    tifffile.imwrite(
+        tmp, array, photometric="rgb" if rgb else "minisblack", planarconfig=planar, **extra
+    )
 
 
 def write_text(path, text: str) -> Path:

@@ -22,8 +22,19 @@ from patch_viewer import batch, io
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals")
 
 SHAPE = (400, 400)
-ARGS = ["--patch-size", "16", "--stride", "2", "--filter", "gaussian", "--batch-images", "1",
-        "--workers", "2", "-q"]
+ARGS = [
+    "--patch-size",
+    "16",
+    "--stride",
+    "2",
+    "--filter",
+    "gaussian",
+    "--batch-images",
+    "1",
+    "--workers",
+    "2",
+    "-q",
+]
 
 
 @pytest.fixture
@@ -37,10 +48,27 @@ def folder(tmp_path):
 
 
 def _start(inputs, out, *extra):
-    cmd = [sys.executable, "-m", "patch_viewer", "process", str(inputs), "-o", str(out),
-           "--metrics", str(out / "m.csv"), *ARGS, *extra]
-    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env={**os.environ, "PYTHONPATH": _root()})
+    cmd = [
+        sys.executable,
+        "-m",
+        "patch_viewer",
+        "process",
+        str(inputs),
+        "-o",
+        str(out),
+        "--metrics",
+        str(out / "m.csv"),
+        *ARGS,
+        *extra,
+    ]
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": _root()},
+    )
 
 
 def _metric_rows(path):
@@ -138,17 +166,37 @@ def test_sigkill_while_streaming_to_zarr_is_cleaned_next_run(tmp_path):
     image = np.random.default_rng(1).random((1500, 1500), dtype=np.float32)
     tifffile.imwrite(tmp_path / "big.tif", image, tile=(256, 256))
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "patch_viewer", "process", str(tmp_path / "big.tif"), "-o",
-           str(out), "--patch-size", "32", "--stride", "4", "--filter", "median",
-           "--max-memory", "60MB", "--chunk", "256", "--workers", "2", "-q"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "patch_viewer",
+        "process",
+        str(tmp_path / "big.tif"),
+        "-o",
+        str(out),
+        "--patch-size",
+        "32",
+        "--stride",
+        "4",
+        "--filter",
+        "median",
+        "--max-memory",
+        "60MB",
+        "--chunk",
+        "256",
+        "--workers",
+        "2",
+        "-q",
+    ]
     env = {**os.environ, "PYTHONPATH": _root()}
     proc = subprocess.Popen(cmd, start_new_session=True, env=env, stderr=subprocess.PIPE)
     assert _wait_for(lambda: any(".tmp-" in p.name for p in out.glob(".*")), timeout=60)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=30)
     assert [p for p in out.iterdir() if ".tmp-" in p.name]  # what a hard kill leaves
-    done = subprocess.run(cmd + ["--stride", "16"], env=env, capture_output=True, text=True,
-                          timeout=120)
+    done = subprocess.run(
+        cmd + ["--stride", "16"], env=env, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0, done.stderr
     assert sorted(p.name for p in out.iterdir()) == ["big.zarr"]
     assert zarr.open_array(str(out / "big.zarr")).shape == image.shape
@@ -172,14 +220,26 @@ def _fake_full_disk(monkeypatch, after: int, numpy_style: bool):
 
 
 @pytest.mark.parametrize("numpy_style", [False, True])
-def test_a_full_disk_says_so_and_leaves_only_complete_files(folder, tmp_path, capsys,
-                                                            monkeypatch, numpy_style):
+def test_a_full_disk_says_so_and_leaves_only_complete_files(
+    folder, tmp_path, capsys, monkeypatch, numpy_style
+):
     from patch_viewer.cli import main
 
     _fake_full_disk(monkeypatch, after=3, numpy_style=numpy_style)
     out = tmp_path / "out"
-    code = main(["process", str(folder), "-o", str(out), "--metrics", str(out / "m.csv"),
-                 *ARGS[:-3], "--workers", "1"])
+    code = main(
+        [
+            "process",
+            str(folder),
+            "-o",
+            str(out),
+            "--metrics",
+            str(out / "m.csv"),
+            *ARGS[:-3],
+            "--workers",
+            "1",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "disk full: cannot write" in err and str(out) in err and "requested" not in err
@@ -200,14 +260,26 @@ def test_a_corrupt_file_mid_folder_is_logged_and_the_rest_written(tmp_path, caps
     for i in range(9):
         image = rng.integers(0, 255, (64, 64), dtype=np.uint8)
         name = inputs / f"im{i}.{kind}"
-        {"npy": np.save, "png": iio.imwrite,
-         "tif": tifffile.imwrite}[kind](name, image)
+        {"npy": np.save, "png": iio.imwrite, "tif": tifffile.imwrite}[kind](name, image)
     bad = inputs / f"im4.{kind}"
     bad.write_bytes(bad.read_bytes()[: bad.stat().st_size // 2])  # truncated
     (inputs / f"im6.{kind}").write_bytes(b"")  # empty
     out = tmp_path / "out"
-    code = main(["process", str(inputs), "-o", str(out), "--patch-size", "8", "--stride", "4",
-                 "--metrics", str(tmp_path / "m.csv"), "-q"])
+    code = main(
+        [
+            "process",
+            str(inputs),
+            "-o",
+            str(out),
+            "--patch-size",
+            "8",
+            "--stride",
+            "4",
+            "--metrics",
+            str(tmp_path / "m.csv"),
+            "-q",
+        ]
+    )
     err = capsys.readouterr().err
     assert code == 1
     assert "2 of 9 image(s) failed" in err and f"im4.{kind}" in err and f"im6.{kind}" in err
@@ -216,8 +288,21 @@ def test_a_corrupt_file_mid_folder_is_logged_and_the_rest_written(tmp_path, caps
     assert written == sorted(f"im{i}.{kind}" for i in (0, 1, 2, 3, 5, 7, 8))
     rows = _metric_rows(tmp_path / "m.csv")
     assert len(rows) == 7
-    code = main(["process", str(inputs), "-o", str(out), "--patch-size", "8", "--stride", "4",
-                 "--fail-fast", "--overwrite"])
+    code = main(
+        [
+            "process",
+            str(inputs),
+            "-o",
+            str(out),
+            "--patch-size",
+            "8",
+            "--stride",
+            "4",
+            "--fail-fast",
+            "--overwrite",
+        ]
+    )
     assert code == 2 and "im6" in capsys.readouterr().err  # unreadable header: refused first
-    assert batch.make_batch_plan([inputs], batch.Options(output=out, overwrite=True,
-                                                         patch_size=(8,), stride=(4,)))
+    assert batch.make_batch_plan(
+        [inputs], batch.Options(output=out, overwrite=True, patch_size=(8,), stride=(4,))
+    )

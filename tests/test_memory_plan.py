@@ -9,8 +9,10 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(),
-                                reason="needs Linux /proc to reset and read peak RSS")
+pytestmark = pytest.mark.skipif(
+    not Path("/proc/self/clear_refs").exists(),
+    reason="needs Linux /proc to reset and read peak RSS",
+)
 
 MEASURE = r"""
 import json, sys
@@ -36,15 +38,22 @@ print(json.dumps({"grew": status("VmHWM") - base, "plan": r.plan.peak_bytes}))
 """
 
 
-@pytest.mark.parametrize("n, dtype, reference, name, window", [
-    (1024, "float32", "input", "identity", "uniform"),
-    (2048, "float32", "filter", "gaussian", "uniform"),
-    (1536, "uint8", "filter", "median", "hann"),
-    (1536, "float64", "input", "identity", "uniform"),
-])
+@pytest.mark.parametrize(
+    "n, dtype, reference, name, window",
+    [
+        (1024, "float32", "input", "identity", "uniform"),
+        (2048, "float32", "filter", "gaussian", "uniform"),
+        (1536, "uint8", "filter", "median", "hann"),
+        (1536, "float64", "input", "identity", "uniform"),
+    ],
+)
 def test_peak_rss_stays_within_the_plan(n, dtype, reference, name, window):
-    out = subprocess.run([sys.executable, "-c", MEASURE, str(n), dtype, reference, name, window],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", MEASURE, str(n), dtype, reference, name, window],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout.strip().splitlines()[-1])
     assert m["grew"] <= m["plan"] <= 1.25 * m["grew"], m

@@ -17,10 +17,14 @@ def _modules():
 
 
 def test_layer_names_are_written_once():
-    seen = [(path.relative_to(PACKAGE).as_posix(), node.value)
-            for path, tree in _modules() for node in ast.walk(tree)
-            if isinstance(node, ast.Constant) and node.value in LAYER_NAMES
-            and (path.name, node.value) not in CSV_COLUMN]
+    seen = [
+        (path.relative_to(PACKAGE).as_posix(), node.value)
+        for path, tree in _modules()
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and node.value in LAYER_NAMES
+        and (path.name, node.value) not in CSV_COLUMN
+    ]
     assert sorted(seen) == sorted(("_layers.py", name) for name in LAYER_NAMES)
 
 
@@ -37,7 +41,7 @@ def test_modules_outside_the_core_import_no_private_names_from_it():
                 continue
             module = (node.module or "").split(".")
             base = path.parent.joinpath(*[".."] * (node.level - 1), *module).resolve()
-            if "core" in module and any(p.startswith("_") for p in module[module.index("core"):]):
+            if "core" in module and any(p.startswith("_") for p in module[module.index("core") :]):
                 bad.append((rel.as_posix(), ".".join(module)))
             for alias in node.names:
                 is_module = (base / f"{alias.name}.py").exists() or (base / alias.name).is_dir()
@@ -49,8 +53,10 @@ def test_modules_outside_the_core_import_no_private_names_from_it():
 def test_core_modules_the_gui_uses_declare_their_public_names():
     from patch_viewer.core import checks, extract, metrics
 
-    for module, names in [(checks, ["format_bytes", "is_lazy"]),
-                          (extract, ["sliding_patches"]), (metrics, ["iter_ssim"])]:
+    for module, names in [
+        (checks, ["format_bytes", "is_lazy"]),
+        (extract, ["sliding_patches"]),
+        (metrics, ["iter_ssim"]),
+    ]:
         assert set(names) <= set(module.__all__)
-    assert {"format_bytes", "is_lazy", "max_weight", "sliding_patches"} <= set(
-        patch_viewer.__all__)
+    assert {"format_bytes", "is_lazy", "max_weight", "sliding_patches"} <= set(patch_viewer.__all__)

@@ -15,12 +15,19 @@ class AxisInts(Container):
     """
 
     def __init__(self, label: str, value: int, minimum: int = 1, tooltip: str = ""):
-        self.boxes = [SpinBox(value=value, min=minimum, max=100_000, label=a, tooltip=tooltip)
-                      for a in "zyx"]
-        self.linked = CheckBox(value=True, text="linked",
-                               tooltip="One value for every axis; untick to set them apart.")
-        super().__init__(widgets=[*self.boxes, self.linked], layout="horizontal", label=label,
-                         labels=False, tooltip=tooltip)
+        self.boxes = [
+            SpinBox(value=value, min=minimum, max=100_000, label=a, tooltip=tooltip) for a in "zyx"
+        ]
+        self.linked = CheckBox(
+            value=True, text="linked", tooltip="One value for every axis; untick to set them apart."
+        )
+        super().__init__(
+            widgets=[*self.boxes, self.linked],
+            layout="horizontal",
+            label=label,
+            labels=False,
+            tooltip=tooltip,
+        )
         for box in self.boxes:
             box.changed.connect(partial(self._on_box, box))
         self.set_axes(2)
@@ -38,10 +45,13 @@ class AxisInts(Container):
         """Set one value for every axis, or one per axis (which unlinks them)."""
         values = [int(values)] if isinstance(values, int) else [int(v) for v in values]
         if len(values) not in (1, self._n):
-            raise ValueError(f"`{self.label}` takes 1 or {self._n} values (one per spatial "
-                             f"axis), got {values}")
+            raise ValueError(
+                f"`{self.label}` takes 1 or {self._n} values (one per spatial axis), got {values}"
+            )
         self.linked.value = len(values) == 1
-        for box, v in zip(self.boxes[3 - self._n:], values * self._n if len(values) == 1 else values):
+        for box, v in zip(
+            self.boxes[3 - self._n :], values * self._n if len(values) == 1 else values
+        ):
             box.value = v
 
     def _on_box(self, source, value):
@@ -52,7 +62,7 @@ class AxisInts(Container):
 
     @property
     def value(self) -> tuple[int, ...]:
-        return tuple(b.value for b in self.boxes[3 - self._n:])
+        return tuple(b.value for b in self.boxes[3 - self._n :])
 
     @value.setter
     def value(self, values) -> None:

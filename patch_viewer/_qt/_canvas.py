@@ -63,15 +63,20 @@ class Canvas:
         weights_kw = _layers.weights_kwargs(max_weight(grid, kw["window"], **kw["window_params"]))
         old = self.alive(ERROR)
         span = abs(job.limits[1] - job.limits[0])
-        limit = error_limit if error_limit is not None else (
-            float(old.contrast_limits[1]) if old is not None else 0.05 * span)
-        after = _layers.FilteredPatchStack(shown.stack, grid, job.batched, kw["patch_filter"],
-                                           kw["filter_params"])
+        limit = (
+            error_limit
+            if error_limit is not None
+            else (float(old.contrast_limits[1]) if old is not None else 0.05 * span)
+        )
+        after = _layers.FilteredPatchStack(
+            shown.stack, grid, job.batched, kw["patch_filter"], kw["filter_params"]
+        )
         source = (id(job.image), grid, job.batched)
-        inputs = {WEIGHTS: (grid, kw["window"], tuple(kw["window_params"].items())),
-                  PATCHES: source,
-                  FILTERED: (source, kw["patch_filter"],
-                                       tuple(kw["filter_params"].items()))}
+        inputs = {
+            WEIGHTS: (grid, kw["window"], tuple(kw["window_params"].items())),
+            PATCHES: source,
+            FILTERED: (source, kw["patch_filter"], tuple(kw["filter_params"].items())),
+        }
         merged_rgb = job.rgb if shown.rgb is None else shown.rgb
         after_rgb = job.rgb if after.rgb is None else after.rgb
         after_limits = shown.merged_limits if after_rgb == merged_rgb else (0.0, 1.0)
@@ -113,8 +118,9 @@ class Canvas:
             return
         if layer is not None:
             self.viewer.layers.remove(layer)
-        self.layers[CLASSES] = self.viewer.add_labels(classes, name=CLASSES, translate=offset,
-                                                      opacity=0.45)
+        self.layers[CLASSES] = self.viewer.add_labels(
+            classes, name=CLASSES, translate=offset, opacity=0.45
+        )
 
     def set_error_limit(self, limit, span):
         err = self.alive(ERROR)
@@ -170,8 +176,11 @@ class Canvas:
 
     def _show(self, name, data, kwargs):
         layer = self.alive(name)
-        if layer is not None and layer.rgb == kwargs.get("rgb", False) and layer.ndim == (
-                data.ndim - (1 if kwargs.get("rgb") else 0)):
+        if (
+            layer is not None
+            and layer.rgb == kwargs.get("rgb", False)
+            and layer.ndim == (data.ndim - (1 if kwargs.get("rgb") else 0))
+        ):
             layer.data = data  # styling is set once, so a user's own colormap choice stays
             for key in ("contrast_limits", "translate"):
                 if key in kwargs and not np.allclose(getattr(layer, key), kwargs[key]):
@@ -200,10 +209,19 @@ class Canvas:
         size = _layers.caption_size(self.hw, self.viewer.camera.zoom)
         if layer is None:
             self.layers[LABELS] = self.viewer.add_points(
-                pts, name=LABELS, size=0.01, face_color="transparent",
-                border_width=0, features={"caption": text},
-                text={"string": "{caption}", "color": "white", "size": size,
-                      "anchor": "lower_left"})
+                pts,
+                name=LABELS,
+                size=0.01,
+                face_color="transparent",
+                border_width=0,
+                features={"caption": text},
+                text={
+                    "string": "{caption}",
+                    "color": "white",
+                    "size": size,
+                    "anchor": "lower_left",
+                },
+            )
             # The first results: fit the view to every tile with its caption (napari fitted
             # it to the first layers only, and cut the rightmost caption).
             self.viewer.reset_view()
@@ -266,16 +284,17 @@ class Canvas:
 
     def _draw_grid(self, index):
         grid, _, planes = self.shown
-        vectors, colors = _layers.grid_lines(grid, index, planes=planes,
-                                             max_per_axis=self._max_outlines)
+        vectors, colors = _layers.grid_lines(
+            grid, index, planes=planes, max_per_axis=self._max_outlines
+        )
         layer = self.alive(GRID)
         width = _layers.line_width(self.hw)
         if layer is None or layer.data.shape[-1] != vectors.shape[-1]:
             if layer is not None:
                 self.viewer.layers.remove(layer)
             self.layers[GRID] = self.viewer.add_vectors(
-                vectors, edge_color=colors, vector_style="line", edge_width=width,
-                name=GRID)
+                vectors, edge_color=colors, vector_style="line", edge_width=width, name=GRID
+            )
         else:
             layer.data = vectors
             layer.edge_color = colors
@@ -288,7 +307,8 @@ class Canvas:
         if self.grid is None or stack is None:
             return None
         first = self.viewer.dims.ndim - stack.ndim
-        step = tuple(self.viewer.dims.current_step[first:first + self.grid.ndim])
+        step = tuple(self.viewer.dims.current_step[first : first + self.grid.ndim])
         ok = len(step) == self.grid.ndim and all(
-            0 <= i < g for i, g in zip(step, self.grid.grid_shape))
+            0 <= i < g for i, g in zip(step, self.grid.grid_shape)
+        )
         return step if ok else None

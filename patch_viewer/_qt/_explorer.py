@@ -40,44 +40,83 @@ class PatchExplorer(Container):
         self.patch_size = AxisInts("patch size", 32, tooltip=t["patch_size"])
         self.stride = AxisInts("stride", 16, tooltip=t["stride"])
         self.edge = ComboBox(choices=EDGE_MODES, value="shift", label="edge", tooltip=t["edge"])
-        self.pad_mode = ComboBox(choices=PAD_MODES, value="reflect", label="pad mode",
-                                 tooltip=t["pad_mode"])
-        self.volume_mode = ComboBox(choices=ctl.VOLUME_MODES, value=ctl.VOLUME_MODES[0],
-                                    label="3-D", tooltip=t["volume_mode"])
-        self.window = ComboBox(choices=WINDOWS, value="uniform", label="window",
-                               tooltip=t["window"])
-        self.sigma = FloatSpinBox(value=0.125, min=0.01, max=10.0, step=0.025,
-                                  label="window σ (× patch)", tooltip=t["sigma"])
+        self.pad_mode = ComboBox(
+            choices=PAD_MODES, value="reflect", label="pad mode", tooltip=t["pad_mode"]
+        )
+        self.volume_mode = ComboBox(
+            choices=ctl.VOLUME_MODES,
+            value=ctl.VOLUME_MODES[0],
+            label="3-D",
+            tooltip=t["volume_mode"],
+        )
+        self.window = ComboBox(
+            choices=WINDOWS, value="uniform", label="window", tooltip=t["window"]
+        )
+        self.sigma = FloatSpinBox(
+            value=0.125,
+            min=0.01,
+            max=10.0,
+            step=0.025,
+            label="window σ (× patch)",
+            tooltip=t["sigma"],
+        )
         self.sigma.native.setDecimals(3)
         self.sigma.value = 0.125  # set again: magicgui rounded it to 2 decimals
-        self.reduce = ComboBox(choices=REDUCTIONS, value="mean", label="reduce",
-                               tooltip=t["reduce"])
-        self.filter = ComboBox(choices=[*FILTERS, ctl.CUSTOM], value="identity",
-                               label="filter", tooltip=t["filter"])
+        self.reduce = ComboBox(
+            choices=REDUCTIONS, value="mean", label="reduce", tooltip=t["reduce"]
+        )
+        self.filter = ComboBox(
+            choices=[*FILTERS, ctl.CUSTOM], value="identity", label="filter", tooltip=t["filter"]
+        )
         self.custom = LineEdit(value="", label="function", tooltip=t["custom"])
         self.custom.native.setPlaceholderText("package.module:function")
         self.filter_params = Container(labels=True)
-        self.reference = ComboBox(choices=[("input image", "input"),
-                                           ("filter on whole image", "filter")],
-                                  value="input", label="error vs", tooltip=t["reference"])
+        self.reference = ComboBox(
+            choices=[("input image", "input"), ("filter on whole image", "filter")],
+            value="input",
+            label="error vs",
+            tooltip=t["reference"],
+        )
         self.live = CheckBox(value=True, text="live preview", tooltip=t["live"])
         self.run_button = PushButton(text="Run", tooltip=t["run"])
         self.cancel_button = PushButton(text="Cancel", tooltip=t["cancel"], enabled=False)
         self.copy_python = PushButton(text="Copy as Python", tooltip=t["copy_python"])
         self.copy_command = PushButton(text="Copy as command", tooltip=t["copy_command"])
         self.tune_button = PushButton(text="Tune…", tooltip=t["tune"])
-        buttons = Container(widgets=[self.run_button, self.cancel_button], layout="horizontal",
-                            labels=False)
-        copies = Container(widgets=[self.copy_python, self.copy_command, self.tune_button], layout="horizontal",
-                           labels=False)
+        buttons = Container(
+            widgets=[self.run_button, self.cancel_button], layout="horizontal", labels=False
+        )
+        copies = Container(
+            widgets=[self.copy_python, self.copy_command, self.tune_button],
+            layout="horizontal",
+            labels=False,
+        )
         self.index = SpinBox(value=0, min=0, max=0, label="patch index", tooltip=t["index"])
         self.progress = ProgressBar(value=0, min=0, max=1000, label="progress")
         self.readout = Label(value=HINT)
-        super().__init__(widgets=[
-            self.image, self.patch_size, self.stride, self.edge, self.pad_mode,
-            self.volume_mode, self.window, self.sigma, self.reduce, self.filter, self.custom,
-            self.filter_params, self.reference, self.live, buttons, copies, self.index,
-            self.progress, self.readout])
+        super().__init__(
+            widgets=[
+                self.image,
+                self.patch_size,
+                self.stride,
+                self.edge,
+                self.pad_mode,
+                self.volume_mode,
+                self.window,
+                self.sigma,
+                self.reduce,
+                self.filter,
+                self.custom,
+                self.filter_params,
+                self.reference,
+                self.live,
+                buttons,
+                copies,
+                self.index,
+                self.progress,
+                self.readout,
+            ]
+        )
         self._style_readout()
         self.signals = ExplorerSignals()
         self._generation = 0
@@ -97,8 +136,16 @@ class PatchExplorer(Container):
         self._busy_timer.setSingleShot(True)
         self._busy_timer.setInterval(ctl.SHOW_BUSY_AFTER_MS)
         self._busy_timer.timeout.connect(self._show_busy)
-        for w in (self.patch_size, self.stride, self.edge, self.pad_mode, self.window,
-                  self.sigma, self.reduce, self.reference):
+        for w in (
+            self.patch_size,
+            self.stride,
+            self.edge,
+            self.pad_mode,
+            self.window,
+            self.sigma,
+            self.reduce,
+            self.reference,
+        ):
             w.changed.connect(self._on_param)
         self.custom.changed.connect(self._on_custom)
         self.volume_mode.changed.connect(self._on_image)
@@ -135,8 +182,11 @@ class PatchExplorer(Container):
     def _teardown(self, *_):
         """The dock was closed: drop pending work and stop listening to the viewer."""
         self._generation += 1
-        for step in [self._timer.stop, lambda: self._worker is not None and self._worker.quit(),
-                     self.selection.teardown]:
+        for step in [
+            self._timer.stop,
+            lambda: self._worker is not None and self._worker.quit(),
+            self.selection.teardown,
+        ]:
             try:
                 step()
             except (RuntimeError, ValueError):
@@ -145,8 +195,11 @@ class PatchExplorer(Container):
     def _image_choices(self, _widget=None):
         """The viewer's image layers, less the ones this widget made."""
         ours = {layer.unique_id for layer in self.canvas.layers.values()}
-        return [(layer.name, layer) for layer in self.viewer.layers
-                if isinstance(layer, napari.layers.Image) and layer.unique_id not in ours]
+        return [
+            (layer.name, layer)
+            for layer in self.viewer.layers
+            if isinstance(layer, napari.layers.Image) and layer.unique_id not in ours
+        ]
 
     @property
     def grid(self):
@@ -167,8 +220,9 @@ class PatchExplorer(Container):
     def to_python(self) -> str:
         """A snippet reproducing the current result with ``pv.process`` (bound to ``result``)."""
         layer = self.image.value
-        return ctl.to_python(self.params(), rgb=bool(layer.rgb), path=self._source_path(),
-                             layer=layer.name)
+        return ctl.to_python(
+            self.params(), rgb=bool(layer.rgb), path=self._source_path(), layer=layer.name
+        )
 
     def to_command(self, output: str = "results") -> str:
         """A ``patch-viewer process`` line reproducing the current result."""
@@ -209,8 +263,14 @@ class PatchExplorer(Container):
         declared = {} if custom else FILTERS[self.filter.value].params
         for name, p in declared.items():
             cls = SpinBox if p.kind is int else FloatSpinBox
-            w = cls(value=p.default, min=p.min, max=p.max, name=name, label=f"filter {name}",
-                    tooltip=p.doc)
+            w = cls(
+                value=p.default,
+                min=p.min,
+                max=p.max,
+                name=name,
+                label=f"filter {name}",
+                tooltip=p.doc,
+            )
             if cls is FloatSpinBox:
                 w.native.setDecimals(3)
                 w.value = p.default
@@ -233,11 +293,19 @@ class PatchExplorer(Container):
     def params(self) -> ctl.Params:
         """The current settings."""
         return ctl.Params(
-            tuple(self.patch_size.value), tuple(self.stride.value), self.edge.value,
-            self.pad_mode.value, self.volume_mode.value == ctl.VOLUME_MODES[1],
-            self.window.value, float(self.sigma.value), self.reduce.value, self.filter.value,
-            {w.name: w.value for w in self.filter_params}, self.reference.value,
-            self.custom.value)
+            tuple(self.patch_size.value),
+            tuple(self.stride.value),
+            self.edge.value,
+            self.pad_mode.value,
+            self.volume_mode.value == ctl.VOLUME_MODES[1],
+            self.window.value,
+            float(self.sigma.value),
+            self.reduce.value,
+            self.filter.value,
+            {w.name: w.value for w in self.filter_params},
+            self.reference.value,
+            self.custom.value,
+        )
 
     def make_job(self) -> ctl.Job:
         layer = self.image.value
@@ -278,9 +346,12 @@ class PatchExplorer(Container):
         if auto and not job.lazy and job.estimated_seconds > ctl.WARN_SECONDS:
             self._stop()  # what runs now is for older settings
             self._generation += 1
-            self._message(f"This run is estimated at about {job.estimated_seconds:.0f} s "
-                          f"({job.grid.n_patches:,} patches): press Run to start it, or raise "
-                          f"the stride.", warn=True)
+            self._message(
+                f"This run is estimated at about {job.estimated_seconds:.0f} s "
+                f"({job.grid.n_patches:,} patches): press Run to start it, or raise "
+                f"the stride.",
+                warn=True,
+            )
             self._settle()
             return
         self._stop()
@@ -311,8 +382,10 @@ class PatchExplorer(Container):
         self._busy_timer.stop()
         self.cancel_button.enabled = False
         self.progress.value = 0
-        self._message("Cancelled. " + ("The layers show the last finished run."
-                                       if self.canvas.grid is not None else ""))
+        self._message(
+            "Cancelled. "
+            + ("The layers show the last finished run." if self.canvas.grid is not None else "")
+        )
         self.signals.finished.emit()
         self._settle()
 

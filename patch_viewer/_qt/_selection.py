@@ -24,12 +24,14 @@ class Selection:
         self.viewer.layers.events.removed.connect(self._refresh_images)
 
     def teardown(self):
-        steps = [lambda: self.viewer.mouse_drag_callbacks.remove(self._on_click),
-                 lambda: self.viewer.dims.events.current_step.disconnect(self._on_dims),
-                 lambda: self.viewer.scene.camera.events.zoom.disconnect(self._on_zoom),
-                 lambda: self.viewer.dims.events.ndisplay.disconnect(self._on_ndisplay),
-                 lambda: self.viewer.layers.events.inserted.disconnect(self._refresh_images),
-                 lambda: self.viewer.layers.events.removed.disconnect(self._refresh_images)]
+        steps = [
+            lambda: self.viewer.mouse_drag_callbacks.remove(self._on_click),
+            lambda: self.viewer.dims.events.current_step.disconnect(self._on_dims),
+            lambda: self.viewer.scene.camera.events.zoom.disconnect(self._on_zoom),
+            lambda: self.viewer.dims.events.ndisplay.disconnect(self._on_ndisplay),
+            lambda: self.viewer.layers.events.inserted.disconnect(self._refresh_images),
+            lambda: self.viewer.layers.events.removed.disconnect(self._refresh_images),
+        ]
         for step in steps:  # an exception escaping a Qt slot aborts PyQt5
             try:
                 step()
@@ -76,7 +78,7 @@ class Selection:
             if grid is None or layer is None or layer not in viewer.layers:
                 return
             coords = layer.world_to_data(event.position)
-            index = ctl.patch_near(grid, coords[-grid.ndim:])
+            index = ctl.patch_near(grid, coords[-grid.ndim :])
             if index is not None:
                 self.select(index)
         except RuntimeError:  # the widget was closed: stop listening

@@ -10,24 +10,24 @@ TIPS = {
     "patch_size": "Patch size in pixels, per axis.",
     "stride": "Step between patch origins; smaller than the patch size means overlap.",
     "edge": "What to do where the last patch would overrun the image: shift it back, pad "
-            "the image, or drop the remainder.",
+    "the image, or drop the remainder.",
     "pad_mode": "How the image is padded when edge = pad.",
     "volume_mode": "Cut a 3-D image into 3-D patches, or each plane into 2-D patches.",
     "window": "Blending window: how much each patch pixel counts where patches overlap.",
     "sigma": "Width of the gaussian window as a fraction of the patch size.",
     "reduce": "How overlapping patch values are combined.",
     "filter": "Filter applied to every patch on its own: the built-in ones, those other "
-              "packages contribute (entry-point group patch_viewer.filters), or a custom "
-              "function.",
+    "packages contribute (entry-point group patch_viewer.filters), or a custom "
+    "function.",
     "custom": "A model or function run on each batch of patches, by its import path "
-              "(package.module:function; imported, never evaluated). It gets (N, *patch[, C]) "
-              "and may return another number of channels (class probabilities), dtype or "
-              "resolution.",
+    "(package.module:function; imported, never evaluated). It gets (N, *patch[, C]) "
+    "and may return another number of channels (class probabilities), dtype or "
+    "resolution.",
     "reference": "What the error compares the merged image with. 'filter on whole image' "
-                 "shows the seams that patch-wise filtering leaves. In the 3-D view the "
-                 "error tile shows |error| as a maximum-intensity projection (a projection of "
-                 "the signed error would hide where the merged image is below the reference); "
-                 "the 2-D view shows its sign.",
+    "shows the seams that patch-wise filtering leaves. In the 3-D view the "
+    "error tile shows |error| as a maximum-intensity projection (a projection of "
+    "the signed error would hide where the merged image is below the reference); "
+    "the 2-D view shows its sign.",
     "live": "Re-run at once whenever a control changes.",
     "run": "Run now (also runs long jobs that live preview holds back).",
     "cancel": "Stop the running job.",

@@ -27,8 +27,10 @@ class TunePanel(QWidget):
         self.chart.mpl_connect("pick_event", self._on_pick)
         self.chart.setMinimumSize(280, 340)  # a dock below the explorer must not squash it
         self.sweep_button = QPushButton("Sweep stride")
-        self.sweep_button.setToolTip("Run the current patch size, window and filter at several "
-                                     "strides and chart the seams each leaves.")
+        self.sweep_button.setToolTip(
+            "Run the current patch size, window and filter at several "
+            "strides and chart the seams each leaves."
+        )
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.progress = QProgressBar()
@@ -59,8 +61,15 @@ class TunePanel(QWidget):
         self.progress.setRange(0, len(strides))
         self.progress.setValue(0)
         data = layer.data[0] if layer.multiscale else layer.data
-        worker = create_worker(ctl.sweep, data, params, bool(layer.rgb), strides,
-                               _start_thread=False, _ignore_errors=True)
+        worker = create_worker(
+            ctl.sweep,
+            data,
+            params,
+            bool(layer.rgb),
+            strides,
+            _start_thread=False,
+            _ignore_errors=True,
+        )
         worker.yielded.connect(partial(self._on_point, self._generation))
         worker.errored.connect(partial(self._on_error, self._generation))
         worker.finished.connect(partial(self._on_finished, self._generation))
@@ -100,8 +109,7 @@ class TunePanel(QWidget):
         style = dict(color="#d0d0d0", fontsize=8)
         err = fig.add_subplot(2, 1, 1)
         err.plot(s, [p.rmse for p in pts], "o-", color="#ff6ec7", label="RMSE", picker=6)
-        err.plot(s, [p.max_abs for p in pts], "s--", color="#7cff8a", label="max |error|",
-                 picker=6)
+        err.plot(s, [p.max_abs for p in pts], "s--", color="#7cff8a", label="max |error|", picker=6)
         err.set_ylabel("seam error vs whole-image filter", **style)
         values = [v for p in pts for v in (p.rmse, p.max_abs) if v > 0]
         if values and max(values) > 10 * min(values):

@@ -15,10 +15,28 @@ from .checks import format_bytes as _fmt_bytes
 from .checks import is_lazy
 from .grid import PatchGrid
 
-__all__ = ["DEFAULT_MAX_BYTES", "DIRECT_MAX_STEPS", "ROWS_FIRST_ORDER", "block_depths", "ceil_div",
-           "check_bytes", "depth", "empty_in_order", "from_canonical", "is_batched", "is_direct",
-           "is_lazy", "n_elements", "pad_canonical", "patches_to_canonical", "regular_slices",
-           "split_regular", "stack_order", "to_canonical", "window_view"]
+__all__ = [
+    "DEFAULT_MAX_BYTES",
+    "DIRECT_MAX_STEPS",
+    "ROWS_FIRST_ORDER",
+    "block_depths",
+    "ceil_div",
+    "check_bytes",
+    "depth",
+    "empty_in_order",
+    "from_canonical",
+    "is_batched",
+    "is_direct",
+    "is_lazy",
+    "n_elements",
+    "pad_canonical",
+    "patches_to_canonical",
+    "regular_slices",
+    "split_regular",
+    "stack_order",
+    "to_canonical",
+    "window_view",
+]
 
 #: Default refusal threshold for materialising arrays (bytes); see ``max_bytes`` arguments.
 DEFAULT_MAX_BYTES = 4 * 2**30
@@ -115,8 +133,10 @@ def _pad_value(grid: PatchGrid, canon) -> float:
             lo, hi = info.min, info.max
             ok = float(value).is_integer() and lo <= value <= hi
         if not ok:
-            raise ValueError(f"`pad_value` must be an integer in {lo}..{hi} to pad a {dtype} "
-                             f"image, got {value!r}")
+            raise ValueError(
+                f"`pad_value` must be an integer in {lo}..{hi} to pad a {dtype} "
+                f"image, got {value!r}"
+            )
     elif dtype.kind == "f" and abs(value) > np.finfo(dtype).max:
         raise ValueError(f"`pad_value` {value!r} overflows the image's dtype {dtype}")
     return value
@@ -210,4 +230,3 @@ def empty_in_order(shape, order, dtype) -> np.ndarray:
     :func:`stack_order`)."""
     mem = np.empty([shape[a] for a in order], dtype)
     return mem.transpose(np.argsort(order))
-

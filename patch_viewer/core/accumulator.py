@@ -66,7 +66,8 @@ def _scaled(n: int, f: Fraction, what: str, axis: int) -> int:
     if v.denominator != 1:
         raise ValueError(
             f"scale {f} does not map the {what} ({n} pixels) on spatial axis {axis} to whole "
-            f"pixels ({float(v):g}); choose a scale or a {what} for which it does")
+            f"pixels ({float(v):g}); choose a scale or a {what} for which it does"
+        )
     return int(v)
 
 
@@ -115,8 +116,16 @@ class Accumulator:
     (6, 8, 3)
     """
 
-    def __init__(self, grid: PatchGrid, *, channels="same", scale=1, window="uniform",
-                 window_params=None, reduce: str = "mean"):
+    def __init__(
+        self,
+        grid: PatchGrid,
+        *,
+        channels="same",
+        scale=1,
+        window="uniform",
+        window_params=None,
+        reduce: str = "mean",
+    ):
         if not isinstance(grid, PatchGrid):
             raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
         if reduce not in _REDUCE:
@@ -125,19 +134,25 @@ class Accumulator:
         self.grid = grid
         self.scale = parse_scale(scale, grid.ndim)
         nd = grid.ndim
-        self.patch_size = tuple(_scaled(p, f, "patch size", ax)
-                                for ax, (p, f) in enumerate(zip(grid.patch_size, self.scale)))
-        self.spatial_shape = tuple(_scaled(n, f, "image size", ax)
-                                   for ax, (n, f) in enumerate(zip(grid.spatial_shape,
-                                                                   self.scale)))
-        self._extent = tuple(max(n, math.ceil(m * f)) for n, m, f in
-                             zip(self.spatial_shape, grid.padded_shape, self.scale))
+        self.patch_size = tuple(
+            _scaled(p, f, "patch size", ax)
+            for ax, (p, f) in enumerate(zip(grid.patch_size, self.scale))
+        )
+        self.spatial_shape = tuple(
+            _scaled(n, f, "image size", ax)
+            for ax, (n, f) in enumerate(zip(grid.spatial_shape, self.scale))
+        )
+        self._extent = tuple(
+            max(n, math.ceil(m * f))
+            for n, m, f in zip(self.spatial_shape, grid.padded_shape, self.scale)
+        )
         self.channels = _channels(channels, grid)
         self.reduce = reduce
         win = make_window(window, self.patch_size, **dict(window_params or {}))
         if win is not None and reduce != "mean":
-            raise ValueError(f"`window` must be 'uniform' with reduce={reduce!r}; windows weight "
-                             "the mean only")
+            raise ValueError(
+                f"`window` must be 'uniform' with reduce={reduce!r}; windows weight the mean only"
+            )
         self._win = win
         self._origins: list[np.ndarray] = []
         # the origins sorted by row, for the weights of a band of rows
@@ -201,16 +216,22 @@ class Accumulator:
         elif data.dtype != self.dtype:
             raise TypeError(
                 f"batch {self.n_batches} has dtype {data.dtype}, but the patches added before "
-                f"were {self.dtype}: convert it first (one accumulator sums one dtype)")
+                f"were {self.dtype}: convert it first (one accumulator sums one dtype)"
+            )
         if not len(org):
             return
         state = self._state
         if state is None:
             self.dtype = data.dtype
-            state = self._state = Sums(data.dtype, self.reduce, self._win,
-                                       self._three(self._extent),
-                                       self._three(self.spatial_shape),
-                                       self._three(self.patch_size), self.channels or 1)
+            state = self._state = Sums(
+                data.dtype,
+                self.reduce,
+                self._win,
+                self._three(self._extent),
+                self._three(self.spatial_shape),
+                self._three(self.patch_size),
+                self.channels or 1,
+            )
             state.unsigned = data.dtype.kind == "u"
         state.check_rows(org)
         state.add(data, org)
@@ -235,25 +256,35 @@ class Accumulator:
     def _origins_of(self, indices, origins) -> np.ndarray:
         grid, nd = self.grid, self._nd
         if (indices is None) == (origins is None):
-            raise TypeError("pass exactly one of `indices` (patch indices into the grid) and "
-                            "`origins` (spatial origins in pixels)")
+            raise TypeError(
+                "pass exactly one of `indices` (patch indices into the grid) and "
+                "`origins` (spatial origins in pixels)"
+            )
         if indices is not None:
             idx = _int_array(indices, "indices")
             if idx.ndim == 1:
                 if len(idx) and (idx.min() < 0 or idx.max() >= grid.n_patches):
                     bad = (idx < 0) | (idx >= grid.n_patches)
-                    raise IndexError(f"`indices` must be in 0..{grid.n_patches - 1} (grid "
-                                     f"{grid.grid_shape}), got {idx[bad][:5].tolist()}")
+                    raise IndexError(
+                        f"`indices` must be in 0..{grid.n_patches - 1} (grid "
+                        f"{grid.grid_shape}), got {idx[bad][:5].tolist()}"
+                    )
                 return self._grid_origins(idx)
             if idx.ndim != 2 or idx.shape[1] != nd:
-                raise ValueError(f"`indices` must be flat (N,) or grid indices (N, {nd}), got "
-                                 f"shape {idx.shape}")
+                raise ValueError(
+                    f"`indices` must be flat (N,) or grid indices (N, {nd}), got shape {idx.shape}"
+                )
             outside = ((idx < 0) | (idx >= np.array(grid.grid_shape))).any(axis=1)
             if outside.any():
-                raise IndexError(f"`indices` must lie within grid_shape {grid.grid_shape}, "
-                                 f"got {idx[outside][:5].tolist()}")
-            org = np.stack([o[idx[:, ax]] for ax, o in enumerate(grid.origins)], axis=-1) \
-                if len(idx) else np.zeros((0, nd), np.int64)
+                raise IndexError(
+                    f"`indices` must lie within grid_shape {grid.grid_shape}, "
+                    f"got {idx[outside][:5].tolist()}"
+                )
+            org = (
+                np.stack([o[idx[:, ax]] for ax, o in enumerate(grid.origins)], axis=-1)
+                if len(idx)
+                else np.zeros((0, nd), np.int64)
+            )
         else:
             org = _int_array(origins, "origins")
             if org.ndim != 2 or org.shape[1] != nd:
@@ -264,13 +295,16 @@ class Accumulator:
                 raise IndexError(
                     f"`origins` must place whole patches of {grid.patch_size} inside the image "
                     f"(origins {' x '.join(f'0..{t}' for t in top.tolist())}), got "
-                    f"{org[beyond][:5].tolist()}")
+                    f"{org[beyond][:5].tolist()}"
+                )
         out = np.empty(org.shape, np.int64)
         for ax, f in enumerate(self.scale):
             v = org[:, ax] * f.numerator
             if f.denominator != 1 and (v % f.denominator).any():
-                raise ValueError(f"origins {org[v % f.denominator != 0][:3].tolist()} do not "
-                                 f"map to whole output pixels at scale {f} on axis {ax}")
+                raise ValueError(
+                    f"origins {org[v % f.denominator != 0][:3].tolist()} do not "
+                    f"map to whole output pixels at scale {f} on axis {ax}"
+                )
             out[:, ax] = v // f.denominator
         return self._as3(out)
 
@@ -300,12 +334,14 @@ class Accumulator:
         if self._table is None:
             self._scaled_origins = [
                 (np.asarray(o, np.int64) * f.numerator) // f.denominator
-                for o, f in zip(self.grid.origins, self.scale)]
+                for o, f in zip(self.grid.origins, self.scale)
+            ]
             for o, f in zip(self.grid.origins, self.scale):
                 if f.denominator != 1 and (np.asarray(o) * f.numerator % f.denominator).any():
                     bad = np.asarray(o)[np.asarray(o) * f.numerator % f.denominator != 0]
-                    raise ValueError(f"origins {bad[:3].tolist()} do not map to whole output "
-                                     f"pixels at scale {f}")
+                    raise ValueError(
+                        f"origins {bad[:3].tolist()} do not map to whole output pixels at scale {f}"
+                    )
             zero = np.zeros(1, np.int64)
             o3 = _three(self._scaled_origins, self._nd, zero)
             g3 = np.array(_three(self.grid.grid_shape, self._nd, 1), np.int64)
@@ -331,7 +367,8 @@ class Accumulator:
         raise ValueError(
             f"patches of shape {tuple(np.shape(patches))} do not fit this accumulator: it takes "
             f"{layout} = {want} or one vector per patch {vector} (N = {n} indices or origins "
-            f"given, output patch {self.patch_size}, channels {k})")
+            f"given, output patch {self.patch_size}, channels {k})"
+        )
 
     # ------------------------------------------------------------------ results
     @property
@@ -351,8 +388,11 @@ class Accumulator:
     def _counts(self) -> np.ndarray:
         """:attr:`count` over the whole canvas (padding included), from a difference array:
         O(patches + image)."""
-        org = self._spatial(np.concatenate(self._origins)) if self._origins else \
-            np.zeros((0, self._nd), np.int64)
+        org = (
+            self._spatial(np.concatenate(self._origins))
+            if self._origins
+            else np.zeros((0, self._nd), np.int64)
+        )
         return _box_counts(org, self.patch_size, self._extent)
 
     def weights(self) -> np.ndarray:
@@ -376,12 +416,17 @@ class Accumulator:
         accumulator stays usable: add more and call again."""
         if self._state is None:
             work = np.dtype(np.float64) if dtype is None else np.dtype(dtype)
-            out = finish(np.zeros(self._canon_shape(), np.float64),
-                         np.zeros(self._canon_shape()[:-1] + (1,), bool), dtype, fill_value,
-                         work)
+            out = finish(
+                np.zeros(self._canon_shape(), np.float64),
+                np.zeros(self._canon_shape()[:-1] + (1,), bool),
+                dtype,
+                fill_value,
+                work,
+            )
         else:
-            out = self._state.result(self._den_rows, None, dtype, fill_value,
-                                     work_dtype(self.dtype))
+            out = self._state.result(
+                self._den_rows, None, dtype, fill_value, work_dtype(self.dtype)
+            )
             out = out.reshape(self._canon_shape())
         axis = self.channel_axis
         return out[..., 0] if axis is None else np.moveaxis(out, -1, axis)
@@ -404,10 +449,14 @@ class Accumulator:
             return
         name, params = self._window
         sums, counts = [], []
-        for ax, (o, f, p, n) in enumerate(zip(self.grid.origins, self.scale, self.patch_size,
-                                              self._extent)):
-            w = np.ones(p) if self._win is None else window_factors(name, self.patch_size,
-                                                                    **params)[ax]
+        for ax, (o, f, p, n) in enumerate(
+            zip(self.grid.origins, self.scale, self.patch_size, self._extent)
+        ):
+            w = (
+                np.ones(p)
+                if self._win is None
+                else window_factors(name, self.patch_size, **params)[ax]
+            )
             starts = (np.asarray(o, np.int64) * f.numerator) // f.denominator
             idx = (starts[:, None] + np.arange(p)[None, :]).ravel()
             sums.append(np.bincount(idx, np.tile(w, len(starts)), minlength=n)[:n])
@@ -420,15 +469,17 @@ class Accumulator:
         if self._state is None or self._nd == 1:
             return
         work = work_dtype(self.dtype)
-        self._state.release(below, self._den_rows, np.dtype(work if dtype is None else dtype),
-                            fill_value, work)
+        self._state.release(
+            below, self._den_rows, np.dtype(work if dtype is None else dtype), fill_value, work
+        )
 
     def _den_rows(self, y0: int, y1: int) -> np.ndarray:
         """The weights of canvas rows ``y0 .. y1`` on the kernels' three axes (float64)."""
         e = self._three(self._extent)
         if self._factors is not None:
-            per_axis = self._factors[1] if self._win is None or self.reduce != "mean" \
-                else self._factors[0]
+            per_axis = (
+                self._factors[1] if self._win is None or self.reduce != "mean" else self._factors[0]
+            )
             f3 = _three(per_axis, self._nd, np.ones(1))
             return f3[0][y0:y1, None, None] * f3[1][None, :, None] * f3[2][None, None, :]
         if self._sorted is None:
@@ -445,21 +496,22 @@ class Accumulator:
         if (self._win is None or self.reduce != "mean") and self._nd >= 2:  # counts: a
             ax = list(_AXES3[self._nd])  # difference array over the spatial axes
             counts = _box_counts(near[:, ax], [p3[a] for a in ax], [shape[a] for a in ax])
-            return counts.reshape(shape)[p3[0]:p3[0] + y1 - y0].astype(np.float64)
+            return counts.reshape(shape)[p3[0] : p3[0] + y1 - y0].astype(np.float64)
         buf = np.zeros(shape)
-        win = np.ones(p3) if self._win is None or self.reduce != "mean" else \
-            self._win.reshape(p3)
+        win = np.ones(p3) if self._win is None or self.reduce != "mean" else self._win.reshape(p3)
         _add_windows(buf, win, near, three=True)
-        return buf[p3[0]:p3[0] + y1 - y0]
+        return buf[p3[0] : p3[0] + y1 - y0]
 
 
 def check_window(window) -> None:
     """Refuse ``"overlap-tile"``: it picks each pixel by grid position, which patches added at
     any origins (or only some of them) do not have."""
     if isinstance(window, str) and window == "overlap-tile":
-        raise ValueError("`window` 'overlap-tile' picks each pixel by its place in a whole grid "
-                         "and does not apply to an Accumulator, a predictor or chosen patches; "
-                         "use 'uniform', 'triangular', 'hann', 'gaussian' or an array")
+        raise ValueError(
+            "`window` 'overlap-tile' picks each pixel by its place in a whole grid "
+            "and does not apply to an Accumulator, a predictor or chosen patches; "
+            "use 'uniform', 'triangular', 'hann', 'gaussian' or an array"
+        )
 
 
 def _channels(channels, grid: PatchGrid):
@@ -475,7 +527,8 @@ def _channels(channels, grid: PatchGrid):
         k = operator.index(channels)
     except TypeError:
         raise TypeError(
-            f"`channels` must be an int >= 1, None or 'same', got {channels!r}") from None
+            f"`channels` must be an int >= 1, None or 'same', got {channels!r}"
+        ) from None
     if k < 1:
         raise ValueError(f"`channels` must be an int >= 1, None or 'same', got {channels!r}")
     return k
@@ -517,8 +570,7 @@ def _box_counts(org: np.ndarray, patch, shape) -> np.ndarray:
     if len(org):
         p = np.array(patch)
         corners = [np.array(c) for c in itertools.product((0, 1), repeat=len(shape))]
-        flat = np.concatenate([np.ravel_multi_index(tuple((org + c * p).T), big)
-                               for c in corners])
+        flat = np.concatenate([np.ravel_multi_index(tuple((org + c * p).T), big) for c in corners])
         sign = np.repeat([(-1.0) ** int(c.sum()) for c in corners], len(org))
         counts += np.bincount(flat, sign, minlength=counts.size).astype(np.int64)
     counts = counts.reshape(big)
@@ -542,8 +594,7 @@ def _add_windows(out: np.ndarray, win: np.ndarray, org: np.ndarray, three=False)
         p3 = win.shape if three else _three(win.shape, nd, 1)
         n3 = out.shape if three else _three(out.shape, nd, 1)
         geo = np.array([p3[0], p3[1], p3[2], n3[1], n3[2]], np.int64)
-        scatter_window(np.ascontiguousarray(win, np.float64).reshape(-1), o3, geo,
-                       out.reshape(-1))
+        scatter_window(np.ascontiguousarray(win, np.float64).reshape(-1), o3, geo, out.reshape(-1))
         return
     for o in org:
         out[tuple(slice(a, a + p) for a, p in zip(o, win.shape))] += win

@@ -10,9 +10,20 @@ import numpy as np
 
 from .grid import PatchGrid
 
-__all__ = ["check_dtype", "check_fill_value", "check_finite_for_integer", "check_grid",
-           "check_image", "check_number", "check_progress", "check_reduce_window",
-           "format_bytes", "is_lazy", "is_real_number", "parse_max_bytes"]
+__all__ = [
+    "check_dtype",
+    "check_fill_value",
+    "check_finite_for_integer",
+    "check_grid",
+    "check_image",
+    "check_number",
+    "check_progress",
+    "check_reduce_window",
+    "format_bytes",
+    "is_lazy",
+    "is_real_number",
+    "parse_max_bytes",
+]
 
 
 def format_bytes(n: float) -> str:
@@ -55,8 +66,9 @@ def is_real_number(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
 
 
-def check_number(value, name: str, lo: float | None = None, hi: float | None = None, *,
-                 integer: bool = False) -> None:
+def check_number(
+    value, name: str, lo: float | None = None, hi: float | None = None, *, integer: bool = False
+) -> None:
     """``value`` must be a real number (not a bool), whole if ``integer``, and in ``[lo, hi]``
     when a range is given (NaN is in no range). ``name`` is how messages name it, e.g.
     ``"filter parameter `size`"``.
@@ -96,8 +108,10 @@ def parse_max_bytes(value, name: str = "max_bytes") -> int | None:
         try:
             value = parse_bytes(value)
         except ValueError:
-            raise ValueError(f"`{name}` must be a number of bytes or a size such as '1GB' or "
-                             f"'500 MiB', got {value!r}") from None
+            raise ValueError(
+                f"`{name}` must be a number of bytes or a size such as '1GB' or "
+                f"'500 MiB', got {value!r}"
+            ) from None
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"`{name}` must be an int (bytes), a size string or None, got {value!r}")
     if value < 1:
@@ -114,8 +128,10 @@ def check_fill_value(value, dtype=None):
     if dtype is not None and np.dtype(dtype).kind in "iu":
         info = np.iinfo(dtype)
         if not (float(value).is_integer() and info.min <= value <= info.max):
-            raise ValueError(f"`fill_value` must be an integer in [{info.min}, {info.max}] for "
-                             f"dtype {np.dtype(dtype)}, got {value!r}")
+            raise ValueError(
+                f"`fill_value` must be an integer in [{info.min}, {info.max}] for "
+                f"dtype {np.dtype(dtype)}, got {value!r}"
+            )
     return value
 
 
@@ -134,25 +150,32 @@ def check_dtype(dtype):
 
 def check_progress(progress) -> None:
     if progress is not None and not callable(progress):
-        raise TypeError(f"`progress` must be a callable progress(done, total) or None, got "
-                        f"{progress!r}")
+        raise TypeError(
+            f"`progress` must be a callable progress(done, total) or None, got {progress!r}"
+        )
 
 
 def check_image(image, grid: PatchGrid) -> np.ndarray:
     """Refuse masked arrays (their mask would be ignored), non-real dtypes and an RGB(A) image
     whose grid has no channel axis (with the fix in the message)."""
     if isinstance(image, np.ma.MaskedArray):
-        raise TypeError("`image` is a masked array, whose mask would be ignored: pass "
-                        "image.filled(np.nan) (float) to mark the masked pixels, or image.data")
+        raise TypeError(
+            "`image` is a masked array, whose mask would be ignored: pass "
+            "image.filled(np.nan) (float) to mark the masked pixels, or image.data"
+        )
     image = np.asarray(image)
     if image.dtype.kind not in "biuf":
         raise TypeError(f"`image` must hold real numbers, got dtype {image.dtype}")
-    if (grid.channel_axis is None and image.shape[:-1] == grid.image_shape
-            and image.shape[-1] in (3, 4)):
+    if (
+        grid.channel_axis is None
+        and image.shape[:-1] == grid.image_shape
+        and image.shape[-1] in (3, 4)
+    ):
         raise ValueError(
             f"`image` shape {image.shape} is the grid's image_shape {grid.image_shape} plus "
             f"{image.shape[-1]} channels: for an RGB(A) image set channel_axis=-1, as in "
-            f"PatchGrid(image.shape, patch_size, stride, channel_axis=-1)")
+            f"PatchGrid(image.shape, patch_size, stride, channel_axis=-1)"
+        )
     return image
 
 
@@ -160,8 +183,10 @@ def check_reduce_window(reduce, window) -> None:
     """Windows weight the mean only: ``reduce="max"``/``"min"`` needs the uniform window."""
     if reduce != "mean" and not (isinstance(window, str) and window == "uniform"):
         shown = window if isinstance(window, str) else "an array"
-        raise ValueError(f"`window` must be 'uniform' with reduce={reduce!r} (windows weight "
-                         f"the mean only), got {shown!r}")
+        raise ValueError(
+            f"`window` must be 'uniform' with reduce={reduce!r} (windows weight "
+            f"the mean only), got {shown!r}"
+        )
 
 
 def check_finite_for_integer(image: np.ndarray, dtype) -> None:
@@ -174,4 +199,5 @@ def check_finite_for_integer(image: np.ndarray, dtype) -> None:
         raise ValueError(
             f"`image` has NaN or inf pixels, which an integer `dtype` ({np.dtype(dtype)}) "
             f"cannot hold: leave `dtype` unset (float result), or replace them first "
-            f"(np.nan_to_num)")
+            f"(np.nan_to_num)"
+        )

@@ -60,8 +60,7 @@ def _pad(canon, grid: PatchGrid):
             widths[ax] = (0, m - n)
             from ._layout import _pad_value
 
-            canon = da.pad(canon, widths, mode="constant",
-                           constant_values=_pad_value(grid, canon))
+            canon = da.pad(canon, widths, mode="constant", constant_values=_pad_value(grid, canon))
         else:
             # reflect/edge/wrap only move pixels: pad the indices, then gather them.
             index = np.pad(np.arange(n), (0, m - n), mode=grid.pad_mode)[n:]
@@ -114,15 +113,32 @@ def _local(grid: PatchGrid, starts, block_id, depth):
     return local, tuple(in_block), tuple(from_local), tuple(to_core), tuple(first)
 
 
-def _merged_block(block, *, grid, starts, depth, filt, params, window, window_params, reduce,
-                  dtype, fill, batch_bytes, block_id=None):
+def _merged_block(
+    block,
+    *,
+    grid,
+    starts,
+    depth,
+    filt,
+    params,
+    window,
+    window_params,
+    reduce,
+    dtype,
+    fill,
+    batch_bytes,
+    block_id=None,
+):
     from .stream import make_plan, merge_stream
 
     nd = grid.ndim
-    core = (block.shape[0],) + tuple(int(starts[ax][i + 1] - starts[ax][i])
-                                     for ax, i in enumerate(block_id[1:nd + 1])) + block.shape[-1:]
+    core = (
+        (block.shape[0],)
+        + tuple(int(starts[ax][i + 1] - starts[ax][i]) for ax, i in enumerate(block_id[1 : nd + 1]))
+        + block.shape[-1:]
+    )
     out = np.full(core, fill, dtype)
-    found = _local(grid, starts, block_id[1:nd + 1], depth)
+    found = _local(grid, starts, block_id[1 : nd + 1], depth)
     if found is None:
         return out
     local, in_block, from_local, to_core, _ = found
@@ -153,8 +169,9 @@ def _filter_only(spec) -> PatchFilter:
     """The filter ``spec`` names (predictors take :mod:`.chunked_predict`'s path)."""
     filt = get_filter(spec)
     if not isinstance(filt, PatchFilter):
-        raise TypeError(f"predictor {filt.name!r} runs on dask arrays through process(), "
-                        "not chunked_merge")
+        raise TypeError(
+            f"predictor {filt.name!r} runs on dask arrays through process(), not chunked_merge"
+        )
     return filt
 
 
@@ -170,9 +187,19 @@ def reference_axes(grid: PatchGrid) -> tuple[int, ...]:
     return tuple(1 + ax for ax, p in enumerate(grid.patch_size) if p > 1)
 
 
-def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
-                  window="uniform", window_params=None, reduce="mean", dtype=None,
-                  fill_value=None, batch_bytes=None):
+def chunked_merge(
+    image,
+    grid: PatchGrid,
+    patch_filter="identity",
+    *,
+    filter_params=None,
+    window="uniform",
+    window_params=None,
+    reduce="mean",
+    dtype=None,
+    fill_value=None,
+    batch_bytes=None,
+):
     """Lazily cut a dask (or zarr) image into patches, filter them and merge them back.
 
     The dask counterpart of the streamed :func:`patch_viewer.process` merge; see the module
@@ -213,10 +240,15 @@ def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_par
     depth = tuple(p - 1 for p in grid.patch_size)
     canon = _min_chunks(_pad(canon, grid), depth)
     chunks = canon.chunks
-    starts = _starts(chunks[1:nd + 1])
+    starts = _starts(chunks[1 : nd + 1])
 
-    probe = np.asarray(filt(np.zeros((1, 1) + grid.patch_size + (canon.shape[-1],), image.dtype),
-                            tuple(range(2, nd + 2)), **params))
+    probe = np.asarray(
+        filt(
+            np.zeros((1, 1) + grid.patch_size + (canon.shape[-1],), image.dtype),
+            tuple(range(2, nd + 2)),
+            **params,
+        )
+    )
     out_dtype = np.dtype(dtype) if dtype is not None else work_dtype(probe.dtype)
     if not grid.is_covering and fill_value is None and out_dtype.kind != "f":
         raise ValueError(
@@ -226,21 +258,47 @@ def chunked_merge(image, grid: PatchGrid, patch_filter="identity", *, filter_par
     # NaN marks uncovered pixels; integer outputs here have none (checked above)
     fill = fill_value if fill_value is not None else (np.nan if out_dtype.kind == "f" else 0)
 
-    ov = da.overlap.overlap(canon, depth={ax: d for ax, d in enumerate(depth, start=1)},
-                            boundary="none", allow_rechunk=False)
+    ov = da.overlap.overlap(
+        canon,
+        depth={ax: d for ax, d in enumerate(depth, start=1)},
+        boundary="none",
+        allow_rechunk=False,
+    )
     merged = da.map_blocks(
-        partial(_merged_block, grid=grid, starts=starts, depth=depth, filt=filt, params=params,
-                window=window, window_params=window_params, reduce=reduce, dtype=out_dtype,
-                fill=fill, batch_bytes=batch_bytes),
-        ov, chunks=chunks, dtype=out_dtype, meta=np.empty((0,) * canon.ndim, out_dtype),
+        partial(
+            _merged_block,
+            grid=grid,
+            starts=starts,
+            depth=depth,
+            filt=filt,
+            params=params,
+            window=window,
+            window_params=window_params,
+            reduce=reduce,
+            dtype=out_dtype,
+            fill=fill,
+            batch_bytes=batch_bytes,
+        ),
+        ov,
+        chunks=chunks,
+        dtype=out_dtype,
+        meta=np.empty((0,) * canon.ndim, out_dtype),
         token="patch-merge",
     )
     crop = (slice(None),) + tuple(slice(0, n) for n in grid.spatial_shape)
     merged = from_canonical(merged[crop], grid, batched)
     weights = da.map_blocks(
-        partial(_weights_block, grid=grid, starts=starts, depth=depth, window=window,
-                window_params=window_params),
-        chunks=chunks[1:nd + 1], dtype=np.float64, meta=np.empty((0,) * nd, np.float64),
+        partial(
+            _weights_block,
+            grid=grid,
+            starts=starts,
+            depth=depth,
+            window=window,
+            window_params=window_params,
+        ),
+        chunks=chunks[1 : nd + 1],
+        dtype=np.float64,
+        meta=np.empty((0,) * nd, np.float64),
         token="patch-weights",
     )[crop[1:]]
     return merged, weights
@@ -266,12 +324,18 @@ def chunked_reference(image, grid: PatchGrid, patch_filter, filter_params=None):
     depth = tuple(reach if ax in axes else 0 for ax in range(1, nd + 1))
     canon = to_canonical(image, grid, batched).rechunk({nd + 1: -1})
     canon = _min_chunks(canon, depth)
-    probe = np.asarray(filt(np.zeros((1,) + grid.patch_size + canon.shape[-1:], image.dtype),
-                            axes, **params))  # the dtype the in-memory reference has
-    ref = canon.map_overlap(partial(_filter_block, filt=filt, params=params, axes=axes),
-                            depth=dict(enumerate(depth, start=1)), boundary="none",
-                            trim=True, allow_rechunk=False, dtype=probe.dtype,
-                            meta=np.empty((0,) * canon.ndim, probe.dtype))
+    probe = np.asarray(
+        filt(np.zeros((1,) + grid.patch_size + canon.shape[-1:], image.dtype), axes, **params)
+    )  # the dtype the in-memory reference has
+    ref = canon.map_overlap(
+        partial(_filter_block, filt=filt, params=params, axes=axes),
+        depth=dict(enumerate(depth, start=1)),
+        boundary="none",
+        trim=True,
+        allow_rechunk=False,
+        dtype=probe.dtype,
+        meta=np.empty((0,) * canon.ndim, probe.dtype),
+    )
     return from_canonical(ref, grid, batched)
 
 
@@ -279,9 +343,14 @@ def _ssim_block(ref, merged, dr, *, channel, win):
     from skimage.metrics import structural_similarity
 
     ref, merged = ssim_clean(ref.astype(np.float64), merged.astype(np.float64))
-    _, full = structural_similarity(ref, merged, data_range=float(np.ravel(dr)[0]),
-                                    win_size=win, full=True,
-                                    channel_axis=-1 if channel else None)
+    _, full = structural_similarity(
+        ref,
+        merged,
+        data_range=float(np.ravel(dr)[0]),
+        win_size=win,
+        full=True,
+        channel_axis=-1 if channel else None,
+    )
     return full
 
 
@@ -305,10 +374,15 @@ def chunked_metrics(merged, reference, *, error=None, channel_axis=None, ssim=Tr
     fixed = dtype_range(reference.dtype)  # the rule of metrics.data_range_of
     merged = merged.rechunk(reference.chunks)
     error = chunked_error(merged, reference) if error is None else error
-    parts = da.map_blocks(_partials, error.rechunk(reference.chunks), reference,
-                          dtype=np.float64, new_axis=error.ndim,
-                          chunks=(1,) * error.ndim + (5,),
-                          meta=np.empty((0,) * (error.ndim + 1), np.float64))
+    parts = da.map_blocks(
+        _partials,
+        error.rechunk(reference.chunks),
+        reference,
+        dtype=np.float64,
+        new_axis=error.ndim,
+        chunks=(1,) * error.ndim + (5,),
+        meta=np.empty((0,) * (error.ndim + 1), np.float64),
+    )
     n, sum_sq = parts[..., 0].sum(), parts[..., 1].sum()
     max_abs = parts[..., 2].max()
     if fixed is not None:
@@ -316,14 +390,24 @@ def chunked_metrics(merged, reference, *, error=None, channel_axis=None, ssim=Tr
     else:
         span = parts[..., 4].max() - parts[..., 3].min()
         dr = da.where(da.isfinite(span) & (span > 0), span, 1.0)
-    summary = da.map_blocks(_summary, n, sum_sq, max_abs, dr, dtype=np.float64,
-                            new_axis=0, chunks=((3,),), meta=np.empty(0, np.float64))
+    summary = da.map_blocks(
+        _summary,
+        n,
+        sum_sq,
+        max_abs,
+        dr,
+        dtype=np.float64,
+        new_axis=0,
+        chunks=((3,),),
+        meta=np.empty(0, np.float64),
+    )
     return {
         "max_abs": summary[0],
         "rmse": summary[1],
         "psnr": summary[2],
-        "ssim": _chunked_ssim(merged, reference, dr, channel_axis) if ssim else
-        da.from_array(np.float64(np.nan)),
+        "ssim": _chunked_ssim(merged, reference, dr, channel_axis)
+        if ssim
+        else da.from_array(np.float64(np.nan)),
         "covered": n / max(merged.size, 1),
     }
 
@@ -341,8 +425,7 @@ def _partials(err, reference):
 
 def _summary(n, sum_sq, max_abs, dr):
     """max-abs, RMSE and PSNR from the reductions (0-d arrays), as one array."""
-    return np.array(error_summary(float(n), float(sum_sq), float(max_abs), float(dr)),
-                    np.float64)
+    return np.array(error_summary(float(n), float(sum_sq), float(max_abs), float(dr)), np.float64)
 
 
 def _chunked_ssim(merged, reference, dr, channel_axis):
@@ -365,23 +448,44 @@ def _chunked_ssim(merged, reference, dr, channel_axis):
         depth[nd] = 0
     from dask.array.overlap import ensure_minimum_chunksize
 
-    chunks = tuple(ensure_minimum_chunksize(max(pad, 1), c) if ax < nd else c
-                   for ax, c in enumerate(reference.chunks))
+    chunks = tuple(
+        ensure_minimum_chunksize(max(pad, 1), c) if ax < nd else c
+        for ax, c in enumerate(reference.chunks)
+    )
     reference, merged = reference.rechunk(chunks), merged.rechunk(chunks)
     dr_block = dr.reshape((1,) * reference.ndim)
-    smap = da.map_overlap(partial(_ssim_block, channel=channel, win=win),
-                          reference, merged, dr_block,
-                          depth=[depth, depth, {ax: 0 for ax in range(reference.ndim)}],
-                          boundary="none", trim=True, allow_rechunk=False,
-                          align_arrays=False, dtype=np.float64,
-                          meta=np.empty((0,) * reference.ndim, np.float64))
+    smap = da.map_overlap(
+        partial(_ssim_block, channel=channel, win=win),
+        reference,
+        merged,
+        dr_block,
+        depth=[depth, depth, {ax: 0 for ax in range(reference.ndim)}],
+        boundary="none",
+        trim=True,
+        allow_rechunk=False,
+        align_arrays=False,
+        dtype=np.float64,
+        meta=np.empty((0,) * reference.ndim, np.float64),
+    )
     crop = tuple(slice(pad, n - pad) for n in spatial)
     return smap[crop].mean()
 
 
-def chunked_process(image, grid: PatchGrid, patch_filter="identity", *, filter_params=None,
-                    window="uniform", window_params=None, reduce="mean", reference="input",
-                    dtype=None, fill_value=None, batch_bytes=None, ssim=True):
+def chunked_process(
+    image,
+    grid: PatchGrid,
+    patch_filter="identity",
+    *,
+    filter_params=None,
+    window="uniform",
+    window_params=None,
+    reduce="mean",
+    reference="input",
+    dtype=None,
+    fill_value=None,
+    batch_bytes=None,
+    ssim=True,
+):
     """:func:`patch_viewer.process` for dask/zarr images: every array in the result is lazy,
     and ``metrics`` holds 0-d dask arrays (``dask.compute(result.metrics)`` evaluates them)."""
     from .stream import REFERENCES, Result, make_plan
@@ -390,10 +494,18 @@ def chunked_process(image, grid: PatchGrid, patch_filter="identity", *, filter_p
     if reference not in REFERENCES:
         raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}")
     image = as_dask(image)
-    merged, weights = chunked_merge(image, grid, patch_filter, filter_params=filter_params,
-                                    window=window, window_params=window_params, reduce=reduce,
-                                    dtype=dtype, fill_value=fill_value,
-                                    batch_bytes=batch_bytes)
+    merged, weights = chunked_merge(
+        image,
+        grid,
+        patch_filter,
+        filter_params=filter_params,
+        window=window,
+        window_params=window_params,
+        reduce=reduce,
+        dtype=dtype,
+        fill_value=fill_value,
+        batch_bytes=batch_bytes,
+    )
     check_reduce_window(reduce, window)
     if reference == "filter":
         ref = chunked_reference(image, grid, patch_filter, filter_params)
@@ -408,5 +520,10 @@ def chunked_process(image, grid: PatchGrid, patch_filter="identity", *, filter_p
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
 
 
-__all__ = ["chunked_error", "chunked_merge", "chunked_metrics", "chunked_process",
-           "chunked_reference"]
+__all__ = [
+    "chunked_error",
+    "chunked_merge",
+    "chunked_metrics",
+    "chunked_process",
+    "chunked_reference",
+]

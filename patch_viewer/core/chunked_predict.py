@@ -52,8 +52,10 @@ def _scale_chunks(canon, scale, nd):
 def _core_shape(starts, ids, scale) -> tuple[list[tuple[int, int]], tuple[int, ...]]:
     """The block's core in input pixels, and its shape in output pixels."""
     core = [(int(st[i]), int(st[i + 1])) for st, i in zip(starts, ids)]
-    shape = tuple(_whole(e * f, "a chunk boundary") - _whole(s * f, "a chunk boundary")
-                  for (s, e), f in zip(core, scale))
+    shape = tuple(
+        _whole(e * f, "a chunk boundary") - _whole(s * f, "a chunk boundary")
+        for (s, e), f in zip(core, scale)
+    )
     return core, shape
 
 
@@ -67,8 +69,10 @@ def _chosen(selected, grid: PatchGrid, local: PatchGrid, first) -> np.ndarray | 
 
 
 def _scaled(slices, scale) -> tuple[slice, ...]:
-    return tuple(slice(_whole(sl.start * f, "a patch"), _whole(sl.stop * f, "a patch"))
-                 for sl, f in zip(slices, scale))
+    return tuple(
+        slice(_whole(sl.start * f, "a patch"), _whole(sl.stop * f, "a patch"))
+        for sl, f in zip(slices, scale)
+    )
 
 
 def _merge_image(image, lgrid, chosen, model, params, merge, spec, specs, where):
@@ -77,22 +81,38 @@ def _merge_image(image, lgrid, chosen, model, params, merge, spec, specs, where)
     acc._stream(whole_grid=chosen is None)  # the weights as in memory (per-axis sums)
     if chosen is not None and not len(chosen):
         return acc
-    for batch in iter_batches(image, lgrid, model.batch_size, indices=chosen,
-                              channels_first=model.channels_first):
+    for batch in iter_batches(
+        image, lgrid, model.batch_size, indices=chosen, channels_first=model.channels_first
+    ):
         res = model.run(batch.patches, params, where)
         model.check(res, specs, lgrid, len(batch.indices), where)
         acc.add(res[spec.name], batch.indices, channels_first=model.channels_first)
     return acc
 
 
-def _predicted_block(block, *, grid, starts, depth, model, params, merge, spec, specs, dtype,
-                     fill, selected, keep_input, c_in, block_id=None):
-    ids = block_id[1:grid.ndim + 1]
+def _predicted_block(
+    block,
+    *,
+    grid,
+    starts,
+    depth,
+    model,
+    params,
+    merge,
+    spec,
+    specs,
+    dtype,
+    fill,
+    selected,
+    keep_input,
+    c_in,
+    block_id=None,
+):
+    ids = block_id[1 : grid.ndim + 1]
     core, shape_out = _core_shape(starts, ids, spec.scale)
     out = np.full((block.shape[0],) + shape_out + (spec.channels or 1,), fill, dtype)
     halo = [0 if i == 0 else d for i, d in zip(ids, depth)]
-    core_in = block[(slice(None),) + tuple(slice(h, h + e - s)
-                                           for h, (s, e) in zip(halo, core))]
+    core_in = block[(slice(None),) + tuple(slice(h, h + e - s) for h, (s, e) in zip(halo, core))]
     found = _local(grid, starts, ids, depth)
     if found is None:
         if keep_input:
@@ -101,13 +121,27 @@ def _predicted_block(block, *, grid, starts, depth, model, params, merge, spec, 
     local, in_block, from_local, to_core, first = found
     chosen = _chosen(selected, grid, local, first)
     with_c = grid.channel_axis is not None
-    lgrid = PatchGrid(local.image_shape + ((c_in,) if with_c else ()), grid.patch_size,
-                      grid.stride, edge="shift", channel_axis=-1 if with_c else None)
+    lgrid = PatchGrid(
+        local.image_shape + ((c_in,) if with_c else ()),
+        grid.patch_size,
+        grid.stride,
+        edge="shift",
+        channel_axis=-1 if with_c else None,
+    )
     src, dst = _scaled(from_local, spec.scale), _scaled(to_core, spec.scale)
     for b in range(block.shape[0]):
         image = block[(b,) + in_block]
-        acc = _merge_image(image if with_c else image[..., 0], lgrid, chosen, model, params,
-                           merge, spec, specs, f"chunk {tuple(block_id)}")
+        acc = _merge_image(
+            image if with_c else image[..., 0],
+            lgrid,
+            chosen,
+            model,
+            params,
+            merge,
+            spec,
+            specs,
+            f"chunk {tuple(block_id)}",
+        )
         merged = acc.result(dtype, fill)
         merged = (merged[..., None] if spec.channels is None else merged)[src]
         if keep_input:
@@ -132,15 +166,18 @@ def _weights_block(*, grid, starts, depth, spec, merge, selected, block_id=None)
 
 
 def _out_chunks(starts, scale) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(np.diff([math.ceil(s * f) for s in st]).tolist())
-                 for st, f in zip(starts, scale))
+    return tuple(
+        tuple(np.diff([math.ceil(s * f) for s in st]).tolist()) for st, f in zip(starts, scale)
+    )
 
 
 def _fill(spec, dtype, fill_value, covering: bool, uncovered: str):
     out_dtype = np.dtype(dtype) if dtype is not None else _work(spec.dtype)
     if fill_value is None and out_dtype.kind != "f" and not covering and uncovered == "fill":
-        raise ValueError("some pixels are covered by no patch: pass `fill_value` to mark "
-                         f"them in an integer output dtype ({out_dtype})")
+        raise ValueError(
+            "some pixels are covered by no patch: pass `fill_value` to mark "
+            f"them in an integer output dtype ({out_dtype})"
+        )
     fill = fill_value if fill_value is not None else (np.nan if out_dtype.kind == "f" else 0)
     return out_dtype, fill
 
@@ -152,22 +189,42 @@ def _output_graph(ov, canon, grid, spec, block_args, batched):
 
     acc = Accumulator(grid, channels=spec.channels, scale=spec.scale, **block_args["merge"])
     if block_args["keep_input"] and acc.shape != grid.image_shape:
-        raise ValueError(f"uncovered='input' needs outputs of the input's shape "
-                         f"{grid.image_shape}; output {spec.name!r} has {acc.shape}")
+        raise ValueError(
+            f"uncovered='input' needs outputs of the input's shape "
+            f"{grid.image_shape}; output {spec.name!r} has {acc.shape}"
+        )
     starts = block_args["starts"]
     dtype = block_args["dtype"]
     chunks = (canon.chunks[0],) + _out_chunks(starts, spec.scale) + ((spec.channels or 1,),)
-    lazy = da.map_blocks(partial(_predicted_block, spec=spec, **block_args), ov, chunks=chunks,
-                         dtype=dtype, meta=np.empty((0,) * canon.ndim, dtype),
-                         token=f"patch-predict-{spec.name}")
+    lazy = da.map_blocks(
+        partial(_predicted_block, spec=spec, **block_args),
+        ov,
+        chunks=chunks,
+        dtype=dtype,
+        meta=np.empty((0,) * canon.ndim, dtype),
+        token=f"patch-predict-{spec.name}",
+    )
     lazy = lazy[(slice(None),) + tuple(slice(0, n) for n in acc.spatial_shape)]
     lazy = lazy[..., 0] if spec.channels is None else da.moveaxis(lazy, -1, acc.channel_axis + 1)
     return (lazy if batched else lazy[0]), acc
 
 
-def chunked_predict(image, grid: PatchGrid, model: Predictor, params: dict, *, window,
-                    window_params, reduce, reference, dtype, fill_value, indices, uncovered,
-                    ssim):
+def chunked_predict(
+    image,
+    grid: PatchGrid,
+    model: Predictor,
+    params: dict,
+    *,
+    window,
+    window_params,
+    reduce,
+    reference,
+    dtype,
+    fill_value,
+    indices,
+    uncovered,
+    ssim,
+):
     """:func:`patch_viewer.process` with a predictor (or chosen patches) on a dask/zarr image:
     every array of the :class:`~.stream.Result` is lazy."""
     import dask.array as da
@@ -178,7 +235,8 @@ def chunked_predict(image, grid: PatchGrid, model: Predictor, params: dict, *, w
     if reference != "input":
         raise ValueError(
             f"reference={reference!r} with predictor {model.name!r} on a dask image: the "
-            "whole-image run is in memory only; use reference='input', or load the image")
+            "whole-image run is in memory only; use reference='input', or load the image"
+        )
     image = as_dask(image)
     batched = is_batched(image.shape, grid)
     nd = grid.ndim
@@ -190,30 +248,54 @@ def chunked_predict(image, grid: PatchGrid, model: Predictor, params: dict, *, w
         canon = _scale_chunks(canon, spec.scale, nd)
     depth = tuple(p - 1 for p in grid.patch_size)
     canon = _min_chunks(canon, depth)
-    starts = _starts(canon.chunks[1:nd + 1])
-    ov = da.overlap.overlap(canon, depth={ax: d for ax, d in enumerate(depth, start=1)},
-                            boundary="none", allow_rechunk=False)
+    starts = _starts(canon.chunks[1 : nd + 1])
+    ov = da.overlap.overlap(
+        canon,
+        depth={ax: d for ax, d in enumerate(depth, start=1)},
+        boundary="none",
+        allow_rechunk=False,
+    )
     covering = selected is None and grid.is_covering
     outputs, accs = {}, []
     for spec in specs:
         out_dtype, fill = _fill(spec, dtype, fill_value, covering, uncovered)
-        args = {"grid": grid, "starts": starts, "depth": depth, "model": model,
-                "params": params, "merge": merge, "specs": specs, "dtype": out_dtype,
-                "fill": fill, "selected": selected, "keep_input": uncovered == "input",
-                "c_in": canon.shape[-1]}
+        args = {
+            "grid": grid,
+            "starts": starts,
+            "depth": depth,
+            "model": model,
+            "params": params,
+            "merge": merge,
+            "specs": specs,
+            "dtype": out_dtype,
+            "fill": fill,
+            "selected": selected,
+            "keep_input": uncovered == "input",
+            "c_in": canon.shape[-1],
+        }
         outputs[spec.name], acc = _output_graph(ov, canon, grid, spec, args, batched)
         accs.append(acc)
     weights = da.map_blocks(
-        partial(_weights_block, grid=grid, starts=starts, depth=depth, spec=specs[0],
-                merge=merge, selected=selected),
-        chunks=_out_chunks(starts, specs[0].scale), dtype=np.float64,
-        meta=np.empty((0,) * nd, np.float64), token="patch-predict-weights",
+        partial(
+            _weights_block,
+            grid=grid,
+            starts=starts,
+            depth=depth,
+            spec=specs[0],
+            merge=merge,
+            selected=selected,
+        ),
+        chunks=_out_chunks(starts, specs[0].scale),
+        dtype=np.float64,
+        meta=np.empty((0,) * nd, np.float64),
+        token="patch-predict-weights",
     )[tuple(slice(0, n) for n in accs[0].spatial_shape)]
     merged = next(iter(outputs.values()))
     error, metrics = _lazy_metrics(merged, image, grid, batched, ssim)
     plan = make_plan(grid, image.shape[0] if batched else 1)
-    return Result(merged, weights, image, error, metrics, grid, plan,
-                  time.perf_counter() - start, outputs)
+    return Result(
+        merged, weights, image, error, metrics, grid, plan, time.perf_counter() - start, outputs
+    )
 
 
 def _lazy_metrics(merged, image, grid, batched, ssim):
@@ -223,8 +305,7 @@ def _lazy_metrics(merged, image, grid, batched, ssim):
         return None, {k: da.from_array(np.float64(np.nan)) for k in METRICS + ("covered",)}
     error = chunked_error(merged, image)
     channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
-    return error, chunked_metrics(merged, image, error=error, channel_axis=channel_axis,
-                                  ssim=ssim)
+    return error, chunked_metrics(merged, image, error=error, channel_axis=channel_axis, ssim=ssim)
 
 
 def _work(dtype):

@@ -32,8 +32,14 @@ LAYOUTS = ("C", "merge")
 __all__ = ["LAYOUTS", "extract_patches", "extract_rows", "sliding_patches"]
 
 
-def extract_patches(image: ArrayLike, grid: PatchGrid, *, copy: bool = False,
-                    layout: str = "C", max_bytes: int | None = None) -> np.ndarray:
+def extract_patches(
+    image: ArrayLike,
+    grid: PatchGrid,
+    *,
+    copy: bool = False,
+    layout: str = "C",
+    max_bytes: int | None = None,
+) -> np.ndarray:
     """Cut ``image`` into the patches of ``grid``.
 
     Parameters
@@ -82,8 +88,10 @@ def extract_patches(image: ArrayLike, grid: PatchGrid, *, copy: bool = False,
     if layout not in LAYOUTS:
         raise ValueError(f"`layout` must be one of {LAYOUTS}, got {layout!r}")
     if layout != "C" and not copy:
-        raise ValueError("`layout` applies to a copy: pass copy=True with layout='merge' "
-                         "(a view keeps the image's memory order)")
+        raise ValueError(
+            "`layout` applies to a copy: pass copy=True with layout='merge' "
+            "(a view keeps the image's memory order)"
+        )
     image = np.asanyarray(image)
     batched = is_batched(image.shape, grid)
     if grid.is_regular and not copy and grid.padded_shape == grid.spatial_shape:
@@ -92,26 +100,37 @@ def extract_patches(image: ArrayLike, grid: PatchGrid, *, copy: bool = False,
     nd = grid.ndim
     if copy and layout == "C":  # one compiled pass, any grid
         nbytes = canon.shape[0] * grid.n_patches * math.prod(grid.patch_shape) * canon.itemsize
-        check_bytes(nbytes, "the patch stack", max_bytes,
-                    "use the read-only view (copy=False) or patch_viewer.process")
+        check_bytes(
+            nbytes,
+            "the patch stack",
+            max_bytes,
+            "use the read-only view (copy=False) or patch_viewer.process",
+        )
         patches = extract_rows(canon, grid)
         if grid.channel_axis is None:
             patches = patches[..., 0]
         return patches if batched else patches[0]
     view = window_view(canon, grid)
     if grid.is_regular:
-        patches = view[(slice(None),) + tuple(
-            regular_slices(o, s) for o, s in zip(grid.origins, grid.stride)
-        )]
+        patches = view[
+            (slice(None),) + tuple(regular_slices(o, s) for o, s in zip(grid.origins, grid.stride))
+        ]
         if copy:
-            check_bytes(patches.size * patches.itemsize, "the patch stack", max_bytes,
-                        "use the read-only view (copy=False) or patch_viewer.process")
+            check_bytes(
+                patches.size * patches.itemsize,
+                "the patch stack",
+                max_bytes,
+                "use the read-only view (copy=False) or patch_viewer.process",
+            )
             patches = _copy_in_layout(patches, grid, layout)
     else:
         shape = (canon.shape[0],) + grid.patches_shape[:nd] + grid.patch_size + (canon.shape[-1],)
-        check_bytes(int(np.prod(shape)) * canon.itemsize, "the patch stack (edge='shift' makes "
-                    "the grid irregular, so it is copied)", max_bytes,
-                    "use edge='pad' or 'drop' for a zero-copy view, or patch_viewer.process")
+        check_bytes(
+            int(np.prod(shape)) * canon.itemsize,
+            "the patch stack (edge='shift' makes the grid irregular, so it is copied)",
+            max_bytes,
+            "use edge='pad' or 'drop' for a zero-copy view, or patch_viewer.process",
+        )
         index = np.ix_(*grid.origins)
         patches = view[(slice(None),) + index]
         if not copy:
@@ -123,8 +142,9 @@ def extract_patches(image: ArrayLike, grid: PatchGrid, *, copy: bool = False,
     return patches if batched else patches[0]
 
 
-def extract_rows(padded: np.ndarray, grid: PatchGrid, row0: int = 0,
-                 rows: int | None = None) -> np.ndarray:
+def extract_rows(
+    padded: np.ndarray, grid: PatchGrid, row0: int = 0, rows: int | None = None
+) -> np.ndarray:
     """A C-ordered copy of the patches of grid rows ``row0 .. row0 + rows`` of a padded
     canonical image ``(b, *padded_shape, C)``: canonical ``(b, rows, *G[1:], *p, C)``.
 
@@ -147,7 +167,7 @@ def extract_rows(padded: np.ndarray, grid: PatchGrid, row0: int = 0,
         return out
     view = window_view(padded, grid)
     index: list = [slice(None)] + [np.asarray(o) for o in grid.origins]
-    index[1] = index[1][row0:row0 + rows]
+    index[1] = index[1][row0 : row0 + rows]
     np.copyto(out, view[(index[0],) + np.ix_(*index[1:])])
     return out
 

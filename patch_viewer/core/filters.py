@@ -44,13 +44,16 @@ class Param:
         if self.kind not in (int, float):
             raise TypeError(f"Param `kind` must be int or float, got {self.kind!r}")
         if not self.min <= self.default <= self.max:
-            raise ValueError(f"Param `default` must be in [min, max] = [{self.min}, {self.max}], "
-                             f"got {self.default!r}")
+            raise ValueError(
+                f"Param `default` must be in [min, max] = [{self.min}, {self.max}], "
+                f"got {self.default!r}"
+            )
 
     def check(self, name: str, value: float) -> float:
         """``value`` checked against the declared range, as ``kind``."""
-        check_number(value, f"filter parameter `{name}`", self.min, self.max,
-                     integer=self.kind is int)
+        check_number(
+            value, f"filter parameter `{name}`", self.min, self.max, integer=self.kind is int
+        )
         return self.kind(value)
 
 
@@ -78,8 +81,9 @@ class PatchFilter:
             )
         return {k: p.check(k, params.get(k, p.default)) for k, p in self.params.items()}
 
-    def __call__(self, stack: np.ndarray, spatial_axes: Sequence[int],
-                 **params: float) -> np.ndarray:
+    def __call__(
+        self, stack: np.ndarray, spatial_axes: Sequence[int], **params: float
+    ) -> np.ndarray:
         # Non-finite pixels give NaN where a patch statistic is undefined (documented), not
         # RuntimeWarnings from inside NumPy.
         with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
@@ -95,9 +99,15 @@ class PatchFilter:
 FILTERS: dict[str, PatchFilter | Predictor] = {}
 
 
-def register_filter(name: str, func: Callable[..., Any] | None = None, *,
-                    params: dict[str, Param] | None = None, batched: bool = True, doc: str = "",
-                    halo: Callable[..., int] | None = None) -> Callable[..., Any]:
+def register_filter(
+    name: str,
+    func: Callable[..., Any] | None = None,
+    *,
+    params: dict[str, Param] | None = None,
+    batched: bool = True,
+    doc: str = "",
+    halo: Callable[..., int] | None = None,
+) -> Callable[..., Any]:
     """Add a filter to the registry (usable as a decorator).
 
     Parameters
@@ -133,8 +143,9 @@ def register_filter(name: str, func: Callable[..., Any] | None = None, *,
     def deco(f):
         _check_registration(name, f, params, halo)
         call = f if batched else _per_patch(f)
-        FILTERS[name] = PatchFilter(name, call, dict(params or {}),
-                                    doc or (f.__doc__ or "").strip(), halo)
+        FILTERS[name] = PatchFilter(
+            name, call, dict(params or {}), doc or (f.__doc__ or "").strip(), halo
+        )
         return f
 
     return deco if func is None else deco(func)
@@ -154,7 +165,8 @@ def _check_registration(name, func, params, halo) -> None:
             raise TypeError(f"filter `params` keys must be identifiers, got {key!r}")
         if not isinstance(value, Param):
             raise TypeError(
-                f"filter `params[{key!r}]` must be a Param(default, min, max), got {value!r}")
+                f"filter `params[{key!r}]` must be a Param(default, min, max), got {value!r}"
+            )
     if halo is not None and not callable(halo):
         raise TypeError(f"filter `halo` must be callable or None, got {halo!r}")
 
@@ -190,8 +202,9 @@ def _per_patch(f):
 def _float(stack):
     """Floats stay as they are, except float16, which scipy.ndimage cannot filter: it and
     integers compute (and come back) in float32."""
-    return stack if stack.dtype.kind == "f" and stack.dtype.itemsize >= 4 else \
-        stack.astype(np.float32)
+    return (
+        stack if stack.dtype.kind == "f" and stack.dtype.itemsize >= 4 else stack.astype(np.float32)
+    )
 
 
 def _compiled():
@@ -221,35 +234,45 @@ def identity(stack, spatial_axes):
     return stack
 
 
-@register_filter("gaussian", params={"sigma": Param(1.0, 0.1, 20.0, float, "blur radius (px)")},
-                 halo=_gauss_reach)
+@register_filter(
+    "gaussian",
+    params={"sigma": Param(1.0, 0.1, 20.0, float, "blur radius (px)")},
+    halo=_gauss_reach,
+)
 def gaussian(stack, spatial_axes, sigma):
     """Gaussian blur inside each patch (reflecting at the patch border)."""
     x = _float(stack)
     if (fast := _compiled()) is not None:
         return fast.gaussian(x, spatial_axes, sigma)
-    return ndi.gaussian_filter(x, _per_axis(stack, spatial_axes, sigma, 0.0),
-                               output=np.empty_like(x))
+    return ndi.gaussian_filter(
+        x, _per_axis(stack, spatial_axes, sigma, 0.0), output=np.empty_like(x)
+    )
 
 
-@register_filter("median", params={"size": Param(3, 1, 31, int, "window size (px)")},
-                 halo=lambda size: size // 2)
+@register_filter(
+    "median", params={"size": Param(3, 1, 31, int, "window size (px)")}, halo=lambda size: size // 2
+)
 def median(stack, spatial_axes, size):
     """Median filter inside each patch (float16 computes in float32)."""
     x = stack.astype(np.float32) if stack.dtype == np.float16 else stack
-    return ndi.median_filter(x, size=_per_axis(stack, spatial_axes, size, 1),
-                             output=np.empty_like(x))
+    return ndi.median_filter(
+        x, size=_per_axis(stack, spatial_axes, size, 1), output=np.empty_like(x)
+    )
 
 
-@register_filter("uniform", params={"size": Param(3, 1, 31, int, "window size (px)")},
-                 halo=lambda size: size // 2)
+@register_filter(
+    "uniform",
+    params={"size": Param(3, 1, 31, int, "window size (px)")},
+    halo=lambda size: size // 2,
+)
 def uniform(stack, spatial_axes, size):
     """Moving-average (box) filter inside each patch."""
     x = _float(stack)
     if (fast := _compiled()) is not None:
         return fast.uniform(x, spatial_axes, size)
-    return ndi.uniform_filter(x, size=_per_axis(stack, spatial_axes, size, 1),
-                              output=np.empty_like(x))
+    return ndi.uniform_filter(
+        x, size=_per_axis(stack, spatial_axes, size, 1), output=np.empty_like(x)
+    )
 
 
 @register_filter("sobel", halo=lambda: 1)
@@ -275,10 +298,14 @@ def sobel(stack, spatial_axes):
     return np.sqrt(total, out=total)
 
 
-@register_filter("unsharp", params={
-    "radius": Param(1.0, 0.1, 20.0, float, "blur radius (px)"),
-    "amount": Param(1.0, 0.0, 10.0, float, "sharpening strength"),
-}, halo=lambda radius, amount: _gauss_reach(radius))
+@register_filter(
+    "unsharp",
+    params={
+        "radius": Param(1.0, 0.1, 20.0, float, "blur radius (px)"),
+        "amount": Param(1.0, 0.0, 10.0, float, "sharpening strength"),
+    },
+    halo=lambda radius, amount: _gauss_reach(radius),
+)
 def unsharp(stack, spatial_axes, radius, amount):
     """Unsharp mask: ``x + amount * (x - gaussian(x, radius))`` inside each patch."""
     x = _float(stack)
@@ -308,8 +335,9 @@ def _apply(ufunc, a, b, like):
     long contiguous blocks instead of one patch row at a time.
     """
     out = np.empty_like(like, dtype=np.result_type(a, b))
-    mem = np.argsort([-st if n > 1 else 0 for st, n in zip(like.strides, like.shape)],
-                     kind="stable")
+    mem = np.argsort(
+        [-st if n > 1 else 0 for st, n in zip(like.strides, like.shape)], kind="stable"
+    )
     outer = int(mem[0])
     block = like[(slice(None),) * outer + (slice(0, 1),)]
 

@@ -37,6 +37,7 @@ def elementwise(func: Callable) -> Callable:
     >>> float(r.merged.max())
     2.0
     """
+
     def on_stack(stack, spatial_axes):
         return func(stack)
 
@@ -69,8 +70,11 @@ def _zscore(mean, std):
     return mean, np.where(std > 0, std, np.inf).astype(mean.dtype)
 
 
-_RULES = {"invert": ("range", _invert), "minmax": ("range", _minmax),
-          "zscore": ("moments", _zscore)}
+_RULES = {
+    "invert": ("range", _invert),
+    "minmax": ("range", _minmax),
+    "zscore": ("moments", _zscore),
+}
 
 
 def fused_form(filt: PatchFilter, params: dict, dtype: np.dtype, channels: int) -> Fused | None:
@@ -145,7 +149,7 @@ class PatchStats:
         shape = (1, len(src[2]), len(src[3]), len(src[4]))
         if self.maps is not None:
             origins = [np.asarray(o) for o in self.grid.origins]
-            origins[0] = origins[0][row0:row0 + rows]
+            origins[0] = origins[0][row0 : row0 + rows]
             index = np.ix_(*origins)
             counts = three_axes([len(o) for o in origins], self.grid, 1)
             a, b = (m[index].reshape([1, *counts]).astype(dtype) for m in self.maps)

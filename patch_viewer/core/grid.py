@@ -96,9 +96,16 @@ class PatchGrid:
     padded_shape: tuple[int, ...] = field(init=False)
     origins: tuple[np.ndarray, ...] = field(init=False, repr=False, compare=False)
 
-    def __init__(self, image_shape: Sequence[int], patch_size: int | Sequence[int],
-                 stride: int | Sequence[int] = 1, edge: str = "shift", pad_mode: str = "reflect",
-                 channel_axis: int | None = None, pad_value: float = 0) -> None:
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        patch_size: int | Sequence[int],
+        stride: int | Sequence[int] = 1,
+        edge: str = "shift",
+        pad_mode: str = "reflect",
+        channel_axis: int | None = None,
+        pad_value: float = 0,
+    ) -> None:
         shape = _image_shape(image_shape)
         set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
         set_("image_shape", shape)
@@ -219,9 +226,7 @@ class PatchGrid:
         if np.ndim(index) == 0:
             index = self.patch_index(index)
         index = tuple(index)
-        if len(index) != self.ndim or not all(
-            0 <= i < g for i, g in zip(index, self.grid_shape)
-        ):
+        if len(index) != self.ndim or not all(0 <= i < g for i, g in zip(index, self.grid_shape)):
             raise ValueError(f"`index` must be within grid_shape {self.grid_shape}, got {index}")
         return tuple(int(o[i]) for o, i in zip(self.origins, index))
 
@@ -265,8 +270,10 @@ def _pad_value(value):
         raise TypeError(f"`pad_value` must be a number, got {value!r}")
     value = value.item() if isinstance(value, np.generic) else value
     if math.isnan(value):
-        raise ValueError("`pad_value` must not be NaN (a padded pixel would poison every mean "
-                         "it enters); use a finite number")
+        raise ValueError(
+            "`pad_value` must not be NaN (a padded pixel would poison every mean "
+            "it enters); use a finite number"
+        )
     return value
 
 

@@ -36,16 +36,41 @@ def as_predictor(filt, params: dict, grid: PatchGrid) -> Predictor:
     return Predictor(run, name=filt.name, params=filt.params, doc=filt.doc)
 
 
-def predict_run(image, grid, model: Predictor, params, *, batched, indices, uncovered,
-                window, window_params, reduce, reference, dtype, fill_value, max_bytes,
-                batch_bytes, ssim, metrics, filt=None):
+def predict_run(
+    image,
+    grid,
+    model: Predictor,
+    params,
+    *,
+    batched,
+    indices,
+    uncovered,
+    window,
+    window_params,
+    reduce,
+    reference,
+    dtype,
+    fill_value,
+    max_bytes,
+    batch_bytes,
+    ssim,
+    metrics,
+    filt=None,
+):
     """Generator: yields ``(patches_done, total)`` after each batch; returns the
     :class:`~patch_viewer.core.stream.Result` (``outputs`` holds every output by name)."""
     start = time.perf_counter()
     images = image if batched else image[None]
     order = np.arange(grid.n_patches) if indices is None else _indices(indices, grid)
-    run = _Run(grid, model, params, order, len(images), batched,
-               {"window": window, "window_params": window_params, "reduce": reduce})
+    run = _Run(
+        grid,
+        model,
+        params,
+        order,
+        len(images),
+        batched,
+        {"window": window, "window_params": window_params, "reduce": reduce},
+    )
     # In grid order (every patch, or chosen ones sorted) the rows above the current patch row
     # are final: they are finished and their sums recycled (see Accumulator._stream).
     run.in_order = bool(np.all(np.diff(order) > 0)) and uncovered == "fill"
@@ -53,12 +78,15 @@ def predict_run(image, grid, model: Predictor, params, *, batched, indices, unco
     per_image = []
     for b, one in enumerate(images):
         per_image.append((yield from run.image(one, b)))
-    outputs = {name: _stack([accs[name].result(dtype, fill_value) for accs in per_image],
-                            batched) for name in per_image[0]}
+    outputs = {
+        name: _stack([accs[name].result(dtype, fill_value) for accs in per_image], batched)
+        for name in per_image[0]
+    }
     first = next(iter(per_image[0].values()))
     if uncovered == "input":
-        outputs = {name: _keep_input(m, image, per_image, name, batched)
-                   for name, m in outputs.items()}
+        outputs = {
+            name: _keep_input(m, image, per_image, name, batched) for name, m in outputs.items()
+        }
     merged = next(iter(outputs.values()))
     ref = _reference(image, grid, model, params, reference, batched, first, filt)
     error = error_map(merged, ref) if ref is not None and ref.shape == merged.shape else None
@@ -67,8 +95,17 @@ def predict_run(image, grid, model: Predictor, params, *, batched, indices, unco
         channel_axis = None if first.channel_axis is None else first.channel_axis + batched
         values = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim, error=error)
     plan = make_plan(grid, len(images), batch_bytes=batch_bytes, dtype=image.dtype)
-    return Result(merged, first.weights(), ref, error, values, grid, plan,
-                  time.perf_counter() - start, outputs)
+    return Result(
+        merged,
+        first.weights(),
+        ref,
+        error,
+        values,
+        grid,
+        plan,
+        time.perf_counter() - start,
+        outputs,
+    )
 
 
 class _Run:
@@ -88,10 +125,12 @@ class _Run:
         """Generator over one image's batches; returns its accumulators by output name."""
         accs, specs = None, None
         model, grid = self.model, self.grid
-        for batch in iter_batches(one, grid, model.batch_size, indices=self.order,
-                                  channels_first=model.channels_first):
+        for batch in iter_batches(
+            one, grid, model.batch_size, indices=self.order, channels_first=model.channels_first
+        ):
             where = f"batch {self.k} (patches {batch.indices[0]}..{batch.indices[-1]}" + (
-                f" of image {b})" if self.batched else ")")
+                f" of image {b})" if self.batched else ")"
+            )
             out = model.run(batch.patches, self.params, where)
             if specs is None:
                 specs = model.outputs(out, grid, len(batch.indices))
@@ -129,8 +168,12 @@ def _check_memory(accs: dict, n_images: int, max_bytes) -> None:
     for acc in accs.values():
         elems = math.prod(acc.spatial_shape) * (acc.channels or 1)
         need += elems * 8 * 3 * n_images  # sums (16 B for anchored/split) + the result
-    check_bytes(need, "the merged outputs of this predictor", max_bytes,
-                "choose fewer output channels, a smaller scale, or the dask path")
+    check_bytes(
+        need,
+        "the merged outputs of this predictor",
+        max_bytes,
+        "choose fewer output channels, a smaller scale, or the dask path",
+    )
 
 
 def _empty_accumulators(one, grid, model, params, merge) -> dict:
@@ -149,7 +192,8 @@ def _keep_input(merged, image, per_image, name, batched):
         raise ValueError(
             f"uncovered='input' keeps the input where no chosen patch reaches, so the output "
             f"must have the input's shape {image.shape}; output {name!r} has {merged.shape}: "
-            f"use uncovered='fill'")
+            f"use uncovered='fill'"
+        )
     acc = per_image[0][name]
     covered = np.stack([accs[name].count > 0 for accs in per_image])
     if acc.channel_axis is not None:
@@ -158,8 +202,7 @@ def _keep_input(merged, image, per_image, name, batched):
     return np.where(covered, merged, image.astype(merged.dtype, copy=False))
 
 
-def _reference(image, grid, model: Predictor, params, reference, batched, acc: Accumulator,
-               filt):
+def _reference(image, grid, model: Predictor, params, reference, batched, acc: Accumulator, filt):
     """The input, or the model run on the whole image (``reference="filter"``)."""
     if reference == "input":
         return image
@@ -168,8 +211,9 @@ def _reference(image, grid, model: Predictor, params, reference, batched, acc: A
         from .chunked import reference_axes
 
         canon = to_canonical(image, grid, batched)
-        return from_canonical(np.asarray(filt(canon, reference_axes(grid), **params)), grid,
-                              batched)
+        return from_canonical(
+            np.asarray(filt(canon, reference_axes(grid), **params)), grid, batched
+        )
     images = image if batched else image[None]
     refs = []
     for one in images:
@@ -178,13 +222,17 @@ def _reference(image, grid, model: Predictor, params, reference, batched, acc: A
             whole = whole[None] if grid.channel_axis is None else np.moveaxis(whole, -1, 0)
         out = model.run(np.ascontiguousarray(whole)[None], params, "the whole image")
         a = next(iter(out.values()))[0]
-        want = acc.shape if acc.channels is None or not model.channels_first else \
-            (acc.channels,) + acc.spatial_shape
+        want = (
+            acc.shape
+            if acc.channels is None or not model.channels_first
+            else (acc.channels,) + acc.spatial_shape
+        )
         if a.shape not in (want, acc.shape, acc.spatial_shape + (acc.channels or 1,)):
             raise PredictionError(
                 f"reference='filter' runs predictor {model.name!r} on the whole image; it "
                 f"returned {a.shape + ()} where {acc.shape} was expected (a per-patch or "
-                f"fixed-size model cannot run on the whole image: use reference='input')")
+                f"fixed-size model cannot run on the whole image: use reference='input')"
+            )
         axis = acc.channel_axis
         if acc.channels is not None and axis is not None:
             a = np.moveaxis(a, 0, -1) if model.channels_first else a

@@ -11,9 +11,21 @@ from skimage.metrics import structural_similarity
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
-__all__ = ["METRICS", "REDUCE_ELEMENTS", "compute_metrics", "data_range_of", "dtype_range",
-           "error_map", "error_summary", "error_sums", "iter_ssim", "ssim_bytes", "ssim_clean",
-           "ssim_of", "ssim_window"]
+__all__ = [
+    "METRICS",
+    "REDUCE_ELEMENTS",
+    "compute_metrics",
+    "data_range_of",
+    "dtype_range",
+    "error_map",
+    "error_summary",
+    "error_sums",
+    "iter_ssim",
+    "ssim_bytes",
+    "ssim_clean",
+    "ssim_of",
+    "ssim_window",
+]
 
 METRICS = ("max_abs", "rmse", "psnr", "ssim")
 
@@ -43,8 +55,9 @@ def error_map(merged: ArrayLike, reference: ArrayLike) -> np.ndarray:
     merged = np.asarray(merged)
     reference = np.asarray(reference)
     if merged.shape != reference.shape:
-        raise ValueError(f"`merged` shape {merged.shape} differs from `reference` shape "
-                         f"{reference.shape}")
+        raise ValueError(
+            f"`merged` shape {merged.shape} differs from `reference` shape {reference.shape}"
+        )
     dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN: not a warning
         return np.subtract(merged, reference, dtype=dtype)
@@ -103,7 +116,7 @@ def _bands(a: np.ndarray):
         return
     step = max(1, REDUCE_ELEMENTS // max(a.size // a.shape[0], 1))
     for i in range(0, a.shape[0], step):
-        yield a[i:i + step]
+        yield a[i : i + step]
 
 
 def error_sums(err) -> tuple[int, float, float]:
@@ -134,9 +147,15 @@ def error_summary(n, sum_sq, max_abs, data_range) -> tuple[float, float, float]:
     return max_abs, math.sqrt(mse), psnr
 
 
-def compute_metrics(merged: ArrayLike, reference: ArrayLike, *, channel_axis: int | None = None,
-                    data_range: float | None = None, ssim: bool = True,
-                    error: np.ndarray | None = None) -> dict[str, float]:
+def compute_metrics(
+    merged: ArrayLike,
+    reference: ArrayLike,
+    *,
+    channel_axis: int | None = None,
+    data_range: float | None = None,
+    ssim: bool = True,
+    error: np.ndarray | None = None,
+) -> dict[str, float]:
     """Max-abs error, RMSE, PSNR (dB) and SSIM of ``merged`` against ``reference``.
 
     Pixels where either image is not finite (pixels no patch covers are NaN) are left out of
@@ -161,13 +180,23 @@ def compute_metrics(merged: ArrayLike, reference: ArrayLike, *, channel_axis: in
     if not (dr > 0 and math.isfinite(dr)):
         raise ValueError(f"`data_range` must be a positive finite number, got {data_range!r}")
     if n == 0:
-        return {"max_abs": math.nan, "rmse": math.nan, "psnr": math.nan, "ssim": math.nan,
-                "covered": covered}
+        return {
+            "max_abs": math.nan,
+            "rmse": math.nan,
+            "psnr": math.nan,
+            "ssim": math.nan,
+            "covered": covered,
+        }
     max_abs, rmse, psnr = error_summary(n, sum_sq, max_abs, dr)
-    return {"max_abs": max_abs, "rmse": rmse, "psnr": psnr,
-            "ssim": ssim_of(merged, reference, channel_axis=channel_axis, data_range=dr)
-            if ssim else math.nan,
-            "covered": covered}
+    return {
+        "max_abs": max_abs,
+        "rmse": rmse,
+        "psnr": psnr,
+        "ssim": ssim_of(merged, reference, channel_axis=channel_axis, data_range=dr)
+        if ssim
+        else math.nan,
+        "covered": covered,
+    }
 
 
 #: Pixels per SSIM band: skimage's SSIM holds about 14 float64 copies of what it is given
@@ -216,15 +245,17 @@ def ssim_clean(ref64, merged64):
 
 def _settled(merged, reference, take):
     """One band of both images in float64, non-finite pixels settled by :func:`ssim_clean`."""
-    return ssim_clean(np.asarray(reference[take], dtype=np.float64),
-                      np.asarray(merged[take], dtype=np.float64))
+    return ssim_clean(
+        np.asarray(reference[take], dtype=np.float64), np.asarray(merged[take], dtype=np.float64)
+    )
 
 
 def ssim_window(shape, channel_axis) -> int:
     """skimage's default SSIM window (7), shrunk to the smallest spatial side and kept odd;
     below 3 there is nothing structural to compare."""
-    spatial = [n for i, n in enumerate(shape)
-               if channel_axis is None or i != channel_axis % len(shape)]
+    spatial = [
+        n for i, n in enumerate(shape) if channel_axis is None or i != channel_axis % len(shape)
+    ]
     win = min(7, *spatial)
     return win - (1 - win % 2)
 
@@ -269,11 +300,14 @@ def iter_ssim(merged, reference, *, channel_axis=None, data_range=None, band=Non
         take = [slice(None)] * reference.ndim
         take[ax] = slice(lo, hi)
         ref64, merged64 = _settled(merged, reference, tuple(take))
-        _, smap = structural_similarity(ref64, merged64, data_range=dr,
-                                        channel_axis=channel_axis, win_size=win, full=True)
+        _, smap = structural_similarity(
+            ref64, merged64, data_range=dr, channel_axis=channel_axis, win_size=win, full=True
+        )
         del ref64, merged64
-        keep = [slice(pad, m - pad) if i in spatial_axes else slice(None)
-                for i, m in enumerate(smap.shape)]
+        keep = [
+            slice(pad, m - pad) if i in spatial_axes else slice(None)
+            for i, m in enumerate(smap.shape)
+        ]
         keep[ax] = slice(a - lo, z - lo)
         part = smap[tuple(keep)]
         total += float(part.sum(dtype=np.float64))
@@ -287,5 +321,6 @@ def _ssim(ref, merged, channel_axis, dr) -> float:
     win = ssim_window(ref.shape, channel_axis)
     if win < 3:
         return math.nan  # too small for a structural comparison
-    return float(structural_similarity(ref, merged, data_range=dr, channel_axis=channel_axis,
-                                       win_size=win))
+    return float(
+        structural_similarity(ref, merged, data_range=dr, channel_axis=channel_axis, win_size=win)
+    )

@@ -45,16 +45,26 @@ if TYPE_CHECKING:
 
 __all__ = ["REFERENCES", "Plan", "Result", "iter_process", "make_plan", "merge_stream", "process"]
 
-def iter_process(image: ArrayLike, grid: PatchGrid,
-                 patch_filter: str | PatchFilter | Predictor | Callable[..., Any] = "identity",
-                 *, filter_params: Mapping[str, float] | None = None,
-                 window: str | ArrayLike = "uniform",
-                 window_params: Mapping[str, float] | None = None, reduce: str = "mean",
-                 reference: str = "input", dtype: DTypeLike | None = None,
-                 fill_value: float | None = None, batch_bytes: int | None = None,
-                 max_bytes: int | str | None = None, ssim: bool = True,
-                 metrics: bool = True, indices: ArrayLike | None = None,
-                 uncovered: str = "fill") -> Generator[tuple[int, int], None, Result]:
+
+def iter_process(
+    image: ArrayLike,
+    grid: PatchGrid,
+    patch_filter: str | PatchFilter | Predictor | Callable[..., Any] = "identity",
+    *,
+    filter_params: Mapping[str, float] | None = None,
+    window: str | ArrayLike = "uniform",
+    window_params: Mapping[str, float] | None = None,
+    reduce: str = "mean",
+    reference: str = "input",
+    dtype: DTypeLike | None = None,
+    fill_value: float | None = None,
+    batch_bytes: int | None = None,
+    max_bytes: int | str | None = None,
+    ssim: bool = True,
+    metrics: bool = True,
+    indices: ArrayLike | None = None,
+    uncovered: str = "fill",
+) -> Generator[tuple[int, int], None, Result]:
     """Generator form of :func:`process`: yields ``(patches_done, patches_total)`` after each
     batch and returns the :class:`Result` (``StopIteration.value``; napari's ``thread_worker``
     emits it as ``returned``). Closing the generator cancels the run.
@@ -66,16 +76,45 @@ def iter_process(image: ArrayLike, grid: PatchGrid,
     max_bytes = parse_max_bytes(max_bytes)
     dtype = check_dtype(dtype)
     fill_value = check_fill_value(fill_value, dtype)
-    if is_lazy(image) and (isinstance(get_filter(patch_filter), Predictor) or
-                           indices is not None or uncovered != "fill"):
-        return _lazy(_chunked_predict(image, grid, patch_filter, filter_params, window,
-                                      window_params, reduce, reference, dtype, fill_value,
-                                      indices, uncovered, ssim))
+    if is_lazy(image) and (
+        isinstance(get_filter(patch_filter), Predictor)
+        or indices is not None
+        or uncovered != "fill"
+    ):
+        return _lazy(
+            _chunked_predict(
+                image,
+                grid,
+                patch_filter,
+                filter_params,
+                window,
+                window_params,
+                reduce,
+                reference,
+                dtype,
+                fill_value,
+                indices,
+                uncovered,
+                ssim,
+            )
+        )
     if is_lazy(image):
-        return _lazy(chunked_process(image, grid, patch_filter, filter_params=filter_params,
-                                     window=window, window_params=window_params, reduce=reduce,
-                                     reference=reference, dtype=dtype, fill_value=fill_value,
-                                     batch_bytes=batch_bytes, ssim=ssim))
+        return _lazy(
+            chunked_process(
+                image,
+                grid,
+                patch_filter,
+                filter_params=filter_params,
+                window=window,
+                window_params=window_params,
+                reduce=reduce,
+                reference=reference,
+                dtype=dtype,
+                fill_value=fill_value,
+                batch_bytes=batch_bytes,
+                ssim=ssim,
+            )
+        )
     image = check_image(image, grid)
     batched = is_batched(image.shape, grid)
     filt = get_filter(patch_filter)
@@ -88,23 +127,84 @@ def iter_process(image: ArrayLike, grid: PatchGrid,
     check_reduce_window(reduce, window)
     check_finite_for_integer(image, dtype)
     if isinstance(filt, Predictor) or indices is not None or uncovered != "fill":
-        return _predict(image, grid, filt, params, batched, indices, uncovered, window,
-                        window_params, reduce, reference, dtype, fill_value, max_bytes,
-                        batch_bytes, ssim, metrics)
+        return _predict(
+            image,
+            grid,
+            filt,
+            params,
+            batched,
+            indices,
+            uncovered,
+            window,
+            window_params,
+            reduce,
+            reference,
+            dtype,
+            fill_value,
+            max_bytes,
+            batch_bytes,
+            ssim,
+            metrics,
+        )
     n_images = image.shape[0] if batched else 1
-    probe = filt(np.zeros((1,) + grid.patch_shape, image.dtype), tuple(range(1, grid.ndim + 1)),
-                 **params)
-    plan = make_plan(grid, n_images, batch_bytes=batch_bytes, dtype=image.dtype, window=window,
-                     reduce=reduce, reference=reference, filter_dtype=np.asarray(probe).dtype,
-                     out_dtype=dtype, metrics=metrics, ssim=ssim)
-    check_bytes(plan.peak_bytes, "this run", max_bytes,
-                "use a smaller batch_bytes, or the dask path for images larger than memory")
-    return _run(image, grid, filt, params, window, dict(window_params or {}), reduce, reference,
-                (dtype, fill_value), batched, plan, ssim, metrics)
+    probe = filt(
+        np.zeros((1,) + grid.patch_shape, image.dtype), tuple(range(1, grid.ndim + 1)), **params
+    )
+    plan = make_plan(
+        grid,
+        n_images,
+        batch_bytes=batch_bytes,
+        dtype=image.dtype,
+        window=window,
+        reduce=reduce,
+        reference=reference,
+        filter_dtype=np.asarray(probe).dtype,
+        out_dtype=dtype,
+        metrics=metrics,
+        ssim=ssim,
+    )
+    check_bytes(
+        plan.peak_bytes,
+        "this run",
+        max_bytes,
+        "use a smaller batch_bytes, or the dask path for images larger than memory",
+    )
+    return _run(
+        image,
+        grid,
+        filt,
+        params,
+        window,
+        dict(window_params or {}),
+        reduce,
+        reference,
+        (dtype, fill_value),
+        batched,
+        plan,
+        ssim,
+        metrics,
+    )
 
 
-def _predict(image, grid, filt, params, batched, indices, uncovered, window, window_params,
-             reduce, reference, dtype, fill_value, max_bytes, batch_bytes, ssim, metrics):
+def _predict(
+    image,
+    grid,
+    filt,
+    params,
+    batched,
+    indices,
+    uncovered,
+    window,
+    window_params,
+    reduce,
+    reference,
+    dtype,
+    fill_value,
+    max_bytes,
+    batch_bytes,
+    ssim,
+    metrics,
+):
     """A predictor, or chosen patches: batches -> model -> accumulators (:mod:`.inference`)."""
     from .accumulator import check_window
     from .inference import UNCOVERED, as_predictor, predict_run
@@ -116,15 +216,43 @@ def _predict(image, grid, filt, params, batched, indices, uncovered, window, win
     if indices is not None:
         indices = _indices(indices, grid)
     model = as_predictor(filt, params, grid)
-    return predict_run(image, grid, model, params, batched=batched, indices=indices,
-                       uncovered=uncovered, window=window, window_params=dict(window_params or {}),
-                       reduce=reduce, reference=reference, dtype=dtype, fill_value=fill_value,
-                       max_bytes=max_bytes, batch_bytes=batch_bytes, ssim=ssim, metrics=metrics,
-                       filt=filt)
+    return predict_run(
+        image,
+        grid,
+        model,
+        params,
+        batched=batched,
+        indices=indices,
+        uncovered=uncovered,
+        window=window,
+        window_params=dict(window_params or {}),
+        reduce=reduce,
+        reference=reference,
+        dtype=dtype,
+        fill_value=fill_value,
+        max_bytes=max_bytes,
+        batch_bytes=batch_bytes,
+        ssim=ssim,
+        metrics=metrics,
+        filt=filt,
+    )
 
 
-def _chunked_predict(image, grid, patch_filter, filter_params, window, window_params, reduce,
-                     reference, dtype, fill_value, indices, uncovered, ssim):
+def _chunked_predict(
+    image,
+    grid,
+    patch_filter,
+    filter_params,
+    window,
+    window_params,
+    reduce,
+    reference,
+    dtype,
+    fill_value,
+    indices,
+    uncovered,
+    ssim,
+):
     from .chunked_predict import chunked_predict
     from .inference import UNCOVERED, as_predictor
 
@@ -136,10 +264,21 @@ def _chunked_predict(image, grid, patch_filter, filter_params, window, window_pa
     if reduce not in REDUCTIONS:
         raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
     model = as_predictor(filt, params, grid)
-    return chunked_predict(image, grid, model, params, window=window,
-                           window_params=dict(window_params or {}), reduce=reduce,
-                           reference=reference, dtype=dtype, fill_value=fill_value,
-                           indices=indices, uncovered=uncovered, ssim=ssim)
+    return chunked_predict(
+        image,
+        grid,
+        model,
+        params,
+        window=window,
+        window_params=dict(window_params or {}),
+        reduce=reduce,
+        reference=reference,
+        dtype=dtype,
+        fill_value=fill_value,
+        indices=indices,
+        uncovered=uncovered,
+        ssim=ssim,
+    )
 
 
 def _lazy(result):
@@ -147,13 +286,35 @@ def _lazy(result):
     yield  # a generator that returns at once
 
 
-def _run(image, grid, filt, params, window, window_params, reduce, reference, dtype, batched,
-         plan, ssim=True, metrics=True):
+def _run(
+    image,
+    grid,
+    filt,
+    params,
+    window,
+    window_params,
+    reduce,
+    reference,
+    dtype,
+    batched,
+    plan,
+    ssim=True,
+    metrics=True,
+):
     start = time.perf_counter()
     dtype, fill_value = dtype
     canon = to_canonical(image, grid, batched)
-    merger = yield from merge_stream(canon, grid, filt, params, window, window_params, reduce,
-                                     plan.rows_per_batch, plan.n_patches)
+    merger = yield from merge_stream(
+        canon,
+        grid,
+        filt,
+        params,
+        window,
+        window_params,
+        reduce,
+        plan.rows_per_batch,
+        plan.n_patches,
+    )
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels: NaN, no warning
         merged = from_canonical(merger.result(dtype, fill_value), grid, batched)
     if reference == "filter":  # plane by plane where patches are one plane thick
@@ -164,24 +325,33 @@ def _run(image, grid, filt, params, window, window_params, reduce, reference, dt
     error = error_map(merged, ref)
     channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
     if metrics:
-        metrics = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim,
-                                  error=error)
+        metrics = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim, error=error)
     else:
         metrics = dict.fromkeys(METRICS + ("covered",), math.nan)
     weights = weight_map(grid, window, **window_params)
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
 
 
-def process(image: ArrayLike, grid: PatchGrid,
-            patch_filter: str | PatchFilter | Predictor | Callable[..., Any] = "identity", *,
-            filter_params: Mapping[str, float] | None = None, window: str | ArrayLike = "uniform",
-            window_params: Mapping[str, float] | None = None, reduce: str = "mean",
-            reference: str = "input", dtype: DTypeLike | None = None,
-            fill_value: float | None = None, batch_bytes: int | None = None,
-            max_bytes: int | str | None = None,
-            progress: Callable[[int, int], object] | None = None, ssim: bool = True,
-            metrics: bool = True, indices: ArrayLike | None = None,
-            uncovered: str = "fill") -> Result:
+def process(
+    image: ArrayLike,
+    grid: PatchGrid,
+    patch_filter: str | PatchFilter | Predictor | Callable[..., Any] = "identity",
+    *,
+    filter_params: Mapping[str, float] | None = None,
+    window: str | ArrayLike = "uniform",
+    window_params: Mapping[str, float] | None = None,
+    reduce: str = "mean",
+    reference: str = "input",
+    dtype: DTypeLike | None = None,
+    fill_value: float | None = None,
+    batch_bytes: int | None = None,
+    max_bytes: int | str | None = None,
+    progress: Callable[[int, int], object] | None = None,
+    ssim: bool = True,
+    metrics: bool = True,
+    indices: ArrayLike | None = None,
+    uncovered: str = "fill",
+) -> Result:
     """Cut ``image`` into patches, filter each patch, merge them back and measure the error.
 
     Parameters
@@ -252,11 +422,24 @@ def process(image: ArrayLike, grid: PatchGrid,
     ((64, 64), True)
     """
     check_progress(progress)
-    gen = iter_process(image, grid, patch_filter, filter_params=filter_params, window=window,
-                       window_params=window_params, reduce=reduce, reference=reference,
-                       dtype=dtype, fill_value=fill_value, batch_bytes=batch_bytes,
-                       max_bytes=max_bytes, ssim=ssim, metrics=metrics, indices=indices,
-                       uncovered=uncovered)
+    gen = iter_process(
+        image,
+        grid,
+        patch_filter,
+        filter_params=filter_params,
+        window=window,
+        window_params=window_params,
+        reduce=reduce,
+        reference=reference,
+        dtype=dtype,
+        fill_value=fill_value,
+        batch_bytes=batch_bytes,
+        max_bytes=max_bytes,
+        ssim=ssim,
+        metrics=metrics,
+        indices=indices,
+        uncovered=uncovered,
+    )
     while True:
         try:
             done, total = next(gen)

@@ -37,22 +37,30 @@ def load_entry_points(group: str = GROUP) -> list[str]:
         try:
             obj = ep.load()
         except Exception as exc:  # noqa: BLE001 - a broken plugin must not break the import
-            warnings.warn(f"patch_viewer: filter plugin {ep.name!r} ({ep.value}) failed to "
-                          f"load and is skipped: {type(exc).__name__}: {exc}", stacklevel=2)
+            warnings.warn(
+                f"patch_viewer: filter plugin {ep.name!r} ({ep.value}) failed to "
+                f"load and is skipped: {type(exc).__name__}: {exc}",
+                stacklevel=2,
+            )
             continue
         items = obj if isinstance(obj, (list, tuple)) else [obj]
         for item in items:
             if not isinstance(item, (PatchFilter, Predictor)):
-                warnings.warn(f"patch_viewer: filter plugin {ep.name!r} ({ep.value}) gave a "
-                              f"{type(item).__name__}, not a PatchFilter or Predictor; skipped",
-                              stacklevel=2)
+                warnings.warn(
+                    f"patch_viewer: filter plugin {ep.name!r} ({ep.value}) gave a "
+                    f"{type(item).__name__}, not a PatchFilter or Predictor; skipped",
+                    stacklevel=2,
+                )
                 continue
             named = item
             if not isinstance(obj, (list, tuple)) and item.name != ep.name:
                 named = dataclasses.replace(item, name=ep.name)
             if named.name in builtin:
-                warnings.warn(f"patch_viewer: filter plugin {ep.name!r} would replace the "
-                              f"built-in filter {named.name!r}; skipped", stacklevel=2)
+                warnings.warn(
+                    f"patch_viewer: filter plugin {ep.name!r} would replace the "
+                    f"built-in filter {named.name!r}; skipped",
+                    stacklevel=2,
+                )
                 continue
             FILTERS[named.name] = named
             added.append(named.name)

@@ -25,8 +25,16 @@ from ._layout import pad_canonical, to_canonical, window_view
 from .accumulator import Accumulator, parse_scale
 from .grid import PatchGrid
 
-__all__ = ["Output", "PatchBatch", "PredictionError", "Predictor", "iter_batches",
-           "load_callable", "register_predictor", "select_patches"]
+__all__ = [
+    "Output",
+    "PatchBatch",
+    "PredictionError",
+    "Predictor",
+    "iter_batches",
+    "load_callable",
+    "register_predictor",
+    "select_patches",
+]
 
 
 class PredictionError(RuntimeError):
@@ -129,8 +137,9 @@ class Predictor:
         if self.channels not in ("infer", None):
             k = self.channels
             if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-                raise ValueError(f"predictor `channels` must be an int >= 1, None or 'infer', "
-                                 f"got {k!r}")
+                raise ValueError(
+                    f"predictor `channels` must be an int >= 1, None or 'infer', got {k!r}"
+                )
 
     def validate(self, params: Mapping[str, float] | None) -> dict:
         """Parameters with defaults filled in, checked against their declared ranges."""
@@ -147,7 +156,8 @@ class Predictor:
         except Exception as exc:
             raise PredictionError(
                 f"predictor {self.name!r} failed on {where} (input {tuple(batch.shape)} "
-                f"{batch.dtype}): {type(exc).__name__}: {exc}") from exc
+                f"{batch.dtype}): {type(exc).__name__}: {exc}"
+            ) from exc
         if isinstance(out, dict):
             items = list(out.items())
         elif isinstance(out, (tuple, list)):
@@ -166,26 +176,33 @@ class Predictor:
     def _output(self, name: str, a: np.ndarray, grid: PatchGrid, n: int) -> Output:
         nd = grid.ndim
         if a.dtype.kind not in "biuf":
-            raise PredictionError(f"predictor {self.name!r} returned {name!r} of dtype {a.dtype}; "
-                                  "outputs must hold real numbers")
+            raise PredictionError(
+                f"predictor {self.name!r} returned {name!r} of dtype {a.dtype}; "
+                "outputs must hold real numbers"
+            )
         if a.ndim == 0 or a.shape[0] != n:
-            raise PredictionError(f"predictor {self.name!r} returned {name!r} of shape "
-                                  f"{a.shape} for a batch of {n} patches: the first axis must "
-                                  f"be the batch ({n})")
+            raise PredictionError(
+                f"predictor {self.name!r} returned {name!r} of shape "
+                f"{a.shape} for a batch of {n} patches: the first axis must "
+                f"be the batch ({n})"
+            )
         vector = self.per_patch if self.per_patch is not None else (a.ndim <= 2 and nd > 1)
         if vector:
             if a.ndim > 2:
-                raise PredictionError(f"predictor {self.name!r} is declared per_patch but "
-                                      f"returned {name!r} of shape {a.shape}: expected (N, K)")
+                raise PredictionError(
+                    f"predictor {self.name!r} is declared per_patch but "
+                    f"returned {name!r} of shape {a.shape}: expected (N, K)"
+                )
             k = a.shape[1] if a.ndim == 2 else None
             spec = Output(name, k, (Fraction(1),) * nd, True, a.dtype)
         else:
             if a.ndim not in (nd + 1, nd + 2):
                 raise PredictionError(
                     f"predictor {self.name!r} returned {name!r} of shape {a.shape} for patches "
-                    f"of {grid.patch_size}: expected (N, *patch[, K]), {nd} spatial axes")
+                    f"of {grid.patch_size}: expected (N, *patch[, K]), {nd} spatial axes"
+                )
             k = None if a.ndim == nd + 1 else (a.shape[1] if self.channels_first else a.shape[-1])
-            size = a.shape[1:1 + nd] if (k is None or not self.channels_first) else a.shape[2:]
+            size = a.shape[1 : 1 + nd] if (k is None or not self.channels_first) else a.shape[2:]
             scale = tuple(Fraction(s, p) for s, p in zip(size, grid.patch_size))
             spec = Output(name, k, scale, False, a.dtype)
         self._check_declared(spec, grid)
@@ -200,16 +217,20 @@ class Predictor:
         if self.dtype is not None and self.dtype != spec.dtype:
             problems.append(f"dtype {spec.dtype} (declared {self.dtype})")
         if problems:
-            raise PredictionError(f"predictor {self.name!r} returned {spec.name!r} with "
-                                  + ", ".join(problems))
+            raise PredictionError(
+                f"predictor {self.name!r} returned {spec.name!r} with " + ", ".join(problems)
+            )
 
-    def check(self, out: dict[str, np.ndarray], specs: list[Output], grid: PatchGrid, n: int,
-              where: str) -> None:
+    def check(
+        self, out: dict[str, np.ndarray], specs: list[Output], grid: PatchGrid, n: int, where: str
+    ) -> None:
         """Refuse a batch's outputs that differ from the first call's (names, shapes,
         dtypes)."""
         if list(out) != [s.name for s in specs]:
-            raise PredictionError(f"predictor {self.name!r} returned outputs {list(out)} on "
-                                  f"{where}, but {[s.name for s in specs]} on the first batch")
+            raise PredictionError(
+                f"predictor {self.name!r} returned outputs {list(out)} on "
+                f"{where}, but {[s.name for s in specs]} on the first batch"
+            )
         for spec in specs:
             a = out[spec.name]
             got = self._output(spec.name, a, grid, n) if a.ndim and a.shape[0] == n else None
@@ -217,7 +238,8 @@ class Predictor:
                 raise PredictionError(
                     f"predictor {self.name!r} returned {spec.name!r} of shape {a.shape} "
                     f"{a.dtype} on {where}; the first batch gave "
-                    f"{spec.describe(grid, self.channels_first)} {spec.dtype}")
+                    f"{spec.describe(grid, self.channels_first)} {spec.dtype}"
+                )
 
     def probe(self, grid: PatchGrid, dtype, params: dict | None = None) -> list[Output]:
         """The outputs, found by calling the model once on one zero patch of ``dtype``."""
@@ -231,13 +253,13 @@ class Predictor:
     def comparable(self, specs: list[Output], grid: PatchGrid) -> bool:
         """Whether the first output has the input's shape (an error map can be made)."""
         s = specs[0]
-        return (not s.per_patch and all(f == 1 for f in s.scale)
-                and s.channels == grid.n_channels)
+        return not s.per_patch and all(f == 1 for f in s.scale) and s.channels == grid.n_channels
 
     def accumulators(self, specs: list[Output], grid: PatchGrid, **merge) -> dict:
         """One :class:`Accumulator` per output."""
-        return {s.name: Accumulator(grid, channels=s.channels, scale=s.scale, **merge)
-                for s in specs}
+        return {
+            s.name: Accumulator(grid, channels=s.channels, scale=s.scale, **merge) for s in specs
+        }
 
 
 def _numpy(a) -> np.ndarray:
@@ -288,8 +310,9 @@ def load_callable(spec: str):
     try:
         obj = importlib.import_module(module)
     except Exception as exc:
-        raise ImportError(f"cannot import module {module!r} for {spec!r}: "
-                          f"{type(exc).__name__}: {exc}") from exc
+        raise ImportError(
+            f"cannot import module {module!r} for {spec!r}: {type(exc).__name__}: {exc}"
+        ) from exc
     for part in attr.split("."):
         if not part.isidentifier() or not hasattr(obj, part):
             raise ImportError(f"module {module!r} has no attribute {attr!r} (from {spec!r})")
@@ -300,8 +323,9 @@ def load_callable(spec: str):
 
 
 # --------------------------------------------------------------------------- batches
-def iter_batches(image, grid: PatchGrid, batch_size: int = 64, *, indices=None,
-                 channels_first: bool = False) -> Iterator[PatchBatch]:
+def iter_batches(
+    image, grid: PatchGrid, batch_size: int = 64, *, indices=None, channels_first: bool = False
+) -> Iterator[PatchBatch]:
     """Batches of patches of ``image`` with their indices, to feed a model.
 
     Parameters
@@ -340,8 +364,10 @@ def iter_batches(image, grid: PatchGrid, batch_size: int = 64, *, indices=None,
     batch_size = _positive(batch_size, "batch_size")
     image = check_image(image, grid)
     if image.shape != grid.image_shape:
-        raise ValueError(f"`image` must have the grid's image_shape {grid.image_shape} (one "
-                         f"image), got {image.shape}")
+        raise ValueError(
+            f"`image` must have the grid's image_shape {grid.image_shape} (one "
+            f"image), got {image.shape}"
+        )
     order = np.arange(grid.n_patches) if indices is None else _indices(indices, grid)
     return _batches(image, grid, batch_size, order, channels_first)
 
@@ -349,17 +375,19 @@ def iter_batches(image, grid: PatchGrid, batch_size: int = 64, *, indices=None,
 def _batches(image, grid, batch_size, order, channels_first):
     view = window_view(pad_canonical(to_canonical(image, grid, False), grid), grid)[0]
     nd = grid.ndim
-    origins = np.stack([o[i] for o, i in zip(grid.origins,
-                                            np.unravel_index(order, grid.grid_shape))], -1) \
-        if len(order) else np.zeros((0, nd), np.int64)
+    origins = (
+        np.stack([o[i] for o, i in zip(grid.origins, np.unravel_index(order, grid.grid_shape))], -1)
+        if len(order)
+        else np.zeros((0, nd), np.int64)
+    )
     for start in range(0, len(order), batch_size):
-        org = origins[start:start + batch_size]
+        org = origins[start : start + batch_size]
         patches = view[tuple(org.T)]  # (N, *patch, C): a gathered copy
         if channels_first:
             patches = np.ascontiguousarray(np.moveaxis(patches, -1, 1))
         elif grid.channel_axis is None:
             patches = patches[..., 0]
-        yield PatchBatch(patches, order[start:start + batch_size].copy(), org.copy())
+        yield PatchBatch(patches, order[start : start + batch_size].copy(), org.copy())
 
 
 def _positive(value, name: str) -> int:
@@ -379,19 +407,30 @@ def _indices(indices, grid: PatchGrid) -> np.ndarray:
     if idx.size == 0:
         return np.zeros(0, np.int64)
     if idx.ndim != 1 or idx.dtype.kind not in "iu":
-        raise TypeError(f"`indices` must be a 1-D array of flat patch indices (ints), got "
-                        f"shape {idx.shape} dtype {idx.dtype}")
+        raise TypeError(
+            f"`indices` must be a 1-D array of flat patch indices (ints), got "
+            f"shape {idx.shape} dtype {idx.dtype}"
+        )
     bad = (idx < 0) | (idx >= grid.n_patches)
     if bad.any():
-        raise IndexError(f"`indices` must be in 0..{grid.n_patches - 1} (grid "
-                         f"{grid.grid_shape}), got {idx[bad][:5].tolist()}")
+        raise IndexError(
+            f"`indices` must be in 0..{grid.n_patches - 1} (grid "
+            f"{grid.grid_shape}), got {idx[bad][:5].tolist()}"
+        )
     return idx.astype(np.int64)
 
 
 # --------------------------------------------------------------------------- selection
-def select_patches(grid: PatchGrid, *, mask=None, min_fraction: float = 0.5, image=None,
-                   predicate: Callable | None = None, indices=None,
-                   batch_size: int = 256) -> np.ndarray:
+def select_patches(
+    grid: PatchGrid,
+    *,
+    mask=None,
+    min_fraction: float = 0.5,
+    image=None,
+    predicate: Callable | None = None,
+    indices=None,
+    batch_size: int = 256,
+) -> np.ndarray:
     """Flat indices of the patches worth processing (sorted, unique).
 
     Every criterion given must hold (they combine with "and"):
@@ -433,15 +472,20 @@ def select_patches(grid: PatchGrid, *, mask=None, min_fraction: float = 0.5, ima
         for batch in iter_batches(image, grid, batch_size, indices=candidates):
             verdict = np.asarray(predicate(batch.patches))
             if verdict.shape != batch.indices.shape:
-                raise ValueError(f"`predicate` must return one bool per patch, shape "
-                                 f"{batch.indices.shape}, got shape {verdict.shape}")
+                raise ValueError(
+                    f"`predicate` must return one bool per patch, shape "
+                    f"{batch.indices.shape}, got shape {verdict.shape}"
+                )
             keep[batch.indices] = verdict.astype(bool)
     return np.flatnonzero(keep)
 
 
 def _fraction(value) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.number)) or \
-            not 0 <= value <= 1:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float, np.number))
+        or not 0 <= value <= 1
+    ):
         raise ValueError(f"`min_fraction` must be a number in [0, 1], got {value!r}")
     return float(value)
 
@@ -451,8 +495,9 @@ def mask_fraction(mask, grid: PatchGrid) -> np.ndarray:
     summed-area table: O(image + patches) whatever the patch size."""
     mask = np.asarray(mask)
     if mask.shape != grid.spatial_shape:
-        raise ValueError(f"`mask` must have the image's spatial shape {grid.spatial_shape}, "
-                         f"got {mask.shape}")
+        raise ValueError(
+            f"`mask` must have the image's spatial shape {grid.spatial_shape}, got {mask.shape}"
+        )
     nd = grid.ndim
     table = np.zeros(tuple(m + 1 for m in grid.padded_shape), np.int64)
     table[tuple(slice(1, n + 1) for n in grid.spatial_shape)] = mask.astype(bool)

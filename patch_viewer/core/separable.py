@@ -160,7 +160,7 @@ def _run(x, axis, w=None, size=0):
     if x.size == 0:
         return out
     n = x.shape[axis]
-    shape3 = (int(np.prod(x.shape[:axis])), n, int(np.prod(x.shape[axis + 1:])))
+    shape3 = (int(np.prod(x.shape[:axis])), n, int(np.prod(x.shape[axis + 1 :])))
     if size:
         before = size // 2
         ext = _extension(n, before, size - before - 1)
@@ -177,8 +177,21 @@ def _run(x, axis, w=None, size=0):
     # Slabs to threads (the kernels release the GIL); each output is computed alone, so the
     # bits do not depend on the number of threads.
     cuts = np.linspace(0, shape3[0], workers + 1).round().astype(int)
-    list(_pool().map(lambda k: _pass(x3[cuts[k]:cuts[k + 1]], out3[cuts[k]:cuts[k + 1]], ext,
-                                     w, c, sign, general, int(size)), range(workers)))
+    list(
+        _pool().map(
+            lambda k: _pass(
+                x3[cuts[k] : cuts[k + 1]],
+                out3[cuts[k] : cuts[k + 1]],
+                ext,
+                w,
+                c,
+                sign,
+                general,
+                int(size),
+            ),
+            range(workers),
+        )
+    )
     return out
 
 

@@ -21,8 +21,15 @@ from .grid import PatchGrid
 from .merge import Merger, backend, merge_state_bytes
 from .merge.plan import image_source
 
-__all__ = ["DEFAULT_BATCH_BYTES", "PLAN_SLACK", "REFERENCES", "Plan", "Result", "make_plan",
-           "merge_stream"]
+__all__ = [
+    "DEFAULT_BATCH_BYTES",
+    "PLAN_SLACK",
+    "REFERENCES",
+    "Plan",
+    "Result",
+    "make_plan",
+    "merge_stream",
+]
 
 REFERENCES = ("input", "filter")
 
@@ -61,9 +68,20 @@ class Plan:
         return int(max(self.merge_bytes, self.finish_bytes) * (1 + PLAN_SLACK)) + 2 * 2**20
 
 
-def make_plan(grid: PatchGrid, n_images: int = 1, *, batch_bytes: int | None = None,
-              dtype=np.float32, window="uniform", reduce="mean", reference="input",
-              filter_dtype=None, out_dtype=None, metrics=True, ssim=True) -> Plan:
+def make_plan(
+    grid: PatchGrid,
+    n_images: int = 1,
+    *,
+    batch_bytes: int | None = None,
+    dtype=np.float32,
+    window="uniform",
+    reduce="mean",
+    reference="input",
+    filter_dtype=None,
+    out_dtype=None,
+    metrics=True,
+    ssim=True,
+) -> Plan:
     """Plan a streamed run over ``n_images`` images of ``grid`` (batches counted as float32).
 
     The memory plan (``peak_bytes``) needs what the run will do: the images' ``dtype``, the
@@ -90,12 +108,27 @@ def make_plan(grid: PatchGrid, n_images: int = 1, *, batch_bytes: int | None = N
     rows = math.ceil(grid.grid_shape[0] / math.ceil(grid.grid_shape[0] / rows))  # even batches
     n_batches = n_images * math.ceil(grid.grid_shape[0] / rows)
     image_bytes = n_images * math.prod(grid.padded_shape) * (grid.n_channels or 1) * 8
-    options = {"window": window, "reduce": reduce, "reference": reference,
-               "filter_dtype": filter_dtype, "out_dtype": out_dtype, "metrics": metrics,
-               "ssim": ssim}
+    options = {
+        "window": window,
+        "reduce": reduce,
+        "reference": reference,
+        "filter_dtype": filter_dtype,
+        "out_dtype": out_dtype,
+        "metrics": metrics,
+        "ssim": ssim,
+    }
     merge, finish = _memory(grid, n_images, np.dtype(dtype), rows * row_bytes // item, options)
-    return Plan(n_images, n_images * grid.n_patches, rows, n_batches, rows * row_bytes,
-                image_bytes, n_images * grid.nbytes(np.float32), merge, finish)
+    return Plan(
+        n_images,
+        n_images * grid.n_patches,
+        rows,
+        n_batches,
+        rows * row_bytes,
+        image_bytes,
+        n_images * grid.nbytes(np.float32),
+        merge,
+        finish,
+    )
 
 
 def _memory(grid, n_images, dtype, batch_elems, options):
@@ -106,8 +139,7 @@ def _memory(grid, n_images, dtype, batch_elems, options):
     channels = grid.n_channels or 1
     pixels = n_images * channels * math.prod(grid.spatial_shape)
     padded = n_images * channels * math.prod(grid.padded_shape)
-    canvas, result = merge_state_bytes(grid, n_images, dtype, options["window"],
-                                       options["reduce"])
+    canvas, result = merge_state_bytes(grid, n_images, dtype, options["window"], options["reduce"])
     filtered = np.dtype(options["filter_dtype"] or dtype)
     converts = filtered != dtype  # the filter computes on a converted copy
     pad = padded * dtype.itemsize if padded != pixels else 0
@@ -156,8 +188,11 @@ def merge_stream(canon, grid, filt, params, window, window_params, reduce, rows,
     returns the filled :class:`Merger`. The one streaming loop behind :func:`process` and the
     chunked path."""
     if backend() == "numba":
-        return (yield from _compiled_stream(canon, grid, filt, params, window, window_params,
-                                            reduce, rows, total))
+        return (
+            yield from _compiled_stream(
+                canon, grid, filt, params, window, window_params, reduce, rows, total
+            )
+        )
     nd = grid.ndim
     padded = pad_canonical(canon, grid)
     view = window_view(padded, grid)
@@ -172,20 +207,28 @@ def merge_stream(canon, grid, filt, params, window, window_params, reduce, rows,
     order = stack_order(grid)
     for b in range(canon.shape[0]):
         for r0 in range(0, g0, rows):
-            o0 = grid.origins[0][r0:r0 + rows]
+            o0 = grid.origins[0][r0 : r0 + rows]
             if order == ROWS_FIRST_ORDER:  # extract in the order the merge reads
                 batch = _offset_major_rows(padded, b, o0, rest[0], grid)
             elif grid.is_regular:
-                batch = view[(slice(b, b + 1), slice(int(o0[0]), int(o0[-1]) + 1, grid.stride[0]))
-                             + rest]
+                batch = view[
+                    (slice(b, b + 1), slice(int(o0[0]), int(o0[-1]) + 1, grid.stride[0])) + rest
+                ]
             else:
                 batch = view[(slice(b, b + 1),) + np.ix_(o0, *rest)]
             if order is not None and order != ROWS_FIRST_ORDER:
                 batch = _copy_in_order(batch, order)
             out = np.asarray(filt(batch, spatial_axes, **params))
             if merger is None:
-                merger = Merger(grid, canon.shape[0], canon.shape[-1], out.dtype, window=window,
-                                reduce=reduce, window_params=window_params)
+                merger = Merger(
+                    grid,
+                    canon.shape[0],
+                    canon.shape[-1],
+                    out.dtype,
+                    window=window,
+                    reduce=reduce,
+                    window_params=window_params,
+                )
             with np.errstate(invalid="ignore", over="ignore"):  # inf - inf: NaN, no warning
                 merger.add(out, b, r0)
             done += out.shape[1] * math.prod(grid.grid_shape[1:])
@@ -202,8 +245,9 @@ def _compiled_stream(canon, grid, filt, params, window, window_params, reduce, r
     fused = fused_form(filt, params, canon.dtype, c)
     merger = None
     if fused is not None:
-        merger = Merger(grid, b, c, fused.dtype, window=window, reduce=reduce,
-                        window_params=window_params)
+        merger = Merger(
+            grid, b, c, fused.dtype, window=window, reduce=reduce, window_params=window_params
+        )
         if not merger.fuses(fused):
             merger = fused = None
     source = None
@@ -211,7 +255,7 @@ def _compiled_stream(canon, grid, filt, params, window, window_params, reduce, r
     per_row = math.prod(grid.grid_shape[1:])
     for bi in range(b):
         if fused is not None:
-            image = padded[bi:bi + 1]
+            image = padded[bi : bi + 1]
             source = image_source(image, grid, fused.dtype)
             stats = PatchStats(fused, image, grid) if fused.rule is not None else None
         for r0 in range(0, grid.grid_shape[0], rows):
@@ -219,12 +263,20 @@ def _compiled_stream(canon, grid, filt, params, window, window_params, reduce, r
             if fused is not None:
                 merger.add_fused(source.rows(grid, r0, n), bi, r0, n, fused, stats)
             else:
-                batch = extract_rows(padded[bi:bi + 1], grid, r0, n)
-                out = np.asarray(filt(batch, tuple(range(2 + grid.ndim - 1, 1 + 2 * grid.ndim)),
-                                      **params))
+                batch = extract_rows(padded[bi : bi + 1], grid, r0, n)
+                out = np.asarray(
+                    filt(batch, tuple(range(2 + grid.ndim - 1, 1 + 2 * grid.ndim)), **params)
+                )
                 if merger is None:
-                    merger = Merger(grid, b, c, out.dtype, window=window, reduce=reduce,
-                                    window_params=window_params)
+                    merger = Merger(
+                        grid,
+                        b,
+                        c,
+                        out.dtype,
+                        window=window,
+                        reduce=reduce,
+                        window_params=window_params,
+                    )
                 merger.add(out, bi, r0)
             done += n * per_row
             yield done, total
@@ -240,13 +292,15 @@ def _offset_major_rows(padded, b, rows, cols, grid):
     n = len(rows)
     y0 = int(rows[0])
     lines = np.lib.stride_tricks.sliding_window_view(
-        padded[b:b + 1, y0:y0 + n + p0 - 1], p1, axis=2, writeable=False)[:, :, cols]
+        padded[b : b + 1, y0 : y0 + n + p0 - 1], p1, axis=2, writeable=False
+    )[:, :, cols]
     lines = np.ascontiguousarray(np.moveaxis(lines, 3, -1).transpose(1, 0, 2, 3, 4))
-    out = empty_in_order((1, n) + lines.shape[2:3] + (p0,) + lines.shape[3:], ROWS_FIRST_ORDER,
-                         padded.dtype)
+    out = empty_in_order(
+        (1, n) + lines.shape[2:3] + (p0,) + lines.shape[3:], ROWS_FIRST_ORDER, padded.dtype
+    )
     mem = out.transpose(ROWS_FIRST_ORDER)  # (p0, n, 1, g1, p1, C), contiguous
     for e in range(p0):
-        mem[e] = lines[e:e + n]
+        mem[e] = lines[e : e + n]
     return out
 
 

@@ -30,8 +30,9 @@ WARM_DTYPES = ("uint8", "uint16", "float32", "float64")
 WARM_FILTERS = ("identity", "gaussian", "invert")
 
 
-def warm_up(dtypes: Iterable[DTypeLike] = WARM_DTYPES,
-            filters: Iterable[str] = WARM_FILTERS) -> float:
+def warm_up(
+    dtypes: Iterable[DTypeLike] = WARM_DTYPES, filters: Iterable[str] = WARM_FILTERS
+) -> float:
     """Load the compiled kernels a merge and a ``process`` of these dtypes and filters use.
 
     Runs tiny merges (every window family: uniform and weighted; mean and max) and

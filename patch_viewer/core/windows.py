@@ -70,16 +70,18 @@ def window_factors(window: str, patch_size, **params) -> list[np.ndarray]:
     allowed = WINDOW_PARAMS.get(window, {})
     for key, value in params.items():
         if key not in allowed:
-            raise TypeError(f"window {window!r} takes no parameter {key!r}; it takes "
-                            f"{tuple(allowed)}")
+            raise TypeError(
+                f"window {window!r} takes no parameter {key!r}; it takes {tuple(allowed)}"
+            )
         _, lo, hi = allowed[key]
         check_number(value, f"window parameter `{key}`", lo, hi)
     params = {k: float(v) for k, v in params.items()}
     return [_FACTORS[window](int(p), **params) for p in patch_size]
 
 
-def make_window(window: str | ArrayLike, patch_size: Sequence[int],
-                **params: float) -> np.ndarray | None:
+def make_window(
+    window: str | ArrayLike, patch_size: Sequence[int], **params: float
+) -> np.ndarray | None:
     """The window as an array of the patch's spatial shape (float64, strictly positive).
 
     Parameters
@@ -122,8 +124,9 @@ def make_window(window: str | ArrayLike, patch_size: Sequence[int],
     if arr.dtype.kind not in "biuf":
         raise TypeError(f"`window` array must be numeric, got dtype {arr.dtype}")
     if arr.shape != patch_size:
-        raise ValueError(f"`window` array must have the patch's spatial shape {patch_size}, "
-                         f"got {arr.shape}")
+        raise ValueError(
+            f"`window` array must have the patch's spatial shape {patch_size}, got {arr.shape}"
+        )
     arr = arr.astype(np.float64)
     if not np.all(np.isfinite(arr)) or arr.min() < 0:
         raise ValueError("`window` array values must be finite and >= 0")
@@ -137,4 +140,3 @@ def separable_factors(window, patch_size, **params) -> list[np.ndarray] | None:
     if isinstance(window, str) and window in _FACTORS:
         return window_factors(window, patch_size, **params)
     return None
-

@@ -23,8 +23,14 @@ def grids(draw, max_side=None, edges=EDGE_MODES, channels=(None, 1, 3)):
         shape.insert(channel_axis, c)
         if draw(st.booleans()):
             channel_axis -= nd + 1  # negative form
-    return PatchGrid(tuple(shape), tuple(patch), tuple(stride), edge=edge,
-                     pad_mode=draw(st.sampled_from(PAD_MODES)), channel_axis=channel_axis)
+    return PatchGrid(
+        tuple(shape),
+        tuple(patch),
+        tuple(stride),
+        edge=edge,
+        pad_mode=draw(st.sampled_from(PAD_MODES)),
+        channel_axis=channel_axis,
+    )
 
 
 def images(grid, dtype, seed):

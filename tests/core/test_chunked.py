@@ -31,11 +31,15 @@ def _close(a, b, dtype):
 
 
 @settings(max_examples=60, deadline=None)
-@given(grids(), st.data(),
-       st.sampled_from(["identity", "gaussian", "median", "invert", "zscore", "sobel"]),
-       st.sampled_from(["uniform", "triangular", "hann", "overlap-tile"]),
-       st.sampled_from([np.uint8, np.float32, np.float64]), st.booleans(),
-       st.integers(0, 2**32 - 1))
+@given(
+    grids(),
+    st.data(),
+    st.sampled_from(["identity", "gaussian", "median", "invert", "zscore", "sobel"]),
+    st.sampled_from(["uniform", "triangular", "hann", "overlap-tile"]),
+    st.sampled_from([np.uint8, np.float32, np.float64]),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
 def test_chunked_equals_in_memory(grid, data, name, window, dtype, batched, seed):
     rng = np.random.default_rng(seed)
     shape = ((2,) if batched else ()) + grid.image_shape
@@ -53,14 +57,16 @@ def test_chunked_equals_in_memory(grid, data, name, window, dtype, batched, seed
 
 
 @settings(max_examples=30, deadline=None)
-@given(grids(channels=(None,)), st.sampled_from(["max", "min"]), st.data(),
-       st.integers(0, 2**32 - 1))
+@given(
+    grids(channels=(None,)), st.sampled_from(["max", "min"]), st.data(), st.integers(0, 2**32 - 1)
+)
 def test_chunked_max_min_are_exact(grid, reduce, data, seed):
     image = np.random.default_rng(seed).random(grid.image_shape)
     chunks = tuple(data.draw(st.integers(1, n)) for n in grid.image_shape)
     lazy = process(da.from_array(image, chunks=chunks), grid, "gaussian", reduce=reduce)
-    np.testing.assert_array_equal(lazy.merged.compute(),
-                                  process(image, grid, "gaussian", reduce=reduce).merged)
+    np.testing.assert_array_equal(
+        lazy.merged.compute(), process(image, grid, "gaussian", reduce=reduce).merged
+    )
 
 
 def test_result_does_not_depend_on_chunking_and_metrics_match():
@@ -70,8 +76,9 @@ def test_result_does_not_depend_on_chunking_and_metrics_match():
     expected = process(image, grid, "gaussian", reference="filter", window="hann")
     results = []
     for chunks in [(64, 64, 3), (240, 33, 1), (100, 200, 2)]:
-        r = process(da.from_array(image, chunks=chunks), grid, "gaussian", reference="filter",
-                    window="hann")
+        r = process(
+            da.from_array(image, chunks=chunks), grid, "gaussian", reference="filter", window="hann"
+        )
         merged, reference, metrics = dask.compute(r.merged, r.reference, r.metrics)
         np.testing.assert_array_equal(reference, expected.reference)
         _close(merged, expected.merged, merged.dtype)
@@ -101,8 +108,9 @@ def test_uncovered_pixels_and_metrics_with_drop():
 def test_zarr_input(tmp_path):
     zarr = pytest.importorskip("zarr")
     image = np.random.default_rng(0).integers(0, 255, (300, 260), dtype=np.uint8)
-    z = zarr.open_array(tmp_path / "im.zarr", mode="w", shape=image.shape, chunks=(128, 128),
-                        dtype=image.dtype)
+    z = zarr.open_array(
+        tmp_path / "im.zarr", mode="w", shape=image.shape, chunks=(128, 128), dtype=image.dtype
+    )
     z[:] = image
     grid = PatchGrid(image.shape, 39, stride=13)
     r = process(z, grid, dtype=np.uint8)
@@ -146,9 +154,12 @@ def test_runs_unchanged_on_a_two_worker_local_cluster():
     image = rng.random((300, 280)).astype(np.float32)
     grid = PatchGrid(image.shape, 39, stride=16, edge="pad", pad_mode="reflect")
     expected = process(image, grid, "median", window="triangular")
-    with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True,
-                                  dashboard_address=None) as cluster, \
-            distributed.Client(cluster) as client:
+    with (
+        distributed.LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
         assert len(client.scheduler_info()["workers"]) == 2
         r = process(da.from_array(image, chunks=100), grid, "median", window="triangular")
         merged, metrics = client.compute([r.merged, r.metrics], sync=True)
@@ -179,7 +190,8 @@ def test_chunked_metrics_settle_missing_pixels_as_in_memory():
     reference[10:13, 20:40] = np.nan
     merged[50:52, 5:9] = np.nan
     expected = compute_metrics(merged, reference)
-    (got,) = dask.compute(chunked_metrics(da.from_array(merged, chunks=30),
-                                          da.from_array(reference, chunks=30)))
+    (got,) = dask.compute(
+        chunked_metrics(da.from_array(merged, chunks=30), da.from_array(reference, chunks=30))
+    )
     for k, v in expected.items():
         assert float(got[k]) == pytest.approx(v, rel=1e-9), k

@@ -49,15 +49,22 @@ def _round_float(v: Fraction, dtype):
     lo = np.array(float(v), dtype)  # float() of a Fraction is correctly rounded (to float64)
     # step to the neighbours and take the nearest to the exact value (ties to even mantissa)
     cands = [np.nextafter(lo, dtype(-np.inf)), lo, np.nextafter(lo, dtype(np.inf))]
-    best = min(cands, key=lambda c: (abs(Fraction(float(c)) - v),
-                                     int(np.array(c).view(np.uint32 if dtype == np.float32
-                                                          else np.uint64)) & 1))
+    best = min(
+        cands,
+        key=lambda c: (
+            abs(Fraction(float(c)) - v),
+            int(np.array(c).view(np.uint32 if dtype == np.float32 else np.uint64)) & 1,
+        ),
+    )
     return best
 
 
 @settings(max_examples=60, deadline=None)
-@given(grids(max_side=9, edges=("shift", "pad"), channels=(None,)),
-       st.sampled_from([np.float32, np.uint8, np.int16, np.int32]), st.integers(0, 2**32 - 1))
+@given(
+    grids(max_side=9, edges=("shift", "pad"), channels=(None,)),
+    st.sampled_from([np.float32, np.uint8, np.int16, np.int32]),
+    st.integers(0, 2**32 - 1),
+)
 def test_means_are_correctly_rounded(backend, grid, dtype, seed):
     """float32 and integer outputs are the exact mean rounded once (0.5 ulp) on the compiled
     backend; the NumPy engine's float32 means are within 4 ulp of the largest value summed
@@ -103,7 +110,7 @@ def test_float64_means_within_two_ulp_of_their_terms(backend, grid, seed):
 
 
 LIMITS = {
-    np.int64: [-2**63, -2**63 + 1, -2**53 - 1, -1, 0, 1, 2**53 + 1, 2**63 - 2, 2**63 - 1],
+    np.int64: [-(2**63), -(2**63) + 1, -(2**53) - 1, -1, 0, 1, 2**53 + 1, 2**63 - 2, 2**63 - 1],
     np.uint64: [0, 1, 2**53 + 1, 2**63, 2**64 - 2, 2**64 - 1],
 }
 
@@ -120,7 +127,8 @@ def test_64_bit_round_trips_are_exact_over_the_whole_range(dtype, window):
     np.testing.assert_array_equal(merged, image)
     flat = PatchGrid((len(values),), 3, stride=1)
     np.testing.assert_array_equal(
-        merge_patches(extract_patches(values, flat), flat, dtype=dtype, window=window), values)
+        merge_patches(extract_patches(values, flat), flat, dtype=dtype, window=window), values
+    )
 
 
 @pytest.mark.parametrize("dtype", [np.int64, np.uint64])
@@ -143,10 +151,14 @@ def test_integer_dtype_saturates_instead_of_wrapping():
     merged = merge_patches(extract_patches(image, g), g, dtype=np.int32)
     assert merged.tolist() == [2**31 - 1, 1, 2, 3]
     low = merge_patches(extract_patches(-image, g), g, dtype=np.int32)
-    assert low.tolist() == [-2**31, -1, -2, -3]
+    assert low.tolist() == [-(2**31), -1, -2, -3]
     big = np.array([3e19, -1, 2**63, 5.0])
     assert merge_patches(extract_patches(big, g), g, dtype=np.int64).tolist() == [
-        2**63 - 1, -1, 2**63 - 1, 5]
+        2**63 - 1,
+        -1,
+        2**63 - 1,
+        5,
+    ]
     assert merge_patches(extract_patches(big, g), g, dtype=np.uint8).tolist() == [255, 0, 255, 5]
 
 
@@ -170,13 +182,13 @@ def test_zero_weight_pixels_count_as_uncovered():
     assert filled.tolist() == [0, -1, 2, 3, -1, 5]
     with pytest.raises(ValueError, match="fill_value"):
         merge_patches(extract_patches(image, grid), grid, window=window, dtype=np.uint8)
-    as_int = merge_patches(extract_patches(image, grid), grid, window=window, dtype=np.uint8,
-                           fill_value=9)
+    as_int = merge_patches(
+        extract_patches(image, grid), grid, window=window, dtype=np.uint8, fill_value=9
+    )
     assert as_int.tolist() == [0, 9, 2, 3, 9, 5]
 
 
-@pytest.mark.parametrize("fill, match", [("x", "fill_value.*number"),
-                                         (300, "fill_value.*0..255")])
+@pytest.mark.parametrize("fill, match", [("x", "fill_value.*number"), (300, "fill_value.*0..255")])
 def test_bad_fill_value_is_refused_up_front(fill, match):
     grid = PatchGrid((6,), 2, stride=3)
     with pytest.raises((TypeError, ValueError), match=match):
@@ -184,8 +196,12 @@ def test_bad_fill_value_is_refused_up_front(fill, match):
 
 
 @settings(max_examples=40, deadline=None)
-@given(grids(max_side=12), st.sampled_from(["uniform", "hann", "overlap-tile"]),
-       st.sampled_from([np.float64, np.float32, np.int64]), st.integers(0, 2**32 - 1))
+@given(
+    grids(max_side=12),
+    st.sampled_from(["uniform", "hann", "overlap-tile"]),
+    st.sampled_from([np.float64, np.float32, np.int64]),
+    st.integers(0, 2**32 - 1),
+)
 def test_thread_count_never_changes_a_bit(grid, window, dtype, seed):
     rng = np.random.default_rng(seed)
     p = (rng.standard_normal((2,) + grid.patches_shape) * 1e6).astype(dtype)
@@ -203,10 +219,13 @@ def test_masked_patches_are_refused():
 
 # ----------------------------------------------------------------- the backends agree
 @settings(max_examples=80, deadline=None)
-@given(grids(), st.sampled_from(["mean", "max", "min"]),
-       st.sampled_from(["uniform", "hann", "overlap-tile", "array"]),
-       st.sampled_from([np.float64, np.float32, np.uint8, np.int32, np.float16, bool]),
-       st.integers(0, 2**32 - 1))
+@given(
+    grids(),
+    st.sampled_from(["mean", "max", "min"]),
+    st.sampled_from(["uniform", "hann", "overlap-tile", "array"]),
+    st.sampled_from([np.float64, np.float32, np.uint8, np.int32, np.float16, bool]),
+    st.integers(0, 2**32 - 1),
+)
 def test_backends_agree(grid, reduce, window, dtype, seed):
     """The compiled and the NumPy backends give the same result: bit for bit for max/min and
     overlap-tile; for means within ``4 + max coverage`` ulps of the output dtype at the largest

@@ -16,7 +16,8 @@ ROOT = Path(__file__).parents[2]
 
 def _example():
     spec = importlib.util.spec_from_file_location(
-        "example_classifier", ROOT / "benchmarks" / "example_classifier.py")
+        "example_classifier", ROOT / "benchmarks" / "example_classifier.py"
+    )
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

@@ -96,11 +96,14 @@ def test_merge_layout_same_patches_same_merge(grid, dtype, batched, seed):
     np.add(m, noise, out=pm)
     np.add(c, noise, out=pc)
     assert [st for st, n in zip(pm.strides, pm.shape) if n > 1] == [
-        st for st, n in zip(m.strides, m.shape) if n > 1]
+        st for st, n in zip(m.strides, m.shape) if n > 1
+    ]
     for reduce, window in (("mean", "uniform"), ("max", "uniform"), ("mean", "hann")):
         for a, b in ((m, c), (pm, pc)):
-            np.testing.assert_array_equal(merge_patches(a, grid, reduce=reduce, window=window),
-                                          merge_patches(b, grid, reduce=reduce, window=window))
+            np.testing.assert_array_equal(
+                merge_patches(a, grid, reduce=reduce, window=window),
+                merge_patches(b, grid, reduce=reduce, window=window),
+            )
 
 
 def test_merge_layout_at_stride_1_is_row_offset_major():

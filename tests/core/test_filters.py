@@ -7,8 +7,18 @@ from skimage.filters import threshold_otsu
 
 from patch_viewer import FILTERS, Param, get_filter, register_filter
 
-BUILTIN = ["identity", "gaussian", "median", "uniform", "sobel", "unsharp", "invert", "zscore",
-           "minmax", "otsu"]
+BUILTIN = [
+    "identity",
+    "gaussian",
+    "median",
+    "uniform",
+    "sobel",
+    "unsharp",
+    "invert",
+    "zscore",
+    "minmax",
+    "otsu",
+]
 
 
 def test_registry_has_the_builtin_filters_with_declared_params():
@@ -22,8 +32,12 @@ def test_registry_has_the_builtin_filters_with_declared_params():
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.sampled_from(BUILTIN), st.integers(1, 3), st.sampled_from([None, 2]),
-       st.integers(0, 2**32 - 1))
+@given(
+    st.sampled_from(BUILTIN),
+    st.integers(1, 3),
+    st.sampled_from([None, 2]),
+    st.integers(0, 2**32 - 1),
+)
 def test_filters_never_leak_between_patches(name, nd, channels, seed):
     """Filtering a stack equals filtering each patch on its own."""
     rng = np.random.default_rng(seed)
@@ -44,12 +58,17 @@ def test_matches_scipy_on_one_patch():
     img = rng.random((20, 24)).astype(np.float32)
     one = img[None, ..., None]
     ax = (1, 2)
-    np.testing.assert_allclose(FILTERS["gaussian"](one, ax, sigma=1.5)[0, ..., 0],
-                               ndi.gaussian_filter(img, 1.5), rtol=1e-6)
-    np.testing.assert_array_equal(FILTERS["median"](one, ax, size=3)[0, ..., 0],
-                                  ndi.median_filter(img, 3))
-    np.testing.assert_allclose(FILTERS["sobel"](one, ax)[0, ..., 0],
-                               np.hypot(ndi.sobel(img, 0), ndi.sobel(img, 1)), rtol=1e-5)
+    np.testing.assert_allclose(
+        FILTERS["gaussian"](one, ax, sigma=1.5)[0, ..., 0], ndi.gaussian_filter(img, 1.5), rtol=1e-6
+    )
+    np.testing.assert_array_equal(
+        FILTERS["median"](one, ax, size=3)[0, ..., 0], ndi.median_filter(img, 3)
+    )
+    np.testing.assert_allclose(
+        FILTERS["sobel"](one, ax)[0, ..., 0],
+        np.hypot(ndi.sobel(img, 0), ndi.sobel(img, 1)),
+        rtol=1e-5,
+    )
     z = FILTERS["zscore"](one, ax)[0, ..., 0]
     assert abs(z.mean()) < 1e-6 and abs(z.std() - 1) < 1e-5
     m = FILTERS["minmax"](one, ax)[0, ..., 0]

@@ -81,8 +81,9 @@ def test_coverage_matches_brute_force(grid):
         got = np.multiply.outer(got, c)
     np.testing.assert_array_equal(got, expected)
     # Origins are sorted, inside the padded image, and the grid reaches the far edge.
-    for o, p, n, _s, padded in zip(grid.origins, grid.patch_size, grid.spatial_shape,
-                                  grid.stride, grid.padded_shape):
+    for o, p, n, _s, padded in zip(
+        grid.origins, grid.patch_size, grid.spatial_shape, grid.stride, grid.padded_shape
+    ):
         assert np.all(np.diff(o) > 0) and o[0] == 0 and o[-1] + p <= padded
         if grid.edge != "drop":
             assert o[-1] + p >= n
@@ -96,18 +97,30 @@ def test_coverage_matches_brute_force(grid):
         (dict(image_shape=(10, 10), patch_size=2.5), TypeError, "patch_size"),
         (dict(image_shape=(10, 10), patch_size=(2, 2.0)), TypeError, "patch_size"),
         (dict(image_shape=(10, 10), patch_size=True), TypeError, "patch_size"),
-        (dict(image_shape=(10, 10), patch_size=(2, 2, 2)), ValueError,
-         "one entry per spatial axis"),
+        (
+            dict(image_shape=(10, 10), patch_size=(2, 2, 2)),
+            ValueError,
+            "one entry per spatial axis",
+        ),
         (dict(image_shape=(10, 10), patch_size=3, stride=0), ValueError, "stride.*>= 1"),
         (dict(image_shape=(10, 10), patch_size=3, stride=1.5), TypeError, "stride"),
         (dict(image_shape=(10, 10), patch_size=11), ValueError, r"patch_size.*1\.\.10.*edge='pad'"),
-        (dict(image_shape=(10, 10), patch_size=11, edge="drop"), ValueError,
-         "larger than the image"),
+        (
+            dict(image_shape=(10, 10), patch_size=11, edge="drop"),
+            ValueError,
+            "larger than the image",
+        ),
         (dict(image_shape=(10, 10), patch_size=3, edge="wrap"), ValueError, "edge.*shift"),
-        (dict(image_shape=(10, 10), patch_size=3, edge="pad", pad_mode="mirror"), ValueError,
-         "pad_mode"),
-        (dict(image_shape=(10, 10), patch_size=3, channel_axis=2), ValueError,
-         r"channel_axis.*-2\.\.1"),
+        (
+            dict(image_shape=(10, 10), patch_size=3, edge="pad", pad_mode="mirror"),
+            ValueError,
+            "pad_mode",
+        ),
+        (
+            dict(image_shape=(10, 10), patch_size=3, channel_axis=2),
+            ValueError,
+            r"channel_axis.*-2\.\.1",
+        ),
         (dict(image_shape=(10, 10), patch_size=3, channel_axis="0"), TypeError, "channel_axis"),
         (dict(image_shape=(), patch_size=3), ValueError, "0-d"),
         (dict(image_shape=(0, 5), patch_size=3), ValueError, "empty"),

@@ -35,8 +35,11 @@ def brute_scatter(patches, origins, out_shape, patch, window=None, reduce="mean"
     """Patches ``(N, *patch, C)`` added at ``origins`` one by one, float64; NaN where none."""
     c = patches.shape[-1]
     w = np.ones(patch) if window is None else window
-    acc = np.zeros(tuple(out_shape) + (c,)) if reduce == "mean" else \
-        np.full(tuple(out_shape) + (c,), -np.inf if reduce == "max" else np.inf)
+    acc = (
+        np.zeros(tuple(out_shape) + (c,))
+        if reduce == "mean"
+        else np.full(tuple(out_shape) + (c,), -np.inf if reduce == "max" else np.inf)
+    )
     wsum = np.zeros(out_shape)
     for v, o in zip(patches.astype(np.float64), origins):
         sl = tuple(slice(a, a + p) for a, p in zip(o, patch))
@@ -55,27 +58,33 @@ def brute_scatter(patches, origins, out_shape, patch, window=None, reduce="mean"
 
 # ----------------------------------------------------------------- the Accumulator
 @settings(max_examples=150, deadline=None)
-@given(grids(channels=(None,)), st.sampled_from([np.float32, np.float64, np.uint8, np.int64]),
-       st.sampled_from(["uniform", "hann", "max"]), st.integers(0, 2**32 - 1))
+@given(
+    grids(channels=(None,)),
+    st.sampled_from([np.float32, np.float64, np.uint8, np.int64]),
+    st.sampled_from(["uniform", "hann", "max"]),
+    st.integers(0, 2**32 - 1),
+)
 def test_subsets_in_random_order_match_brute_force(grid, dtype, how, seed):
     rng = np.random.default_rng(seed)
     reduce = how if how == "max" else "mean"
     window = how if how == "hann" else "uniform"
     n = grid.n_patches
-    chosen = rng.permutation(n)[:rng.integers(1, n + 1)]
+    chosen = rng.permutation(n)[: rng.integers(1, n + 1)]
     if np.dtype(dtype).kind == "f":
         patches = (rng.standard_normal((n,) + grid.patch_size) * 100).astype(dtype)
     else:
         info = np.iinfo(dtype)
-        patches = rng.integers(info.min, info.max, (n,) + grid.patch_size, dtype=dtype,
-                               endpoint=True)
+        patches = rng.integers(
+            info.min, info.max, (n,) + grid.patch_size, dtype=dtype, endpoint=True
+        )
     acc = Accumulator(grid, window=window, reduce=reduce)
     for part in np.array_split(chosen, rng.integers(1, 5)):
         acc.add(patches[part], part)
     origins = [grid.patch_origin(int(k)) for k in chosen]
     win = make_window(window, grid.patch_size)
-    expected = brute_scatter(patches[chosen][..., None], origins, grid.padded_shape,
-                             grid.patch_size, win, reduce)
+    expected = brute_scatter(
+        patches[chosen][..., None], origins, grid.padded_shape, grid.patch_size, win, reduce
+    )
     expected = expected[tuple(slice(0, s) for s in grid.spatial_shape)][..., 0]
     merged = acc.result(np.float64)
     scale = 1.0 + float(np.abs(patches.astype(np.float64)).max())
@@ -86,8 +95,12 @@ def test_subsets_in_random_order_match_brute_force(grid, dtype, how, seed):
 
 
 @settings(max_examples=100, deadline=None)
-@given(grids(), st.sampled_from([np.float32, np.float64, np.uint16, np.uint64, bool]),
-       st.sampled_from(["uniform", "triangular", "gaussian"]), st.integers(0, 2**32 - 1))
+@given(
+    grids(),
+    st.sampled_from([np.float32, np.float64, np.uint16, np.uint64, bool]),
+    st.sampled_from(["uniform", "triangular", "gaussian"]),
+    st.integers(0, 2**32 - 1),
+)
 def test_identity_round_trip_in_any_order_is_exact(grid, dtype, window, seed):
     assume(grid.is_covering)
     rng = np.random.default_rng(seed)
@@ -97,16 +110,16 @@ def test_identity_round_trip_in_any_order_is_exact(grid, dtype, window, seed):
     elif dtype.kind == "b":
         image = rng.random(grid.image_shape) < 0.5
     else:
-        image = rng.integers(0, np.iinfo(dtype).max, grid.image_shape, dtype=dtype,
-                             endpoint=True)
+        image = rng.integers(0, np.iinfo(dtype).max, grid.image_shape, dtype=dtype, endpoint=True)
     patches = extract_patches(image, grid).reshape((grid.n_patches,) + grid.patch_shape)
     acc = Accumulator(grid, window=window)
     order = rng.permutation(grid.n_patches)
     for part in np.array_split(order, min(3, grid.n_patches)):
         acc.add(patches[part], part)
     assert np.array_equal(acc.result(dtype), image)
-    assert np.array_equal(acc.result(dtype), merge_patches(patches, grid, window=window,
-                                                           dtype=dtype))
+    assert np.array_equal(
+        acc.result(dtype), merge_patches(patches, grid, window=window, dtype=dtype)
+    )
 
 
 @settings(max_examples=80, deadline=None)
@@ -117,8 +130,11 @@ def test_arbitrary_origins_match_brute_force(nd, seed):
     patch = tuple(int(rng.integers(1, s + 1)) for s in shape)
     grid = PatchGrid(shape + (2,), patch, channel_axis=-1)
     n = int(rng.integers(0, 30))
-    origins = np.stack([rng.integers(0, s - p + 1, n) for s, p in zip(shape, patch)], -1) \
-        if n else np.zeros((0, nd), int)
+    origins = (
+        np.stack([rng.integers(0, s - p + 1, n) for s, p in zip(shape, patch)], -1)
+        if n
+        else np.zeros((0, nd), int)
+    )
     patches = rng.standard_normal((n,) + patch + (2,))
     acc = Accumulator(grid, window="hann")
     for part in np.array_split(np.arange(n), 3):
@@ -203,7 +219,7 @@ def test_rescaled_outputs(scale):
                 a = np.repeat(a, int(s), axis=ax)
             else:
                 d = s.denominator
-                shape = a.shape[:ax] + (a.shape[ax] // d, d) + a.shape[ax + 1:]
+                shape = a.shape[:ax] + (a.shape[ax] // d, d) + a.shape[ax + 1 :]
                 a = a.reshape(shape).mean(axis=ax + 1)
         return a
 
@@ -282,16 +298,29 @@ def test_selected_patches_leave_fill_or_input_elsewhere():
     kept = process(image, grid, flip, indices=chosen, uncovered="input")
     assert kept.merged[30, 30] == 0 and np.isfinite(kept.merged).all()
     assert np.array_equal(kept.merged[:20, :20], r.merged[:20, :20])
-    both = select_patches(grid, mask=image > 0, min_fraction=0.5, indices=[0, 1, 35],
-                          image=image, predicate=lambda p: p.max(axis=(1, 2)) > 0)
+    both = select_patches(
+        grid,
+        mask=image > 0,
+        min_fraction=0.5,
+        indices=[0, 1, 35],
+        image=image,
+        predicate=lambda p: p.max(axis=(1, 2)) > 0,
+    )
     assert both.tolist() == [0, 1]
 
 
 def test_iter_batches_cover_the_grid_in_both_layouts():
     rng = np.random.default_rng(7)
     image = rng.random((3, 13, 11))
-    grid = PatchGrid(image.shape, (5, 4), stride=(3, 2), channel_axis=0, edge="pad",
-                     pad_mode="constant", pad_value=-1)
+    grid = PatchGrid(
+        image.shape,
+        (5, 4),
+        stride=(3, 2),
+        channel_axis=0,
+        edge="pad",
+        pad_mode="constant",
+        pad_value=-1,
+    )
     want = brute_patches(image, grid).reshape((grid.n_patches,) + grid.patch_shape)
     got = list(iter_batches(image, grid, 6))
     assert np.array_equal(np.concatenate([b.indices for b in got]), np.arange(grid.n_patches))
@@ -309,8 +338,10 @@ def test_pad_value_pads_constant_edges():
     lazy = process(da.from_array(image, chunks=3), grid, "gaussian")
     np.testing.assert_array_equal(lazy.merged.compute(), process(image, grid, "gaussian").merged)
     with pytest.raises(ValueError, match=r"pad_value.*0\.\.255"):
-        extract_patches(image.astype(np.uint8), PatchGrid((5, 5), 4, stride=3, edge="pad",
-                                                           pad_mode="constant", pad_value=300))
+        extract_patches(
+            image.astype(np.uint8),
+            PatchGrid((5, 5), 4, stride=3, edge="pad", pad_mode="constant", pad_value=300),
+        )
     with pytest.raises(TypeError, match="pad_value"):
         PatchGrid((5, 5), 4, pad_value="x")
 
@@ -370,8 +401,11 @@ def test_a_failing_predictor_names_its_batch_and_leaves_nothing_half_merged():
         return batch
 
     model.calls = 0
-    with pytest.raises(PredictionError, match=r"'model' failed on batch 37 \(patches "
-                                              r"2368..2431\).*CUDA out of memory"):
+    with pytest.raises(
+        PredictionError,
+        match=r"'model' failed on batch 37 \(patches "
+        r"2368..2431\).*CUDA out of memory",
+    ):
         process(image, grid, Predictor(model, batch_size=64))
     acc = Accumulator(grid)  # the accumulator a user feeds by hand: a refused add changes nothing
     batches = list(iter_batches(image, grid, 64))
@@ -400,11 +434,16 @@ class _EntryPoint:
 def test_entry_point_filters_join_the_registry(monkeypatch):
     halve = Predictor(lambda b: b / 2, name="x")
     mine = pv.PatchFilter("mine", lambda s, axes: s + 1)
-    eps = [_EntryPoint("halve", "pkg:halve", halve), _EntryPoint("many", "pkg:many", [mine]),
-           _EntryPoint("broken", "pkg:broken", ImportError("no torch")),
-           _EntryPoint("gaussian", "pkg:g", mine), _EntryPoint("junk", "pkg:junk", 42)]
-    monkeypatch.setattr(plugins, "entry_points", lambda group: eps if group == plugins.GROUP
-                        else [])
+    eps = [
+        _EntryPoint("halve", "pkg:halve", halve),
+        _EntryPoint("many", "pkg:many", [mine]),
+        _EntryPoint("broken", "pkg:broken", ImportError("no torch")),
+        _EntryPoint("gaussian", "pkg:g", mine),
+        _EntryPoint("junk", "pkg:junk", 42),
+    ]
+    monkeypatch.setattr(
+        plugins, "entry_points", lambda group: eps if group == plugins.GROUP else []
+    )
     monkeypatch.setattr(pv.core.filters, "FILTERS", pv.FILTERS)
     for name in ("halve", "mine"):
         monkeypatch.delitem(pv.FILTERS, name, raising=False)
@@ -477,6 +516,7 @@ def test_bands_and_threads_never_change_a_bit(monkeypatch, window, dtype):
     for key, r in results.items():
         assert np.array_equal(r, first), key
     origins = [grid.patch_origin(k) for k in range(grid.n_patches)]
-    want = brute_scatter(patches, origins, grid.spatial_shape, grid.patch_size,
-                         make_window(window, grid.patch_size))
+    want = brute_scatter(
+        patches, origins, grid.spatial_shape, grid.patch_size, make_window(window, grid.patch_size)
+    )
     np.testing.assert_allclose(first, want, rtol=1e-12, atol=1e-9)

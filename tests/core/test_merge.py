@@ -48,15 +48,21 @@ def test_weight_map_separable_hand():
     # triangular(3) = [0.5, 1, 0.5] at origins 0 and 2
     assert w.tolist() == [0.5, 1.0, 1.0, 1.0, 0.5]
     assert weight_map(PatchGrid((5,), 2, stride=3, edge="drop"), "overlap-tile").tolist() == [
-        1, 1, 0, 1, 1]
+        1,
+        1,
+        0,
+        1,
+        1,
+    ]
 
 
 def test_classic_case_round_trip_exact():
     image = np.random.default_rng(0).random((100, 100))
     grid = PatchGrid(image.shape, 39, stride=1)
     for window in NAMED:
-        np.testing.assert_array_equal(merge_patches(extract_patches(image, grid), grid,
-                                                    window=window), image)
+        np.testing.assert_array_equal(
+            merge_patches(extract_patches(image, grid), grid, window=window), image
+        )
     np.testing.assert_array_equal(weight_map(grid), brute_coverage(grid))
     assert weight_map(grid).max() == 39 * 39
 
@@ -82,9 +88,16 @@ def test_hann_and_triangular_keep_the_border():
 
 def test_dtype_rules():
     grid = PatchGrid((20, 20), 5, stride=3)
-    for dtype, out in [(np.uint8, np.float32), (np.int16, np.float32), (np.float16, np.float32),
-                       (np.float32, np.float32), (np.float64, np.float64), (np.int32, np.float64),
-                       (np.int64, np.float64), (np.bool_, np.float32)]:
+    for dtype, out in [
+        (np.uint8, np.float32),
+        (np.int16, np.float32),
+        (np.float16, np.float32),
+        (np.float32, np.float32),
+        (np.float64, np.float64),
+        (np.int32, np.float64),
+        (np.int64, np.float64),
+        (np.bool_, np.float32),
+    ]:
         p = extract_patches(np.ones((20, 20), dtype), grid)
         assert merge_patches(p, grid).dtype == out, dtype
     image = np.random.default_rng(2).integers(0, 256, (20, 20), dtype=np.uint8)
@@ -152,12 +165,18 @@ def test_identity_round_trip_is_exact(grid, dtype, window, seed):
     np.testing.assert_array_equal(image, before)
     if dtype in (np.uint8, np.uint16, np.int16, np.int32) and covered.all():
         np.testing.assert_array_equal(
-            merge_patches(extract_patches(image, grid), grid, window=window, dtype=dtype), image)
+            merge_patches(extract_patches(image, grid), grid, window=window, dtype=dtype), image
+        )
 
 
 @settings(max_examples=300, deadline=None)
-@given(grids(), st.sampled_from(["mean", "max", "min"]), st.sampled_from(NAMED + ["array"]),
-       st.sampled_from([np.float64, np.float32, np.uint8]), st.integers(0, 2**32 - 1))
+@given(
+    grids(),
+    st.sampled_from(["mean", "max", "min"]),
+    st.sampled_from(NAMED + ["array"]),
+    st.sampled_from([np.float64, np.float32, np.uint8]),
+    st.integers(0, 2**32 - 1),
+)
 def test_random_stack_matches_brute_force(grid, reduce, window, dtype, seed):
     assume(reduce == "mean" or window == "uniform")
     rng = np.random.default_rng(seed)
@@ -171,8 +190,9 @@ def test_random_stack_matches_brute_force(grid, reduce, window, dtype, seed):
     canon = p[..., None] if grid.channel_axis is None else p
     expected = to_user_layout(brute_merge(canon, grid, window, reduce), grid)
     rtol = 1e-5 if merged.dtype == np.float32 else 1e-10
-    np.testing.assert_allclose(merged, expected, rtol=rtol,
-                               atol=rtol * (1 + float(np.abs(p).max())))
+    np.testing.assert_allclose(
+        merged, expected, rtol=rtol, atol=rtol * (1 + float(np.abs(p).max()))
+    )
     assert np.array_equal(np.isnan(merged), np.isnan(expected))
 
 
@@ -182,9 +202,11 @@ def test_weight_map_matches_brute_force(grid, window):
     w = weight_map(grid, window)
     if window == "uniform":
         np.testing.assert_array_equal(w, brute_coverage(grid))
-    sub = PatchGrid(grid.spatial_shape, grid.patch_size, grid.stride, edge=grid.edge,
-                    pad_mode=grid.pad_mode)
+    sub = PatchGrid(
+        grid.spatial_shape, grid.patch_size, grid.stride, edge=grid.edge, pad_mode=grid.pad_mode
+    )
     from patch_viewer.core.windows import make_window
+
     win = make_window(window, grid.patch_size)
     win = np.ones(grid.patch_size) if win is None else win
     expected = np.zeros(grid.padded_shape)
@@ -198,9 +220,13 @@ def test_weight_map_matches_brute_force(grid, window):
 
 
 @settings(max_examples=200, deadline=None)
-@given(grids(), st.sampled_from(["mean", "max"]),
-       st.sampled_from(["uniform", "hann", "overlap-tile"]),
-       st.integers(1, 5), st.integers(0, 2**32 - 1))
+@given(
+    grids(),
+    st.sampled_from(["mean", "max"]),
+    st.sampled_from(["uniform", "hann", "overlap-tile"]),
+    st.integers(1, 5),
+    st.integers(0, 2**32 - 1),
+)
 def test_streaming_equals_all_at_once(grid, reduce, window, rows, seed):
     """Adding the stack in batches of patch rows gives the same result as all at once.
 
@@ -213,18 +239,24 @@ def test_streaming_equals_all_at_once(grid, reduce, window, rows, seed):
     canon, _ = patches_to_canonical(p, grid)
     merger = Merger(grid, 1, canon.shape[-1], canon.dtype, window=window, reduce=reduce)
     for r in range(0, grid.grid_shape[0], rows):
-        merger.add(canon[:, r:r + rows], 0, r)
+        merger.add(canon[:, r : r + rows], 0, r)
     streamed = merger.result()
-    streamed = streamed[0, ..., 0] if grid.channel_axis is None else np.moveaxis(
-        streamed[0], -1, grid.channel_axis)
+    streamed = (
+        streamed[0, ..., 0]
+        if grid.channel_axis is None
+        else np.moveaxis(streamed[0], -1, grid.channel_axis)
+    )
     if window == "uniform":
         np.testing.assert_array_equal(streamed, whole)
     else:
         np.testing.assert_allclose(streamed, whole, rtol=1e-13, atol=1e-12)
 
 
-@given(st.lists(st.integers(0, 30), min_size=1, max_size=8, unique=True).map(sorted),
-       st.integers(1, 9), st.sampled_from(["first", "centre"]))
+@given(
+    st.lists(st.integers(0, 30), min_size=1, max_size=8, unique=True).map(sorted),
+    st.integers(1, 9),
+    st.sampled_from(["first", "centre"]),
+)
 def test_owned_segments_partition_the_covered_pixels(origins, p, rule):
     o = np.array(origins)
     owner = np.full(o[-1] + p, -1)
@@ -287,9 +319,13 @@ def test_nan_in_patches_stays_local():
 
 
 @settings(max_examples=100, deadline=None)
-@given(grids(), st.sampled_from(["mean", "max"]),
-       st.sampled_from(["uniform", "hann", "overlap-tile"]),
-       st.integers(2, 4), st.integers(0, 2**32 - 1))
+@given(
+    grids(),
+    st.sampled_from(["mean", "max"]),
+    st.sampled_from(["uniform", "hann", "overlap-tile"]),
+    st.integers(2, 4),
+    st.integers(0, 2**32 - 1),
+)
 def test_threaded_accumulation_equals_single_thread(grid, reduce, window, workers, seed):
     assume(reduce == "mean" or window == "uniform")
     rng = np.random.default_rng(seed)
@@ -306,11 +342,18 @@ def test_threaded_accumulation_equals_single_thread(grid, reduce, window, worker
 
 
 @settings(max_examples=150, deadline=None)
-@given(grids(), st.sampled_from(["mean", "max", "min"]), st.sampled_from([np.float32, np.uint8]),
-       st.integers(1, 3), st.sampled_from([1, 64, 2**20]), st.sampled_from([None, 1, 300, 2**20]),
-       st.integers(0, 2**32 - 1))
-def test_numpy_banded_merge_equals_streaming(grid, reduce, dtype, workers, band_bytes, stage_bytes,
-                                       seed):
+@given(
+    grids(),
+    st.sampled_from(["mean", "max", "min"]),
+    st.sampled_from([np.float32, np.uint8]),
+    st.integers(1, 3),
+    st.sampled_from([1, 64, 2**20]),
+    st.sampled_from([None, 1, 300, 2**20]),
+    st.integers(0, 2**32 - 1),
+)
+def test_numpy_banded_merge_equals_streaming(
+    grid, reduce, dtype, workers, band_bytes, stage_bytes, seed
+):
     """The NumPy banded merge (bands of one stride of rows, or of a few rows, or of whole images, on
     1-3 threads; patches read in place or staged one, a few or all columns at a time) gives
     exactly what the streaming accumulator gives."""
@@ -320,8 +363,11 @@ def test_numpy_banded_merge_equals_streaming(grid, reduce, dtype, workers, band_
     merger = NumpyMerger(grid, 2, canon.shape[-1], canon.dtype, reduce=reduce)
     assume(merger.bandable)
     # at least one column per group where staging runs, so that it always does
-    stage = {"STAGE_BYTES": 0} if stage_bytes is None else {"STAGE_BYTES": stage_bytes,
-                                                            "STAGE_MIN_COLUMNS": 0}
+    stage = (
+        {"STAGE_BYTES": 0}
+        if stage_bytes is None
+        else {"STAGE_BYTES": stage_bytes, "STAGE_MIN_COLUMNS": 0}
+    )
     with pytest.MonkeyPatch.context() as mp:
         for name, value in {"BAND_BYTES": band_bytes, **stage}.items():
             mp.setattr(ne, name, value)
@@ -370,6 +416,7 @@ def test_narrow_sums_overflow_falls_back_to_float64():
     grid = PatchGrid(image.shape, 16, stride=8)
     assert NumpyMerger(grid, 1, 1, np.float32, narrow=True).narrow
     import warnings
+
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         for workers in (1, 2):
@@ -411,8 +458,15 @@ def test_stacks_that_disagree_with_the_grid_never_reach_a_kernel(monkeypatch):
         monkeypatch.setattr(K, name, lambda *a, _r=real, _n=name: (calls.append(_n), _r(*a)))
     grid = PatchGrid((10, 12), 4, stride=2)
     g = grid.patches_shape  # (4, 5, 4, 4)
-    for shape in [(4, 6, 4, 4), (5, 5, 4, 4), (4, 5, 4, 3), (4, 5, 5, 4), (19, 4, 4),
-                  (4, 5, 4, 4, 3), (4, 5, 4)]:
+    for shape in [
+        (4, 6, 4, 4),
+        (5, 5, 4, 4),
+        (4, 5, 4, 3),
+        (4, 5, 5, 4),
+        (19, 4, 4),
+        (4, 5, 4, 4, 3),
+        (4, 5, 4),
+    ]:
         with pytest.raises(ValueError, match="patches"):
             merge_patches(np.ones(shape, np.float32), grid)
     assert calls == []
@@ -421,8 +475,11 @@ def test_stacks_that_disagree_with_the_grid_never_reach_a_kernel(monkeypatch):
 
 
 @settings(max_examples=40, deadline=None)
-@given(grids(), st.sampled_from(["reversed", "fortran", "byteswapped", "unaligned", "sliced"]),
-       st.integers(0, 2**32 - 1))
+@given(
+    grids(),
+    st.sampled_from(["reversed", "fortran", "byteswapped", "unaligned", "sliced"]),
+    st.integers(0, 2**32 - 1),
+)
 def test_any_memory_layout_of_the_stack_merges_alike(grid, layout, seed):
     """Negative, Fortran, sliced, byte-swapped or unaligned stacks give the C stack's bits."""
     p = np.random.default_rng(seed).standard_normal(grid.patches_shape).astype(np.float32)
@@ -442,8 +499,12 @@ def test_any_memory_layout_of_the_stack_merges_alike(grid, layout, seed):
 
 
 @settings(max_examples=150, deadline=None)
-@given(grids(), st.sampled_from(NAMED[1:4] + ["array"]),
-       st.sampled_from([np.int32, np.uint32, np.int64, np.uint64]), st.integers(0, 2**32 - 1))
+@given(
+    grids(),
+    st.sampled_from(NAMED[1:4] + ["array"]),
+    st.sampled_from([np.int32, np.uint32, np.int64, np.uint64]),
+    st.integers(0, 2**32 - 1),
+)
 def test_weighted_means_of_integers_never_wrap(grid, window, dtype, seed):
     """Integers spanning their whole range, under a window (anchored sums): ``value - anchor``
     is taken in float64, never in the integer dtype, where it wrapped (the NumPy engine gave

@@ -26,8 +26,9 @@ def test_matches_skimage():
     m = compute_metrics(merged, ref, channel_axis=-1)
     dr = ref.max() - ref.min()
     assert math.isclose(m["psnr"], peak_signal_noise_ratio(ref, merged, data_range=dr))
-    assert math.isclose(m["ssim"], structural_similarity(ref, merged, data_range=dr,
-                                                         channel_axis=-1))
+    assert math.isclose(
+        m["ssim"], structural_similarity(ref, merged, data_range=dr, channel_axis=-1)
+    )
     u8 = (ref * 255).astype(np.uint8)
     m = compute_metrics(u8.astype(np.float32) + 1, u8, channel_axis=-1)
     assert math.isclose(m["psnr"], 20 * math.log10(255))
@@ -35,8 +36,13 @@ def test_matches_skimage():
 
 def test_perfect_and_uncovered():
     ref = np.random.default_rng(1).random((16, 16))
-    assert compute_metrics(ref, ref) == {"max_abs": 0.0, "rmse": 0.0, "psnr": math.inf,
-                                         "ssim": 1.0, "covered": 1.0}
+    assert compute_metrics(ref, ref) == {
+        "max_abs": 0.0,
+        "rmse": 0.0,
+        "psnr": math.inf,
+        "ssim": 1.0,
+        "covered": 1.0,
+    }
     merged = ref.copy()
     merged[:, 12:] = np.nan  # uncovered by edge="drop"
     m = compute_metrics(merged, ref)
@@ -64,14 +70,17 @@ def test_ssim_can_be_deferred():
     full = compute_metrics(merged, ref)
     assert math.isnan(fast["ssim"])
     assert {k: v for k, v in fast.items() if k != "ssim"} == {
-        k: v for k, v in full.items() if k != "ssim"}
+        k: v for k, v in full.items() if k != "ssim"
+    }
     from patch_viewer.core.metrics import ssim_of
 
     assert ssim_of(merged, ref) == full["ssim"]
 
 
-@pytest.mark.parametrize("shape, channel_axis", [((700, 500), None), ((400, 300, 3), -1),
-                                                 ((40, 90, 80), None), ((130, 20), None)])
+@pytest.mark.parametrize(
+    "shape, channel_axis",
+    [((700, 500), None), ((400, 300, 3), -1), ((40, 90, 80), None), ((130, 20), None)],
+)
 def test_banded_ssim_equals_whole_image_ssim_and_can_stop(shape, channel_axis):
     from patch_viewer.core.metrics import iter_ssim, ssim_of
 

@@ -8,8 +8,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import patch_viewer as pv
-from patch_viewer import (FILTERS, PatchGrid, extract_patches, iter_process, make_plan,
-                          merge_patches, process)
+from patch_viewer import (
+    FILTERS,
+    PatchGrid,
+    extract_patches,
+    iter_process,
+    make_plan,
+    merge_patches,
+    process,
+)
 
 from .strategies import grids
 
@@ -28,9 +35,13 @@ def test_identity_is_exact_with_zero_error():
 
 
 @settings(max_examples=80, deadline=None)
-@given(grids(), st.sampled_from(["invert", "minmax", "median", "gaussian"]),
-       st.sampled_from(["uniform", "triangular", "overlap-tile"]), st.integers(1, 2**22),
-       st.integers(0, 2**32 - 1))
+@given(
+    grids(),
+    st.sampled_from(["invert", "minmax", "median", "gaussian"]),
+    st.sampled_from(["uniform", "triangular", "overlap-tile"]),
+    st.integers(1, 2**22),
+    st.integers(0, 2**32 - 1),
+)
 def test_streaming_equals_filtering_the_whole_stack(grid, name, window, batch_bytes, seed):
     """process() in batches of any size == filter the full stack, then merge it."""
     image = (np.random.default_rng(seed).random(grid.image_shape) * 64).round()
@@ -113,9 +124,11 @@ def test_bad_image():
 
 
 def test_importing_the_package_pulls_in_no_gui():
-    code = ("import sys, patch_viewer; bad = [m for m in sys.modules if m.split('.')[0] in "
-            "('napari', 'qtpy', 'magicgui', 'superqt', 'PyQt5', 'PyQt6', 'PySide6', 'tqdm')]; "
-            "print(bad); sys.exit(bool(bad))")
+    code = (
+        "import sys, patch_viewer; bad = [m for m in sys.modules if m.split('.')[0] in "
+        "('napari', 'qtpy', 'magicgui', 'superqt', 'PyQt5', 'PyQt6', 'PySide6', 'tqdm')]; "
+        "print(bad); sys.exit(bool(bad))"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.returncode == 0, out.stdout + out.stderr
 
@@ -128,9 +141,14 @@ def _unfused(name):
 
 
 @settings(max_examples=40, deadline=None)
-@given(grids(channels=(None,)), st.sampled_from(["invert", "minmax", "zscore"]),
-       st.sampled_from(["uniform", "hann"]), st.sampled_from([np.float32, np.uint8, np.float64]),
-       st.integers(1, 4), st.integers(0, 2**32 - 1))
+@given(
+    grids(channels=(None,)),
+    st.sampled_from(["invert", "minmax", "zscore"]),
+    st.sampled_from(["uniform", "hann"]),
+    st.sampled_from([np.float32, np.uint8, np.float64]),
+    st.integers(1, 4),
+    st.integers(0, 2**32 - 1),
+)
 def test_fused_filters_equal_the_materialised_ones(grid, name, window, dtype, rows, seed):
     """Filters applied inside the compiled merge give the materialised path's result: the same
     bits for invert and minmax, within float32 rounding for zscore (its mean and deviation)."""

@@ -41,21 +41,28 @@ def same(a, b):
 def test_bits_equal_scipy(case, sigma, size):
     x, axes = case
     per = [a in axes for a in range(x.ndim)]
-    assert same(S.gaussian(x, axes, sigma), ndi.gaussian_filter(
-        x, [sigma if p else 0 for p in per], output=np.empty_like(x)))
-    assert same(S.uniform(x, axes, size), ndi.uniform_filter(
-        x, [size if p else 1 for p in per], output=np.empty_like(x)))
+    assert same(
+        S.gaussian(x, axes, sigma),
+        ndi.gaussian_filter(x, [sigma if p else 0 for p in per], output=np.empty_like(x)),
+    )
+    assert same(
+        S.uniform(x, axes, size),
+        ndi.uniform_filter(x, [size if p else 1 for p in per], output=np.empty_like(x)),
+    )
     for weights in ([-1.0, 0.0, 1.0], [1.0, 2.0, 1.0], [0.25, -1.0, 3.0, 0.5]):
         for ax in axes:
-            assert same(S.correlate1d(x, weights, ax),
-                        ndi.correlate1d(x, weights, axis=ax, output=np.empty_like(x)))
+            assert same(
+                S.correlate1d(x, weights, ax),
+                ndi.correlate1d(x, weights, axis=ax, output=np.empty_like(x)),
+            )
 
 
 def test_non_finite_values_propagate_as_in_scipy():
     x = np.random.default_rng(0).random((4, 9, 9)).astype(np.float32)
     x[0, 3, 3], x[1, 0, 0], x[2, 8, 1] = np.nan, np.inf, -np.inf
-    assert same(S.gaussian(x, (1, 2), 1.0),
-                ndi.gaussian_filter(x, (0, 1, 1), output=np.empty_like(x)))
+    assert same(
+        S.gaussian(x, (1, 2), 1.0), ndi.gaussian_filter(x, (0, 1, 1), output=np.empty_like(x))
+    )
     assert same(S.uniform(x, (1, 2), 3), ndi.uniform_filter(x, (1, 3, 3), output=np.empty_like(x)))
 
 
@@ -75,9 +82,15 @@ def test_the_output_keeps_the_stacks_memory_order():
     assert S.gaussian(x, (1, 2), 1.0).flags.f_contiguous
 
 
-@pytest.mark.parametrize("name, params", [
-    ("gaussian", {"sigma": 1.5}), ("uniform", {"size": 4}), ("sobel", {}),
-    ("unsharp", {"radius": 2.0, "amount": 0.7})])
+@pytest.mark.parametrize(
+    "name, params",
+    [
+        ("gaussian", {"sigma": 1.5}),
+        ("uniform", {"size": 4}),
+        ("sobel", {}),
+        ("unsharp", {"radius": 2.0, "amount": 0.7}),
+    ],
+)
 @pytest.mark.parametrize("dtype", [np.uint8, np.int16, np.float16, np.float32, np.float64])
 def test_the_backends_filters_are_bit_identical(monkeypatch, name, params, dtype):
     """The numba backend's filters (compiled) and the NumPy backend's (scipy) give the same

@@ -11,10 +11,11 @@ from patch_viewer.core.merge.plan import BACKEND_ENV
 
 def test_import_pulls_in_neither_gui_nor_heavy_optional_modules():
     """scipy.signal alone took 0.6-0.8 s of a 0.9 s import: windows import it on first use."""
-    code = ("import sys, patch_viewer; heavy = [m for m in ('scipy.signal', 'numba', 'napari',"
-            " 'qtpy', 'magicgui', 'dask') if m in sys.modules]; print(heavy)")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         check=True)
+    code = (
+        "import sys, patch_viewer; heavy = [m for m in ('scipy.signal', 'numba', 'napari',"
+        " 'qtpy', 'magicgui', 'dask') if m in sys.modules]; print(heavy)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
 
 

@@ -17,19 +17,25 @@ IMAGE = np.random.default_rng(0).random((40, 40)).astype(np.float32)
 GRID = PatchGrid(IMAGE.shape, 8, 4)
 
 
-@pytest.mark.parametrize("kwargs, exc, match", [
-    (dict(max_bytes=-1), ValueError, r"`max_bytes` must be >= 1"),
-    (dict(max_bytes="lots"), ValueError, r"`max_bytes`.*'1GB'"),
-    (dict(max_bytes=1.5), TypeError, r"`max_bytes`"),
-    (dict(window="gaussian", window_params={"sigma": "a"}), TypeError,
-     r"`sigma` must be a number in \[0.01, 10.0\]"),
-    (dict(window="gaussian", window_params={"sigma": True}), TypeError, r"`sigma`"),
-    (dict(window="gaussian", window_params={"sigma": 50.0}), ValueError, r"`sigma`.*10.0"),
-    (dict(fill_value="x"), TypeError, r"`fill_value` must be a real number"),
-    (dict(fill_value=300, dtype=np.uint8), ValueError, r"`fill_value`.*\[0, 255\]"),
-    (dict(dtype="complex64"), TypeError, r"`dtype`"),
-    (dict(reduce="max", window="hann"), ValueError, r"`window` must be 'uniform' with reduce"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, match",
+    [
+        (dict(max_bytes=-1), ValueError, r"`max_bytes` must be >= 1"),
+        (dict(max_bytes="lots"), ValueError, r"`max_bytes`.*'1GB'"),
+        (dict(max_bytes=1.5), TypeError, r"`max_bytes`"),
+        (
+            dict(window="gaussian", window_params={"sigma": "a"}),
+            TypeError,
+            r"`sigma` must be a number in \[0.01, 10.0\]",
+        ),
+        (dict(window="gaussian", window_params={"sigma": True}), TypeError, r"`sigma`"),
+        (dict(window="gaussian", window_params={"sigma": 50.0}), ValueError, r"`sigma`.*10.0"),
+        (dict(fill_value="x"), TypeError, r"`fill_value` must be a real number"),
+        (dict(fill_value=300, dtype=np.uint8), ValueError, r"`fill_value`.*\[0, 255\]"),
+        (dict(dtype="complex64"), TypeError, r"`dtype`"),
+        (dict(reduce="max", window="hann"), ValueError, r"`window` must be 'uniform' with reduce"),
+    ],
+)
 def test_bad_arguments_name_the_parameter(kwargs, exc, match):
     with pytest.raises(exc, match=match):
         iter_process(IMAGE, GRID, **kwargs)
@@ -98,8 +104,11 @@ def test_non_finite_pixels_into_an_integer_dtype_are_refused(bad):
 @pytest.mark.parametrize("kind", ["inf", "nan", "some inf"])
 @pytest.mark.parametrize("name", ["identity", "gaussian", "zscore", "minmax", "otsu", "invert"])
 def test_no_runtime_warning_for_inf_or_nan_images(kind, name):
-    image = {"inf": np.full((32, 32), np.inf), "nan": np.full((32, 32), np.nan),
-             "some inf": np.where(np.eye(32) > 0, np.inf, 1.0)}[kind]
+    image = {
+        "inf": np.full((32, 32), np.inf),
+        "nan": np.full((32, 32), np.nan),
+        "some inf": np.where(np.eye(32) > 0, np.inf, 1.0),
+    }[kind]
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         r = process(image, PatchGrid(image.shape, 8, 4), name, reference="filter")
@@ -137,8 +146,9 @@ def test_wide_integers_use_the_data_range_not_the_dtype_range():
     m = pv.compute_metrics(merged, ref)
     assert m["psnr"] == pytest.approx(20 * math.log10(990))
     assert data_range_of(ref.astype(np.uint8)) == 255  # 8 and 16 bits: the dtype's range
-    lazy = pv.core.chunked.chunked_metrics(da.from_array(merged.astype(np.float64), chunks=5),
-                                           da.from_array(ref, chunks=5))
+    lazy = pv.core.chunked.chunked_metrics(
+        da.from_array(merged.astype(np.float64), chunks=5), da.from_array(ref, chunks=5)
+    )
     assert float(lazy["psnr"].compute()) == pytest.approx(m["psnr"])
 
 
@@ -147,6 +157,11 @@ def test_per_plane_patches_compare_with_a_per_plane_reference():
     grid = PatchGrid(volume.shape, (1, 24, 24), 1)  # each patch is one whole plane
     r = process(volume, grid, "gaussian", filter_params={"sigma": 2.0}, reference="filter")
     assert r.metrics["max_abs"] == 0  # no seam can exist, and none shows
-    lazy = process(da.from_array(volume, chunks=(2, 24, 24)), grid, "gaussian",
-                   filter_params={"sigma": 2.0}, reference="filter")
+    lazy = process(
+        da.from_array(volume, chunks=(2, 24, 24)),
+        grid,
+        "gaussian",
+        filter_params={"sigma": 2.0},
+        reference="filter",
+    )
     assert float(lazy.metrics["max_abs"].compute()) == 0

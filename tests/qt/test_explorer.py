@@ -1,6 +1,5 @@
 """Issue 13: every result legible, every control explained (each test would have caught a defect)."""
 
-
 import numpy as np
 import pytest
 
@@ -34,7 +33,9 @@ def test_merged_and_filtered_patch_limits_follow_their_own_data(make_napari_view
     inside = np.mean((data > lo) & (data < hi)) + np.mean(data >= hi) * (data.max() > hi)
     assert 0 < np.mean(data <= lo) < 1 and inside > 0  # neither solid black nor clipped white
     assert viewer.layers["filtered patches"].contrast_limits == merged.contrast_limits
-    assert viewer.layers["patches"].contrast_limits == viewer.layers["camera 100x100"].contrast_limits
+    assert (
+        viewer.layers["patches"].contrast_limits == viewer.layers["camera 100x100"].contrast_limits
+    )
 
 
 def test_selected_patch_is_shown_before_and_after_the_filter(explorer, qtbot, classic):
@@ -108,9 +109,24 @@ def test_controls_have_tooltips_and_distinct_labels(explorer):
     viewer, w = explorer
     w.window.value = "gaussian"
     w.filter.value = "gaussian"
-    controls = [w.image, w.patch_size, w.stride, w.edge, w.pad_mode, w.volume_mode, w.window,
-                w.sigma, w.reduce, w.filter, w.reference, w.live, w.run_button,
-                w.cancel_button, w.index, *w.filter_params]
+    controls = [
+        w.image,
+        w.patch_size,
+        w.stride,
+        w.edge,
+        w.pad_mode,
+        w.volume_mode,
+        w.window,
+        w.sigma,
+        w.reduce,
+        w.filter,
+        w.reference,
+        w.live,
+        w.run_button,
+        w.cancel_button,
+        w.index,
+        *w.filter_params,
+    ]
     assert all(c.tooltip for c in controls)
     labels = [w.sigma.label, *(c.label for c in w.filter_params)]
     assert len(set(labels)) == len(labels) and "σ" in w.sigma.label
@@ -184,8 +200,10 @@ def test_rgb_thumbnail_is_not_white_and_identity_error_is_quiet(make_napari_view
     assert np.all(np.asarray(error.data) == 0)
     middle = error.colormap.map(np.array([0.5]))[0]
     assert middle[:3].max() < 0.2  # a zero error is dark and quiet, not a white square
-    qtbot.waitUntil(lambda: "error: 0 everywhere"
-                    in list(viewer.layers["tile labels"].features["caption"]), timeout=10_000)
+    qtbot.waitUntil(
+        lambda: "error: 0 everywhere" in list(viewer.layers["tile labels"].features["caption"]),
+        timeout=10_000,
+    )
 
 
 def test_padded_patch_larger_than_the_image_stays_in_its_tile(make_napari_viewer, qtbot):
@@ -205,7 +223,8 @@ def test_padded_patch_larger_than_the_image_stays_in_its_tile(make_napari_viewer
 
 @pytest.mark.parametrize("setting", ["gaussian-window", "rgb"])
 def test_copy_as_python_and_as_command_reproduce_the_merged_layer(
-        make_napari_viewer, qtbot, tmp_path, setting):
+    make_napari_viewer, qtbot, tmp_path, setting
+):
     import subprocess
     import sys
 
@@ -240,8 +259,9 @@ def test_copy_as_python_and_as_command_reproduce_the_merged_layer(
     np.testing.assert_allclose(np.load(tmp_path / "out" / "image.npy"), merged, atol=tol, rtol=0)
 
 
-def test_copy_as_python_reads_the_file_the_layer_came_from(make_napari_viewer, qtbot, tmp_path,
-                                                            classic):
+def test_copy_as_python_reads_the_file_the_layer_came_from(
+    make_napari_viewer, qtbot, tmp_path, classic
+):
     from skimage import io
 
     path = tmp_path / "camera.png"
@@ -288,8 +308,10 @@ def test_a_quick_run_touches_no_widget_before_its_layers(explorer, qtbot):
     labels.events.features.connect(seen.append)
     weights = viewer.layers["overlap weights"].data
     w.filter.value = "gaussian"
-    with qtbot.waitSignal(w.signals.idle, timeout=30_000), \
-            qtbot.waitSignal(w.signals.computed, timeout=30_000):
+    with (
+        qtbot.waitSignal(w.signals.idle, timeout=30_000),
+        qtbot.waitSignal(w.signals.computed, timeout=30_000),
+    ):
         w.run()
         assert w.readout.value == before and not w.cancel_button.enabled
         assert w.progress.value == progress
@@ -382,9 +404,11 @@ def test_the_whole_image_reference_gives_k_channel_metrics(explorer, qtbot):
 def test_a_bad_import_path_is_a_message_not_a_crash(explorer, qtbot):
     viewer, w = explorer
     w.filter.value = _controller.CUSTOM
-    for path, words in [("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
-                        ("os.path:nope", "has no attribute 'nope'"),
-                        ("just text", "package.module:function")]:
+    for path, words in [
+        ("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
+        ("os.path:nope", "has no attribute 'nope'"),
+        ("just text", "package.module:function"),
+    ]:
         w.custom.value = path
         with qtbot.waitSignal(w.signals.failed, timeout=5_000) as blocker:
             w.run()
@@ -477,8 +501,10 @@ def test_launcher_screenshot_waits_on_the_idle_signal(make_napari_viewer, qtbot,
 
     path = tmp_path / "shot.png"
     closed = []
-    window = SimpleNamespace(screenshot=viewer.screenshot,  # the fixture closes the viewer
-                             close=lambda: closed.append("SSIM: 0." in w.readout.value))
+    window = SimpleNamespace(
+        screenshot=viewer.screenshot,  # the fixture closes the viewer
+        close=lambda: closed.append("SSIM: 0." in w.readout.value),
+    )
     screenshot_when_idle(window, w, str(path))
     with qtbot.waitSignal(w.signals.idle, timeout=30_000):
         w.run()
@@ -536,8 +562,10 @@ def test_tune_chart_keeps_rmse_readable_beside_max_error(explorer, qtbot):
     """RMSE far below max |error| was a flat line at zero on a shared linear axis."""
     viewer, w = explorer
     tune = w.open_tune()
-    tune.points = [_controller.TunePoint(s, r, m, 0.01, 100 // s)
-                   for s, r, m in [(4, 0.01, 0.5), (8, 0.2, 3.0), (16, 2.0, 80.0)]]
+    tune.points = [
+        _controller.TunePoint(s, r, m, 0.01, 100 // s)
+        for s, r, m in [(4, 0.01, 0.5), (8, 0.2, 3.0), (16, 2.0, 80.0)]
+    ]
     tune.draw()
     assert tune.figure.axes[0].get_yscale() == "symlog"
     tune.points = [_controller.TunePoint(s, 1.0, 2.0, 0.01, 10) for s in (4, 8)]

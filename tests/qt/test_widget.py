@@ -18,8 +18,11 @@ LAYERS = _controller.LAYER_NAMES
 
 
 def test_manifest_validates_with_imports():
-    out = subprocess.run([sys.executable, "-m", "npe2", "validate", "patch_viewer/napari.yaml",
-                          "--imports"], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "npe2", "validate", "patch_viewer/napari.yaml", "--imports"],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0 and "valid" in out.stdout, out.stdout + out.stderr
 
 
@@ -32,8 +35,12 @@ def test_widget_appears_in_plugins_and_layers_menu():
     assert [w.display_name for w in manifest.contributions.widgets] == ["Patch Explorer"]
     menus = manifest.contributions.menus
     assert any(k.startswith("napari/layers/") for k in menus)
-    assert {s.key for s in manifest.contributions.sample_data} == {"classic", "noisy", "rgb",
-                                                                     "volume"}
+    assert {s.key for s in manifest.contributions.sample_data} == {
+        "classic",
+        "noisy",
+        "rgb",
+        "volume",
+    }
 
 
 def test_classic_identity_is_exact(explorer, qtbot, classic):
@@ -93,8 +100,9 @@ def test_edge_and_window_controls_match_the_core(explorer, qtbot, classic, edge,
     np.testing.assert_array_equal(viewer.layers["merged"].data, expected.merged)
     # shown in float32 (what the GPU takes; converted in the worker, not on the main thread)
     assert viewer.layers["overlap weights"].data.dtype == np.float32
-    np.testing.assert_array_equal(viewer.layers["overlap weights"].data,
-                                  expected.weights.astype(np.float32))
+    np.testing.assert_array_equal(
+        viewer.layers["overlap weights"].data, expected.weights.astype(np.float32)
+    )
     np.testing.assert_array_equal(viewer.layers["error"].data, expected.error)
 
 
@@ -109,14 +117,21 @@ def test_every_filter_and_its_parameters(explorer, qtbot, classic, name):
     for control in w.filter_params:
         p = declared[control.name]
         assert (control.min, control.max) == (p.min, p.max)
-        control.value = p.max if p.kind is int and p.max < 10 else p.default * 2 if p.default * 2 <= p.max else p.default
+        control.value = (
+            p.max
+            if p.kind is int and p.max < 10
+            else p.default * 2
+            if p.default * 2 <= p.max
+            else p.default
+        )
         params[control.name] = control.value
     w.reference.value = "filter"
     w.reduce.value = "max"
     run(qtbot, w)
     grid = pv.PatchGrid(classic.shape, 32, 16)
-    expected = pv.process(classic, grid, name, filter_params=params, reduce="max",
-                          reference="filter")
+    expected = pv.process(
+        classic, grid, name, filter_params=params, reduce="max", reference="filter"
+    )
     np.testing.assert_allclose(viewer.layers["merged"].data, expected.merged, rtol=1e-6)
     np.testing.assert_allclose(viewer.layers["error"].data, expected.error, rtol=1e-6, atol=1e-6)
 
@@ -219,8 +234,9 @@ def test_volume_3d_patches_or_2d_per_plane(make_napari_viewer, qtbot, mode):
     volume = viewer.layers["blobs 3-D"].data
     np.testing.assert_array_equal(viewer.layers["merged"].data, volume)
     shape = viewer.layers["patches"].data.shape
-    assert shape == ((5, 5, 5, 16, 16, 16) if mode == _widget.VOLUME_MODES[0]
-                     else (5, 5, 64, 16, 16))
+    assert shape == (
+        (5, 5, 5, 16, 16, 16) if mode == _widget.VOLUME_MODES[0] else (5, 5, 64, 16, 16)
+    )
     w.click(tuple(viewer.dims.point[:-3]) + (30, 40, 50))
     assert w.index.value > 0
     if mode == _widget.VOLUME_MODES[0]:  # the patch tile follows the selected patch in z
@@ -237,15 +253,21 @@ def test_dask_and_zarr_layers_stay_lazy(make_napari_viewer, qtbot, tmp_path, bac
 
     image = np.random.default_rng(0).random((300, 260)).astype(np.float32)
     if backend == "zarr":
-        data = zarr.open_array(str(tmp_path / "im.zarr"), mode="w", shape=image.shape,
-                               chunks=(128, 128), dtype=image.dtype)
+        data = zarr.open_array(
+            str(tmp_path / "im.zarr"),
+            mode="w",
+            shape=image.shape,
+            chunks=(128, 128),
+            dtype=image.dtype,
+        )
         data[...] = image
     else:
         data = da.from_array(image, chunks=100)
     viewer = make_napari_viewer()
     if backend == "multiscale":
-        viewer.add_image([data, data[::2, ::2]], name="lazy", multiscale=True,
-                         contrast_limits=(0, 1))
+        viewer.add_image(
+            [data, data[::2, ::2]], name="lazy", multiscale=True, contrast_limits=(0, 1)
+        )
     else:
         viewer.add_image(data, name="lazy", contrast_limits=(0, 1))
     _, w = viewer.window.add_plugin_dock_widget("patch-viewer", "Patch Explorer")
@@ -260,12 +282,13 @@ def test_dask_and_zarr_layers_stay_lazy(make_napari_viewer, qtbot, tmp_path, bac
     for name in ("merged", "error", "overlap weights"):
         assert isinstance(viewer.layers[name].data, da.Array), name  # napari computes it
     expected = pv.process(image, pv.PatchGrid(image.shape, 32, 12), "gaussian", window="hann")
-    np.testing.assert_allclose(np.asarray(viewer.layers["merged"].data), expected.merged,
-                               rtol=1e-6, atol=1e-6)
-    np.testing.assert_allclose(np.asarray(viewer.layers["overlap weights"].data),
-                               expected.weights)
+    np.testing.assert_allclose(
+        np.asarray(viewer.layers["merged"].data), expected.merged, rtol=1e-6, atol=1e-6
+    )
+    np.testing.assert_allclose(np.asarray(viewer.layers["overlap weights"].data), expected.weights)
     assert viewer.layers["overlap weights"].contrast_limits[1] == pytest.approx(
-        expected.weights.max())
+        expected.weights.max()
+    )
     assert metrics.args[0] == pytest.approx(expected.metrics["ssim"], rel=1e-6)
     lo, hi = viewer.layers["error"].contrast_limits
     assert -lo == hi == pytest.approx(expected.metrics["max_abs"], rel=1e-6)
@@ -340,7 +363,8 @@ def test_layout_and_screenshot_are_not_blank(explorer, qtbot):
     run(qtbot, w)
     for name, (row, col) in TILES.items():
         assert viewer.layers[name].translate[-1] == pytest.approx(
-            col * (100 + _layers_mod.tile_gap((100, 100))))
+            col * (100 + _layers_mod.tile_gap((100, 100)))
+        )
     shot = viewer.screenshot(canvas_only=True, flash=False)
     assert shot.std() > 10
 
@@ -359,16 +383,23 @@ def test_patch_stack_is_lazy_and_exact():
 def test_sample_data_loaders():
     from patch_viewer import _sample_data as s
 
-    shapes = {"classic": (100, 100), "noisy": (303, 384), "rgb": (256, 256, 3),
-              "volume": (64, 64, 64)}
+    shapes = {
+        "classic": (100, 100),
+        "noisy": (303, 384),
+        "rgb": (256, 256, 3),
+        "volume": (64, 64, 64),
+    }
     for name, shape in shapes.items():
         [(data, meta)] = getattr(s, name)()
         assert data.shape == shape and data.dtype == np.uint8 and meta["name"]
 
 
 def test_wheel_ships_the_sample_data_and_manifest(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w",
-                          str(tmp_path), "."], capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), "."],
+        capture_output=True,
+        text=True,
+    )
     assert out.returncode == 0, out.stderr
     [wheel] = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
@@ -378,16 +409,35 @@ def test_wheel_ships_the_sample_data_and_manifest(tmp_path):
 
 
 def test_launcher(tmp_path):
-    help_ = subprocess.run([sys.executable, "-m", "patch_viewer", "--help"], capture_output=True,
-                           text=True)
+    help_ = subprocess.run(
+        [sys.executable, "-m", "patch_viewer", "--help"], capture_output=True, text=True
+    )
     assert help_.returncode == 0 and "--patch-size" in help_.stdout
-    missing = subprocess.run([sys.executable, "-m", "patch_viewer", str(tmp_path / "no.png")],
-                             capture_output=True, text=True)
+    missing = subprocess.run(
+        [sys.executable, "-m", "patch_viewer", str(tmp_path / "no.png")],
+        capture_output=True,
+        text=True,
+    )
     assert missing.returncode != 0 and "no such file" in missing.stderr
     png = tmp_path / "shot.png"
-    shot = subprocess.run([sys.executable, "-m", "patch_viewer", "--patch-size", "25", "--stride",
-                           "5", "--filter", "gaussian", "--screenshot", str(png)],
-                          capture_output=True, text=True, timeout=120)
+    shot = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "patch_viewer",
+            "--patch-size",
+            "25",
+            "--stride",
+            "5",
+            "--filter",
+            "gaussian",
+            "--screenshot",
+            str(png),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert shot.returncode == 0, shot.stderr[-2000:]
     from skimage import io
 
@@ -417,7 +467,9 @@ def test_progress_is_throttled_but_every_batch_still_yields():
     except StopIteration as stop:
         assert stop.value == "result"
     assert items == [None] * 5  # one per batch (so quit() is seen), none shown: a short run
-    assert [(p.done, p.total) for p in throttle_progress(run(), interval=0)] == [(k, 5) for k in range(5)]
+    assert [(p.done, p.total) for p in throttle_progress(run(), interval=0)] == [
+        (k, 5) for k in range(5)
+    ]
     gen = throttle_progress(run(), interval=0)
     next(gen)
     gen.close()  # cancelling the worker closes the run

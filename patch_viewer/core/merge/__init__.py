@@ -22,12 +22,29 @@ if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import ArrayLike, DTypeLike
 
-__all__ = ["BACKENDS", "REDUCTIONS", "Merger", "backend", "max_weight", "merge_patches",
-           "merge_state_bytes", "weight_map", "work_dtype"]
+__all__ = [
+    "BACKENDS",
+    "REDUCTIONS",
+    "Merger",
+    "backend",
+    "max_weight",
+    "merge_patches",
+    "merge_state_bytes",
+    "weight_map",
+    "work_dtype",
+]
 
 
-def Merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="uniform",
-           reduce="mean", window_params=None):
+def Merger(
+    grid: PatchGrid,
+    n_images: int,
+    n_channels: int,
+    dtype,
+    *,
+    window="uniform",
+    reduce="mean",
+    window_params=None,
+):
     """A streaming accumulator on the active backend: ``add(piece, b0, row0)`` pieces of
     canonical patches ``(b, g0, *grid_shape[1:], *patch_size, C)`` (rows of an image in
     ascending order), then ``result(dtype, fill_value)``, canonical ``(b, *spatial, C)``."""
@@ -42,10 +59,17 @@ def Merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="un
     return numpy_merger(grid, n_images, n_channels, dtype, **options)
 
 
-def merge_patches(patches: ArrayLike, grid: PatchGrid, *, window: str | ArrayLike = "uniform",
-                  reduce: str = "mean", dtype: DTypeLike | None = None,
-                  fill_value: float | None = None, workers: int | None = None,
-                  **window_params: float) -> np.ndarray:
+def merge_patches(
+    patches: ArrayLike,
+    grid: PatchGrid,
+    *,
+    window: str | ArrayLike = "uniform",
+    reduce: str = "mean",
+    dtype: DTypeLike | None = None,
+    fill_value: float | None = None,
+    workers: int | None = None,
+    **window_params: float,
+) -> np.ndarray:
     """Merge a patch stack back into an image, blending where patches overlap.
 
     Parameters
@@ -110,18 +134,20 @@ def merge_patches(patches: ArrayLike, grid: PatchGrid, *, window: str | ArrayLik
             "patch_viewer.process(), which cuts, filters and merges chunk by chunk"
         )
     if isinstance(patches, np.ma.MaskedArray):
-        raise TypeError("`patches` must not be a masked array: its mask would be ignored; "
-                        "fill the masked values, or merge the mask as a second stack")
+        raise TypeError(
+            "`patches` must not be a masked array: its mask would be ignored; "
+            "fill the masked values, or merge the mask as a second stack"
+        )
     patches = np.asanyarray(patches)
     canon, batched = patches_to_canonical(patches, grid)
     work_dtype(canon.dtype)  # refuses non-numeric patches
     if dtype is not None:
         check_dtype(dtype)
     if fill_value is not None:
-        _fill(fill_value, np.dtype(dtype if dtype is not None else work_dtype(canon.dtype)),
-              False)
-    if workers is not None and not (isinstance(workers, int) and not isinstance(workers, bool)
-                                    and workers >= 1):
+        _fill(fill_value, np.dtype(dtype if dtype is not None else work_dtype(canon.dtype)), False)
+    if workers is not None and not (
+        isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1
+    ):
         raise ValueError(f"`workers` must be an int >= 1 or None, got {workers!r}")
     options = {"window": window, "reduce": reduce, "window_params": window_params}
     if backend() == "numba":
@@ -137,8 +163,9 @@ def merge_patches(patches: ArrayLike, grid: PatchGrid, *, window: str | ArrayLik
     return from_canonical(merged, grid, batched)
 
 
-def merge_state_bytes(grid: PatchGrid, n_images: int, dtype, window="uniform",
-                      reduce="mean") -> tuple[int, int]:
+def merge_state_bytes(
+    grid: PatchGrid, n_images: int, dtype, window="uniform", reduce="mean"
+) -> tuple[int, int]:
     """``(canvas bytes, result bytes)`` a streaming :func:`Merger` holds on the active
     backend: its sums (and anchors) over the padded images, and the image-sized arrays its
     result is finished through. For memory plans (see :func:`patch_viewer.make_plan`)."""
@@ -153,17 +180,24 @@ def merge_state_bytes(grid: PatchGrid, n_images: int, dtype, window="uniform",
     tile = isinstance(window, str) and window == "overlap-tile"
     if backend() == "numba":
         plan = make_merge_plan(grid, dtype, channels, window=window, reduce=reduce)
-        extent = n_images * channels * math.prod(
-            max(n, int(o[-1]) + p) for n, o, p in zip(grid.spatial_shape, grid.origins,
-                                                     grid.patch_size))
-        canvas = extent * (plan.acc.itemsize + plan.data.itemsize * (plan.mode in (
-            "anchored", "pick")) + 8 * (plan.mode == "split"))
+        extent = (
+            n_images
+            * channels
+            * math.prod(
+                max(n, int(o[-1]) + p)
+                for n, o, p in zip(grid.spatial_shape, grid.origins, grid.patch_size)
+            )
+        )
+        canvas = extent * (
+            plan.acc.itemsize
+            + plan.data.itemsize * (plan.mode in ("anchored", "pick"))
+            + 8 * (plan.mode == "split")
+        )
         result = pixels * (8 if plan.mode in ("anchored", "split") else work.itemsize)
         return canvas, result
     from .precision import accumulation
 
-    extent = n_images * channels * math.prod(n + s for n, s in zip(grid.padded_shape,
-                                                                    grid.stride))
+    extent = n_images * channels * math.prod(n + s for n, s in zip(grid.padded_shape, grid.stride))
     uniform = isinstance(window, str) and window == "uniform"
     acc, anchor = accumulation(dtype, work, uniform, grid.coverage_range()[1])
     if reduce != "mean" or tile:

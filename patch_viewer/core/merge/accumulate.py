@@ -35,8 +35,13 @@ class _Geometry:
         self.origins = three_axes([np.array(o, np.int64) for o in grid.origins], grid, one)
         self.patch = three_axes(grid.patch_size, grid, 1)
         self.extent = three_axes(
-            [max(n, int(o[-1]) + p) for n, o, p in zip(grid.spatial_shape, grid.origins,
-                                                      grid.patch_size)], grid, 1)
+            [
+                max(n, int(o[-1]) + p)
+                for n, o, p in zip(grid.spatial_shape, grid.origins, grid.patch_size)
+            ],
+            grid,
+            1,
+        )
         self.spatial = three_axes(grid.spatial_shape, grid, 1)
         _, n1, n2 = self.extent
         self.wc = n2 * c
@@ -44,14 +49,16 @@ class _Geometry:
 
     def geo(self, src: Source) -> np.ndarray:
         """``(p0, p1, L, g1, g2)`` for a source (whose tables count its grid indices)."""
-        return np.array([self.patch[0], self.patch[1], self.patch[2] * self.c, len(src[3]),
-                         len(src[4])], np.int64)
+        return np.array(
+            [self.patch[0], self.patch[1], self.patch[2] * self.c, len(src[3]), len(src[4])],
+            np.int64,
+        )
 
     def piece_origins(self, row0: int, rows: int):
         """Origins on the three axes for a piece of grid rows ``row0 .. row0 + rows``."""
         o = list(self.origins)
         ax = AXES3[self.grid.ndim][0]
-        o[ax] = o[ax][row0:row0 + rows]
+        o[ax] = o[ax][row0 : row0 + rows]
         o2c = o[2] * self.c
         return o[0], o[1], o2c
 
@@ -61,8 +68,9 @@ class _Geometry:
         n0, n1, _ = self.extent
         if plan.weights is not None:  # a window that does not separate: the whole map
             w = np.ones(self.extent + [self.c])
-            w[:self.spatial[0], :self.spatial[1], :self.spatial[2]] = plan.weights.reshape(
-                self.spatial + [1])
+            w[: self.spatial[0], : self.spatial[1], : self.spatial[2]] = plan.weights.reshape(
+                self.spatial + [1]
+            )
             return np.ones(n0), np.ones(n1), w.reshape(n0 * n1, self.wc)
         factors = plan.factors
         if factors is None:  # max, min, pick: not weighed
@@ -70,7 +78,7 @@ class _Geometry:
         dens = []
         for f, n in zip(three_axes(factors, self.grid, np.ones(1)), self.extent):
             d = np.ones(n)
-            d[:len(f)] = f
+            d[: len(f)] = f
             dens.append(d)
         return dens[0], dens[1], np.repeat(dens[2], self.c)[None, :]
 
@@ -105,8 +113,12 @@ def _owners(o: np.ndarray, p: int, n: int, rule: str):
         k = np.searchsorted(centre, x)
         a = np.clip(k - 1, first, np.maximum(last, first))
         b = np.clip(k, first, np.maximum(last, first))
-        idx = np.where(np.abs(x - centre[np.minimum(b, len(o) - 1)])
-                       < np.abs(x - centre[np.minimum(a, len(o) - 1)]), b, a)
+        idx = np.where(
+            np.abs(x - centre[np.minimum(b, len(o) - 1)])
+            < np.abs(x - centre[np.minimum(a, len(o) - 1)]),
+            b,
+            a,
+        )
     idx = np.where(first <= last, idx, -1)
     off = x - o[np.clip(idx, 0, len(o) - 1)]
     return idx, off
@@ -143,8 +155,7 @@ class _Canvas:
             self.lo[:n] = 0
 
 
-def _add(geo3: _Geometry, canvas: _Canvas, src: Source, origins, bi, i0, i1, y0, y1,
-         maps=None):
+def _add(geo3: _Geometry, canvas: _Canvas, src: Source, origins, bi, i0, i1, y0, y1, maps=None):
     """Add the patch rows ``i0 .. i1`` of image ``bi`` to ``canvas`` (rows ``y0 .. y1``)."""
     plan = geo3.plan
     o0, o1, o2c = origins
@@ -177,8 +188,9 @@ class _Result:
         # means for an integer output are rounded from float64 (float32 could round a
         # fraction just below .5 up to it)
         work = np.float64 if dtype is not None and np.dtype(dtype).kind in "biu" else plan.work
-        out = {"sum": work, "weighted": work, "anchored": np.float64,
-               "split": np.int64}.get(mode, plan.data)
+        out = {"sum": work, "weighted": work, "anchored": np.float64, "split": np.int64}.get(
+            mode, plan.data
+        )
         weighed = mode in ("sum", "weighted", "anchored")  # every pixel written
         self.out = (np.empty if weighed else np.zeros)(shape, out)
         self.ref = np.zeros(shape, plan.data) if mode == "anchored" else None
@@ -217,18 +229,27 @@ class _Result:
         out = self.out
         target = np.dtype(plan.work if dtype is None else dtype)
         # a weighed sum is 0/0, NaN, where nothing covers: nothing to mark for a NaN fill
-        nan_marks = mode in ("sum", "weighted", "anchored") and target.kind == "f" and (
-            fill_value is None or np.isnan(fill_value))
+        nan_marks = (
+            mode in ("sum", "weighted", "anchored")
+            and target.kind == "f"
+            and (fill_value is None or np.isnan(fill_value))
+        )
         covered = None if nan_marks else self.covered(grid)
         if mode == "split":
             assert self.lo is not None
             count = self.counts().reshape(out.shape[1:])
-            out = split_mean(out, self.lo, count, target if target.kind in "biu" else
-                             np.float64, plan.data.kind == "u")
+            out = split_mean(
+                out,
+                self.lo,
+                count,
+                target if target.kind in "biu" else np.float64,
+                plan.data.kind == "u",
+            )
         elif mode == "anchored":
             assert self.ref is not None
-            return self._shaped(anchored_finish(self.ref, out, covered, dtype, fill_value,
-                                                plan.work), grid)
+            return self._shaped(
+                anchored_finish(self.ref, out, covered, dtype, fill_value, plan.work), grid
+            )
         return self._shaped(finish(out, covered, dtype, fill_value, plan.work), grid)
 
     def counts(self) -> np.ndarray:
@@ -254,8 +275,9 @@ class _Result:
         return out.reshape((out.shape[0],) + grid.spatial_shape + (self.geo3.c,))
 
 
-def merge_bands(canon: np.ndarray, grid: PatchGrid, plan: MergePlan, workers: int, dtype,
-                fill_value) -> np.ndarray:
+def merge_bands(
+    canon: np.ndarray, grid: PatchGrid, plan: MergePlan, workers: int, dtype, fill_value
+) -> np.ndarray:
     """Merge a whole canonical stack ``(b, *G, *p, C)``: canonical ``(b, *spatial, C)``."""
     b, c = canon.shape[0], canon.shape[-1]
     geo3 = _Geometry(grid, plan, c)
@@ -284,7 +306,7 @@ def merge_bands(canon: np.ndarray, grid: PatchGrid, plan: MergePlan, workers: in
         run(bands)
     else:
         cuts = np.linspace(0, len(bands), workers + 1).round().astype(int)
-        list(_pool().map(run, [bands[cuts[k]:cuts[k + 1]] for k in range(workers)]))
+        list(_pool().map(run, [bands[cuts[k] : cuts[k + 1]] for k in range(workers)]))
     return result.finish(grid, dtype, fill_value)
 
 
@@ -352,8 +374,7 @@ class NumbaMerger:
             return True
         return mode == "sum" or (mode == "weighted" and fused.kind != "map")
 
-    def add_fused(self, src: Source, image: int, row0: int, rows: int, fused,
-                  stats=None) -> None:
+    def add_fused(self, src: Source, image: int, row0: int, rows: int, fused, stats=None) -> None:
         """Filter and add the patches of grid rows ``row0 .. row0 + rows`` of one image, read
         from ``src`` (that image's patches, those rows), without storing a filtered patch.
         ``stats(src, geo, row0, rows) -> (c, d)`` gives the per-patch coefficients of

@@ -15,8 +15,16 @@ from numba import njit
 
 from .kernels_numba import JIT, U
 
-__all__ = ["band_affine", "band_affine_scaled", "band_affine_weighted", "band_map", "copy_patches",
-           "patch_moments", "patch_range"]
+__all__ = [
+    "band_affine",
+    "band_affine_scaled",
+    "band_affine_weighted",
+    "band_map",
+    "copy_patches",
+    "patch_moments",
+    "patch_range",
+]
+
 
 # --------------------------------------------------------------------------- the fused stream
 # process() filters patches inside the merge where the filter allows it: ``(v - c) / d`` with
@@ -41,8 +49,7 @@ def _run_add_affine_weighted(acc, a, flat, f, c, d, w, wo, n):
 
 
 @njit(**JIT)
-def band_affine(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, cen, den,
-                acc):
+def band_affine(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, cen, den, acc):
     """:func:`band_sum` of ``(v - cen[p]) / den[p]`` for each patch ``p = (bi, i, m, j)``
     (``cen`` and ``den`` are ``(b, rows, g1, g2)``, in the data's dtype)."""
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
@@ -60,13 +67,15 @@ def band_affine(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, 
                     aj = am + o2c[j]
                     c, d = cen[bi, i, m, j], den[bi, i, m, j]
                     for r in range(r0, r1):
-                        _run_add_affine(acc, U((oi + r - y0) * n1 * wc + aj), flat,
-                                        U(fj + r * sr), c, d, n)
+                        _run_add_affine(
+                            acc, U((oi + r - y0) * n1 * wc + aj), flat, U(fj + r * sr), c, d, n
+                        )
 
 
 @njit(**JIT)
-def band_affine_scaled(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc,
-                       cen, inv, acc):
+def band_affine_scaled(
+    flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, cen, inv, acc
+):
     """:func:`band_affine` multiplying by ``inv = 1 / den``, for denominators that are powers
     of two (then exact: the same bits, without a division per value)."""
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
@@ -84,13 +93,15 @@ def band_affine_scaled(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y
                     aj = am + o2c[j]
                     c, d = cen[bi, i, m, j], inv[bi, i, m, j]
                     for r in range(r0, r1):
-                        _run_add_scaled(acc, U((oi + r - y0) * n1 * wc + aj), flat,
-                                        U(fj + r * sr), c, d, n)
+                        _run_add_scaled(
+                            acc, U((oi + r - y0) * n1 * wc + aj), flat, U(fj + r * sr), c, d, n
+                        )
 
 
 @njit(**JIT)
-def band_affine_weighted(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc,
-                         cen, den, win, acc):
+def band_affine_weighted(
+    flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, cen, den, win, acc
+):
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
     sr = st[1]
     n = U(ln)
@@ -106,9 +117,17 @@ def band_affine_weighted(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0,
                     aj = am + o2c[j]
                     c, d = cen[bi, i, m, j], den[bi, i, m, j]
                     for r in range(r0, r1):
-                        _run_add_affine_weighted(acc, U((oi + r - y0) * n1 * wc + aj), flat,
-                                                 U(fj + r * sr), c, d, win,
-                                                 U((r * p1 + q) * ln), n)
+                        _run_add_affine_weighted(
+                            acc,
+                            U((oi + r - y0) * n1 * wc + aj),
+                            flat,
+                            U(fj + r * sr),
+                            c,
+                            d,
+                            win,
+                            U((r * p1 + q) * ln),
+                            n,
+                        )
 
 
 @njit(**JIT)

@@ -26,8 +26,20 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-__all__ = ["JIT", "U", "band_anchored", "band_gather", "band_max", "band_min", "band_sum",
-           "band_sum_split", "band_weighted", "copy_band", "weigh", "weigh_scaled"]
+__all__ = [
+    "JIT",
+    "U",
+    "band_anchored",
+    "band_gather",
+    "band_max",
+    "band_min",
+    "band_sum",
+    "band_sum_split",
+    "band_weighted",
+    "copy_band",
+    "weigh",
+    "weigh_scaled",
+]
 
 JIT = {"nogil": True, "cache": True, "error_model": "numpy", "boundscheck": False}
 U = np.uint64
@@ -142,8 +154,9 @@ def band_weighted(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1
 
 
 @njit(**JIT)
-def band_anchored(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, ref,
-                  acc):
+def band_anchored(
+    flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, win, ref, acc
+):
     """Sums ``w * (v - ref)``; ``ref`` is laid out like ``acc`` (see :func:`band_gather`)."""
     p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
     sr = st[1]

@@ -19,8 +19,16 @@ import numpy as np
 from .._layout import DIRECT_MAX_STEPS, ROWS_FIRST_ORDER, block_depths, ceil_div, is_direct
 from ..grid import PatchGrid
 
-__all__ = ["assign", "interleave", "ola", "overlap_add", "owned_segments", "row_offset_preparer",
-           "short_buffers"]
+__all__ = [
+    "assign",
+    "interleave",
+    "ola",
+    "overlap_add",
+    "owned_segments",
+    "row_offset_preparer",
+    "short_buffers",
+]
+
 
 def _block_view(region: np.ndarray, axes, strides) -> np.ndarray:
     """Split each axis ``axes[j]`` of ``region`` into ``(blocks, strides[j])`` (a writeable
@@ -66,7 +74,6 @@ def ola(out: np.ndarray, a: np.ndarray, axes: list[int], strides: list[int], op)
         op(target, a[tuple(ai)], out=target)
 
 
-
 @contextlib.contextmanager
 def short_buffers(grid: PatchGrid, channels: int):
     """NumPy buffer size for the direct overlap-add's steps, a few blocks long.
@@ -106,8 +113,9 @@ def _ola_1d(out: np.ndarray, a: np.ndarray, ax: int, s: int, op) -> None:
         op(target, a[lead + (i,)], out=target)
 
 
-def _antidiagonal_reduce(padded: np.ndarray, ax: int, g: int, d: int, s: int, ufunc,
-                         out: np.ndarray) -> None:
+def _antidiagonal_reduce(
+    padded: np.ndarray, ax: int, g: int, d: int, s: int, ufunc, out: np.ndarray
+) -> None:
     """``out[..., y, ...] = ufunc.reduce`` over all ``(j, e)`` with ``j * s + e = y``, in ONE call.
 
     ``padded`` is ``(..., G + 2(d-1), d*s, ...)`` (grid axis at ``ax``, in-patch offset at
@@ -119,14 +127,15 @@ def _antidiagonal_reduce(padded: np.ndarray, ax: int, g: int, d: int, s: int, uf
     sj, se = st[ax], st[ax + 1]
     q = g + d - 1
     base = padded[(slice(None),) * ax + (slice(d - 1, None),)]
-    shape = padded.shape[:ax] + (q, s) + padded.shape[ax + 2:] + (d,)
-    strides = st[:ax] + (sj, se) + st[ax + 2:] + (s * se - sj,)
+    shape = padded.shape[:ax] + (q, s) + padded.shape[ax + 2 :] + (d,)
+    strides = st[:ax] + (sj, se) + st[ax + 2 :] + (s * se - sj,)
     view = np.lib.stride_tricks.as_strided(base, shape, strides, writeable=False)
     ufunc.reduce(view, axis=-1, out=_block_view(out, [ax], [s]))
 
 
-def _antidiagonal_reduce_unit(t: np.ndarray, ax: int, ufunc, identity: float,
-                              out: np.ndarray, offsets_last: bool = True) -> None:
+def _antidiagonal_reduce_unit(
+    t: np.ndarray, ax: int, ufunc, identity: float, out: np.ndarray, offsets_last: bool = True
+) -> None:
     """Stride-1 form of :func:`_antidiagonal_reduce` that needs no identity margins, so it
     reads the patches where they are (no copy): ``out[..., x, ...]`` reduces
     ``t[..., x - e, e, ...]`` over the valid ``e``, in ascending ``e`` everywhere.
@@ -145,12 +154,12 @@ def _antidiagonal_reduce_unit(t: np.ndarray, ax: int, ufunc, identity: float,
         base = t[lead + (slice(p - 1, None),)]
         step = st[ax + 1] - st[ax]  # from term e to e + 1 of one pixel
         if offsets_last:
-            shape = t.shape[:ax] + (g - p + 1,) + t.shape[ax + 2:] + (p,)
-            strides = st[:ax] + (st[ax],) + st[ax + 2:] + (step,)
+            shape = t.shape[:ax] + (g - p + 1,) + t.shape[ax + 2 :] + (p,)
+            strides = st[:ax] + (st[ax],) + st[ax + 2 :] + (step,)
             axis = -1
         else:
-            shape = t.shape[:ax] + (g - p + 1, p) + t.shape[ax + 2:]
-            strides = st[:ax] + (st[ax], step) + st[ax + 2:]
+            shape = t.shape[:ax] + (g - p + 1, p) + t.shape[ax + 2 :]
+            strides = st[:ax] + (st[ax], step) + st[ax + 2 :]
             axis = ax + 1
         view = np.lib.stride_tricks.as_strided(base, shape, strides, writeable=False)
         ufunc.reduce(view, axis=axis, out=out[lead + (slice(p - 1, g),)])
@@ -164,8 +173,9 @@ def _antidiagonal_reduce_unit(t: np.ndarray, ax: int, ufunc, identity: float,
                 ufunc(target, t[lead + (slice(lo - e, hi - e), e)], out=target)
 
 
-def _rows_first(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity: float,
-                prepare=None) -> None:
+def _rows_first(
+    canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity: float, prepare=None
+) -> None:
     """2-D overlap-add with stride 1 along the rows: reduce the row offsets first (the bulk of
     the work, on whole contiguous blocks when ``a`` is offset-major, see :func:`stack_order`),
     then overlap-add the rows that result along the columns.
@@ -180,26 +190,34 @@ def _rows_first(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity:
     if prepare is None:
         # (g0, p0, b, g1, p1, C): each step moves whole (b, g1, p1, C) blocks, contiguous when
         # the stack is offset-major
-        _antidiagonal_reduce_unit(a.transpose(1, 3, 0, 2, 4, 5), 0, op, identity, by_row,
-                                  offsets_last=False)
+        _antidiagonal_reduce_unit(
+            a.transpose(1, 3, 0, 2, 4, 5), 0, op, identity, by_row, offsets_last=False
+        )
     else:
         by_row[...] = identity
         for e in range(p0):  # ascending offsets at every pixel, as the reduce adds them
-            target = by_row[e:e + g0]
+            target = by_row[e : e + g0]
             op(target, prepare(e), out=target)
     y0, x0 = origin
     if stride[1] == 1:  # every image at once: one strided reduce along the anti-diagonals
         summed = np.empty((b, g0 + p0 - 1, g1 + p1 - 1, c), canvas.dtype)
         _antidiagonal_reduce_unit(rows, 2, op, identity, summed)
-        target = canvas[:, y0:y0 + g0 + p0 - 1, x0:x0 + g1 + p1 - 1]
+        target = canvas[:, y0 : y0 + g0 + p0 - 1, x0 : x0 + g1 + p1 - 1]
         op(target, summed, out=target)
         return
     for bi in range(b):  # each image's rows are a batch of 1-D patch rows
-        overlap_add(canvas[bi, y0:y0 + g0 + p0 - 1], rows[bi], (x0,), (stride[1],), op, identity)
+        overlap_add(canvas[bi, y0 : y0 + g0 + p0 - 1], rows[bi], (x0,), (stride[1],), op, identity)
 
 
-def overlap_add(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity: float,
-                padded: np.ndarray | None = None) -> None:
+def overlap_add(
+    canvas: np.ndarray,
+    a: np.ndarray,
+    origin,
+    stride,
+    op,
+    identity: float,
+    padded: np.ndarray | None = None,
+) -> None:
     """Overlap-add a regular sub-grid of patches ``a`` (``(b, *G, *p, C)``) into ``canvas``.
 
     ``canvas`` is ``(b, *extent, C)``; patch ``(i, j, ...)`` lands at
@@ -216,7 +234,7 @@ def overlap_add(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity:
     if callable(padded):  # rows-first, with the values prepared one row offset at a time
         _rows_first(canvas, a, origin, stride, op, identity, prepare=padded)
         return
-    p = a.shape[1 + nd: 1 + 2 * nd]
+    p = a.shape[1 + nd : 1 + 2 * nd]
     depth = block_depths(p, stride)
     t = interleave(a, nd)
     region = canvas[(slice(None),) + tuple(slice(o, None) for o in origin)]
@@ -228,7 +246,7 @@ def overlap_add(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity:
         ax = 1 + 2 * j
         shape = list(t.shape)
         g = shape[ax]
-        shape[ax: ax + 2] = [(g + depth[j] - 1) * stride[j]]
+        shape[ax : ax + 2] = [(g + depth[j] - 1) * stride[j]]
         if isinstance(padded, str) and j == nd - 1:  # "unit": stride 1, read t as it is
             nxt = np.empty(shape, dtype=canvas.dtype)
             _antidiagonal_reduce_unit(t, ax, op, identity, nxt)
@@ -241,7 +259,6 @@ def overlap_add(canvas: np.ndarray, a: np.ndarray, origin, stride, op, identity:
         t = nxt
     rest = tuple(slice(0, n) for n in t.shape[3:-1])
     _ola_1d(region[(slice(None), slice(None)) + rest], t, 1, stride[0], op)
-
 
 
 def owned_segments(origins: np.ndarray, p: int, rule: str) -> list[tuple[int, int, int, int, int]]:
@@ -276,7 +293,6 @@ def owned_segments(origins: np.ndarray, p: int, rule: str) -> list[tuple[int, in
     return runs
 
 
-
 def assign(target, value, out):  # an overlap-add "op" that assigns
     np.copyto(out, value)
 
@@ -300,16 +316,17 @@ def row_offset_preparer(sub, origin, ref, win, s1, work, buffers):
     y0, x0 = origin
     lines = tiled = None
     if ref is not None:
-        rows = ref[:, y0:y0 + g0 + p0 - 1]
+        rows = ref[:, y0 : y0 + g0 + p0 - 1]
         cut = np.lib.stride_tricks.sliding_window_view(rows, p1, axis=2, writeable=False)
-        cut = np.moveaxis(cut, -1, 3)[:, :, x0:x0 + (g1 - 1) * s1 + 1:s1]
+        cut = np.moveaxis(cut, -1, 3)[:, :, x0 : x0 + (g1 - 1) * s1 + 1 : s1]
         lines = np.ascontiguousarray(cut.transpose(1, 0, 2, 3, 4))  # (rows, b, g1, p1, C)
     if win is not None:
         key = ("window rows", g1, c)
         tiled = buffers.get(key)
         if tiled is None:  # the window's row e, repeated for every patch of a grid row
             tiled = buffers[key] = np.ascontiguousarray(
-                np.broadcast_to(win[:, None], (p0, g1, p1, c)))
+                np.broadcast_to(win[:, None], (p0, g1, p1, c))
+            )
     key = ("offset block", g0, b, g1, p1, c)
     out = buffers.get(key)
     if out is None:
@@ -317,7 +334,7 @@ def row_offset_preparer(sub, origin, ref, win, s1, work, buffers):
 
     def prepare(e):
         if lines is not None:
-            np.subtract(s_mem[e], lines[e:e + g0], out=out, dtype=out.dtype)  # never wraps
+            np.subtract(s_mem[e], lines[e : e + g0], out=out, dtype=out.dtype)  # never wraps
         else:
             np.copyto(out, s_mem[e])
         if tiled is not None:

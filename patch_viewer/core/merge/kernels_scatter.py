@@ -16,8 +16,15 @@ from numba import njit
 
 from .kernels_numba import JIT, U, _run_add, _run_add_split, _run_add_weighted, _run_max, _run_min
 
-__all__ = ["scatter_anchored", "scatter_max", "scatter_min", "scatter_split", "scatter_sum",
-           "scatter_weighted", "scatter_window"]
+__all__ = [
+    "scatter_anchored",
+    "scatter_max",
+    "scatter_min",
+    "scatter_split",
+    "scatter_sum",
+    "scatter_weighted",
+    "scatter_window",
+]
 
 
 @njit(inline="always", **JIT)

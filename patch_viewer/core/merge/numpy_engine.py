@@ -66,8 +66,7 @@ def merge_banded(m: NumpyMerger, stack: np.ndarray, workers: int = 1) -> np.ndar
     # beside the band: the band's rows of a patch are one contiguous run, read at full
     # memory speed, while the overlap-add reads short blocks of every patch in turn (a
     # pattern the prefetchers do not follow: measured 2x slower from memory than from cache).
-    column_bytes = (n_elements(stack.shape[3:]) // p0 * min(p0, shape[1])
-                    * stack.dtype.itemsize)
+    column_bytes = n_elements(stack.shape[3:]) // p0 * min(p0, shape[1]) * stack.dtype.itemsize
     staged = max(1, STAGE_BYTES // max(column_bytes, 1)) if nd > 1 else 0
     if staged < STAGE_MIN_COLUMNS:  # few long blocks per patch: prefetchers keep up
         staged = 0
@@ -77,13 +76,14 @@ def merge_banded(m: NumpyMerger, stack: np.ndarray, workers: int = 1) -> np.ndar
         # the caller's own error handling applies, as everywhere else
         overflow = np.errstate(over="raise") if m.narrow else contextlib.nullcontext()
         with short_buffers(grid, stack.shape[-1]), overflow:
-            scratch = np.empty(shape[0] * staged * column_bytes // stack.dtype.itemsize,
-                               stack.dtype)
+            scratch = np.empty(
+                shape[0] * staged * column_bytes // stack.dtype.itemsize, stack.dtype
+            )
             _bands(chunk, np.empty(shape + rest, m.acc_dtype), scratch)
 
     def _bands(chunk, buf, scratch):
         for b0, b1, y0, y1 in chunk:
-            canvas = buf[:b1 - b0, :y1 - y0]
+            canvas = buf[: b1 - b0, : y1 - y0]
             canvas.fill(m._identity)
             first = int(np.searchsorted(o0 + p0, y0, side="right"))
             stop = int(np.searchsorted(o0, y1, side="left"))
@@ -91,22 +91,22 @@ def merge_banded(m: NumpyMerger, stack: np.ndarray, workers: int = 1) -> np.ndar
                 o = int(o0[i])
                 lo, hi = max(y0, o), min(y1, o + p0)
                 patch_rows = (slice(None),) * (1 + nd) + (slice(lo - o, hi - o),)
-                slab = stack[b0:b1, i:i + 1][patch_rows]
+                slab = stack[b0:b1, i : i + 1][patch_rows]
                 for combo, start in zip(combos, starts):
-                    sub = slab[(slice(None), slice(None))
-                               + tuple(slice(a, z) for a, z in combo)]
+                    sub = slab[(slice(None), slice(None)) + tuple(slice(a, z) for a, z in combo)]
                     step = staged or sub.shape[2]
                     for g in range(0, sub.shape[2], step):
-                        part = sub[:, :, g:g + step]
+                        part = sub[:, :, g : g + step]
                         if staged:
-                            copy = scratch[:part.size].reshape(part.shape)
+                            copy = scratch[: part.size].reshape(part.shape)
                             np.copyto(copy, part)
                             part = copy
                         origin = (lo - y0,) + start
                         if g:
                             origin = origin[:1] + (start[0] + g * stride_rest[0],) + start[1:]
-                        overlap_add(canvas, part, origin, (hi - lo,) + stride_rest,
-                                    m._op, m._identity)
+                        overlap_add(
+                            canvas, part, origin, (hi - lo,) + stride_rest, m._op, m._identity
+                        )
             region = canvas[(slice(None), slice(None)) + crop]
             dst = out[b0:b1, y0:y1]
             if m.mode == "mean":
@@ -121,21 +121,24 @@ def merge_banded(m: NumpyMerger, stack: np.ndarray, workers: int = 1) -> np.ndar
     else:
         bounds = np.linspace(0, len(bands), workers + 1).round().astype(int)
         with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, [bands[bounds[k]:bounds[k + 1]] for k in range(workers)]))
+            list(pool.map(run, [bands[bounds[k] : bounds[k + 1]] for k in range(workers)]))
     return out
 
 
-def merge_numpy(canon: np.ndarray, grid: PatchGrid, workers: int | None, dtype, fill_value,
-                **options) -> np.ndarray:
+def merge_numpy(
+    canon: np.ndarray, grid: PatchGrid, workers: int | None, dtype, fill_value, **options
+) -> np.ndarray:
     """Merge a whole canonical stack on the NumPy engine: canonical ``(b, *spatial, C)``.
 
     Threads run only where the result cannot depend on them: the banded merge (each band is
     summed whole by one thread), and plain sums that are exact (integers, float32 in float64)
     or max/min. Anchored and weighted sums stay on one thread.
     """
+
     def new_merger(narrow):
-        return NumpyMerger(grid, canon.shape[0], canon.shape[-1], canon.dtype, narrow=narrow,
-                           **options)
+        return NumpyMerger(
+            grid, canon.shape[0], canon.shape[-1], canon.dtype, narrow=narrow, **options
+        )
 
     merger = numpy_merger(grid, canon.shape[0], canon.shape[-1], canon.dtype, **options)
     if isinstance(merger, SplitMerger):
@@ -186,16 +189,25 @@ class SplitMerger:
         hi, lo = (m.acc[crop].astype(np.int64) for m in (self._hi, self._lo))
         count = weights_in(self.grid, "uniform", {}, np.int64)[None, ..., None]
         target = np.dtype(self.work if dtype is None else dtype)
-        out = split_mean(hi, lo, count, target if target.kind in "biu" else np.float64,
-                         self.unsigned)
+        out = split_mean(
+            hi, lo, count, target if target.kind in "biu" else np.float64, self.unsigned
+        )
         return self._hi.finish(out, dtype, fill_value)
 
 
-def numpy_merger(grid: PatchGrid, n_images: int, n_channels: int, dtype, *, window="uniform",
-                 reduce="mean", window_params=None):
+def numpy_merger(
+    grid: PatchGrid,
+    n_images: int,
+    n_channels: int,
+    dtype,
+    *,
+    window="uniform",
+    reduce="mean",
+    window_params=None,
+):
     """The NumPy engine's streaming accumulator for these options."""
-    if is_wide_int(dtype) and reduce == "mean" and isinstance(window, str) and \
-            window == "uniform":
+    if is_wide_int(dtype) and reduce == "mean" and isinstance(window, str) and window == "uniform":
         return SplitMerger(grid, n_images, n_channels, dtype)
-    return NumpyMerger(grid, n_images, n_channels, dtype, window=window, reduce=reduce,
-                       window_params=window_params)
+    return NumpyMerger(
+        grid, n_images, n_channels, dtype, window=window, reduce=reduce, window_params=window_params
+    )

@@ -62,8 +62,18 @@ class NumpyMerger:
     :func:`patch_viewer.process`.
     """
 
-    def __init__(self, grid: PatchGrid, n_images: int, n_channels: int, dtype, *,
-                 window="uniform", reduce="mean", window_params=None, narrow=False):
+    def __init__(
+        self,
+        grid: PatchGrid,
+        n_images: int,
+        n_channels: int,
+        dtype,
+        *,
+        window="uniform",
+        reduce="mean",
+        window_params=None,
+        narrow=False,
+    ):
         if reduce not in REDUCTIONS:
             raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
         params = dict(window_params or {})
@@ -85,8 +95,9 @@ class NumpyMerger:
             # every covered pixel is owned once
             self.ref = np.zeros(shape, self.work if wide is None else wide)  # no garbage NaN
             rule = "first" if self.mode == "mean" else "centre"
-            self._owned = [owned_segments(o, p, rule)
-                           for o, p in zip(grid.origins, grid.patch_size)]
+            self._owned = [
+                owned_segments(o, p, rule) for o, p in zip(grid.origins, grid.patch_size)
+            ]
         if self.mode != "pick":
             self._identity = self._start_value()
             self._acc_shape = shape
@@ -107,11 +118,18 @@ class NumpyMerger:
         overflowing where float64 would not: the banded merge then raises FloatingPointError
         (:func:`.numpy_engine.merge_numpy` starts again in float64).
         """
-        self.acc_dtype, self.anchor = accumulation(dtype, self.work, self.window is None,
-                                                   self.grid.coverage_range()[1])
-        self.narrow = (narrow and self.mode == "mean" and self.window is None
-                       and not self.anchor and self.acc_dtype != self.work
-                       and dtype.newbyteorder("=") == np.float32 and narrow_sums_exact(self.grid))
+        self.acc_dtype, self.anchor = accumulation(
+            dtype, self.work, self.window is None, self.grid.coverage_range()[1]
+        )
+        self.narrow = (
+            narrow
+            and self.mode == "mean"
+            and self.window is None
+            and not self.anchor
+            and self.acc_dtype != self.work
+            and dtype.newbyteorder("=") == np.float32
+            and narrow_sums_exact(self.grid)
+        )
         if self.mode in ("max", "min"):
             self.acc_dtype = dtype if is_wide_int(dtype) else self.work
         elif self.narrow:
@@ -134,13 +152,13 @@ class NumpyMerger:
         if rows >= g0 and b > 1:
             per = max(1, rows // g0)
             for i in range(0, b, per):
-                yield piece[i:i + per], b0 + i, row0
+                yield piece[i : i + per], b0 + i, row0
             return
         n = min(g0, max(ceil_div(g0, rows), min_parts if b == 1 else 1))
         rows = ceil_div(g0, n)
         for bi in range(b):
             for r in range(0, g0, rows):
-                yield piece[bi:bi + 1, r:r + rows], b0 + bi, row0 + r
+                yield piece[bi : bi + 1, r : r + rows], b0 + bi, row0 + r
 
     @property
     def acc(self) -> np.ndarray:
@@ -185,7 +203,7 @@ class NumpyMerger:
 
         def job(k):
             buffers: dict = {}
-            for part, b, r in parts[bounds[k]:bounds[k + 1]]:
+            for part, b, r in parts[bounds[k] : bounds[k + 1]]:
                 self._accumulate(part, b, r, accs[k], buffers)
 
         with ThreadPoolExecutor(workers) as pool:
@@ -193,13 +211,15 @@ class NumpyMerger:
         for extra in accs[1:]:
             self._op(self.acc, extra, out=self.acc)
 
-    def _accumulate(self, part: np.ndarray, b0: int, row0: int, acc: np.ndarray,
-                    buffers: dict) -> None:
+    def _accumulate(
+        self, part: np.ndarray, b0: int, row0: int, acc: np.ndarray, buffers: dict
+    ) -> None:
         with short_buffers(self.grid, part.shape[-1]):
             self._accumulate_in(part, b0, row0, acc, buffers)
 
-    def _accumulate_in(self, part: np.ndarray, b0: int, row0: int, acc: np.ndarray,
-                       buffers: dict) -> None:
+    def _accumulate_in(
+        self, part: np.ndarray, b0: int, row0: int, acc: np.ndarray, buffers: dict
+    ) -> None:
         b, g0 = part.shape[:2]
         images = slice(b0, b0 + b)
         grid = self.grid
@@ -207,8 +227,10 @@ class NumpyMerger:
         runs = [[r for r in runs0 if r[0] < r[1]]] + self._runs[1:]
         acc = acc[images]
         for combo in itertools.product(*runs):
-            sub = part[(slice(None), slice(combo[0][0] - row0, combo[0][1] - row0))
-                       + tuple(slice(a, z) for a, z in combo[1:])]
+            sub = part[
+                (slice(None), slice(combo[0][0] - row0, combo[0][1] - row0))
+                + tuple(slice(a, z) for a, z in combo[1:])
+            ]
             origin = tuple(int(o[a]) for o, (a, _) in zip(grid.origins, combo))
             sub, padded = self._prepared(sub, images, origin, buffers)
             overlap_add(acc, sub, origin, grid.stride, self._op, self._identity, padded)
@@ -224,7 +246,7 @@ class NumpyMerger:
         """
         nd = self._nd
         stride = self.grid.stride
-        g, p = sub.shape[1:1 + nd], sub.shape[1 + nd:1 + 2 * nd]
+        g, p = sub.shape[1 : 1 + nd], sub.shape[1 + nd : 1 + 2 * nd]
         depth = block_depths(p, stride)
         anchor = self.mode == "mean" and self.anchor
         padded = None
@@ -239,8 +261,9 @@ class NumpyMerger:
             return sub.astype(self.acc_dtype, order="K", copy=False), "unit"
         if rows_first:  # anchored or weighed one row offset at a time (see _rows_first)
             ref = self.ref[images] if anchor else None
-            return sub, row_offset_preparer(sub, origin, ref, self._win, self.grid.stride[1],
-                                            self.work, buffers)
+            return sub, row_offset_preparer(
+                sub, origin, ref, self._win, self.grid.stride[1], self.work, buffers
+            )
         if cascade and depth[-1] > 1 and g[-1] >= depth[-1]:
             out, padded = self._interleaved(sub, g, p, depth[-1], buffers)
         elif anchor or self._win is not None:
@@ -271,19 +294,21 @@ class NumpyMerger:
         """``out = (sub - ref) * window``, as far as the mode needs, iterating in ``out``'s
         memory order (numpy then streams the writes)."""
         nd, stride = self._nd, self.grid.stride
-        g = sub.shape[1:1 + nd]
+        g = sub.shape[1 : 1 + nd]
         mem = np.argsort([-x for x in out.strides], kind="stable")
         if anchor:
             ref = self.ref[images]
             view = np.lib.stride_tricks.sliding_window_view(
                 ref, self.grid.patch_size, axis=tuple(range(1, nd + 1)), writeable=False
             )
-            view = np.moveaxis(view, nd + 1, -1)[(slice(None),) + tuple(
-                slice(o, o + (gk - 1) * sk + 1, sk) for o, gk, sk in zip(origin, g, stride)
-            )]
+            view = np.moveaxis(view, nd + 1, -1)[
+                (slice(None),)
+                + tuple(slice(o, o + (gk - 1) * sk + 1, sk) for o, gk, sk in zip(origin, g, stride))
+            ]
             # in the work dtype, as the compiled kernels do: integer operands would wrap
-            np.subtract(sub.transpose(mem), view.transpose(mem), out=out.transpose(mem),
-                        dtype=out.dtype)
+            np.subtract(
+                sub.transpose(mem), view.transpose(mem), out=out.transpose(mem), dtype=out.dtype
+            )
         else:
             np.copyto(out.transpose(mem), sub.transpose(mem))
         if self._win is not None:
@@ -301,15 +326,27 @@ class NumpyMerger:
                 rows.append((lo - row0, hi - row0, a, w, pitch, lo))
         ref = self.ref[images]
         origins = self.grid.origins
-        for combo in itertools.product(rows, *[
-            [(i0, i1, a, w, pitch, i0) for i0, i1, a, w, pitch in runs] for runs in self._owned[1:]
-        ]):
-            sub = part[(slice(None),) + tuple(slice(c[0], c[1]) for c in combo)
-                       + tuple(slice(c[2], c[2] + c[3]) for c in combo)]
+        for combo in itertools.product(
+            rows,
+            *[
+                [(i0, i1, a, w, pitch, i0) for i0, i1, a, w, pitch in runs]
+                for runs in self._owned[1:]
+            ],
+        ):
+            sub = part[
+                (slice(None),)
+                + tuple(slice(c[0], c[1]) for c in combo)
+                + tuple(slice(c[2], c[2] + c[3]) for c in combo)
+            ]
             start = tuple(int(o[c[5]]) + c[2] for o, c in zip(origins, combo))
             region = ref[(slice(None),) + tuple(slice(x, None) for x in start)]
-            ola(region, interleave(sub, self._nd), list(range(1, self._nd + 1)),
-                 [c[4] for c in combo], assign)
+            ola(
+                region,
+                interleave(sub, self._nd),
+                list(range(1, self._nd + 1)),
+                [c[4] for c in combo],
+                assign,
+            )
 
     def _weigh(self, region: np.ndarray, dst: np.ndarray, rows: slice = slice(None)) -> None:
         """``dst = region / weights`` for image rows ``rows``; ``region`` may be overwritten.
@@ -355,8 +392,9 @@ class NumpyMerger:
             sums = None if is_tile else weight_sums(self.grid, window, params)
             if sums is not None:
                 with np.errstate(divide="ignore"):
-                    sums = [(w.astype(self.acc_dtype), (1.0 / w).astype(self.acc_dtype))
-                            for w in sums]
+                    sums = [
+                        (w.astype(self.acc_dtype), (1.0 / w).astype(self.acc_dtype)) for w in sums
+                    ]
             self._factors = sums
         return self._factors
 
@@ -389,16 +427,19 @@ class NumpyMerger:
             with np.errstate(divide="ignore", invalid="ignore"):
                 self._weigh(out, dst)
             if self.anchor:
-                return anchored_finish(self.ref[crop], dst, self._covered(), dtype, fill_value,
-                                       self.work)
+                return anchored_finish(
+                    self.ref[crop], dst, self._covered(), dtype, fill_value, self.work
+                )
             out = dst
         return self.finish(out, dtype, fill_value)
 
     def _covered(self):
         """Covered pixels (by a positive window weight), or None where all are."""
         window, params = self._window_spec
-        if self.window is not None and separable_factors(window, self.grid.patch_size,
-                                                         **params) is None:
+        if (
+            self.window is not None
+            and separable_factors(window, self.grid.patch_size, **params) is None
+        ):
             return (weights_in(self.grid, window, params, np.float64) > 0)[None, ..., None]
         return None if self.grid.is_covering else coverage_mask(self.grid)[None, ..., None]
 
@@ -411,9 +452,9 @@ def _fuse_last(a: np.ndarray):
     """View ``(..., W, C)`` as ``(..., W * C)`` where memory allows it, else None."""
     if a.strides[-2] != a.strides[-1] * a.shape[-1]:
         return None
-    return np.lib.stride_tricks.as_strided(a, a.shape[:-2] + (a.shape[-2] * a.shape[-1],),
-                                           a.strides[:-2] + a.strides[-1:],
-                                           writeable=a.flags.writeable)
-
-
-
+    return np.lib.stride_tricks.as_strided(
+        a,
+        a.shape[:-2] + (a.shape[-2] * a.shape[-1],),
+        a.strides[:-2] + a.strides[-1:],
+        writeable=a.flags.writeable,
+    )

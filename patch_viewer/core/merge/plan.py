@@ -34,8 +34,16 @@ from ..grid import PatchGrid
 from ..windows import make_window
 from .precision import sum_dtype, work_dtype
 
-__all__ = ["BACKENDS", "REDUCTIONS", "MergePlan", "Source", "backend", "image_source",
-           "make_merge_plan", "stack_source"]
+__all__ = [
+    "BACKENDS",
+    "REDUCTIONS",
+    "MergePlan",
+    "Source",
+    "backend",
+    "image_source",
+    "make_merge_plan",
+    "stack_source",
+]
 
 REDUCTIONS = ("mean", "max", "min")
 BACKENDS = ("auto", "numba", "numpy")
@@ -68,8 +76,10 @@ def backend() -> str:
     if error is None:
         return "numba"
     if choice == "numba":
-        raise ImportError(f"{BACKEND_ENV}=numba, but numba cannot be imported ({error}); "
-                          "install it with `pip install numba`, or unset the variable")
+        raise ImportError(
+            f"{BACKEND_ENV}=numba, but numba cannot be imported ({error}); "
+            "install it with `pip install numba`, or unset the variable"
+        )
     return "numpy"
 
 
@@ -80,6 +90,7 @@ def _numba_error() -> str | None:
     if not _NUMBA_ERROR:
         try:
             from . import kernels_numba  # noqa: F401  (compiles nothing until a kernel runs)
+
             _NUMBA_ERROR.append(None)
         except ImportError as exc:
             _NUMBA_ERROR.append(str(exc))
@@ -99,8 +110,9 @@ class MergePlan:
     weights: np.ndarray | None  # the whole weight map (windows that do not separate)
 
 
-def make_merge_plan(grid: PatchGrid, dtype, n_channels: int, *, window="uniform",
-                    reduce="mean", window_params=None) -> MergePlan:
+def make_merge_plan(
+    grid: PatchGrid, dtype, n_channels: int, *, window="uniform", reduce="mean", window_params=None
+) -> MergePlan:
     """Validate the options and decide the kernel and dtypes (see the module docstring)."""
     if reduce not in REDUCTIONS:
         raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
@@ -109,7 +121,8 @@ def make_merge_plan(grid: PatchGrid, dtype, n_channels: int, *, window="uniform"
     win = make_window(window, grid.patch_size, **params)
     if reduce != "mean" and (win is not None or pick):
         raise ValueError(
-            f"`window` must be 'uniform' with reduce={reduce!r}; windows weight the mean only")
+            f"`window` must be 'uniform' with reduce={reduce!r}; windows weight the mean only"
+        )
     dtype = np.dtype(dtype)
     work = work_dtype(dtype)
     data = {"b": np.dtype(np.uint8)}.get(dtype.kind, dtype)
@@ -178,7 +191,7 @@ class Source(tuple):
         first axis)."""
         parts = list(self)
         ax = 2 + AXES3[grid.ndim][0]
-        parts[ax] = parts[ax][row0:row0 + rows].copy()
+        parts[ax] = parts[ax][row0 : row0 + rows].copy()
         return Source(parts)
 
 
@@ -208,8 +221,8 @@ def stack_source(canon: np.ndarray, grid: PatchGrid, data: np.dtype) -> Source:
     """A canonical stack ``(b, *G, *p, C)`` (any memory order) as a kernel :class:`Source`."""
     nd = grid.ndim
     b, c = canon.shape[0], canon.shape[-1]
-    g = canon.shape[1:1 + nd]
-    p = canon.shape[1 + nd:1 + 2 * nd]
+    g = canon.shape[1 : 1 + nd]
+    p = canon.shape[1 + nd : 1 + 2 * nd]
     canon = _as_data(canon, data)
     a = canon.reshape((b, *three_axes(g, grid, 1), *three_axes(p, grid, 1), c))
     flat, st = _flat(a)

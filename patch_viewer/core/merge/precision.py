@@ -23,9 +23,19 @@ import math
 
 import numpy as np
 
-__all__ = ["accumulation", "anchored_finish", "check_dtype", "finish", "is_wide_int",
-           "narrow_sums_exact", "reduce_identity", "split_mean", "sum_dtype", "to_integer",
-           "work_dtype"]
+__all__ = [
+    "accumulation",
+    "anchored_finish",
+    "check_dtype",
+    "finish",
+    "is_wide_int",
+    "narrow_sums_exact",
+    "reduce_identity",
+    "split_mean",
+    "sum_dtype",
+    "to_integer",
+    "work_dtype",
+]
 
 
 def work_dtype(dtype) -> np.dtype:
@@ -67,8 +77,9 @@ def sum_dtype(dtype, uniform: bool, max_cover: int) -> tuple[np.dtype, str]:
             return np.dtype(np.int64), "split"
         need = _bits(dtype) + (dtype.kind == "u") + cover  # bits, the sign included
         return np.dtype(np.int32 if need < 31 else np.int64), "plain"
-    narrow = ((dtype.kind == "f" and dtype.itemsize <= 4)
-              or (dtype.kind in "bui" and _bits(dtype) <= 16))
+    narrow = (dtype.kind == "f" and dtype.itemsize <= 4) or (
+        dtype.kind in "bui" and _bits(dtype) <= 16
+    )
     if narrow and (not uniform or _bits(dtype) + 1 + cover <= 53):
         return np.dtype(np.float64), "plain"
     return np.dtype(np.float64), "anchored"
@@ -150,7 +161,8 @@ def finish(out: np.ndarray, covered: np.ndarray | None, dtype, fill_value, work:
         if np.isnan(out).any():
             raise ValueError(
                 f"the merged image has NaN pixels, which the integer `dtype` {dtype} cannot "
-                "hold: merge into a float dtype, or clean the patches first")
+                "hold: merge into a float dtype, or clean the patches first"
+            )
         result = to_integer(out, dtype)
         if missing is not None:
             result[missing] = fill
@@ -188,17 +200,18 @@ def _fill(fill_value, dtype: np.dtype, needed: bool):
         raise TypeError(f"`fill_value` must be a number, got {fill_value!r}")
     if dtype.kind in "iu":
         info = np.iinfo(dtype)
-        if math.isnan(number) or not (int(value) == value
-                                      and info.min <= int(value) <= info.max):
+        if math.isnan(number) or not (int(value) == value and info.min <= int(value) <= info.max):
             raise ValueError(
                 f"`fill_value` must be an integer in {info.min}..{info.max} for dtype {dtype}, "
-                f"got {fill_value!r}")
+                f"got {fill_value!r}"
+            )
         return int(value)
     return value
 
 
-def anchored_finish(ref: np.ndarray, delta: np.ndarray, covered, dtype, fill_value,
-                    work: np.dtype) -> np.ndarray:
+def anchored_finish(
+    ref: np.ndarray, delta: np.ndarray, covered, dtype, fill_value, work: np.dtype
+) -> np.ndarray:
     """Finish an anchored mean ``ref + delta``: for integer anchors into an integer ``dtype``
     in the integer domain, ``ref + round(delta)`` (exact where all values agree, whatever
     their size), saturated; otherwise ``ref + delta`` in float64, then :func:`finish`."""
@@ -210,8 +223,10 @@ def anchored_finish(ref: np.ndarray, delta: np.ndarray, covered, dtype, fill_val
     if missing is not None:
         delta = np.where(missing, 0.0, delta)
     if np.isnan(delta).any():
-        raise ValueError(f"the merged image has NaN pixels, which the integer `dtype` {target} "
-                         "cannot hold: merge into a float dtype, or clean the patches first")
+        raise ValueError(
+            f"the merged image has NaN pixels, which the integer `dtype` {target} "
+            "cannot hold: merge into a float dtype, or clean the patches first"
+        )
     step = np.rint(delta)
     small = np.abs(step) < 2.0**62
     native = ref.astype(ref.dtype.newbyteorder("="), copy=False)

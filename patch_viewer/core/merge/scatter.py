@@ -35,8 +35,9 @@ def sum_mode(dtype: np.dtype, reduce: str, uniform: bool) -> tuple[str, np.dtype
     data = np.dtype(np.float32) if data == np.float16 else data.newbyteorder("=")
     if reduce != "mean":
         return reduce, data, data
-    narrow = (dtype.kind == "f" and dtype.itemsize <= 4) or (dtype.kind in "bui" and (
-        dtype.kind == "b" or dtype.itemsize <= 2))
+    narrow = (dtype.kind == "f" and dtype.itemsize <= 4) or (
+        dtype.kind in "bui" and (dtype.kind == "b" or dtype.itemsize <= 2)
+    )
     if uniform and dtype.kind in "biu":
         if dtype.itemsize == 8:
             return "split", data, np.dtype(np.int64)
@@ -63,9 +64,14 @@ class _Band:
                 a[:] = 0
 
     def args(self, mode: str, win):
-        return {"sum": (self.acc,), "split": (self.acc, self.lo), "max": (self.acc,),
-                "min": (self.acc,), "weighted": (win, self.acc),
-                "anchored": (win, self.seen, self.ref, self.acc)}[mode]
+        return {
+            "sum": (self.acc,),
+            "split": (self.acc, self.lo),
+            "max": (self.acc,),
+            "min": (self.acc,),
+            "weighted": (win, self.acc),
+            "anchored": (win, self.seen, self.ref, self.acc),
+        }[mode]
 
 
 class Sums:
@@ -87,8 +93,9 @@ class Sums:
         self.out_key: tuple | None = None
         self.free: list[_Band] = []
         self.compiled = backend() == "numba"
-        self.geo = np.array([patch3[0], patch3[1], patch3[2] * c, extent[1], extent[2] * c],
-                            np.int64)
+        self.geo = np.array(
+            [patch3[0], patch3[1], patch3[2] * c, extent[1], extent[2] * c], np.int64
+        )
         self.win = None
         if self.mode in ("weighted", "anchored"):
             w = np.ones(tuple(patch3)) if win is None else np.asarray(win).reshape(patch3)
@@ -100,7 +107,8 @@ class Sums:
         if self.released and len(o3) and o3[:, 0].min() < self.released * self.rows:
             raise ValueError(
                 f"rows above {self.released * self.rows} were finished and released (the "
-                "stream promised grid order); patches cannot be added there any more")
+                "stream promised grid order); patches cannot be added there any more"
+            )
 
     def add(self, data: np.ndarray, o3: np.ndarray) -> None:
         """Add patches ``data`` (any shape of ``N`` patches, C order) at kernel origins
@@ -144,10 +152,23 @@ class Sums:
         kernel = getattr(S, "scatter_" + self.mode)
         workers = default_workers(flat.nbytes)
         if workers > 1 and len(tasks) < workers:  # few bands: split their rows
-            tasks = [(band, int(a), int(z), base) for band, y0, y1, base in tasks
-                     for a, z in zip(*_cuts(y0, y1, workers)) if z > a]
-        run = lambda t: kernel(flat, o3, self.geo, t[1], t[2], t[3], *t[0].args(  # noqa: E731
-            self.mode, self.win))
+            tasks = [
+                (band, int(a), int(z), base)
+                for band, y0, y1, base in tasks
+                for a, z in zip(*_cuts(y0, y1, workers))
+                if z > a
+            ]
+        run = lambda t: kernel(
+            flat,
+            o3,
+            self.geo,
+            t[1],
+            t[2],
+            t[3],
+            *t[0].args(  # noqa: E731
+                self.mode, self.win
+            ),
+        )
         if workers <= 1 or len(tasks) == 1:
             for t in tasks:
                 run(t)
@@ -192,13 +213,14 @@ class Sums:
         it (``den_of(y0, y1)`` gives those rows' weights)."""
         key = (np.dtype(target), "nan" if _is_nan(fill_value) else fill_value)
         if self.out is None:
-            self.out = np.empty(self.crop[:1] + self.crop[1:2] + (self.crop[2] * self.c,),
-                                target)
+            self.out = np.empty(self.crop[:1] + self.crop[1:2] + (self.crop[2] * self.c,), target)
             self.out_key = key
         elif key != self.out_key:
             raise ValueError("a streamed accumulator finishes into one dtype and fill value")
-        while self.released < len(self.bands) and \
-                min((self.released + 1) * self.rows, self.extent[0]) <= below:
+        while (
+            self.released < len(self.bands)
+            and min((self.released + 1) * self.rows, self.extent[0]) <= below
+        ):
             b = self.released
             self._finish(b, den_of, target, fill_value, work, self.out)
             band = self.bands[b]
@@ -213,8 +235,10 @@ class Sums:
         if self.released and self.out is not None and self.out_key is not None:
             key = (target, "nan" if _is_nan(fill_value) else fill_value)
             if key != self.out_key:
-                raise ValueError("this accumulator streamed part of its result into "
-                                 f"{self.out_key[0]}: ask for the same dtype and fill value")
+                raise ValueError(
+                    "this accumulator streamed part of its result into "
+                    f"{self.out_key[0]}: ask for the same dtype and fill value"
+                )
             out = self.out
         else:
             out = np.empty(self.crop[:2] + (self.crop[2] * self.c,), target)
@@ -233,9 +257,8 @@ class Sums:
         if band is None:  # no patch reached these rows
             out[y0:y1] = target.type(_fill(fill_value, target, True))
             return
-        canon = lambda a: a.reshape(-1, ext1, ext2 * self.c)[:y1 - y0, :s1, :s2 * self.c]  # noqa: E731
-        if self.mode in ("sum", "weighted", "anchored") and target.kind == "f" and \
-                self.compiled:
+        canon = lambda a: a.reshape(-1, ext1, ext2 * self.c)[: y1 - y0, :s1, : s2 * self.c]  # noqa: E731
+        if self.mode in ("sum", "weighted", "anchored") and target.kind == "f" and self.compiled:
             self._divide(band, den_of(y0, y1), y0, y1, target, fill_value, out)
             return
         den = den_of(y0, y1)[:, :s1, :s2]
@@ -245,16 +268,16 @@ class Sums:
             out[y0:y1] = finish(canon(band.acc).copy(), cov, target, fill_value, work)
         elif self.mode == "split":
             count = np.repeat(np.rint(den).astype(np.int64), self.c, axis=-1).reshape(cov.shape)
-            mean = split_mean(canon(band.acc), canon(band.lo), np.maximum(count, 1), target,
-                              self.unsigned)
+            mean = split_mean(
+                canon(band.acc), canon(band.lo), np.maximum(count, 1), target, self.unsigned
+            )
             out[y0:y1] = finish(mean, cov, target, fill_value, work)
         else:
             d = np.repeat(den, self.c, axis=-1).reshape(cov.shape)
             with np.errstate(invalid="ignore", divide="ignore"):
                 mean = canon(band.acc) / d
             if self.mode == "anchored":
-                out[y0:y1] = anchored_finish(canon(band.ref), mean, cov, target, fill_value,
-                                             work)
+                out[y0:y1] = anchored_finish(canon(band.ref), mean, cov, target, fill_value, work)
             else:
                 out[y0:y1] = finish(mean, cov, target, fill_value, work)
 
@@ -271,11 +294,32 @@ class Sums:
         fill = target.type(_fill(fill_value, target, True))
         flat = out[y0:y1].reshape(-1)
         if self.mode == "anchored":
-            run = lambda a, z: S.anchored_into(band.ref, band.acc, den, ext, crop,  # noqa: E731
-                                               self.c, fill, a, z, 0, flat)
+            run = lambda a, z: S.anchored_into(
+                band.ref,
+                band.acc,
+                den,
+                ext,
+                crop,  # noqa: E731
+                self.c,
+                fill,
+                a,
+                z,
+                0,
+                flat,
+            )
         else:
-            run = lambda a, z: S.divide_into(band.acc, den, ext, crop, self.c, fill,  # noqa: E731
-                                             a, z, 0, flat)
+            run = lambda a, z: S.divide_into(
+                band.acc,
+                den,
+                ext,
+                crop,
+                self.c,
+                fill,  # noqa: E731
+                a,
+                z,
+                0,
+                flat,
+            )
         workers = min(default_workers(flat.nbytes), y1 - y0)
         if workers <= 1:
             run(0, y1 - y0)

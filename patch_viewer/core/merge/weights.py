@@ -32,9 +32,9 @@ def coverage_mask(grid: PatchGrid) -> np.ndarray:
     return outer([c > 0 for c in grid.coverage_1d()], np.logical_and)
 
 
-
-def weight_map(grid: PatchGrid, window: str | ArrayLike = "uniform",
-               **window_params: float) -> np.ndarray:
+def weight_map(
+    grid: PatchGrid, window: str | ArrayLike = "uniform", **window_params: float
+) -> np.ndarray:
     """Sum of the window weights of all patches covering each pixel.
 
     With the uniform window this is the coverage count. Separable windows cost O(H + W): the
