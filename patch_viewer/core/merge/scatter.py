@@ -158,17 +158,11 @@ class Sums:
                 for a, z in zip(*_cuts(y0, y1, workers))
                 if z > a
             ]
-        run = lambda t: kernel(
-            flat,
-            o3,
-            self.geo,
-            t[1],
-            t[2],
-            t[3],
-            *t[0].args(  # noqa: E731
-                self.mode, self.win
-            ),
-        )
+
+        def run(task):
+            band, y0, y1, base = task
+            kernel(flat, o3, self.geo, y0, y1, base, *band.args(self.mode, self.win))
+
         if workers <= 1 or len(tasks) == 1:
             for t in tasks:
                 run(t)
@@ -293,33 +287,13 @@ class Sums:
         crop = np.array([y1 - y0, self.crop[1], self.crop[2]], np.int64)
         fill = target.type(_fill(fill_value, target, True))
         flat = out[y0:y1].reshape(-1)
-        if self.mode == "anchored":
-            run = lambda a, z: S.anchored_into(
-                band.ref,
-                band.acc,
-                den,
-                ext,
-                crop,  # noqa: E731
-                self.c,
-                fill,
-                a,
-                z,
-                0,
-                flat,
-            )
-        else:
-            run = lambda a, z: S.divide_into(
-                band.acc,
-                den,
-                ext,
-                crop,
-                self.c,
-                fill,  # noqa: E731
-                a,
-                z,
-                0,
-                flat,
-            )
+
+        def run(a: int, z: int) -> None:
+            if self.mode == "anchored":
+                S.anchored_into(band.ref, band.acc, den, ext, crop, self.c, fill, a, z, 0, flat)
+            else:
+                S.divide_into(band.acc, den, ext, crop, self.c, fill, a, z, 0, flat)
+
         workers = min(default_workers(flat.nbytes), y1 - y0)
         if workers <= 1:
             run(0, y1 - y0)
