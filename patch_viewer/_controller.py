@@ -169,14 +169,14 @@ def start(job: Job):
         raise MemoryError(
             f"Too much memory: raise the stride or shrink the patch "
             f"({format_bytes(need)} needed, {format_bytes(GUI_MAX_BYTES)} allowed)."
-        )
+        ) from None
 
 
 def patch_near(grid: PatchGrid, point) -> tuple | None:
     """Grid index of the patch whose centre is nearest ``point`` among those covering it."""
     index = []
-    for x, n, o, p in zip(point, grid.spatial_shape, grid.origins, grid.patch_size):
-        x = math.floor(x)
+    for at, n, o, p in zip(point, grid.spatial_shape, grid.origins, grid.patch_size):
+        x = math.floor(at)
         if not 0 <= x < n:
             return None
         covering = np.flatnonzero((o <= x) & (x < o + p))

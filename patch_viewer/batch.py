@@ -22,8 +22,8 @@ from dask.utils import format_bytes
 
 from . import io
 from .core import FILTERS, PatchGrid, Predictor, make_plan, make_window
-from .core.merge.precision import work_dtype
 from .core.checks import check_fill_value, check_reduce_window
+from .core.merge.precision import work_dtype
 from .core.metrics import ssim_bytes
 
 #: Images per in-memory batch are chosen so that a batch holds about this many bytes (float64).

@@ -260,7 +260,7 @@ class Canvas:
         slider into a 3-D patch (a click or the index box, not the user's own z browsing)."""
         self.selected = index
         self._draw_grid(index)
-        grid, batched, planes = self.shown
+        grid, _batched, planes = self.shown
         stacks = [s for s in (self.alive(PATCHES), self.alive(FILTERED)) if s]
         if not stacks:
             return

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from functools import partial
 
 import napari
@@ -187,10 +188,8 @@ class PatchExplorer(Container):
             lambda: self._worker is not None and self._worker.quit(),
             self.selection.teardown,
         ]:
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 step()
-            except (RuntimeError, ValueError):
-                pass
 
     def _image_choices(self, _widget=None):
         """The viewer's image layers, less the ones this widget made."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from .. import _controller as ctl
@@ -33,10 +35,8 @@ class Selection:
             lambda: self.viewer.layers.events.removed.disconnect(self._refresh_images),
         ]
         for step in steps:  # an exception escaping a Qt slot aborts PyQt5
-            try:
+            with contextlib.suppress(RuntimeError, ValueError):
                 step()
-            except (RuntimeError, ValueError):
-                pass
 
     def _refresh_images(self, *_):
         self.explorer.image.reset_choices()

@@ -7,12 +7,13 @@ Nothing here imports napari, Qt or magicgui.
 from .accumulator import Accumulator
 from .checks import format_bytes, is_lazy
 from .extract import extract_patches, sliding_patches
-from .fused import elementwise
 from .filters import FILTERS, Param, PatchFilter, get_filter, register_filter
+from .fused import elementwise
 from .grid import EDGE_MODES, PAD_MODES, PatchGrid
 from .merge import REDUCTIONS, Merger, backend, max_weight, merge_patches, weight_map
 from .metrics import METRICS, compute_metrics, error_map
 from .pipeline import REFERENCES, Plan, Result, iter_process, make_plan, process
+from .plugins import load_entry_points
 from .predict import (
     PatchBatch,
     PredictionError,
@@ -24,7 +25,6 @@ from .predict import (
 )
 from .warmup import warm_up
 from .windows import WINDOW_PARAMS, WINDOWS, make_window
-from .plugins import load_entry_points
 
 load_entry_points()  # filters and predictors other packages contribute (see .plugins)
 

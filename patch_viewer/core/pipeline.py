@@ -33,10 +33,10 @@ from .checks import (
 )
 from .chunked import chunked_process, reference_axes
 from .filters import PatchFilter, get_filter
-from .predict import Predictor
 from .grid import PatchGrid
 from .merge import REDUCTIONS, weight_map
 from .metrics import METRICS, compute_metrics, error_map
+from .predict import Predictor
 from .stream import REFERENCES, Plan, Result, make_plan, merge_stream
 from .windows import make_window
 

@@ -14,9 +14,9 @@ from __future__ import annotations
 import importlib
 import math
 import operator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
-from collections.abc import Callable, Iterator, Mapping
 from typing import NamedTuple
 
 import numpy as np

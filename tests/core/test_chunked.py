@@ -13,7 +13,6 @@ from patch_viewer.core.chunked import chunked_merge
 
 from .strategies import grids
 
-
 pytestmark = pytest.mark.usefixtures("backend")
 
 

@@ -11,7 +11,6 @@ from patch_viewer.core._layout import stack_order
 from .reference import brute_merge, brute_patches
 from .strategies import DTYPES, grids, images
 
-
 pytestmark = pytest.mark.usefixtures("backend")
 
 

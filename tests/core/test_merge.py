@@ -4,13 +4,13 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from patch_viewer import PatchGrid, extract_patches, merge_patches, weight_map
+from patch_viewer.core._layout import patches_to_canonical
 from patch_viewer.core.merge import Merger, plan
 from patch_viewer.core.merge import numpy_engine as ne
 from patch_viewer.core.merge import numpy_merger as nm
-from patch_viewer.core.merge.numpy_merger import NumpyMerger
 from patch_viewer.core.merge.kernels_numpy import owned_segments as _owned_segments
+from patch_viewer.core.merge.numpy_merger import NumpyMerger
 from patch_viewer.core.merge.precision import narrow_sums_exact
-from patch_viewer.core._layout import patches_to_canonical
 
 from .reference import brute_coverage, brute_merge, to_user_layout
 from .strategies import DTYPES, grids, images

@@ -20,7 +20,6 @@ from patch_viewer import (
 
 from .strategies import grids
 
-
 pytestmark = pytest.mark.usefixtures("backend")
 
 

@@ -1,4 +1,5 @@
-"""Issue 13: every result legible, every control explained (each test would have caught a defect)."""
+"""Issue 13: every result legible, every control explained (each test would have caught a
+defect)."""
 
 import numpy as np
 import pytest
@@ -81,7 +82,7 @@ def test_3d_patches_leave_the_z_slider_free(make_napari_viewer, qtbot):
 
 
 def test_long_messages_wrap_and_the_dock_keeps_its_width(explorer, qtbot, monkeypatch):
-    viewer, w = explorer
+    _viewer, w = explorer
     width = w.native.minimumSizeHint().width()
     monkeypatch.setattr(_controller, "GUI_MAX_BYTES", 1000)
     with qtbot.waitSignal(w.signals.failed, timeout=5_000) as blocker:
@@ -96,7 +97,7 @@ def test_an_empty_viewer_shows_a_neutral_hint(make_napari_viewer, qtbot):
     from napari.utils.notifications import notification_manager
 
     before = len(notification_manager.records)
-    viewer, w = dock(make_napari_viewer)
+    _viewer, w = dock(make_napari_viewer)
     w.live.value = True
     qtbot.wait(50)
     assert w.readout.value == HINT
@@ -106,7 +107,7 @@ def test_an_empty_viewer_shows_a_neutral_hint(make_napari_viewer, qtbot):
 
 
 def test_controls_have_tooltips_and_distinct_labels(explorer):
-    viewer, w = explorer
+    _viewer, w = explorer
     w.window.value = "gaussian"
     w.filter.value = "gaussian"
     controls = [
@@ -134,7 +135,7 @@ def test_controls_have_tooltips_and_distinct_labels(explorer):
 
 
 def test_controls_are_settable_through_value(explorer):
-    viewer, w = explorer
+    _viewer, w = explorer
     w.patch_size.value = 39
     assert w.patch_size.value == (39, 39) and w.patch_size.linked.value
     w.stride.value = (8, 12)
@@ -142,7 +143,7 @@ def test_controls_are_settable_through_value(explorer):
 
 
 def test_cancel_eta_and_stale_metrics(make_napari_viewer, qtbot):
-    viewer, w = dock(make_napari_viewer, "noisy")
+    _viewer, w = dock(make_napari_viewer, "noisy")
     run(qtbot, w)
     w.filter.value = "median"
     w.patch_size.value = 24
@@ -160,7 +161,7 @@ def test_cancel_eta_and_stale_metrics(make_napari_viewer, qtbot):
 
 
 def test_live_preview_starts_at_once_but_holds_back_long_runs(explorer, qtbot, monkeypatch):
-    viewer, w = explorer
+    _viewer, w = explorer
     from qtpy.QtWidgets import QApplication
 
     w.live.value = True
@@ -331,7 +332,7 @@ def test_a_closed_dock_stops_listening_to_the_viewer(explorer, qtbot):
 
 
 def test_tune_chart_sweeps_the_stride_and_a_click_applies_it(explorer, qtbot):
-    viewer, w = explorer
+    _viewer, w = explorer
     w.filter.value = "gaussian"
     tune = w.open_tune()
     tune.sweep()
@@ -350,7 +351,7 @@ def test_tune_chart_sweeps_the_stride_and_a_click_applies_it(explorer, qtbot):
 
 
 def test_tune_chart_is_not_squashed_when_docked(explorer, qtbot):
-    viewer, w = explorer
+    _viewer, w = explorer
     tune = w.open_tune()
     qtbot.wait(50)
     assert tune.chart.height() >= 300
@@ -392,7 +393,7 @@ def test_a_custom_function_with_k_outputs_shows_channels_and_classes(explorer, q
 
 
 def test_the_whole_image_reference_gives_k_channel_metrics(explorer, qtbot):
-    viewer, w = explorer
+    _viewer, w = explorer
     w.filter.value = _controller.CUSTOM
     w.custom.value = "tests.qt.test_explorer:three_class"
     w.reference.value = "filter"
@@ -402,7 +403,7 @@ def test_the_whole_image_reference_gives_k_channel_metrics(explorer, qtbot):
 
 
 def test_a_bad_import_path_is_a_message_not_a_crash(explorer, qtbot):
-    viewer, w = explorer
+    _viewer, w = explorer
     w.filter.value = _controller.CUSTOM
     for path, words in [
         ("no_such_pkg.mod:f", "cannot import module 'no_such_pkg.mod'"),
@@ -476,7 +477,7 @@ def test_3d_view_projects_the_error_with_both_signs(make_napari_viewer, qtbot):
 def test_idle_signal_comes_once_everything_is_shown(explorer, qtbot):
     """The launcher waits on `signals.idle`, not on private attributes or on "…" in the
     read-out: idle comes after the metrics and SSIM, after an error and after a cancel."""
-    viewer, w = explorer
+    _viewer, w = explorer
     with qtbot.waitSignal(w.signals.idle, timeout=30_000):
         w.filter.value = "gaussian"
         w.run()
@@ -517,7 +518,7 @@ def test_progress_before_the_run_shows_busy_is_ignored(make_napari_viewer, qtbot
     (the bar's range was set only by the busy display)."""
     monkeypatch.setattr(_controller, "SHOW_BUSY_AFTER_MS", 60_000)
     monkeypatch.setattr(_controller, "PROGRESS_INTERVAL", 0.0)
-    viewer, w = dock(make_napari_viewer, "noisy", filter="median")
+    _viewer, w = dock(make_napari_viewer, "noisy", filter="median")
     w.stride.value = 4
     with qtbot.waitSignal(w.signals.idle, timeout=60_000):
         w.run()
@@ -539,7 +540,7 @@ def test_the_rightmost_caption_is_not_clipped_by_the_fitted_view(explorer, qtbot
 def test_a_run_that_showed_progress_ends_at_full(make_napari_viewer, qtbot, monkeypatch):
     """A one-batch run that showed busy ended with its bar at 0%."""
     monkeypatch.setattr(_controller, "SHOW_BUSY_AFTER_MS", 0)
-    viewer, w = dock(make_napari_viewer, "noisy", filter="median")  # hundreds of ms
+    _viewer, w = dock(make_napari_viewer, "noisy", filter="median")  # hundreds of ms
     w.stride.value = 4
     with qtbot.waitSignal(w.signals.idle, timeout=60_000):
         w.run()
@@ -560,7 +561,7 @@ def test_captions_shrink_with_the_tiles_on_screen(explorer, qtbot):
 
 def test_tune_chart_keeps_rmse_readable_beside_max_error(explorer, qtbot):
     """RMSE far below max |error| was a flat line at zero on a shared linear axis."""
-    viewer, w = explorer
+    _viewer, w = explorer
     tune = w.open_tune()
     tune.points = [
         _controller.TunePoint(s, r, m, 0.01, 100 // s)

@@ -156,7 +156,7 @@ def test_click_selects_the_patch_whose_centre_is_nearest(explorer, qtbot):
 
 
 def test_selection_keeps_its_position_when_the_grid_changes(explorer, qtbot):
-    viewer, w = explorer
+    _viewer, w = explorer
     run(qtbot, w)
     w.click((80.0, 20.0))
     before = w.grid.patch_origin(w.grid.patch_index(w.index.value))
@@ -312,7 +312,7 @@ def test_bad_parameters_show_a_message_and_keep_the_last_layers(explorer, qtbot)
 
 
 def test_memory_estimate_over_the_limit_is_refused(explorer, qtbot, monkeypatch):
-    viewer, w = explorer
+    _viewer, w = explorer
     monkeypatch.setattr(_controller, "GUI_MAX_BYTES", 1000)
     with qtbot.waitSignal(w.signals.failed, timeout=5_000) as blocker:
         w.run()
@@ -351,7 +351,7 @@ def test_newest_parameters_win(explorer, qtbot):
 
 
 def test_live_preview_reruns_on_change(explorer, qtbot):
-    viewer, w = explorer
+    _viewer, w = explorer
     w.live.value = True
     with qtbot.waitSignal(w.signals.computed, timeout=10_000):
         w.stride.set_value([10])
@@ -361,7 +361,7 @@ def test_live_preview_reruns_on_change(explorer, qtbot):
 def test_layout_and_screenshot_are_not_blank(explorer, qtbot):
     viewer, w = explorer
     run(qtbot, w)
-    for name, (row, col) in TILES.items():
+    for name, (_, col) in TILES.items():
         assert viewer.layers[name].translate[-1] == pytest.approx(
             col * (100 + _layers_mod.tile_gap((100, 100)))
         )
