@@ -23,3 +23,13 @@ def run(qtbot, widget, timeout=30_000):
 @pytest.fixture
 def classic():
     return load("camera_100.png")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _kernels_loaded():
+    """Load (on a cold cache: compile) the compiled kernels once before the GUI tests: the
+    explorer warms them up in a worker as it docks, and on a fresh checkout that compile
+    (a minute or more) would hold the first runs past their signal timeouts."""
+    import patch_viewer as pv
+
+    pv.warm_up()
