@@ -24,6 +24,7 @@ from qtpy.QtWidgets import QSizePolicy
 
 from .. import _controller as ctl
 from ..core import EDGE_MODES, FILTERS, PAD_MODES, REDUCTIONS, WINDOWS, warm_up
+from ..core.warmup import is_warm
 from ._axis import AxisInts
 from ._canvas import Canvas
 from ._selection import Selection
@@ -166,9 +167,11 @@ class PatchExplorer(Container):
         self._on_filter()
         self._on_image()
         # Load the compiled kernels off the main thread now, so the first run does not wait
-        # on numba's start-up (about 0.3 s from its cache, seconds when it compiles).
-        self.warm = create_worker(warm_up)
-        self.warm.start()
+        # on numba's start-up (about 0.3 s from its cache, seconds when it compiles); once a
+        # process is warm, later docks start no thread.
+        self.warm = None if is_warm() else create_worker(warm_up)
+        if self.warm is not None:
+            self.warm.start()
 
     def _style_readout(self):
         native = self.readout.native

@@ -21,13 +21,21 @@ from .merge.plan import backend
 if TYPE_CHECKING:
     from numpy.typing import DTypeLike
 
-__all__ = ["warm_up"]
+__all__ = ["is_warm", "warm_up"]
 
 #: What warm_up loads by default: the dtypes images most often come in, and the filters whose
 #: kernels differ from the merge's (identity and the other element-wise ones run in the fused
 #: stream).
 WARM_DTYPES = ("uint8", "uint16", "float32", "float64")
 WARM_FILTERS = ("identity", "gaussian", "invert")
+
+
+_WARM: set = set()  # the (dtypes, filters) already loaded in this process
+
+
+def is_warm(dtypes=WARM_DTYPES, filters=WARM_FILTERS) -> bool:
+    """Whether :func:`warm_up` has loaded these kernels in this process already."""
+    return (tuple(dtypes), tuple(filters)) in _WARM or backend() != "numba"
 
 
 def warm_up(
@@ -70,4 +78,5 @@ def warm_up(
     acc = Accumulator(grid)  # the scatter, index and finishing kernels of patch-wise inference
     acc.add(np.zeros((grid.n_patches, 5, 5), np.float32), np.arange(grid.n_patches))
     acc.result()
+    _WARM.add((tuple(dtypes), tuple(filters)))
     return time.perf_counter() - start
