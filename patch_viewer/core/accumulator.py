@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import operator
 from fractions import Fraction
 
 import numpy as np
 
+from .checks import positive_int
 from .grid import PatchGrid
 from .merge.plan import backend
 from .merge.precision import finish, work_dtype
@@ -232,7 +232,6 @@ class Accumulator:
                 self._three(self.patch_size),
                 self.channels or 1,
             )
-            state.unsigned = data.dtype.kind == "u"
         state.check_rows(org)
         state.add(data, org)
         if self._factors is None:  # a whole grid in order needs no origins (see _stream)
@@ -424,9 +423,7 @@ class Accumulator:
                 work,
             )
         else:
-            out = self._state.result(
-                self._den_rows, None, dtype, fill_value, work_dtype(self.dtype)
-            )
+            out = self._state.result(self._den_rows, dtype, fill_value, work_dtype(self.dtype))
             out = out.reshape(self._canon_shape())
         axis = self.channel_axis
         return out[..., 0] if axis is None else np.moveaxis(out, -1, axis)
@@ -521,17 +518,7 @@ def _channels(channels, grid: PatchGrid):
         return grid.n_channels
     if channels is None:
         return None
-    if isinstance(channels, (bool, np.bool_)):
-        raise TypeError(f"`channels` must be an int >= 1, None or 'same', got {channels!r}")
-    try:
-        k = operator.index(channels)
-    except TypeError:
-        raise TypeError(
-            f"`channels` must be an int >= 1, None or 'same', got {channels!r}"
-        ) from None
-    if k < 1:
-        raise ValueError(f"`channels` must be an int >= 1, None or 'same', got {channels!r}")
-    return k
+    return positive_int(channels, "channels", "an int >= 1, None or 'same'")
 
 
 def _int_array(values, name: str) -> np.ndarray:

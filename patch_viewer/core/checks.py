@@ -5,6 +5,7 @@ names the parameter and what it allows."""
 from __future__ import annotations
 
 import numbers
+import operator
 
 import numpy as np
 
@@ -23,6 +24,7 @@ __all__ = [
     "is_lazy",
     "is_real_number",
     "parse_max_bytes",
+    "positive_int",
 ]
 
 
@@ -51,6 +53,25 @@ def is_lazy(array) -> bool:
     False
     """
     return type(array).__module__.startswith(("dask.", "zarr."))
+
+
+def positive_int(value, name: str, allowed: str = "an int >= 1") -> int:
+    """``value`` as an int >= 1 (an integer, not a bool); errors say ``allowed``.
+
+    Examples
+    --------
+    >>> positive_int(np.int64(3), "batch_size")
+    3
+    """
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"`{name}` must be {allowed}, got {value!r}")
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"`{name}` must be {allowed}, got {value!r}") from None
+    if number < 1:
+        raise ValueError(f"`{name}` must be {allowed}, got {value!r}")
+    return number
 
 
 def check_grid(grid) -> PatchGrid:

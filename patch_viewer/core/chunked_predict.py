@@ -23,6 +23,7 @@ from ._layout import is_batched, to_canonical
 from .accumulator import Accumulator
 from .chunked import _local, _min_chunks, _pad, _starts, as_dask, chunked_error, chunked_metrics
 from .grid import PatchGrid
+from .merge.precision import work_dtype
 from .metrics import METRICS
 from .predict import Predictor, _indices, iter_batches
 
@@ -172,7 +173,7 @@ def _out_chunks(starts, scale) -> tuple[tuple[int, ...], ...]:
 
 
 def _fill(spec, dtype, fill_value, covering: bool, uncovered: str):
-    out_dtype = np.dtype(dtype) if dtype is not None else _work(spec.dtype)
+    out_dtype = np.dtype(dtype) if dtype is not None else work_dtype(spec.dtype)
     if fill_value is None and out_dtype.kind != "f" and not covering and uncovered == "fill":
         raise ValueError(
             "some pixels are covered by no patch: pass `fill_value` to mark "
@@ -306,9 +307,3 @@ def _lazy_metrics(merged, image, grid, batched, ssim):
     error = chunked_error(merged, image)
     channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
     return error, chunked_metrics(merged, image, error=error, channel_axis=channel_axis, ssim=ssim)
-
-
-def _work(dtype):
-    from .merge.precision import work_dtype
-
-    return work_dtype(dtype)

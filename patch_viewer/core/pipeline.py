@@ -76,16 +76,15 @@ def iter_process(
     max_bytes = parse_max_bytes(max_bytes)
     dtype = check_dtype(dtype)
     fill_value = check_fill_value(fill_value, dtype)
-    if is_lazy(image) and (
-        isinstance(get_filter(patch_filter), Predictor)
-        or indices is not None
-        or uncovered != "fill"
+    lazy_filt = get_filter(patch_filter) if is_lazy(image) else None
+    if lazy_filt is not None and (
+        isinstance(lazy_filt, Predictor) or indices is not None or uncovered != "fill"
     ):
         return _lazy(
             _chunked_predict(
                 image,
                 grid,
-                patch_filter,
+                lazy_filt,
                 filter_params,
                 window,
                 window_params,
@@ -98,7 +97,7 @@ def iter_process(
                 ssim,
             )
         )
-    if is_lazy(image):
+    if lazy_filt is not None:
         return _lazy(
             chunked_process(
                 image,
@@ -206,16 +205,9 @@ def _predict(
     metrics,
 ):
     """A predictor, or chosen patches: batches -> model -> accumulators (:mod:`.inference`)."""
-    from .accumulator import check_window
-    from .inference import UNCOVERED, as_predictor, predict_run
-    from .predict import _indices
+    from .inference import predict_run
 
-    if uncovered not in UNCOVERED:
-        raise ValueError(f"`uncovered` must be one of {UNCOVERED}, got {uncovered!r}")
-    check_window(window)
-    if indices is not None:
-        indices = _indices(indices, grid)
-    model = as_predictor(filt, params, grid)
+    model, indices = _model_options(filt, params, grid, window, indices, uncovered)
     return predict_run(
         image,
         grid,
@@ -238,10 +230,25 @@ def _predict(
     )
 
 
+def _model_options(filt, params, grid, window, indices, uncovered):
+    """What a run of a predictor (or of chosen patches) checks beyond a filter's run, in memory
+    or on dask: ``(model, indices)``."""
+    from .accumulator import check_window
+    from .inference import UNCOVERED, as_predictor
+    from .predict import _indices
+
+    if uncovered not in UNCOVERED:
+        raise ValueError(f"`uncovered` must be one of {UNCOVERED}, got {uncovered!r}")
+    check_window(window)
+    if indices is not None:
+        indices = _indices(indices, grid)
+    return as_predictor(filt, params, grid), indices
+
+
 def _chunked_predict(
     image,
     grid,
-    patch_filter,
+    filt,
     filter_params,
     window,
     window_params,
@@ -254,16 +261,12 @@ def _chunked_predict(
     ssim,
 ):
     from .chunked_predict import chunked_predict
-    from .inference import UNCOVERED, as_predictor
 
-    if uncovered not in UNCOVERED:
-        raise ValueError(f"`uncovered` must be one of {UNCOVERED}, got {uncovered!r}")
-    filt = get_filter(patch_filter)
     params = filt.validate(filter_params) if filt.params or filter_params else {}
     make_window(window, grid.patch_size, **(window_params or {}))  # validates
     if reduce not in REDUCTIONS:
         raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
-    model = as_predictor(filt, params, grid)
+    model, indices = _model_options(filt, params, grid, window, indices, uncovered)
     return chunked_predict(
         image,
         grid,

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import importlib
 import math
-import operator
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -23,6 +22,7 @@ import numpy as np
 
 from ._layout import pad_canonical, to_canonical, window_view
 from .accumulator import Accumulator, parse_scale
+from .checks import positive_int
 from .grid import PatchGrid
 
 __all__ = [
@@ -361,7 +361,7 @@ def iter_batches(
 
     if not isinstance(grid, PatchGrid):
         raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
-    batch_size = _positive(batch_size, "batch_size")
+    batch_size = positive_int(batch_size, "batch_size")
     image = check_image(image, grid)
     if image.shape != grid.image_shape:
         raise ValueError(
@@ -388,18 +388,6 @@ def _batches(image, grid, batch_size, order, channels_first):
         elif grid.channel_axis is None:
             patches = patches[..., 0]
         yield PatchBatch(patches, order[start : start + batch_size].copy(), org.copy())
-
-
-def _positive(value, name: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"`{name}` must be an int >= 1, got {value!r}")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"`{name}` must be an int >= 1, got {value!r}") from None
-    if value < 1:
-        raise ValueError(f"`{name}` must be an int >= 1, got {value}")
-    return value
 
 
 def _indices(indices, grid: PatchGrid) -> np.ndarray:

@@ -32,7 +32,7 @@ import numpy as np
 
 from ..grid import PatchGrid
 from ..windows import make_window
-from .precision import sum_dtype, work_dtype
+from .precision import kernel_data, sum_dtype, work_dtype
 
 __all__ = [
     "BACKENDS",
@@ -125,10 +125,7 @@ def make_merge_plan(
         )
     dtype = np.dtype(dtype)
     work = work_dtype(dtype)
-    data = {"b": np.dtype(np.uint8)}.get(dtype.kind, dtype)
-    if data == np.float16:
-        data = np.dtype(np.float32)
-    data = data.newbyteorder("=")
+    data = kernel_data(dtype)
     if pick or reduce != "mean":
         return MergePlan("pick" if pick else reduce, data, data, work, None, None, None)
     acc, how = sum_dtype(dtype, win is None, grid.coverage_range()[1])

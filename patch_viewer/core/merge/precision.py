@@ -29,6 +29,7 @@ __all__ = [
     "check_dtype",
     "finish",
     "is_wide_int",
+    "kernel_data",
     "narrow_sums_exact",
     "reduce_identity",
     "split_mean",
@@ -288,3 +289,12 @@ def reduce_identity(dtype, mode: str):
         return -np.inf if mode == "max" else np.inf
     info = np.iinfo(dtype)
     return info.min if mode == "max" else info.max
+
+
+def kernel_data(dtype) -> np.dtype:
+    """The dtype the compiled kernels read a stack of ``dtype`` in: bool as uint8, float16 as
+    float32 (both exact), byte order native."""
+    dtype = np.dtype(dtype)
+    data = {"b": np.dtype(np.uint8)}.get(dtype.kind, dtype)
+    data = np.dtype(np.float32) if data == np.float16 else data
+    return data.newbyteorder("=")

@@ -21,7 +21,7 @@ import math
 import numpy as np
 
 from .plan import backend, default_workers
-from .precision import _fill, anchored_finish, finish, reduce_identity, split_mean
+from .precision import _fill, anchored_finish, finish, kernel_data, reduce_identity, split_mean
 
 __all__ = ["BAND_BYTES", "Sums", "sum_mode"]
 
@@ -31,8 +31,7 @@ BAND_BYTES = 8 << 20
 
 def sum_mode(dtype: np.dtype, reduce: str, uniform: bool) -> tuple[str, np.dtype, np.dtype]:
     """``(mode, data, acc)``: the kernel, the dtype it reads and the dtype it sums in."""
-    data = {"b": np.dtype(np.uint8)}.get(dtype.kind, dtype)
-    data = np.dtype(np.float32) if data == np.float16 else data.newbyteorder("=")
+    data = kernel_data(dtype)
     if reduce != "mean":
         return reduce, data, data
     narrow = (dtype.kind == "f" and dtype.itemsize <= 4) or (
@@ -84,6 +83,7 @@ class Sums:
 
     def __init__(self, dtype, reduce: str, win, extent, crop, patch3, c: int):
         self.mode, self.data, self.acc_dtype = sum_mode(np.dtype(dtype), reduce, win is None)
+        self.unsigned = np.dtype(dtype).kind == "u"  # (64-bit split sums)
         self.extent, self.crop, self.c = tuple(extent), tuple(crop), c
         self.row = extent[1] * extent[2] * c  # elements of one canvas row
         self.rows = max(1, min(extent[0], BAND_BYTES // (self.row * self.acc_dtype.itemsize)))
@@ -223,7 +223,7 @@ class Sums:
                 self.bands[b] = None
             self.released += 1
 
-    def result(self, den_of, counts_of, dtype, fill_value, work) -> np.ndarray:
+    def result(self, den_of, dtype, fill_value, work) -> np.ndarray:
         """The finished image ``(crop0, crop1, crop2 * c)`` (released bands included)."""
         target = np.dtype(work if dtype is None else dtype)
         if self.released and self.out is not None and self.out_key is not None:
@@ -236,7 +236,6 @@ class Sums:
             out = self.out
         else:
             out = np.empty(self.crop[:2] + (self.crop[2] * self.c,), target)
-        self._counts_of = counts_of
         for b in range(self.released, len(self.bands)):
             self._finish(b, den_of, target, fill_value, work, out)
         return out
@@ -274,8 +273,6 @@ class Sums:
                 out[y0:y1] = anchored_finish(canon(band.ref), mean, cov, target, fill_value, work)
             else:
                 out[y0:y1] = finish(mean, cov, target, fill_value, work)
-
-    unsigned = False  # set by the owner for uint64 split sums
 
     def _divide(self, band, den, y0, y1, target, fill_value, out) -> None:
         """Sums over weights, straight into the float output, in one compiled pass."""
