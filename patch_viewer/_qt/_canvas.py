@@ -172,7 +172,7 @@ class Canvas:
         if self.alive(LABELS) is not None:
             self._captions()
             self.viewer.reset_view()  # the other view's camera does not frame the tiles
-            self.set_zoom(self.viewer.camera.zoom)
+            self.set_zoom(self.viewer.scene.camera.zoom)
 
     def _show(self, name, data, kwargs):
         layer = self.alive(name)
@@ -206,7 +206,7 @@ class Canvas:
             k = list(_layers.TILE_CAPTIONS).index(ERROR)
             text[k] = _layers.ABS_ERROR_CAPTION
         layer = self.alive(LABELS)
-        size = _layers.caption_size(self.hw, self.viewer.camera.zoom)
+        size = _layers.caption_size(self.hw, self.viewer.scene.camera.zoom)
         if layer is None:
             self.layers[LABELS] = self.viewer.add_points(
                 pts,
@@ -225,7 +225,7 @@ class Canvas:
             # The first results: fit the view to every tile with its caption (napari fitted
             # it to the first layers only, and cut the rightmost caption).
             self.viewer.reset_view()
-            self.set_zoom(self.viewer.camera.zoom)
+            self.set_zoom(self.viewer.scene.camera.zoom)
             return
         # Unchanged captions are not set again: each set re-lays the text out (~20 ms).
         if layer.data.shape != pts.shape or not np.array_equal(layer.data, pts):

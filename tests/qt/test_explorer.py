@@ -554,9 +554,9 @@ def test_captions_shrink_with_the_tiles_on_screen(explorer, qtbot):
     viewer, w = explorer
     run(qtbot, w)
     labels = viewer.layers["tile labels"]
-    viewer.camera.zoom = 0.5  # 100 px tiles drawn 50 px wide
+    viewer.scene.camera.zoom = 0.5  # 100 px tiles drawn 50 px wide
     small = labels.text.size
-    viewer.camera.zoom = 4.0
+    viewer.scene.camera.zoom = 4.0
     assert small < labels.text.size <= 14 and small >= 6
 
 
