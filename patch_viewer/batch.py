@@ -88,7 +88,7 @@ class Item:
 
 
 @dataclass
-class Plan:
+class BatchPlan:
     items: list[Item]
     batches: list[list[Item]]  # in-memory batches (lazy items are run one by one)
     n_patches: int
@@ -261,7 +261,7 @@ def _check_paths(opts: Options) -> list[str]:
     return problems
 
 
-def make_batch_plan(paths, opts: Options) -> Plan:
+def make_batch_plan(paths, opts: Options) -> BatchPlan:
     """Validate the parameters, every input and every output, and decide routes, outputs and
     batches; raise :class:`PlanError` listing every problem before anything is read or
     written. Inputs whose header cannot be read are listed in ``plan.unreadable`` (the run
@@ -284,7 +284,7 @@ def make_batch_plan(paths, opts: Options) -> Plan:
     todo = [it for it in items if not it.skip]
     batches = _batches([it for it in todo if not it.lazy], opts)
     processes = max(1, min(opts.workers, len(batches)))
-    return Plan(
+    return BatchPlan(
         items,
         batches,
         sum(it.grid.n_patches for it in todo),
@@ -511,7 +511,7 @@ def _batch_size(it: Item, opts: Options) -> int:
     return int(min(256, max(1, BATCH_TARGET_BYTES // per_image)))
 
 
-def describe(plan: Plan, opts: Options) -> str:
+def describe(plan: BatchPlan, opts: Options) -> str:
     """The plan, as printed before the run."""
     lazy = [it for it in plan.items if it.lazy and not it.skip]
     skipped = sum(it.skip for it in plan.items)

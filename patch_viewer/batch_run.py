@@ -28,9 +28,9 @@ import numpy as np
 from . import io
 from .batch import (
     METRIC_COLUMNS,
+    BatchPlan,
     Item,
     Options,
-    Plan,
     out_dtype,
     read_rows,
     stream_threads,
@@ -329,7 +329,7 @@ class _Pool:
 class _Run:
     """One run's bookkeeping: progress, metric rows, failures."""
 
-    def __init__(self, plan: Plan, opts: Options, stream, quiet: bool):
+    def __init__(self, plan: BatchPlan, opts: Options, stream, quiet: bool):
         self.plan, self.opts = plan, opts
         self.progress = Progress(plan.n_patches, stream, enabled=not quiet)
         keep = {str(it.image.path) for it in plan.items if it.skip}
@@ -416,7 +416,7 @@ class RunFailed(RuntimeError):
     """The run stopped at its first failure (``fail_fast``)."""
 
 
-def run(plan: Plan, opts: Options, *, stream=None, quiet: bool = False) -> Report:
+def run(plan: BatchPlan, opts: Options, *, stream=None, quiet: bool = False) -> Report:
     """Run a plan: in-memory batches on worker processes, then streamed images one by one
     (dask threads). Metric rows reach the CSV as images finish; an input that fails is
     logged and skipped (``opts.fail_fast`` raises :class:`RunFailed` instead); a full disk

@@ -30,6 +30,7 @@ __all__ = [
     "is_lazy",
     "n_elements",
     "pad_canonical",
+    "pad_constant",
     "patches_to_canonical",
     "regular_slices",
     "split_regular",
@@ -117,11 +118,11 @@ def pad_canonical(canon: np.ndarray, grid: PatchGrid) -> np.ndarray:
         return canon
     widths = [(0, 0)] + [(0, e) for e in extra] + [(0, 0)]
     if grid.pad_mode == "constant":
-        return np.pad(canon, widths, mode="constant", constant_values=_pad_value(grid, canon))
+        return np.pad(canon, widths, mode="constant", constant_values=pad_constant(grid, canon))
     return np.pad(canon, widths, mode=grid.pad_mode)
 
 
-def _pad_value(grid: PatchGrid, canon) -> float:
+def pad_constant(grid: PatchGrid, canon) -> float:
     """``grid.pad_value`` checked against the image's dtype (it must be representable)."""
     value, dtype = grid.pad_value, np.dtype(canon.dtype)
     if dtype.kind in "biu":

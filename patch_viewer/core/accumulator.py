@@ -21,7 +21,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from .checks import positive_int
+from .checks import check_grid, positive_int
 from .grid import PatchGrid
 from .merge.plan import backend
 from .merge.precision import finish, work_dtype
@@ -126,8 +126,7 @@ class Accumulator:
         window_params=None,
         reduce: str = "mean",
     ):
-        if not isinstance(grid, PatchGrid):
-            raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+        check_grid(grid)
         if reduce not in _REDUCE:
             raise ValueError(f"`reduce` must be one of {_REDUCE}, got {reduce!r}")
         check_window(window)

@@ -214,9 +214,9 @@ def check_finite_for_integer(image: np.ndarray, dtype) -> None:
     """NaN or inf pixels cannot become an integer ``dtype``: refuse them up front."""
     if dtype is None or np.dtype(dtype).kind not in "biu" or image.dtype.kind != "f":
         return
-    from .metrics import _bands
+    from .metrics import reduce_bands
 
-    if not all(np.isfinite(part).all() for part in _bands(image)):
+    if not all(np.isfinite(part).all() for part in reduce_bands(image)):
         raise ValueError(
             f"`image` has NaN or inf pixels, which an integer `dtype` ({np.dtype(dtype)}) "
             f"cannot hold: leave `dtype` unset (float result), or replace them first "

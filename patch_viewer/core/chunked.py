@@ -47,7 +47,7 @@ def as_dask(array):
     return da.from_array(array, chunks=chunks)
 
 
-def _pad(canon, grid: PatchGrid):
+def pad_lazy(canon, grid: PatchGrid):
     """Pad the far side of each spatial axis to ``grid.padded_shape`` exactly as ``np.pad``
     does (dask's own reflect/wrap differ from NumPy's once the pad is wider than the image)."""
     import dask.array as da
@@ -58,9 +58,11 @@ def _pad(canon, grid: PatchGrid):
         if grid.pad_mode == "constant":
             widths = [(0, 0)] * canon.ndim
             widths[ax] = (0, m - n)
-            from ._layout import _pad_value
+            from ._layout import pad_constant
 
-            canon = da.pad(canon, widths, mode="constant", constant_values=_pad_value(grid, canon))
+            canon = da.pad(
+                canon, widths, mode="constant", constant_values=pad_constant(grid, canon)
+            )
         else:
             # reflect/edge/wrap only move pixels: pad the indices, then gather them.
             index = np.pad(np.arange(n), (0, m - n), mode=grid.pad_mode)[n:]
@@ -69,7 +71,7 @@ def _pad(canon, grid: PatchGrid):
     return canon
 
 
-def _min_chunks(canon, depth: tuple[int, ...]):
+def min_chunks(canon, depth: tuple[int, ...]):
     """Rechunk so that every spatial chunk is at least as wide as its halo."""
     from dask.array.overlap import ensure_minimum_chunksize
 
@@ -79,11 +81,11 @@ def _min_chunks(canon, depth: tuple[int, ...]):
     return canon.rechunk(tuple(chunks)) if tuple(chunks) != canon.chunks else canon
 
 
-def _starts(chunks) -> list[np.ndarray]:
+def chunk_starts(chunks) -> list[np.ndarray]:
     return [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
 
 
-def _local(grid: PatchGrid, starts, block_id, depth):
+def block_grid(grid: PatchGrid, starts, block_id, depth):
     """For the spatial block ``block_id``: which part of the halo'd block holds the patches of
     the global grid touching the block's core, and where their merge lands in the core.
 
@@ -138,7 +140,7 @@ def _merged_block(
         + block.shape[-1:]
     )
     out = np.full(core, fill, dtype)
-    found = _local(grid, starts, block_id[1 : nd + 1], depth)
+    found = block_grid(grid, starts, block_id[1 : nd + 1], depth)
     if found is None:
         return out
     local, in_block, from_local, to_core, _ = found
@@ -158,7 +160,7 @@ def _merged_block(
 def _weights_block(*, grid, starts, depth, window, window_params, block_id=None):
     core = tuple(int(st[i + 1] - st[i]) for st, i in zip(starts, block_id))
     out = np.zeros(core, np.float64)
-    found = _local(grid, starts, block_id, depth)
+    found = block_grid(grid, starts, block_id, depth)
     if found is not None:
         local, _, from_local, to_core, _ = found
         out[to_core] = weights_in(local, window, window_params, np.float64)[from_local]
@@ -238,9 +240,9 @@ def chunked_merge(
     # Chunk only the spatial axes; channels stay whole (filters see every channel of a patch).
     canon = canon.rechunk({nd + 1: -1})
     depth = tuple(p - 1 for p in grid.patch_size)
-    canon = _min_chunks(_pad(canon, grid), depth)
+    canon = min_chunks(pad_lazy(canon, grid), depth)
     chunks = canon.chunks
-    starts = _starts(chunks[1 : nd + 1])
+    starts = chunk_starts(chunks[1 : nd + 1])
 
     probe = np.asarray(
         filt(
@@ -323,7 +325,7 @@ def chunked_reference(image, grid: PatchGrid, patch_filter, filter_params=None):
     axes = reference_axes(grid)
     depth = tuple(reach if ax in axes else 0 for ax in range(1, nd + 1))
     canon = to_canonical(image, grid, batched).rechunk({nd + 1: -1})
-    canon = _min_chunks(canon, depth)
+    canon = min_chunks(canon, depth)
     probe = np.asarray(
         filt(np.zeros((1,) + grid.patch_size + canon.shape[-1:], image.dtype), axes, **params)
     )  # the dtype the in-memory reference has
@@ -521,9 +523,13 @@ def chunked_process(
 
 
 __all__ = [
+    "block_grid",
+    "chunk_starts",
     "chunked_error",
     "chunked_merge",
     "chunked_metrics",
     "chunked_process",
     "chunked_reference",
+    "min_chunks",
+    "pad_lazy",
 ]

@@ -21,11 +21,19 @@ import numpy as np
 
 from ._layout import is_batched, to_canonical
 from .accumulator import Accumulator
-from .chunked import _local, _min_chunks, _pad, _starts, as_dask, chunked_error, chunked_metrics
+from .chunked import (
+    as_dask,
+    block_grid,
+    chunk_starts,
+    chunked_error,
+    chunked_metrics,
+    min_chunks,
+    pad_lazy,
+)
 from .grid import PatchGrid
 from .merge.precision import work_dtype
 from .metrics import METRICS
-from .predict import Predictor, _indices, iter_batches
+from .predict import Predictor, flat_indices, iter_batches
 
 __all__ = ["chunked_predict"]
 
@@ -114,7 +122,7 @@ def _predicted_block(
     out = np.full((block.shape[0],) + shape_out + (spec.channels or 1,), fill, dtype)
     halo = [0 if i == 0 else d for i, d in zip(ids, depth)]
     core_in = block[(slice(None),) + tuple(slice(h, h + e - s) for h, (s, e) in zip(halo, core))]
-    found = _local(grid, starts, ids, depth)
+    found = block_grid(grid, starts, ids, depth)
     if found is None:
         if keep_input:
             out[...] = core_in
@@ -154,7 +162,7 @@ def _predicted_block(
 def _weights_block(*, grid, starts, depth, spec, merge, selected, block_id=None):
     _, shape_out = _core_shape(starts, block_id, spec.scale)
     out = np.zeros(shape_out, np.float64)
-    found = _local(grid, starts, block_id, depth)
+    found = block_grid(grid, starts, block_id, depth)
     if found is None:
         return out
     local, _, from_local, to_core, first = found
@@ -242,14 +250,14 @@ def chunked_predict(
     batched = is_batched(image.shape, grid)
     nd = grid.ndim
     specs = model.probe(grid, image.dtype, params)
-    selected = None if indices is None else _indices(indices, grid)
+    selected = None if indices is None else flat_indices(indices, grid)
     merge = {"window": window, "window_params": window_params, "reduce": reduce}
-    canon = _pad(to_canonical(image, grid, batched).rechunk({nd + 1: -1}), grid)
+    canon = pad_lazy(to_canonical(image, grid, batched).rechunk({nd + 1: -1}), grid)
     for spec in specs:
         canon = _scale_chunks(canon, spec.scale, nd)
     depth = tuple(p - 1 for p in grid.patch_size)
-    canon = _min_chunks(canon, depth)
-    starts = _starts(canon.chunks[1 : nd + 1])
+    canon = min_chunks(canon, depth)
+    starts = chunk_starts(canon.chunks[1 : nd + 1])
     ov = da.overlap.overlap(
         canon,
         depth={ax: d for ax, d in enumerate(depth, start=1)},

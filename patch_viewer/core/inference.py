@@ -14,7 +14,7 @@ from .accumulator import Accumulator
 from .filters import PatchFilter
 from .grid import PatchGrid
 from .metrics import METRICS, compute_metrics, error_map
-from .predict import PredictionError, Predictor, _indices, iter_batches
+from .predict import PredictionError, Predictor, flat_indices, iter_batches
 from .stream import Result, make_plan
 
 __all__ = ["UNCOVERED", "as_predictor", "predict_run"]
@@ -61,7 +61,7 @@ def predict_run(
     :class:`~patch_viewer.core.stream.Result` (``outputs`` holds every output by name)."""
     start = time.perf_counter()
     images = image if batched else image[None]
-    order = np.arange(grid.n_patches) if indices is None else _indices(indices, grid)
+    order = np.arange(grid.n_patches) if indices is None else flat_indices(indices, grid)
     run = _Run(
         grid,
         model,

@@ -21,6 +21,7 @@ __all__ = [
     "error_summary",
     "error_sums",
     "iter_ssim",
+    "reduce_bands",
     "ssim_bytes",
     "ssim_clean",
     "ssim_of",
@@ -96,7 +97,7 @@ def data_range_of(reference) -> float:
     if fixed is not None:
         return fixed
     lo, hi = np.inf, -np.inf
-    for part in _bands(reference):
+    for part in reduce_bands(reference):
         finite = part if part.dtype.kind != "f" else part[np.isfinite(part)]
         if finite.size:
             lo, hi = min(lo, float(finite.min())), max(hi, float(finite.max()))
@@ -109,7 +110,7 @@ def data_range_of(reference) -> float:
 REDUCE_ELEMENTS = 2**20
 
 
-def _bands(a: np.ndarray):
+def reduce_bands(a: np.ndarray):
     """Views of ``a`` along its first axis, about :data:`REDUCE_ELEMENTS` elements each."""
     if a.ndim == 0 or a.size <= REDUCE_ELEMENTS:
         yield a
@@ -126,7 +127,7 @@ def error_sums(err) -> tuple[int, float, float]:
     squares never take an image-sized temporary; summed without ``np.dot``, whose BLAS threads
     would oversubscribe worker processes and dask's threads."""
     count, sum_sq, max_abs = 0, 0.0, -math.inf
-    for part in _bands(np.asarray(err)):
+    for part in reduce_bands(np.asarray(err)):
         finite = np.isfinite(part)
         e = part if finite.all() else part[finite]
         if e.size:

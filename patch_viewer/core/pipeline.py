@@ -235,13 +235,13 @@ def _model_options(filt, params, grid, window, indices, uncovered):
     or on dask: ``(model, indices)``."""
     from .accumulator import check_window
     from .inference import UNCOVERED, as_predictor
-    from .predict import _indices
+    from .predict import flat_indices
 
     if uncovered not in UNCOVERED:
         raise ValueError(f"`uncovered` must be one of {UNCOVERED}, got {uncovered!r}")
     check_window(window)
     if indices is not None:
-        indices = _indices(indices, grid)
+        indices = flat_indices(indices, grid)
     return as_predictor(filt, params, grid), indices
 
 

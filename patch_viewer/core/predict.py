@@ -22,7 +22,7 @@ import numpy as np
 
 from ._layout import pad_canonical, to_canonical, window_view
 from .accumulator import Accumulator, parse_scale
-from .checks import positive_int
+from .checks import check_grid, positive_int
 from .grid import PatchGrid
 
 __all__ = [
@@ -30,6 +30,7 @@ __all__ = [
     "PatchBatch",
     "PredictionError",
     "Predictor",
+    "flat_indices",
     "iter_batches",
     "load_callable",
     "register_predictor",
@@ -359,8 +360,7 @@ def iter_batches(
     """
     from .checks import check_image
 
-    if not isinstance(grid, PatchGrid):
-        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    check_grid(grid)
     batch_size = positive_int(batch_size, "batch_size")
     image = check_image(image, grid)
     if image.shape != grid.image_shape:
@@ -368,7 +368,7 @@ def iter_batches(
             f"`image` must have the grid's image_shape {grid.image_shape} (one "
             f"image), got {image.shape}"
         )
-    order = np.arange(grid.n_patches) if indices is None else _indices(indices, grid)
+    order = np.arange(grid.n_patches) if indices is None else flat_indices(indices, grid)
     return _batches(image, grid, batch_size, order, channels_first)
 
 
@@ -390,7 +390,7 @@ def _batches(image, grid, batch_size, order, channels_first):
         yield PatchBatch(patches, order[start : start + batch_size].copy(), org.copy())
 
 
-def _indices(indices, grid: PatchGrid) -> np.ndarray:
+def flat_indices(indices, grid: PatchGrid) -> np.ndarray:
     idx = np.asarray(indices)
     if idx.size == 0:
         return np.zeros(0, np.int64)
@@ -440,14 +440,13 @@ def select_patches(
     >>> select_patches(grid, image=image, predicate=lambda p: p.mean(axis=(1, 2)) > 30).tolist()
     [2, 3]
     """
-    if not isinstance(grid, PatchGrid):
-        raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
+    check_grid(grid)
     if mask is None and predicate is None and indices is None:
         raise TypeError("select_patches needs at least one of `mask`, `predicate`, `indices`")
     keep = np.ones(grid.n_patches, bool)
     if indices is not None:
         chosen = np.zeros(grid.n_patches, bool)
-        chosen[_indices(indices, grid)] = True
+        chosen[flat_indices(indices, grid)] = True
         keep &= chosen
     if mask is not None:
         keep &= mask_fraction(mask, grid) >= _fraction(min_fraction)

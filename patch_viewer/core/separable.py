@@ -23,7 +23,7 @@ import numpy as np
 from numba import njit
 from scipy.ndimage._filters import _gaussian_kernel1d
 
-from .merge.accumulate import _pool
+from .merge.accumulate import merge_pool
 from .merge.kernels_numba import JIT
 from .merge.plan import default_workers
 
@@ -178,7 +178,7 @@ def _run(x, axis, w=None, size=0):
     # bits do not depend on the number of threads.
     cuts = np.linspace(0, shape3[0], workers + 1).round().astype(int)
     list(
-        _pool().map(
+        merge_pool().map(
             lambda k: _pass(
                 x3[cuts[k] : cuts[k + 1]],
                 out3[cuts[k] : cuts[k + 1]],

@@ -124,7 +124,7 @@ def merge_patches(
     import numpy as np
 
     from .._layout import from_canonical, is_lazy, patches_to_canonical
-    from .precision import _fill
+    from .precision import checked_fill
 
     check_grid(grid)
     if is_lazy(patches):
@@ -144,7 +144,9 @@ def merge_patches(
     if dtype is not None:
         check_dtype(dtype)
     if fill_value is not None:
-        _fill(fill_value, np.dtype(dtype if dtype is not None else work_dtype(canon.dtype)), False)
+        checked_fill(
+            fill_value, np.dtype(dtype if dtype is not None else work_dtype(canon.dtype)), False
+        )
     if workers is not None and not (
         isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1
     ):

@@ -21,7 +21,11 @@ from .plan import AXES3, MergePlan, Source, band_rows, stack_source, three_axes
 from .precision import anchored_finish, finish, reduce_identity, split_mean
 from .weights import coverage_mask
 
-__all__ = ["NumbaMerger", "merge_bands"]
+__all__ = [
+    "NumbaMerger",
+    "merge_bands",
+    "merge_pool",
+]
 
 
 class _Geometry:
@@ -306,14 +310,14 @@ def merge_bands(
         run(bands)
     else:
         cuts = np.linspace(0, len(bands), workers + 1).round().astype(int)
-        list(_pool().map(run, [bands[cuts[k] : cuts[k + 1]] for k in range(workers)]))
+        list(merge_pool().map(run, [bands[cuts[k] : cuts[k + 1]] for k in range(workers)]))
     return result.finish(grid, dtype, fill_value)
 
 
 _POOL: list = []
 
 
-def _pool() -> ThreadPoolExecutor:
+def merge_pool() -> ThreadPoolExecutor:
     """One thread pool for every merge (threads are started once, on first use)."""
     if not _POOL:
         _POOL.append(ThreadPoolExecutor(64, thread_name_prefix="patch_viewer-merge"))

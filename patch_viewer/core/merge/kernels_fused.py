@@ -31,19 +31,19 @@ __all__ = [
 # one (c, d) per patch (invert, minmax, zscore, a scale) computed in the filter's dtype, so
 # that no filtered patch is ever stored.
 @njit(inline="always", **JIT)
-def _run_add_scaled(acc, a, flat, f, c, e, n):
+def run_add_scaled(acc, a, flat, f, c, e, n):
     for k in range(n):
         acc[a + k] += (flat[f + k] - c) * e
 
 
 @njit(inline="always", **JIT)
-def _run_add_affine(acc, a, flat, f, c, d, n):
+def run_add_affine(acc, a, flat, f, c, d, n):
     for k in range(n):
         acc[a + k] += (flat[f + k] - c) / d
 
 
 @njit(inline="always", **JIT)
-def _run_add_affine_weighted(acc, a, flat, f, c, d, w, wo, n):
+def run_add_affine_weighted(acc, a, flat, f, c, d, w, wo, n):
     for k in range(n):
         acc[a + k] += w[wo + k] * ((flat[f + k] - c) / d)
 
@@ -67,7 +67,7 @@ def band_affine(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, 
                     aj = am + o2c[j]
                     c, d = cen[bi, i, m, j], den[bi, i, m, j]
                     for r in range(r0, r1):
-                        _run_add_affine(
+                        run_add_affine(
                             acc, U((oi + r - y0) * n1 * wc + aj), flat, U(fj + r * sr), c, d, n
                         )
 
@@ -93,7 +93,7 @@ def band_affine_scaled(
                     aj = am + o2c[j]
                     c, d = cen[bi, i, m, j], inv[bi, i, m, j]
                     for r in range(r0, r1):
-                        _run_add_scaled(
+                        run_add_scaled(
                             acc, U((oi + r - y0) * n1 * wc + aj), flat, U(fj + r * sr), c, d, n
                         )
 
@@ -117,7 +117,7 @@ def band_affine_weighted(
                     aj = am + o2c[j]
                     c, d = cen[bi, i, m, j], den[bi, i, m, j]
                     for r in range(r0, r1):
-                        _run_add_affine_weighted(
+                        run_add_affine_weighted(
                             acc,
                             U((oi + r - y0) * n1 * wc + aj),
                             flat,

@@ -37,6 +37,11 @@ __all__ = [
     "band_sum_split",
     "band_weighted",
     "copy_band",
+    "run_add",
+    "run_add_split",
+    "run_add_weighted",
+    "run_max",
+    "run_min",
     "weigh",
     "weigh_scaled",
 ]
@@ -47,13 +52,13 @@ U = np.uint64
 
 # --------------------------------------------------------------------------- innermost runs
 @njit(inline="always", **JIT)
-def _run_add(acc, a, flat, f, n):
+def run_add(acc, a, flat, f, n):
     for k in range(n):
         acc[a + k] += flat[f + k]
 
 
 @njit(inline="always", **JIT)
-def _run_add_split(hi, lo, a, flat, f, n):
+def run_add_split(hi, lo, a, flat, f, n):
     for k in range(n):  # 64-bit integers as two exact 32-bit halves
         v = flat[f + k]
         hi[a + k] += v >> 32
@@ -61,25 +66,25 @@ def _run_add_split(hi, lo, a, flat, f, n):
 
 
 @njit(inline="always", **JIT)
-def _run_add_weighted(acc, a, flat, f, w, wo, n):
+def run_add_weighted(acc, a, flat, f, w, wo, n):
     for k in range(n):
         acc[a + k] += w[wo + k] * flat[f + k]
 
 
 @njit(inline="always", **JIT)
-def _run_add_anchored(acc, ref, a, flat, f, w, wo, n):
+def run_add_anchored(acc, ref, a, flat, f, w, wo, n):
     for k in range(n):
         acc[a + k] += w[wo + k] * (np.float64(flat[f + k]) - np.float64(ref[a + k]))
 
 
 @njit(inline="always", **JIT)
-def _run_max(acc, a, flat, f, n):
+def run_max(acc, a, flat, f, n):
     for k in range(n):
         acc[a + k] = np.maximum(acc[a + k], flat[f + k])
 
 
 @njit(inline="always", **JIT)
-def _run_min(acc, a, flat, f, n):
+def run_min(acc, a, flat, f, n):
     for k in range(n):
         acc[a + k] = np.minimum(acc[a + k], flat[f + k])
 
@@ -107,7 +112,7 @@ def band_sum(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc,
                     for r in range(r0, r1):
                         ao = U((oi + r - y0) * n1 * wc + aj)
                         fo = U(fj + r * sr)
-                        _run_add(acc, ao, flat, fo, n)
+                        run_add(acc, ao, flat, fo, n)
 
 
 @njit(**JIT)
@@ -128,7 +133,7 @@ def band_sum_split(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n
                     for r in range(r0, r1):
                         ao = U((oi + r - y0) * n1 * wc + aj)
                         fo = U(fj + r * sr)
-                        _run_add_split(hi, lo, ao, flat, fo, n)
+                        run_add_split(hi, lo, ao, flat, fo, n)
 
 
 @njit(**JIT)
@@ -150,7 +155,7 @@ def band_weighted(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1
                     for r in range(r0, r1):
                         ao = U((oi + r - y0) * n1 * wc + aj)
                         fo = U(fj + r * sr)
-                        _run_add_weighted(acc, ao, flat, fo, win, U((r * p1 + q) * ln), n)
+                        run_add_weighted(acc, ao, flat, fo, win, U((r * p1 + q) * ln), n)
 
 
 @njit(**JIT)
@@ -174,7 +179,7 @@ def band_anchored(
                     for r in range(r0, r1):
                         ao = U((oi + r - y0) * n1 * wc + aj)
                         fo = U(fj + r * sr)
-                        _run_add_anchored(acc, ref, ao, flat, fo, win, U((r * p1 + q) * ln), n)
+                        run_add_anchored(acc, ref, ao, flat, fo, win, U((r * p1 + q) * ln), n)
 
 
 @njit(**JIT)
@@ -195,7 +200,7 @@ def band_max(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc,
                     for r in range(r0, r1):
                         ao = U((oi + r - y0) * n1 * wc + aj)
                         fo = U(fj + r * sr)
-                        _run_max(acc, ao, flat, fo, n)
+                        run_max(acc, ao, flat, fo, n)
 
 
 @njit(**JIT)
@@ -216,7 +221,7 @@ def band_min(flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc,
                     for r in range(r0, r1):
                         ao = U((oi + r - y0) * n1 * wc + aj)
                         fo = U(fj + r * sr)
-                        _run_min(acc, ao, flat, fo, n)
+                        run_min(acc, ao, flat, fo, n)
 
 
 @njit(**JIT)

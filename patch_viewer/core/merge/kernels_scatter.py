@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
-from .kernels_numba import JIT, U, _run_add, _run_add_split, _run_add_weighted, _run_max, _run_min
+from .kernels_numba import JIT, U, run_add, run_add_split, run_add_weighted, run_max, run_min
 
 __all__ = [
     "scatter_anchored",
@@ -43,7 +43,7 @@ def scatter_sum(flat, org, geo, y0, y1, base, acc):
         for r in range(r0, r1):
             for q in range(p1):
                 a = U(((o + r - base) * n1 + org[k, 1] + q) * wc + org[k, 2])
-                _run_add(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
+                run_add(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
 @njit(**JIT)
@@ -56,7 +56,7 @@ def scatter_split(flat, org, geo, y0, y1, base, hi, lo):
         for r in range(r0, r1):
             for q in range(p1):
                 a = U(((o + r - base) * n1 + org[k, 1] + q) * wc + org[k, 2])
-                _run_add_split(hi, lo, a, flat, U(k * size + (r * p1 + q) * ln), n)
+                run_add_split(hi, lo, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
 @njit(**JIT)
@@ -70,7 +70,7 @@ def scatter_weighted(flat, org, geo, y0, y1, base, win, acc):
             for q in range(p1):
                 a = U(((o + r - base) * n1 + org[k, 1] + q) * wc + org[k, 2])
                 wo = U((r * p1 + q) * ln)
-                _run_add_weighted(acc, a, flat, U(k * size) + wo, win, wo, n)
+                run_add_weighted(acc, a, flat, U(k * size) + wo, win, wo, n)
 
 
 @njit(**JIT)
@@ -104,7 +104,7 @@ def scatter_max(flat, org, geo, y0, y1, base, acc):
         for r in range(r0, r1):
             for q in range(p1):
                 a = U(((o + r - base) * n1 + org[k, 1] + q) * wc + org[k, 2])
-                _run_max(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
+                run_max(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
 @njit(**JIT)
@@ -117,7 +117,7 @@ def scatter_min(flat, org, geo, y0, y1, base, acc):
         for r in range(r0, r1):
             for q in range(p1):
                 a = U(((o + r - base) * n1 + org[k, 1] + q) * wc + org[k, 2])
-                _run_min(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
+                run_min(acc, a, flat, U(k * size + (r * p1 + q) * ln), n)
 
 
 @njit(**JIT)

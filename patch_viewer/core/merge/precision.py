@@ -27,6 +27,7 @@ __all__ = [
     "accumulation",
     "anchored_finish",
     "check_dtype",
+    "checked_fill",
     "finish",
     "is_wide_int",
     "kernel_data",
@@ -150,7 +151,7 @@ def finish(out: np.ndarray, covered: np.ndarray | None, dtype, fill_value, work:
     missing = None if covered is None else ~np.broadcast_to(covered, out.shape)
     if missing is not None and not missing.any():
         missing = None
-    fill = _fill(fill_value, dtype, missing is not None)
+    fill = checked_fill(fill_value, dtype, missing is not None)
     if out.dtype.kind in "biu":  # max, min or picked integers: exact, saturated if need be
         result = _saturate(out, dtype) if dtype.kind in "biu" else out.astype(dtype)
         if missing is not None:
@@ -182,7 +183,7 @@ def check_dtype(dtype) -> np.dtype:
     return dtype
 
 
-def _fill(fill_value, dtype: np.dtype, needed: bool):
+def checked_fill(fill_value, dtype: np.dtype, needed: bool):
     """``fill_value`` checked against ``dtype`` (NaN by default for floats)."""
     if fill_value is None:
         if needed and dtype.kind != "f":
@@ -238,7 +239,7 @@ def anchored_finish(
     if not small.all():  # steps too large for 64-bit integers: through float64
         result = np.where(small, result, to_integer(ref.astype(np.float64) + delta, target))
     if missing is not None and missing.any():
-        result[missing] = _fill(fill_value, target, True)
+        result[missing] = checked_fill(fill_value, target, True)
     return result
 
 

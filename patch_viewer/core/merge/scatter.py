@@ -21,7 +21,14 @@ import math
 import numpy as np
 
 from .plan import backend, default_workers
-from .precision import _fill, anchored_finish, finish, kernel_data, reduce_identity, split_mean
+from .precision import (
+    anchored_finish,
+    checked_fill,
+    finish,
+    kernel_data,
+    reduce_identity,
+    split_mean,
+)
 
 __all__ = ["BAND_BYTES", "Sums", "sum_mode"]
 
@@ -147,7 +154,7 @@ class Sums:
 
     def _compiled(self, flat, o3, tasks) -> None:
         from . import kernels_scatter as S
-        from .accumulate import _pool
+        from .accumulate import merge_pool
 
         kernel = getattr(S, "scatter_" + self.mode)
         workers = default_workers(flat.nbytes)
@@ -167,7 +174,7 @@ class Sums:
             for t in tasks:
                 run(t)
         else:
-            list(_pool().map(run, tasks))
+            list(merge_pool().map(run, tasks))
 
     def _numpy(self, flat, o3, band: _Band, y0: int, y1: int, base: int) -> None:
         """The kernels' sums with NumPy slices, in the same order per pixel (the fallback)."""
@@ -248,7 +255,7 @@ class Sums:
         ext1, ext2 = self.extent[1], self.extent[2]
         s1, s2 = self.crop[1], self.crop[2]
         if band is None:  # no patch reached these rows
-            out[y0:y1] = target.type(_fill(fill_value, target, True))
+            out[y0:y1] = target.type(checked_fill(fill_value, target, True))
             return
         canon = lambda a: a.reshape(-1, ext1, ext2 * self.c)[: y1 - y0, :s1, : s2 * self.c]  # noqa: E731
         if self.mode in ("sum", "weighted", "anchored") and target.kind == "f" and self.compiled:
@@ -277,12 +284,12 @@ class Sums:
     def _divide(self, band, den, y0, y1, target, fill_value, out) -> None:
         """Sums over weights, straight into the float output, in one compiled pass."""
         from . import kernels_scatter as S
-        from .accumulate import _pool
+        from .accumulate import merge_pool
 
         den = np.ascontiguousarray(den, np.float64).reshape(-1)
         ext = np.array([y1 - y0, self.extent[1], self.extent[2]], np.int64)
         crop = np.array([y1 - y0, self.crop[1], self.crop[2]], np.int64)
-        fill = target.type(_fill(fill_value, target, True))
+        fill = target.type(checked_fill(fill_value, target, True))
         flat = out[y0:y1].reshape(-1)
 
         def run(a: int, z: int) -> None:
@@ -296,7 +303,7 @@ class Sums:
             run(0, y1 - y0)
             return
         lo, hi = _cuts(0, y1 - y0, workers)
-        list(_pool().map(lambda k: run(int(lo[k]), int(hi[k])), range(workers)))
+        list(merge_pool().map(lambda k: run(int(lo[k]), int(hi[k])), range(workers)))
 
 
 def _cuts(y0: int, y1: int, n: int):
