@@ -17,9 +17,12 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Mapping, Sequence
 from fractions import Fraction
+from typing import cast
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from .checks import check_grid, positive_int
 from .grid import PatchGrid
@@ -120,12 +123,12 @@ class Accumulator:
         self,
         grid: PatchGrid,
         *,
-        channels="same",
-        scale=1,
-        window="uniform",
-        window_params=None,
+        channels: int | str | None = "same",
+        scale: float | Fraction | Sequence[float | Fraction] = 1,
+        window: str | ArrayLike = "uniform",
+        window_params: Mapping[str, float] | None = None,
         reduce: str = "mean",
-    ):
+    ) -> None:
         check_grid(grid)
         if reduce not in _REDUCE:
             raise ValueError(f"`reduce` must be one of {_REDUCE}, got {reduce!r}")
@@ -189,7 +192,14 @@ class Accumulator:
         return self.patch_size + (() if self.channels is None else (self.channels,))
 
     # ------------------------------------------------------------------ adding
-    def add(self, patches, indices=None, *, origins=None, channels_first: bool = False) -> None:
+    def add(
+        self,
+        patches: ArrayLike,
+        indices: ArrayLike | None = None,
+        *,
+        origins: ArrayLike | None = None,
+        channels_first: bool = False,
+    ) -> None:
         """Add a batch of output patches.
 
         Parameters
@@ -408,7 +418,7 @@ class Accumulator:
             _add_windows(out, self._win, self._spatial(np.concatenate(self._origins)))
         return out
 
-    def result(self, dtype=None, fill_value=None) -> np.ndarray:
+    def result(self, dtype: DTypeLike | None = None, fill_value: float | None = None) -> np.ndarray:
         """The merged image, of :attr:`shape`; pixels no patch covers (or only zero weights
         do) get ``fill_value`` (default NaN; required for an integer ``dtype``). The
         accumulator stays usable: add more and call again."""
@@ -451,7 +461,7 @@ class Accumulator:
             w = (
                 np.ones(p)
                 if self._win is None
-                else window_factors(name, self.patch_size, **params)[ax]
+                else window_factors(cast(str, name), self.patch_size, **params)[ax]
             )
             starts = (np.asarray(o, np.int64) * f.numerator) // f.denominator
             idx = (starts[:, None] + np.arange(p)[None, :]).ravel()

@@ -43,7 +43,7 @@ def format_bytes(n: float) -> str:
     raise AssertionError  # pragma: no cover
 
 
-def is_lazy(array) -> bool:
+def is_lazy(array: object) -> bool:
     """Whether ``array`` is a dask or zarr array (the chunked path handles it without loading
     it; in-memory functions refuse it).
 

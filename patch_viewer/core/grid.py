@@ -6,9 +6,10 @@ import math
 import operator
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, cast
 
 import numpy as np
+from numpy.typing import DTypeLike
 
 __all__ = ["EDGE_MODES", "PAD_MODES", "PatchGrid"]
 
@@ -190,7 +191,7 @@ class PatchGrid:
         """True when every image pixel is covered by at least one patch."""
         return all(c.min() > 0 for c in self.coverage_1d())
 
-    def nbytes(self, dtype=np.float32) -> int:
+    def nbytes(self, dtype: DTypeLike = np.float32) -> int:
         """Bytes a materialised patch stack of ``dtype`` would take."""
         return self.n_patches * math.prod(self.patch_shape) * np.dtype(dtype).itemsize
 
@@ -221,16 +222,16 @@ class PatchGrid:
             raise ValueError(f"`flat_index` must be in 0..{n - 1}, got {flat_index}")
         return tuple(int(v) for v in np.unravel_index(k, self.grid_shape))
 
-    def patch_origin(self, index) -> tuple[int, ...]:
+    def patch_origin(self, index: int | Sequence[int]) -> tuple[int, ...]:
         """Spatial origin of the patch at grid index ``index`` (a tuple, or a flat int)."""
         if np.ndim(index) == 0:
-            index = self.patch_index(index)
-        index = tuple(index)
+            index = self.patch_index(cast(int, index))
+        index = tuple(cast(Sequence[int], index))
         if len(index) != self.ndim or not all(0 <= i < g for i, g in zip(index, self.grid_shape)):
             raise ValueError(f"`index` must be within grid_shape {self.grid_shape}, got {index}")
         return tuple(int(o[i]) for o, i in zip(self.origins, index))
 
-    def patch_at(self, point) -> tuple[int, ...] | None:
+    def patch_at(self, point: Sequence[float]) -> tuple[int, ...] | None:
         """Grid index of the patch covering ``point`` whose origin is nearest to it.
 
         ``point`` is a spatial coordinate (floats are floored). Returns None when no patch

@@ -16,9 +16,10 @@ import math
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from ._layout import pad_canonical, to_canonical, window_view
 from .accumulator import Accumulator, parse_scale
@@ -242,7 +243,7 @@ class Predictor:
                     f"{spec.describe(grid, self.channels_first)} {spec.dtype}"
                 )
 
-    def probe(self, grid: PatchGrid, dtype, params: dict | None = None) -> list[Output]:
+    def probe(self, grid: PatchGrid, dtype: DTypeLike, params: dict | None = None) -> list[Output]:
         """The outputs, found by calling the model once on one zero patch of ``dtype``."""
         c = grid.n_channels
         shape = (1,) + grid.patch_size + (() if c is None else (c,))
@@ -269,7 +270,7 @@ def _numpy(a) -> np.ndarray:
     return np.asarray(a)
 
 
-def register_predictor(name: str, func: Callable | None = None, **options):
+def register_predictor(name: str, func: Callable | None = None, **options: Any) -> Callable:
     """Register a :class:`Predictor` under ``name`` in ``patch_viewer.FILTERS`` (so the
     command line's ``--filter`` and the Patch Explorer list it); usable as a decorator.
     ``options`` are :class:`Predictor`'s fields.
@@ -296,7 +297,7 @@ def register_predictor(name: str, func: Callable | None = None, **options):
     return deco if func is None else deco(func)
 
 
-def load_callable(spec: str):
+def load_callable(spec: str) -> Callable:
     """The object ``spec`` names, as ``"package.module:attribute"`` (imported, never
     evaluated as text). Errors name the spec and say what is wrong.
 
@@ -325,7 +326,12 @@ def load_callable(spec: str):
 
 # --------------------------------------------------------------------------- batches
 def iter_batches(
-    image, grid: PatchGrid, batch_size: int = 64, *, indices=None, channels_first: bool = False
+    image: ArrayLike,
+    grid: PatchGrid,
+    batch_size: int = 64,
+    *,
+    indices: ArrayLike | None = None,
+    channels_first: bool = False,
 ) -> Iterator[PatchBatch]:
     """Batches of patches of ``image`` with their indices, to feed a model.
 
@@ -412,11 +418,11 @@ def flat_indices(indices, grid: PatchGrid) -> np.ndarray:
 def select_patches(
     grid: PatchGrid,
     *,
-    mask=None,
+    mask: ArrayLike | None = None,
     min_fraction: float = 0.5,
-    image=None,
+    image: ArrayLike | None = None,
     predicate: Callable | None = None,
-    indices=None,
+    indices: ArrayLike | None = None,
     batch_size: int = 256,
 ) -> np.ndarray:
     """Flat indices of the patches worth processing (sorted, unique).

@@ -13,6 +13,7 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from ._layout import ROWS_FIRST_ORDER, empty_in_order, pad_canonical, stack_order, window_view
 from .extract import extract_rows
@@ -73,14 +74,14 @@ def make_plan(
     n_images: int = 1,
     *,
     batch_bytes: int | None = None,
-    dtype=np.float32,
-    window="uniform",
-    reduce="mean",
-    reference="input",
-    filter_dtype=None,
-    out_dtype=None,
-    metrics=True,
-    ssim=True,
+    dtype: DTypeLike = np.float32,
+    window: str | ArrayLike = "uniform",
+    reduce: str = "mean",
+    reference: str = "input",
+    filter_dtype: DTypeLike | None = None,
+    out_dtype: DTypeLike | None = None,
+    metrics: bool = True,
+    ssim: bool = True,
 ) -> Plan:
     """Plan a streamed run over ``n_images`` images of ``grid`` (batches counted as float32).
 

@@ -10,7 +10,8 @@ overlap weights.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from ..checks import check_grid
 from ..grid import PatchGrid
@@ -21,6 +22,8 @@ from .weights import max_weight, weight_map
 if TYPE_CHECKING:
     import numpy as np
     from numpy.typing import ArrayLike, DTypeLike
+
+    from .accumulate import NumbaMerger
 
 __all__ = [
     "BACKENDS",
@@ -39,12 +42,12 @@ def Merger(
     grid: PatchGrid,
     n_images: int,
     n_channels: int,
-    dtype,
+    dtype: DTypeLike,
     *,
-    window="uniform",
-    reduce="mean",
-    window_params=None,
-):
+    window: str | ArrayLike = "uniform",
+    reduce: str = "mean",
+    window_params: Mapping[str, float] | None = None,
+) -> NumbaMerger | Any:
     """A streaming accumulator on the active backend: ``add(piece, b0, row0)`` pieces of
     canonical patches ``(b, g0, *grid_shape[1:], *patch_size, C)`` (rows of an image in
     ascending order), then ``result(dtype, fill_value)``, canonical ``(b, *spatial, C)``."""

@@ -68,7 +68,9 @@ def weight_sums(grid: PatchGrid, window, window_params: dict):
     return sums
 
 
-def max_weight(grid: PatchGrid, window="uniform", **window_params) -> float:
+def max_weight(
+    grid: PatchGrid, window: str | ArrayLike = "uniform", **window_params: float
+) -> float:
     """The largest value of :func:`weight_map`, in O(H + W) for the named windows (no map is
     made): the contrast limit of a weight heatmap that is computed lazily.
 
