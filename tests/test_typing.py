@@ -24,9 +24,11 @@ def test_every_public_function_is_annotated():
     missing = []
     for name, func in _callables():
         sig = inspect.signature(func)
-        for p in sig.parameters.values():
-            if p.name not in ("self", "cls") and p.kind not in _SKIP and p.annotation is p.empty:
-                missing.append(f"{name}({p.name})")
+        missing += [
+            f"{name}({p.name})"
+            for p in sig.parameters.values()
+            if p.name not in ("self", "cls") and p.kind not in _SKIP and p.annotation is p.empty
+        ]
         if sig.return_annotation is sig.empty and not name.endswith("__init__"):
             missing.append(f"{name} -> ?")
     assert missing == []
