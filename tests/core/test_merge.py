@@ -519,3 +519,27 @@ def test_weighted_means_of_integers_never_wrap(grid, window, dtype, seed):
     expected = to_user_layout(brute_merge(canon, grid, window), grid)
     scale = float(max(abs(int(info.min)), int(info.max)))
     np.testing.assert_allclose(merged, expected, rtol=0, atol=1e-12 * scale)
+
+
+@pytest.mark.parametrize("dtype", [np.uint8, np.int64, np.float32, np.float64])
+@pytest.mark.parametrize("shape", [(23,), (17, 19, 3), (9, 10, 11)])
+@pytest.mark.parametrize("reduce", ["mean", "max"])
+def test_fill_marks_exactly_the_uncovered_pixels(shape, dtype, reduce):
+    """Uncovered pixels (edge='drop' and gaps between patches) take ``fill_value`` on every
+    axis, with channels and without, in a float and an integer output; covered ones keep the
+    mean. The marks are written per axis (no image-sized index)."""
+    channel_axis = -1 if len(shape) == 3 and shape[-1] == 3 else None
+    grid = PatchGrid(shape, 3, stride=4, edge="drop", channel_axis=channel_axis)
+    rng = np.random.default_rng(len(shape))
+    image = (rng.random(shape) * 100).astype(dtype)
+    patches = extract_patches(image, grid)
+    truth = brute_merge(
+        patches_to_canonical(np.asarray(patches), grid)[0][0], grid, reduce=reduce
+    ).reshape(shape)
+    holes = np.isnan(truth)
+    assert holes.any() and not holes.all()
+    for out in (np.float64, np.int32):
+        m = merge_patches(patches, grid, reduce=reduce, dtype=out, fill_value=-5)
+        assert (m[holes] == -5).all()
+        expected = truth[~holes] if out is np.float64 else np.rint(truth[~holes])
+        np.testing.assert_allclose(m[~holes], expected, rtol=1e-12)

@@ -19,7 +19,6 @@ from . import kernels_fused as F
 from . import kernels_numba as K
 from .plan import AXES3, MergePlan, Source, band_rows, stack_source, three_axes
 from .precision import anchored_finish, finish, reduce_identity, split_mean
-from .weights import coverage_mask
 
 __all__ = [
     "NumbaMerger",
@@ -264,16 +263,17 @@ class _Result:
         return np.repeat(full, geo3.c, axis=2)
 
     def covered(self, grid: PatchGrid):
-        """Covered pixels (broadcastable to ``out``), or None where all are."""
+        """Covered pixels, or None where all are: per-axis masks of ``out``'s axes 1-3 where
+        coverage separates (see :func:`.precision.finish`), else a mask broadcastable to it."""
         plan = self.plan
         if plan.weights is not None:
-            mask = plan.weights > 0
-        elif grid.is_covering:
+            mask = plan.weights.reshape(self.geo3.spatial) > 0
+            return np.repeat(mask, self.geo3.c, axis=2)[None]
+        if grid.is_covering:
             return None
-        else:
-            mask = coverage_mask(grid)
-        mask = mask.reshape(self.geo3.spatial)
-        return np.repeat(mask, self.geo3.c, axis=2)[None]
+        masks = three_axes([c > 0 for c in grid.coverage_1d()], grid, np.ones(1, bool))
+        masks[2] = np.repeat(masks[2], self.geo3.c)
+        return tuple(masks)
 
     def _shaped(self, out: np.ndarray, grid: PatchGrid) -> np.ndarray:
         return out.reshape((out.shape[0],) + grid.spatial_shape + (self.geo3.c,))

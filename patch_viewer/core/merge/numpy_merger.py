@@ -391,9 +391,16 @@ class NumpyMerger:
             is_tile = isinstance(window, str) and window == "overlap-tile"
             sums = None if is_tile else weight_sums(self.grid, window, params)
             if sums is not None:
+                # reciprocals serve float sums only (see _weigh); an integer sum's would be
+                # 1/0 cast to an integer where a pixel is uncovered
+                floats = self.acc_dtype.kind == "f"
                 with np.errstate(divide="ignore"):
                     sums = [
-                        (w.astype(self.acc_dtype), (1.0 / w).astype(self.acc_dtype)) for w in sums
+                        (
+                            w.astype(self.acc_dtype),
+                            (1.0 / w).astype(self.acc_dtype) if floats else None,
+                        )
+                        for w in sums
                     ]
             self._factors = sums
         return self._factors

@@ -144,36 +144,66 @@ def finish(out: np.ndarray, covered: np.ndarray | None, dtype, fill_value, work:
     """Mark uncovered pixels with ``fill_value`` and convert a float result to ``dtype``
     (integers rounded half to even and saturated).
 
-    ``covered`` is a boolean array broadcastable to ``out``, or None where every pixel is.
+    ``covered`` is None where every pixel is covered, a boolean array broadcastable to
+    ``out``, or per-axis masks (see :func:`_missing`).
     """
     dtype = np.dtype(work if dtype is None else dtype)
     check_dtype(dtype)
-    missing = None if covered is None else ~np.broadcast_to(covered, out.shape)
-    if missing is not None and not missing.any():
-        missing = None
+    missing = _missing(covered)
     fill = checked_fill(fill_value, dtype, missing is not None)
     if out.dtype.kind in "biu":  # max, min or picked integers: exact, saturated if need be
         result = _saturate(out, dtype) if dtype.kind in "biu" else out.astype(dtype)
-        if missing is not None:
-            result[missing] = fill
-        return result
+        return _mark(result, missing, fill)
     if dtype.kind in "biu":
-        if missing is not None:
-            out = np.where(missing, 0, out)
+        out = _zeroed(out, missing)
         if np.isnan(out).any():
             raise ValueError(
                 f"the merged image has NaN pixels, which the integer `dtype` {dtype} cannot "
                 "hold: merge into a float dtype, or clean the patches first"
             )
-        result = to_integer(out, dtype)
-        if missing is not None:
-            result[missing] = fill
-        return result
+        return _mark(to_integer(out, dtype), missing, fill)
     result = out.astype(dtype, copy=False)
-    if missing is not None:
-        result = result if result is not out or result.flags.writeable else result.copy()
-        result[missing] = fill
+    if missing is not None and result is out and not result.flags.writeable:
+        result = result.copy()
+    return _mark(result, missing, fill)
+
+
+def _missing(covered) -> np.ndarray | tuple | None:
+    """The uncovered pixels, or None where every pixel is covered.
+
+    ``covered`` is None, a boolean array broadcastable to the result, or a tuple of 1-D
+    boolean masks, one per result axis from axis 1 on, where coverage separates (a pixel is
+    covered where every axis covers it); the tuple becomes the uncovered indices per axis.
+    """
+    if covered is None:
+        return None
+    if isinstance(covered, tuple):
+        holes = tuple(np.flatnonzero(~np.asarray(c, bool)) for c in covered)
+        return holes if any(len(h) for h in holes) else None
+    missing = ~np.asarray(covered, bool)
+    return missing if missing.any() else None
+
+
+def _mark(result: np.ndarray, missing, fill) -> np.ndarray:
+    """Write ``fill`` where ``missing`` (see :func:`_missing`), in place. Neither form makes
+    an image-sized index: a boolean index the size of the image cost more than the merge
+    itself on edge='drop' grids."""
+    if isinstance(missing, tuple):
+        for ax, holes in enumerate(missing, start=1):
+            if len(holes):
+                result[(slice(None),) * ax + (holes,)] = fill
+    elif missing is not None:
+        np.copyto(result, fill, where=missing)
     return result
+
+
+def _zeroed(values: np.ndarray, missing) -> np.ndarray:
+    """``values`` with 0 where ``missing`` (a new array; ``values`` is left as it is)."""
+    if missing is None:
+        return values
+    if isinstance(missing, tuple):
+        return _mark(values.copy(), missing, 0)
+    return np.where(missing, 0, values)
 
 
 def check_dtype(dtype) -> np.dtype:
@@ -221,9 +251,8 @@ def anchored_finish(
     if not (target.kind in "biu" and ref.dtype.kind in "iu"):
         return finish(ref.astype(np.float64) + delta, covered, dtype, fill_value, work)
     check_dtype(target)
-    missing = None if covered is None else ~np.broadcast_to(covered, delta.shape)
-    if missing is not None:
-        delta = np.where(missing, 0.0, delta)
+    missing = _missing(covered)
+    delta = _zeroed(delta, missing)
     if np.isnan(delta).any():
         raise ValueError(
             f"the merged image has NaN pixels, which the integer `dtype` {target} "
@@ -238,9 +267,7 @@ def anchored_finish(
     result = _saturate(exact, target)
     if not small.all():  # steps too large for 64-bit integers: through float64
         result = np.where(small, result, to_integer(ref.astype(np.float64) + delta, target))
-    if missing is not None and missing.any():
-        result[missing] = checked_fill(fill_value, target, True)
-    return result
+    return _mark(result, missing, checked_fill(fill_value, target, missing is not None))
 
 
 # --------------------------------------------------------------------------- NumPy engine
