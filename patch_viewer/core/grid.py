@@ -199,15 +199,21 @@ class PatchGrid:
     def coverage_1d(self) -> list[np.ndarray]:
         """Per spatial axis, how many patches cover each pixel (int64 arrays).
 
-        The coverage count of a pixel is the product of its per-axis counts.
+        The coverage count of a pixel is the product of its per-axis counts. The arrays are
+        read-only (computed once per grid: every merge asks for them).
         """
-        out = []
-        for n, o, p in zip(self.spatial_shape, self.origins, self.patch_size):
-            c = np.zeros(max(n, int(o[-1]) + p) + 1, dtype=np.int64)
-            np.add.at(c, o, 1)
-            np.add.at(c, o + p, -1)
-            out.append(np.cumsum(c)[:n])
-        return out
+        cached = self.__dict__.get("_coverage")
+        if cached is None:
+            cached = []
+            for n, o, p in zip(self.spatial_shape, self.origins, self.patch_size):
+                c = np.zeros(max(n, int(o[-1]) + p) + 1, dtype=np.int64)
+                np.add.at(c, o, 1)
+                np.add.at(c, o + p, -1)
+                counts = np.cumsum(c)[:n]
+                counts.setflags(write=False)
+                cached.append(counts)
+            object.__setattr__(self, "_coverage", tuple(cached))  # a cache, not a field
+        return list(cached)
 
     def coverage_range(self) -> tuple[int, int]:
         """Fewest and most patches covering any one pixel (products of the per-axis counts)."""
