@@ -28,7 +28,7 @@ from ..core.warmup import is_warm
 from ._axis import AxisInts
 from ._canvas import Canvas
 from ._selection import Selection
-from ._support import HINT, TIPS, ExplorerSignals, Undocked
+from ._support import HINT, TIPS, ExplorerSignals, Undocked, set_progress
 
 
 class PatchExplorer(Container):
@@ -383,7 +383,7 @@ class PatchExplorer(Container):
         self._generation += 1
         self._busy_timer.stop()
         self.cancel_button.enabled = False
-        self.progress.value = 0
+        set_progress(self.progress, 0)
         self._message(
             "Cancelled. "
             + ("The layers show the last finished run." if self.canvas.grid is not None else "")
@@ -396,7 +396,7 @@ class PatchExplorer(Container):
         if not self._running:
             return
         self._busy_shown = True
-        self.progress.value = 0
+        set_progress(self.progress, 0)
         self.progress.label = "progress"
         self.cancel_button.enabled = True
         if self._lines:
@@ -409,7 +409,7 @@ class PatchExplorer(Container):
         if isinstance(value, ctl.Progress):
             if not self._busy_shown:  # a quick run shows no progress (see _busy_timer)
                 return
-            self.progress.value = int(1000 * value.done / max(value.total, 1))
+            set_progress(self.progress, int(1000 * value.done / max(value.total, 1)))
             eta = value.eta
             self.progress.label = "progress" if eta is None else f"{eta:.0f} s left"
         elif isinstance(value, ctl.Shown):
@@ -419,7 +419,7 @@ class PatchExplorer(Container):
             self._message("\n".join(self._lines))
             self.signals.computed.emit(value.result)
             if self._busy_shown:  # a repaint at once (QProgressBar): only if it showed
-                self.progress.value = self.progress.max
+                set_progress(self.progress, self.progress.max)
                 self.progress.label = "progress"
         elif isinstance(value, ctl.Metrics):
             self._on_metrics(value.values, value.error_limit)
@@ -451,7 +451,7 @@ class PatchExplorer(Container):
         if generation == self._generation:
             self.cancel_button.enabled = False
             if self._lines and self.progress.value != self.progress.max:
-                self.progress.value = self.progress.max  # done; after the layers, not before
+                set_progress(self.progress, self.progress.max)  # done; after the layers
             self.signals.finished.emit()
             self._settle()
 

@@ -66,3 +66,20 @@ class Undocked(QObject):
         if event.type() == QEvent.Type.ParentChange and obj.parent() is None:
             self._callback()
         return False
+
+
+def set_progress(bar, value: int) -> None:
+    """Set a magicgui ``ProgressBar``'s value with a queued repaint.
+
+    ``QProgressBar.setValue`` repaints at once (synchronously); in a window with napari's
+    OpenGL canvas, under software rendering, each such repaint composes the whole window
+    (~90 ms measured at 2048², in the slot that shows a run's layers). With updates off while
+    the value changes, the paint is queued and merged with the canvas' next one.
+    """
+    native = bar.native
+    native.setUpdatesEnabled(False)
+    try:
+        bar.value = value
+    finally:
+        native.setUpdatesEnabled(True)
+    native.update()
