@@ -233,7 +233,7 @@ def _predict(
 def _model_options(filt, params, grid, window, indices, uncovered):
     """What a run of a predictor (or of chosen patches) checks beyond a filter's run, in memory
     or on dask: ``(model, indices)``."""
-    from .accumulator import check_window
+    from .accumulator_args import check_window
     from .inference import UNCOVERED, as_predictor
     from .predict import flat_indices
 

@@ -22,7 +22,8 @@ import numpy as np
 from numpy.typing import ArrayLike, DTypeLike
 
 from ._layout import pad_canonical, to_canonical, window_view
-from .accumulator import Accumulator, parse_scale
+from .accumulator import Accumulator
+from .accumulator_args import parse_scale
 from .checks import check_grid, positive_int
 from .grid import PatchGrid
 
