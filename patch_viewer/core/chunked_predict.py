@@ -21,15 +21,8 @@ import numpy as np
 
 from ._layout import is_batched, to_canonical
 from .accumulator import Accumulator
-from .chunked import (
-    as_dask,
-    block_grid,
-    chunk_starts,
-    chunked_error,
-    chunked_metrics,
-    min_chunks,
-    pad_lazy,
-)
+from .chunked_layout import as_dask, block_grid, chunk_starts, min_chunks, pad_lazy
+from .chunked_metrics import chunked_error, chunked_metrics
 from .grid import PatchGrid
 from .merge.precision import work_dtype
 from .metrics import METRICS
