@@ -234,8 +234,8 @@ def _model_options(filt, params, grid, window, indices, uncovered):
     """What a run of a predictor (or of chosen patches) checks beyond a filter's run, in memory
     or on dask: ``(model, indices)``."""
     from .accumulator_args import check_window
+    from .batches import flat_indices
     from .inference import UNCOVERED, as_predictor
-    from .predict import flat_indices
 
     if uncovered not in UNCOVERED:
         raise ValueError(f"`uncovered` must be one of {UNCOVERED}, got {uncovered!r}")
