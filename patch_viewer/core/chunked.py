@@ -29,7 +29,7 @@ from ._layout import from_canonical, to_canonical
 from .checks import check_reduce_window
 from .chunked_layout import as_dask, block_grid, chunk_starts, min_chunks, pad_lazy
 from .chunked_metrics import chunked_error, chunked_metrics
-from .filters import PatchFilter, get_filter
+from .filter_registry import PatchFilter, get_filter
 from .grid import PatchGrid
 from .merge.precision import work_dtype
 from .merge.weights import weights_in

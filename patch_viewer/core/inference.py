@@ -12,7 +12,7 @@ import numpy as np
 from ._layout import check_bytes
 from .accumulator import Accumulator
 from .batches import flat_indices, iter_batches
-from .filters import PatchFilter
+from .filter_registry import PatchFilter
 from .grid import PatchGrid
 from .metrics import METRICS, compute_metrics, error_map
 from .predict import PredictionError, Predictor

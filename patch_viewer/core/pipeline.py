@@ -25,7 +25,7 @@ from .checks import (
     parse_max_bytes,
 )
 from .chunked import chunked_process
-from .filters import PatchFilter, get_filter
+from .filter_registry import PatchFilter, get_filter
 from .grid import PatchGrid
 from .merge import REDUCTIONS
 from .pipeline_runs import lazy_result, run_chunked_predictor, run_filter, run_predictor

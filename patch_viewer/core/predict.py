@@ -139,7 +139,7 @@ class Predictor:
 
     def validate(self, params: Mapping[str, float] | None) -> dict:
         """Parameters with defaults filled in, checked against their declared ranges."""
-        from .filters import PatchFilter
+        from .filter_registry import PatchFilter
 
         return PatchFilter(self.name, self.func, self.params).validate(params)
 
@@ -279,7 +279,7 @@ def register_predictor(name: str, func: Callable | None = None, **options: Any) 
     2
     >>> del FILTERS["halves"]
     """
-    from .filters import FILTERS
+    from .filter_registry import FILTERS
 
     if not isinstance(name, str) or not name:
         raise TypeError(f"predictor `name` must be a non-empty string, got {name!r}")
