@@ -5,6 +5,7 @@ Nothing here imports napari, Qt or magicgui.
 """
 
 from .accumulator import Accumulator
+from .batches import PatchBatch, iter_batches, select_patches
 from .checks import format_bytes, is_lazy
 from .extract import extract_patches, sliding_patches
 from .filters import FILTERS, Param, PatchFilter, get_filter, register_filter
@@ -14,15 +15,7 @@ from .merge import REDUCTIONS, Merger, backend, max_weight, merge_patches, weigh
 from .metrics import METRICS, compute_metrics, error_map
 from .pipeline import REFERENCES, Plan, Result, iter_process, make_plan, process
 from .plugins import load_entry_points
-from .predict import (
-    PatchBatch,
-    PredictionError,
-    Predictor,
-    iter_batches,
-    load_callable,
-    register_predictor,
-    select_patches,
-)
+from .predict import PredictionError, Predictor, load_callable, register_predictor
 from .warmup import warm_up
 from .windows import WINDOW_PARAMS, WINDOWS, make_window
 

@@ -7,6 +7,8 @@ in-memory engine, so every pixel sees the same patches, the same window weights 
 anchor as in memory; the result does not depend on the chunking. Only chunks that are computed
 read their input, so napari can display the merged image of a whole-slide scan lazily, and
 ``dask.distributed`` runs the graph on a cluster unchanged (everything here pickles).
+Which patches each block takes is decided in :mod:`.chunked_layout`; the lazy error and
+metrics are in :mod:`.chunked_metrics`.
 
 Notes
 -----
@@ -25,94 +27,12 @@ import numpy as np
 
 from ._layout import from_canonical, to_canonical
 from .checks import check_reduce_window
-from .filters import PatchFilter, get_filter
+from .chunked_layout import as_dask, block_grid, chunk_starts, min_chunks, pad_lazy
+from .chunked_metrics import chunked_error, chunked_metrics
+from .filter_registry import PatchFilter, get_filter
 from .grid import PatchGrid
 from .merge.precision import work_dtype
 from .merge.weights import weights_in
-from .metrics import dtype_range, error_summary, error_sums, ssim_clean, ssim_window
-
-#: Chunk edge (pixels per spatial axis) used for arrays that come without useful chunks.
-DEFAULT_CHUNK = 2048
-
-
-def as_dask(array):
-    """A dask array for a dask, zarr or NumPy array (zarr keeps its on-disk chunks)."""
-    import dask.array as da
-
-    if isinstance(array, da.Array):
-        return array
-    chunks = getattr(array, "chunks", None)
-    if not isinstance(chunks, tuple) or not all(isinstance(c, int) for c in chunks):
-        chunks = tuple(min(n, DEFAULT_CHUNK) for n in np.shape(array))
-    return da.from_array(array, chunks=chunks)
-
-
-def pad_lazy(canon, grid: PatchGrid):
-    """Pad the far side of each spatial axis to ``grid.padded_shape`` exactly as ``np.pad``
-    does (dask's own reflect/wrap differ from NumPy's once the pad is wider than the image)."""
-    import dask.array as da
-
-    for ax, (n, m) in enumerate(zip(grid.spatial_shape, grid.padded_shape), start=1):
-        if m == n:
-            continue
-        if grid.pad_mode == "constant":
-            widths = [(0, 0)] * canon.ndim
-            widths[ax] = (0, m - n)
-            from ._layout import pad_constant
-
-            canon = da.pad(
-                canon, widths, mode="constant", constant_values=pad_constant(grid, canon)
-            )
-        else:
-            # reflect/edge/wrap only move pixels: pad the indices, then gather them.
-            index = np.pad(np.arange(n), (0, m - n), mode=grid.pad_mode)[n:]
-            tail = da.take(canon, index, axis=ax)
-            canon = da.concatenate([canon, tail], axis=ax)
-    return canon
-
-
-def min_chunks(canon, depth: tuple[int, ...]):
-    """Rechunk so that every spatial chunk is at least as wide as its halo."""
-    from dask.array.overlap import ensure_minimum_chunksize
-
-    chunks = list(canon.chunks)
-    for ax, d in enumerate(depth, start=1):
-        chunks[ax] = ensure_minimum_chunksize(max(d, 1), chunks[ax])
-    return canon.rechunk(tuple(chunks)) if tuple(chunks) != canon.chunks else canon
-
-
-def chunk_starts(chunks) -> list[np.ndarray]:
-    return [np.concatenate([[0], np.cumsum(c)]) for c in chunks]
-
-
-def block_grid(grid: PatchGrid, starts, block_id, depth):
-    """For the spatial block ``block_id``: which part of the halo'd block holds the patches of
-    the global grid touching the block's core, and where their merge lands in the core.
-
-    Returns ``(local_grid, in_block, from_local, to_core, first)`` (slices per spatial axis;
-    ``first``: the global grid index of the local grid's first patch per axis), or None when
-    no patch touches the core (every core pixel is uncovered).
-    """
-    in_block, from_local, to_core, shape, first = [], [], [], [], []
-    for ax, i in enumerate(block_id):
-        s, e = int(starts[ax][i]), int(starts[ax][i + 1])
-        halo_before = 0 if i == 0 else depth[ax]
-        o, p = grid.origins[ax], grid.patch_size[ax]
-        k0 = int(np.searchsorted(o, s - p + 1))  # first origin with o + p > s
-        k1 = int(np.searchsorted(o, e))  # origins before the core's end
-        if k0 >= k1:
-            return None
-        first.append(k0)
-        a, z = int(o[k0]), int(o[k1 - 1]) + p
-        in_block.append(slice(a - s + halo_before, z - s + halo_before))
-        lo, hi = max(s, a), min(e, z)
-        from_local.append(slice(lo - a, hi - a))
-        to_core.append(slice(lo - s, hi - s))
-        shape.append(z - a)
-    # The touching origins are a run of the global ones; re-gridding the region they span with
-    # edge="shift" gives back exactly that run (including a shifted last patch).
-    local = PatchGrid(tuple(shape), grid.patch_size, grid.stride, edge="shift")
-    return local, tuple(in_block), tuple(from_local), tuple(to_core), tuple(first)
 
 
 def _merged_block(
@@ -341,138 +261,6 @@ def chunked_reference(image, grid: PatchGrid, patch_filter, filter_params=None):
     return from_canonical(ref, grid, batched)
 
 
-def _ssim_block(ref, merged, dr, *, channel, win):
-    from skimage.metrics import structural_similarity
-
-    ref, merged = ssim_clean(ref.astype(np.float64), merged.astype(np.float64))
-    _, full = structural_similarity(
-        ref,
-        merged,
-        data_range=float(np.ravel(dr)[0]),
-        win_size=win,
-        full=True,
-        channel_axis=-1 if channel else None,
-    )
-    return full
-
-
-def chunked_error(merged, reference):
-    """Lazy :func:`patch_viewer.error_map`: ``merged - reference`` in the same dtype."""
-    err_dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
-    return merged.astype(err_dtype) - reference.astype(err_dtype)
-
-
-def chunked_metrics(merged, reference, *, error=None, channel_axis=None, ssim=True) -> dict:
-    """Lazy metrics (0-d dask arrays), equal to :func:`patch_viewer.compute_metrics`.
-    ``error``, when the caller has it already, is :func:`chunked_error` of the two.
-
-    Each chunk is reduced to a few partial sums in one task (one chunk-sized temporary), so a
-    metrics pass costs little memory beside the merge. SSIM is computed from per-chunk SSIM
-    maps (a halo of half the 7-pixel window), cropped as skimage crops the whole image, so it
-    equals the whole-image value.
-    """
-    import dask.array as da
-
-    fixed = dtype_range(reference.dtype)  # the rule of metrics.data_range_of
-    merged = merged.rechunk(reference.chunks)
-    error = chunked_error(merged, reference) if error is None else error
-    parts = da.map_blocks(
-        _partials,
-        error.rechunk(reference.chunks),
-        reference,
-        dtype=np.float64,
-        new_axis=error.ndim,
-        chunks=(1,) * error.ndim + (5,),
-        meta=np.empty((0,) * (error.ndim + 1), np.float64),
-    )
-    n, sum_sq = parts[..., 0].sum(), parts[..., 1].sum()
-    max_abs = parts[..., 2].max()
-    if fixed is not None:
-        dr = da.from_array(np.float64(fixed))
-    else:
-        span = parts[..., 4].max() - parts[..., 3].min()
-        dr = da.where(da.isfinite(span) & (span > 0), span, 1.0)
-    summary = da.map_blocks(
-        _summary,
-        n,
-        sum_sq,
-        max_abs,
-        dr,
-        dtype=np.float64,
-        new_axis=0,
-        chunks=((3,),),
-        meta=np.empty(0, np.float64),
-    )
-    return {
-        "max_abs": summary[0],
-        "rmse": summary[1],
-        "psnr": summary[2],
-        "ssim": _chunked_ssim(merged, reference, dr, channel_axis)
-        if ssim
-        else da.from_array(np.float64(np.nan)),
-        "covered": n / max(merged.size, 1),
-    }
-
-
-def _partials(err, reference):
-    """One chunk's ``[count, sum of squares, max |err|, ref min, ref max]`` over the pixels
-    where the error is finite (the reference's range over its finite pixels)."""
-    count, sum_sq, max_abs = error_sums(err)
-    ref = reference if reference.dtype.kind != "f" else reference[np.isfinite(reference)]
-    lo = float(ref.min()) if ref.size else np.inf
-    hi = float(ref.max()) if ref.size else -np.inf
-    out = np.array([count, sum_sq, max_abs, lo, hi], np.float64)
-    return out.reshape((1,) * err.ndim + (5,))
-
-
-def _summary(n, sum_sq, max_abs, dr):
-    """max-abs, RMSE and PSNR from the reductions (0-d arrays), as one array."""
-    return np.array(error_summary(float(n), float(sum_sq), float(max_abs), float(dr)), np.float64)
-
-
-def _chunked_ssim(merged, reference, dr, channel_axis):
-    import dask.array as da
-
-    channel = channel_axis is not None
-    if channel:
-        merged = da.moveaxis(merged, channel_axis, -1)
-        reference = da.moveaxis(reference, channel_axis, -1)
-    spatial = reference.shape[:-1] if channel else reference.shape
-    win = ssim_window(reference.shape, -1 if channel else None)
-    if win < 3:
-        return da.from_array(np.float64(np.nan))
-    pad = (win - 1) // 2
-    nd = len(spatial)
-    depth = {ax: pad for ax in range(nd)}
-    if channel:
-        reference = reference.rechunk({nd: -1})
-        merged = merged.rechunk({nd: -1})
-        depth[nd] = 0
-    from dask.array.overlap import ensure_minimum_chunksize
-
-    chunks = tuple(
-        ensure_minimum_chunksize(max(pad, 1), c) if ax < nd else c
-        for ax, c in enumerate(reference.chunks)
-    )
-    reference, merged = reference.rechunk(chunks), merged.rechunk(chunks)
-    dr_block = dr.reshape((1,) * reference.ndim)
-    smap = da.map_overlap(
-        partial(_ssim_block, channel=channel, win=win),
-        reference,
-        merged,
-        dr_block,
-        depth=[depth, depth, {ax: 0 for ax in range(reference.ndim)}],
-        boundary="none",
-        trim=True,
-        allow_rechunk=False,
-        align_arrays=False,
-        dtype=np.float64,
-        meta=np.empty((0,) * reference.ndim, np.float64),
-    )
-    crop = tuple(slice(pad, n - pad) for n in spatial)
-    return smap[crop].mean()
-
-
 def chunked_process(
     image,
     grid: PatchGrid,
@@ -522,6 +310,8 @@ def chunked_process(
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
 
 
+# The block layout (chunked_layout) and the lazy metrics (chunked_metrics) have their own
+# modules; what this module exported from them stays importable from here.
 __all__ = [
     "block_grid",
     "chunk_starts",

@@ -21,19 +21,13 @@ import numpy as np
 
 from ._layout import is_batched, to_canonical
 from .accumulator import Accumulator
-from .chunked import (
-    as_dask,
-    block_grid,
-    chunk_starts,
-    chunked_error,
-    chunked_metrics,
-    min_chunks,
-    pad_lazy,
-)
+from .batches import flat_indices, iter_batches
+from .chunked_layout import as_dask, block_grid, chunk_starts, min_chunks, pad_lazy
+from .chunked_metrics import chunked_error, chunked_metrics
 from .grid import PatchGrid
 from .merge.precision import work_dtype
 from .metrics import METRICS
-from .predict import Predictor, flat_indices, iter_batches
+from .predict import Predictor
 
 __all__ = ["chunked_predict"]
 

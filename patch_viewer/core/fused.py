@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 if TYPE_CHECKING:  # for annotations only (fused_form imports the registry when called)
-    from .filters import PatchFilter
+    from .filter_registry import PatchFilter
 
 __all__ = ["Fused", "elementwise", "fused_form"]
 
@@ -78,9 +78,9 @@ _RULES = {
 
 
 def fused_form(filt: PatchFilter, params: dict, dtype: np.dtype, channels: int) -> Fused | None:
-    """The fused form of a :class:`~patch_viewer.core.filters.PatchFilter` for images of
+    """The fused form of a :class:`~patch_viewer.core.filter_registry.PatchFilter` for images of
     ``dtype`` with ``channels`` channels, or None where it must run on materialised batches."""
-    from .filters import FILTERS
+    from .filter_registry import FILTERS
 
     dtype = np.dtype(dtype)
     as_float = dtype if dtype.kind == "f" else np.dtype(np.float32)

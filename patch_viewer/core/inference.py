@@ -1,5 +1,5 @@
 """:func:`patch_viewer.process` for predictors and for chosen patches: batches of patches
-(:func:`.predict.iter_batches`) -> the model -> one :class:`.accumulator.Accumulator` per
+(:func:`.batches.iter_batches`) -> the model -> one :class:`.accumulator.Accumulator` per
 output, in O(image x output channels + batch) memory."""
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ import numpy as np
 
 from ._layout import check_bytes
 from .accumulator import Accumulator
-from .filters import PatchFilter
+from .batches import flat_indices, iter_batches
+from .filter_registry import PatchFilter
 from .grid import PatchGrid
 from .metrics import METRICS, compute_metrics, error_map
-from .predict import PredictionError, Predictor, flat_indices, iter_batches
+from .predict import PredictionError, Predictor
 from .stream import Result, make_plan
 
 __all__ = ["UNCOVERED", "as_predictor", "predict_run"]

@@ -2,25 +2,18 @@
 
 Patches are materialised only a batch of patch rows at a time (filters need real arrays), and
 each batch is overlap-added as soon as it is filtered, so memory is O(image + batch) however
-many patches there are.
+many patches there are. This module checks a call and chooses its route; the runs it hands
+over to are in :mod:`.pipeline_runs`.
 """
 
 from __future__ import annotations
 
-import math
-import time
 from collections.abc import Callable, Generator, Mapping
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ._layout import (
-    check_bytes,
-    from_canonical,
-    is_batched,
-    is_lazy,
-    to_canonical,
-)
+from ._layout import check_bytes, is_batched, is_lazy
 from .checks import (
     check_dtype,
     check_fill_value,
@@ -31,11 +24,11 @@ from .checks import (
     check_reduce_window,
     parse_max_bytes,
 )
-from .chunked import chunked_process, reference_axes
-from .filters import PatchFilter, get_filter
+from .chunked import chunked_process
+from .filter_registry import PatchFilter, get_filter
 from .grid import PatchGrid
-from .merge import REDUCTIONS, weight_map
-from .metrics import METRICS, compute_metrics, error_map
+from .merge import REDUCTIONS
+from .pipeline_runs import lazy_result, run_chunked_predictor, run_filter, run_predictor
 from .predict import Predictor
 from .stream import REFERENCES, Plan, Result, make_plan, merge_stream
 from .windows import make_window
@@ -80,8 +73,8 @@ def iter_process(
     if lazy_filt is not None and (
         isinstance(lazy_filt, Predictor) or indices is not None or uncovered != "fill"
     ):
-        return _lazy(
-            _chunked_predict(
+        return lazy_result(
+            run_chunked_predictor(
                 image,
                 grid,
                 lazy_filt,
@@ -98,7 +91,7 @@ def iter_process(
             )
         )
     if lazy_filt is not None:
-        return _lazy(
+        return lazy_result(
             chunked_process(
                 image,
                 grid,
@@ -126,7 +119,7 @@ def iter_process(
     check_reduce_window(reduce, window)
     check_finite_for_integer(image, dtype)
     if isinstance(filt, Predictor) or indices is not None or uncovered != "fill":
-        return _predict(
+        return run_predictor(
             image,
             grid,
             filt,
@@ -168,7 +161,7 @@ def iter_process(
         max_bytes,
         "use a smaller batch_bytes, or the dask path for images larger than memory",
     )
-    return _run(
+    return run_filter(
         image,
         grid,
         filt,
@@ -183,156 +176,6 @@ def iter_process(
         ssim,
         metrics,
     )
-
-
-def _predict(
-    image,
-    grid,
-    filt,
-    params,
-    batched,
-    indices,
-    uncovered,
-    window,
-    window_params,
-    reduce,
-    reference,
-    dtype,
-    fill_value,
-    max_bytes,
-    batch_bytes,
-    ssim,
-    metrics,
-):
-    """A predictor, or chosen patches: batches -> model -> accumulators (:mod:`.inference`)."""
-    from .inference import predict_run
-
-    model, indices = _model_options(filt, params, grid, window, indices, uncovered)
-    return predict_run(
-        image,
-        grid,
-        model,
-        params,
-        batched=batched,
-        indices=indices,
-        uncovered=uncovered,
-        window=window,
-        window_params=dict(window_params or {}),
-        reduce=reduce,
-        reference=reference,
-        dtype=dtype,
-        fill_value=fill_value,
-        max_bytes=max_bytes,
-        batch_bytes=batch_bytes,
-        ssim=ssim,
-        metrics=metrics,
-        filt=filt,
-    )
-
-
-def _model_options(filt, params, grid, window, indices, uncovered):
-    """What a run of a predictor (or of chosen patches) checks beyond a filter's run, in memory
-    or on dask: ``(model, indices)``."""
-    from .accumulator import check_window
-    from .inference import UNCOVERED, as_predictor
-    from .predict import flat_indices
-
-    if uncovered not in UNCOVERED:
-        raise ValueError(f"`uncovered` must be one of {UNCOVERED}, got {uncovered!r}")
-    check_window(window)
-    if indices is not None:
-        indices = flat_indices(indices, grid)
-    return as_predictor(filt, params, grid), indices
-
-
-def _chunked_predict(
-    image,
-    grid,
-    filt,
-    filter_params,
-    window,
-    window_params,
-    reduce,
-    reference,
-    dtype,
-    fill_value,
-    indices,
-    uncovered,
-    ssim,
-):
-    from .chunked_predict import chunked_predict
-
-    params = filt.validate(filter_params) if filt.params or filter_params else {}
-    make_window(window, grid.patch_size, **(window_params or {}))  # validates
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
-    model, indices = _model_options(filt, params, grid, window, indices, uncovered)
-    return chunked_predict(
-        image,
-        grid,
-        model,
-        params,
-        window=window,
-        window_params=dict(window_params or {}),
-        reduce=reduce,
-        reference=reference,
-        dtype=dtype,
-        fill_value=fill_value,
-        indices=indices,
-        uncovered=uncovered,
-        ssim=ssim,
-    )
-
-
-def _lazy(result):
-    return result
-    yield  # a generator that returns at once
-
-
-def _run(
-    image,
-    grid,
-    filt,
-    params,
-    window,
-    window_params,
-    reduce,
-    reference,
-    dtype,
-    batched,
-    plan,
-    ssim=True,
-    metrics=True,
-):
-    start = time.perf_counter()
-    dtype, fill_value = dtype
-    canon = to_canonical(image, grid, batched)
-    merger = yield from merge_stream(
-        canon,
-        grid,
-        filt,
-        params,
-        window,
-        window_params,
-        reduce,
-        plan.rows_per_batch,
-        plan.n_patches,
-    )
-    with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels: NaN, no warning
-        merged = from_canonical(merger.result(dtype, fill_value), grid, batched)
-    if reference == "filter":  # plane by plane where patches are one plane thick
-        ref = np.asarray(filt(canon, reference_axes(grid), **params))
-        ref = from_canonical(ref, grid, batched)
-    else:
-        ref = image
-    error = error_map(merged, ref)
-    channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
-    if metrics:
-        metrics = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim, error=error)
-    else:
-        metrics = dict.fromkeys(METRICS + ("covered",), math.nan)
-    weights = weight_map(grid, window, **window_params)
-    return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
 
 
 def process(

@@ -6,7 +6,7 @@ A package contributes in its ``pyproject.toml``::
     [project.entry-points."patch_viewer.filters"]
     denoise = "my_package.filters:denoise"
 
-where ``denoise`` is a :class:`~patch_viewer.core.filters.PatchFilter` or a
+where ``denoise`` is a :class:`~patch_viewer.core.filter_registry.PatchFilter` or a
 :class:`~patch_viewer.core.predict.Predictor` (registered under the entry point's name), or a
 list of them (each under its own name). They join ``patch_viewer.FILTERS`` when patch_viewer
 is imported, so the command line's ``--filter`` and the Patch Explorer list them. A package
@@ -20,6 +20,8 @@ import dataclasses
 import warnings
 from importlib.metadata import entry_points
 
+# From .filters rather than .filter_registry: importing it registers the built-in filters,
+# which _BUILTIN records before any plugin joins.
 from .filters import FILTERS, PatchFilter
 from .predict import Predictor
 

@@ -22,7 +22,7 @@ from patch_viewer import (
     select_patches,
 )
 from patch_viewer.core import plugins
-from patch_viewer.core.predict import mask_fraction
+from patch_viewer.core.batches import mask_fraction
 from patch_viewer.core.windows import make_window
 
 from .reference import brute_patches

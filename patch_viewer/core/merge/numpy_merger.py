@@ -1,36 +1,21 @@
 """The NumPy streaming accumulator (:class:`NumpyMerger`): the fallback engine where numba is
 missing, and the oracle of the compiled one. Its whole-stack entry points are in
-:mod:`.numpy_engine`."""
+:mod:`.numpy_engine`; the patch values it adds are prepared in :mod:`.numpy_prepare`, and its
+sums are divided by their weights in :mod:`.numpy_weigh`."""
 
 from __future__ import annotations
 
 import itertools
-import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
-from .._layout import (
-    DIRECT_MAX_STEPS,
-    ROWS_FIRST_ORDER,
-    block_depths,
-    ceil_div,
-    is_direct,
-    n_elements,
-    split_regular,
-    stack_order,
-)
+from .._layout import ROWS_FIRST_ORDER, ceil_div, is_direct, n_elements, split_regular, stack_order
 from ..grid import PatchGrid
 from ..windows import make_window, separable_factors
-from .kernels_numpy import (
-    assign,
-    interleave,
-    ola,
-    overlap_add,
-    owned_segments,
-    row_offset_preparer,
-    short_buffers,
-)
+from .kernels_numpy import assign, interleave, ola, overlap_add, owned_segments, short_buffers
+from .numpy_prepare import prepare_patches
+from .numpy_weigh import divide_separable, weight_factors
 from .plan import REDUCTIONS
 from .precision import (
     accumulation,
@@ -40,7 +25,7 @@ from .precision import (
     narrow_sums_exact,
     work_dtype,
 )
-from .weights import coverage_mask, weight_sums, weights_in
+from .weights import coverage_mask, weights_in
 
 __all__ = ["NumpyMerger"]
 
@@ -226,94 +211,16 @@ class NumpyMerger:
         runs0 = [(max(a, row0), min(z, row0 + g0)) for a, z in self._runs[0]]
         runs = [[r for r in runs0 if r[0] < r[1]]] + self._runs[1:]
         acc = acc[images]
+        ref = self.ref[images] if self.mode == "mean" and self.anchor else None
+        options = (grid, self._win, self.acc_dtype, self.work, self._identity, buffers)
         for combo in itertools.product(*runs):
             sub = part[
                 (slice(None), slice(combo[0][0] - row0, combo[0][1] - row0))
                 + tuple(slice(a, z) for a, z in combo[1:])
             ]
             origin = tuple(int(o[a]) for o, (a, _) in zip(grid.origins, combo))
-            sub, padded = self._prepared(sub, images, origin, buffers)
+            sub, padded = prepare_patches(sub, ref, origin, *options)
             overlap_add(acc, sub, origin, grid.stride, self._op, self._identity, padded)
-
-    def _prepared(self, sub: np.ndarray, images: slice, origin, buffers: dict):
-        """``(sub - ref) * window`` (as far as the mode needs) in the work dtype, laid out so
-        that the overlap-add reads contiguous memory. Returns ``(patches, padded)``.
-
-        For a cascade (deep overlap, e.g. stride 1) the data go into a reused buffer in the
-        interleaved layout, last axis in-patch offset first, with identity margins: ``padded``
-        for :func:`_antidiagonal_reduce`. For the rows-first path nothing is copied: ``padded``
-        is ``"rows-first"``, or the function that prepares one row offset at a time.
-        """
-        nd = self._nd
-        stride = self.grid.stride
-        g, p = sub.shape[1 : 1 + nd], sub.shape[1 + nd : 1 + 2 * nd]
-        depth = block_depths(p, stride)
-        anchor = self.mode == "mean" and self.anchor
-        padded = None
-        cascade = math.prod(depth) > DIRECT_MAX_STEPS
-        as_is = cascade and not anchor and self._win is None  # the values need no preparing
-        rows_first = cascade and nd == 2 and stride[0] == 1
-        if as_is and rows_first:
-            return sub, "rows-first"
-        if as_is and nd > 1 and stride[-1] == 1:
-            # The cascade reads the stack as it is (in the sum's dtype: one streaming pass when
-            # the stack is element-major, and no casting in the many small border steps).
-            return sub.astype(self.acc_dtype, order="K", copy=False), "unit"
-        if rows_first:  # anchored or weighed one row offset at a time (see _rows_first)
-            ref = self.ref[images] if anchor else None
-            return sub, row_offset_preparer(
-                sub, origin, ref, self._win, self.grid.stride[1], self.work, buffers
-            )
-        if cascade and depth[-1] > 1 and g[-1] >= depth[-1]:
-            out, padded = self._interleaved(sub, g, p, depth[-1], buffers)
-        elif anchor or self._win is not None:
-            out = np.empty(sub.shape, self.work)
-        else:
-            return sub, None
-        self._fill_prepared(out, sub, images, origin, anchor)
-        return out, padded
-
-    def _interleaved(self, sub, g, p, d, buffers):
-        """A reused buffer for a cascade's prepared values, in the interleaved layout (last
-        axis in-patch offset first) with identity margins: ``(view of sub's shape, padded)``."""
-        nd, s = self._nd, self.grid.stride[-1]
-        logical = [sub.shape[0]] + [x for k in range(nd) for x in (g[k], p[k])] + [sub.shape[-1]]
-        logical[-3:-1] = [g[-1] + 2 * (d - 1), d * s]
-        memory = logical[:-3] + [logical[-2], logical[-3], logical[-1]]
-        key = tuple(memory)
-        buf = buffers.get(key)
-        if buf is None:
-            buf = buffers[key] = np.full(memory, self._identity, self.work)
-        n = len(memory)
-        padded = buf.transpose(list(range(n - 3)) + [n - 2, n - 3, n - 1])
-        data = padded[(slice(None),) * (n - 3) + (slice(d - 1, d - 1 + g[-1]), slice(0, p[-1]))]
-        order = [0] + [1 + 2 * k for k in range(nd)] + [2 + 2 * k for k in range(nd)] + [n - 1]
-        return data.transpose(order), padded  # back to (b, *G, *p, C)
-
-    def _fill_prepared(self, out, sub, images, origin, anchor) -> None:
-        """``out = (sub - ref) * window``, as far as the mode needs, iterating in ``out``'s
-        memory order (numpy then streams the writes)."""
-        nd, stride = self._nd, self.grid.stride
-        g = sub.shape[1 : 1 + nd]
-        mem = np.argsort([-x for x in out.strides], kind="stable")
-        if anchor:
-            ref = self.ref[images]
-            view = np.lib.stride_tricks.sliding_window_view(
-                ref, self.grid.patch_size, axis=tuple(range(1, nd + 1)), writeable=False
-            )
-            view = np.moveaxis(view, nd + 1, -1)[
-                (slice(None),)
-                + tuple(slice(o, o + (gk - 1) * sk + 1, sk) for o, gk, sk in zip(origin, g, stride))
-            ]
-            # in the work dtype, as the compiled kernels do: integer operands would wrap
-            np.subtract(
-                sub.transpose(mem), view.transpose(mem), out=out.transpose(mem), dtype=out.dtype
-            )
-        else:
-            np.copyto(out.transpose(mem), sub.transpose(mem))
-        if self._win is not None:
-            win = np.broadcast_to(self._win, out.shape).transpose(mem)
-            np.multiply(out.transpose(mem), win, out=out.transpose(mem))
 
     def _set_ref(self, part: np.ndarray, images: slice, row0: int) -> None:
         """Copy into ``ref`` the pixels that the patches of this part own (a partition, so no
@@ -351,58 +258,24 @@ class NumpyMerger:
     def _weigh(self, region: np.ndarray, dst: np.ndarray, rows: slice = slice(None)) -> None:
         """``dst = region / weights`` for image rows ``rows``; ``region`` may be overwritten.
 
-        Separable windows go one axis at a time (no image-sized weight map). Where the sums
-        are kept in float64 for a float32 result, each step multiplies by the reciprocal: the
-        result is within a few float64 ulps of the quotient, so it rounds to the same float32
-        (the identity round trip stays exact) at a fraction of a division's cost. Where the
-        sums are in the result's own dtype each step divides out one exact factor, so an exact
-        multiple of the weights comes back exactly.
+        Separable windows go one axis at a time (no image-sized weight map; with reciprocals
+        where the sums are wider than the result, see :func:`.numpy_weigh.divide_separable`).
         """
-        window, params = self._window_spec
         factors = self._weight_factors()
         if factors is None:
+            window, params = self._window_spec
             w = weights_in(self.grid, window, params, self.acc_dtype)[rows]
             np.divide(region, w[None, ..., None], out=dst)
             return
         recip = self.acc_dtype.itemsize > self.work.itemsize
-        op = np.multiply if recip else np.divide
-        last = len(factors) - 1
-        for k, (w, inv) in enumerate(factors):
-            f = inv if recip else w
-            f = f[rows] if k == 0 else f
-            target = dst if k == last else region
-            if k == last:
-                # Spread the last axis' factor over the channels, so that the inner loop runs
-                # along whole rows instead of the channel axis (a factor broadcast over it).
-                a, t = _fuse_last(region), _fuse_last(target)
-                if a is not None and t is not None:
-                    op(a, np.repeat(f, region.shape[-1]), out=t)
-                    return
-            shape = [1] * region.ndim
-            shape[1 + k] = len(f)
-            op(region, f.reshape(shape), out=target)
-            region = target
+        divide_separable(region, dst, factors, rows, recip)
 
     def _weight_factors(self):
         """Per-axis weight sums and their reciprocals (in the sums' dtype), or None when the
-        window does not separate."""
+        window does not separate (see :func:`.numpy_weigh.weight_factors`)."""
         if not hasattr(self, "_factors"):
             window, params = self._window_spec
-            is_tile = isinstance(window, str) and window == "overlap-tile"
-            sums = None if is_tile else weight_sums(self.grid, window, params)
-            if sums is not None:
-                # reciprocals serve float sums only (see _weigh); an integer sum's would be
-                # 1/0 cast to an integer where a pixel is uncovered
-                floats = self.acc_dtype.kind == "f"
-                with np.errstate(divide="ignore"):
-                    sums = [
-                        (
-                            w.astype(self.acc_dtype),
-                            (1.0 / w).astype(self.acc_dtype) if floats else None,
-                        )
-                        for w in sums
-                    ]
-            self._factors = sums
+            self._factors = weight_factors(self.grid, window, params, self.acc_dtype)
         return self._factors
 
     # -- the banded merge of a whole stack -------------------------------------------------
@@ -453,15 +326,3 @@ class NumpyMerger:
     def finish(self, out: np.ndarray, dtype=None, fill_value=None) -> np.ndarray:
         """Mark the uncovered pixels of a merged result and convert it to ``dtype``."""
         return finish(out, self._covered(), dtype, fill_value, self.work)
-
-
-def _fuse_last(a: np.ndarray):
-    """View ``(..., W, C)`` as ``(..., W * C)`` where memory allows it, else None."""
-    if a.strides[-2] != a.strides[-1] * a.shape[-1]:
-        return None
-    return np.lib.stride_tricks.as_strided(
-        a,
-        a.shape[:-2] + (a.shape[-2] * a.shape[-1],),
-        a.strides[:-2] + a.strides[-1:],
-        writeable=a.flags.writeable,
-    )

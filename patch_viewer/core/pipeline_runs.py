@@ -1,0 +1,181 @@
+"""The runs :func:`patch_viewer.iter_process` hands a checked call to.
+
+:func:`run_filter` is the streamed filter run in memory (extract, filter and merge batch by
+batch, then the reference, the error, the metrics and the weights); :func:`run_predictor`
+runs a predictor, or chosen patches, in memory (:mod:`.inference`), and
+:func:`run_chunked_predictor` does so on dask arrays (:mod:`.chunked_predict`). The in-memory
+runs are generators that yield ``(patches_done, patches_total)`` and return the
+:class:`Result`; a lazy (dask) result is made at once, and :func:`lazy_result` gives it the
+same generator form.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+
+from ._layout import from_canonical, to_canonical
+from .chunked import reference_axes
+from .merge import REDUCTIONS, weight_map
+from .metrics import METRICS, compute_metrics, error_map
+from .stream import Result, merge_stream
+from .windows import make_window
+
+__all__ = ["lazy_result", "run_chunked_predictor", "run_filter", "run_predictor"]
+
+
+def run_predictor(
+    image,
+    grid,
+    filt,
+    params,
+    batched,
+    indices,
+    uncovered,
+    window,
+    window_params,
+    reduce,
+    reference,
+    dtype,
+    fill_value,
+    max_bytes,
+    batch_bytes,
+    ssim,
+    metrics,
+):
+    """A predictor, or chosen patches: batches -> model -> accumulators (:mod:`.inference`)."""
+    from .inference import predict_run
+
+    model, indices = _model_options(filt, params, grid, window, indices, uncovered)
+    return predict_run(
+        image,
+        grid,
+        model,
+        params,
+        batched=batched,
+        indices=indices,
+        uncovered=uncovered,
+        window=window,
+        window_params=dict(window_params or {}),
+        reduce=reduce,
+        reference=reference,
+        dtype=dtype,
+        fill_value=fill_value,
+        max_bytes=max_bytes,
+        batch_bytes=batch_bytes,
+        ssim=ssim,
+        metrics=metrics,
+        filt=filt,
+    )
+
+
+def _model_options(filt, params, grid, window, indices, uncovered):
+    """What a run of a predictor (or of chosen patches) checks beyond a filter's run, in memory
+    or on dask: ``(model, indices)``."""
+    from .accumulator_args import check_window
+    from .batches import flat_indices
+    from .inference import UNCOVERED, as_predictor
+
+    if uncovered not in UNCOVERED:
+        raise ValueError(f"`uncovered` must be one of {UNCOVERED}, got {uncovered!r}")
+    check_window(window)
+    if indices is not None:
+        indices = flat_indices(indices, grid)
+    return as_predictor(filt, params, grid), indices
+
+
+def run_chunked_predictor(
+    image,
+    grid,
+    filt,
+    filter_params,
+    window,
+    window_params,
+    reduce,
+    reference,
+    dtype,
+    fill_value,
+    indices,
+    uncovered,
+    ssim,
+):
+    """A predictor, or chosen patches, on a dask image (:mod:`.chunked_predict`): a lazy
+    :class:`Result`."""
+    from .chunked_predict import chunked_predict
+
+    params = filt.validate(filter_params) if filt.params or filter_params else {}
+    make_window(window, grid.patch_size, **(window_params or {}))  # validates
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
+    model, indices = _model_options(filt, params, grid, window, indices, uncovered)
+    return chunked_predict(
+        image,
+        grid,
+        model,
+        params,
+        window=window,
+        window_params=dict(window_params or {}),
+        reduce=reduce,
+        reference=reference,
+        dtype=dtype,
+        fill_value=fill_value,
+        indices=indices,
+        uncovered=uncovered,
+        ssim=ssim,
+    )
+
+
+def lazy_result(result):
+    """A generator that yields nothing and returns ``result`` (a lazy run's, made at once)."""
+    return result
+    yield  # a generator that returns at once
+
+
+def run_filter(
+    image,
+    grid,
+    filt,
+    params,
+    window,
+    window_params,
+    reduce,
+    reference,
+    dtype,
+    batched,
+    plan,
+    ssim=True,
+    metrics=True,
+):
+    """The streamed run of a filter in memory: batches of patches -> filter -> merge, then
+    the reference, error, metrics and weights. ``dtype`` is ``(dtype, fill_value)``."""
+    start = time.perf_counter()
+    dtype, fill_value = dtype
+    canon = to_canonical(image, grid, batched)
+    merger = yield from merge_stream(
+        canon,
+        grid,
+        filt,
+        params,
+        window,
+        window_params,
+        reduce,
+        plan.rows_per_batch,
+        plan.n_patches,
+    )
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels: NaN, no warning
+        merged = from_canonical(merger.result(dtype, fill_value), grid, batched)
+    if reference == "filter":  # plane by plane where patches are one plane thick
+        ref = np.asarray(filt(canon, reference_axes(grid), **params))
+        ref = from_canonical(ref, grid, batched)
+    else:
+        ref = image
+    error = error_map(merged, ref)
+    channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
+    if metrics:
+        metrics = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim, error=error)
+    else:
+        metrics = dict.fromkeys(METRICS + ("covered",), math.nan)
+    weights = weight_map(grid, window, **window_params)
+    return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
