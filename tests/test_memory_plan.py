@@ -3,11 +3,14 @@ plan (``result.plan.peak_bytes``) and no more than 25% under it, for several siz
 options (metrics and banded SSIM included, as they are by default)."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from patch_viewer.core.merge.plan import BACKEND_ENV
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists(),
@@ -47,12 +50,15 @@ print(json.dumps({"grew": status("VmHWM") - base, "plan": r.plan.peak_bytes}))
         (1536, "float64", "input", "identity", "uniform"),
     ],
 )
-def test_peak_rss_stays_within_the_plan(n, dtype, reference, name, window):
+@pytest.mark.parametrize("backend", ["numba", "numpy"])
+def test_peak_rss_stays_within_the_plan(n, dtype, reference, name, window, backend):
+    """On both merge backends: each asks its own merge for the state it keeps."""
     out = subprocess.run(
         [sys.executable, "-c", MEASURE, str(n), dtype, reference, name, window],
         capture_output=True,
         text=True,
         timeout=120,
+        env={**os.environ, BACKEND_ENV: backend},
     )
     assert out.returncode == 0, out.stderr
     m = json.loads(out.stdout.strip().splitlines()[-1])

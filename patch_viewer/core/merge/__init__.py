@@ -208,4 +208,5 @@ def merge_state_bytes(
     if reduce != "mean" or tile:
         acc, anchor = work, tile
     canvas = (0 if tile else extent * acc.itemsize) + (extent * work.itemsize if anchor else 0)
-    return canvas, pixels * work.itemsize * (acc != work)
+    # the finish makes one image-sized array: the cast out of wider sums, or anchor + delta
+    return canvas, pixels * work.itemsize * (acc != work or bool(anchor))
