@@ -46,15 +46,13 @@ from .accumulator_weights import (
 )
 from .checks import check_grid
 from .grid import PatchGrid
-from .merge.plan import AXES3, backend
+from .merge.plan import AXES3, backend, check_reduce
 from .merge.precision import finish, work_dtype
 from .merge.scatter import Sums
 from .windows import make_window
 
 # parse_scale and check_window moved to .accumulator_args; still importable from here
 __all__ = ["Accumulator", "check_window", "parse_scale"]
-
-_REDUCE = ("mean", "max", "min")
 
 
 class Accumulator:
@@ -113,8 +111,7 @@ class Accumulator:
         reduce: str = "mean",
     ) -> None:
         check_grid(grid)
-        if reduce not in _REDUCE:
-            raise ValueError(f"`reduce` must be one of {_REDUCE}, got {reduce!r}")
+        check_reduce(reduce)
         check_window(window)
         self.grid = grid
         self.scale = parse_scale(scale, grid.ndim)
@@ -134,10 +131,7 @@ class Accumulator:
         self.channels = check_channels(channels, grid)
         self.reduce = reduce
         win = make_window(window, self.patch_size, **dict(window_params or {}))
-        if win is not None and reduce != "mean":
-            raise ValueError(
-                f"`window` must be 'uniform' with reduce={reduce!r}; windows weight the mean only"
-            )
+        check_reduce(reduce, weighted=win is not None)
         self._win = win
         self._origins: list[np.ndarray] = []
         # the origins sorted by row, for the weights of a band of rows

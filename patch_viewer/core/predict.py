@@ -23,7 +23,7 @@ import numpy as np
 from numpy.typing import DTypeLike
 
 from .accumulator import Accumulator
-from .accumulator_args import parse_scale
+from .accumulator_args import as_numpy, parse_scale
 from .batches import PatchBatch, flat_indices, iter_batches, select_patches
 from .grid import PatchGrid
 
@@ -162,7 +162,7 @@ class Predictor:
             items = [("output", out)]  # one output: Result.merged; by name in outputs
         if not items:
             raise PredictionError(f"predictor {self.name!r} returned no output on {where}")
-        return {str(k): _numpy(v) for k, v in items}
+        return {str(k): as_numpy(v) for k, v in items}
 
     def outputs(self, out: dict[str, np.ndarray], grid: PatchGrid, n: int) -> list[Output]:
         """The :class:`Output` of each array a first call returned (checked against the
@@ -256,12 +256,6 @@ class Predictor:
         return {
             s.name: Accumulator(grid, channels=s.channels, scale=s.scale, **merge) for s in specs
         }
-
-
-def _numpy(a) -> np.ndarray:
-    if type(a).__module__.startswith("torch"):
-        a = a.detach().cpu().numpy()
-    return np.asarray(a)
 
 
 def register_predictor(name: str, func: Callable | None = None, **options: Any) -> Callable:

@@ -16,7 +16,7 @@ from ..windows import make_window, separable_factors
 from .kernels_numpy import assign, interleave, ola, overlap_add, owned_segments, short_buffers
 from .numpy_prepare import prepare_patches
 from .numpy_weigh import divide_separable, weight_factors
-from .plan import REDUCTIONS
+from .plan import check_reduce
 from .precision import (
     accumulation,
     anchored_finish,
@@ -59,15 +59,11 @@ class NumpyMerger:
         window_params=None,
         narrow=False,
     ):
-        if reduce not in REDUCTIONS:
-            raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
+        check_reduce(reduce)
         params = dict(window_params or {})
         is_tile = isinstance(window, str) and window == "overlap-tile"
         self.window = make_window(window, grid.patch_size, **params)
-        if reduce != "mean" and (self.window is not None or is_tile):
-            raise ValueError(
-                f"`window` must be 'uniform' with reduce={reduce!r}; windows weight the mean only"
-            )
+        check_reduce(reduce, weighted=self.window is not None or is_tile)
         self.grid = grid
         self.mode = "pick" if is_tile else reduce
         self.work = work_dtype(dtype)

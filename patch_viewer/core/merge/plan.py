@@ -40,6 +40,7 @@ __all__ = [
     "MergePlan",
     "Source",
     "backend",
+    "check_reduce",
     "image_source",
     "make_merge_plan",
     "stack_source",
@@ -110,19 +111,26 @@ class MergePlan:
     weights: np.ndarray | None  # the whole weight map (windows that do not separate)
 
 
+def check_reduce(reduce: str, *, weighted: bool = False) -> None:
+    """``reduce`` must be one of :data:`REDUCTIONS`; a window other than the uniform one
+    (``weighted``) goes with the mean only."""
+    if reduce not in REDUCTIONS:
+        raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
+    if weighted and reduce != "mean":
+        raise ValueError(
+            f"`window` must be 'uniform' with reduce={reduce!r}; windows weight the mean only"
+        )
+
+
 def make_merge_plan(
     grid: PatchGrid, dtype, n_channels: int, *, window="uniform", reduce="mean", window_params=None
 ) -> MergePlan:
     """Validate the options and decide the kernel and dtypes (see the module docstring)."""
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
+    check_reduce(reduce)
     params = dict(window_params or {})
     pick = isinstance(window, str) and window == "overlap-tile"
     win = make_window(window, grid.patch_size, **params)
-    if reduce != "mean" and (win is not None or pick):
-        raise ValueError(
-            f"`window` must be 'uniform' with reduce={reduce!r}; windows weight the mean only"
-        )
+    check_reduce(reduce, weighted=win is not None or pick)
     dtype = np.dtype(dtype)
     work = work_dtype(dtype)
     data = kernel_data(dtype)
