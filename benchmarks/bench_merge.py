@@ -67,6 +67,24 @@ def timeit(fn, repeats):
     return statistics.median(times)
 
 
+def interleaved(fns: dict, repeats):
+    """Medians of several functions timed in turn (one call of each per round), so that the
+    machine's drift (these VMs vary by tens of percent within a minute) hits all alike."""
+    for fn in fns.values():
+        fn()  # warm-up
+    times = {k: [] for k in fns}
+    deadline = time.perf_counter() + 40
+    for _ in range(repeats):
+        for k, fn in fns.items():
+            gc.collect()
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 def per_call(fn, n):
     """Mean time of a microsecond-scale call over n back-to-back calls (no gc in between)."""
     fn()
@@ -304,20 +322,28 @@ def run_workload(name, spec, repeats, out=sys.stdout):
     buf = np.empty_like(stack)
     dst = np.empty(image.shape, out_dtype)
     src = image.astype(out_dtype)
-    floor = timeit(lambda: (np.copyto(buf, stack), np.copyto(dst, src)), repeats)
-    stack_copy = timeit(lambda: np.copyto(buf, stack), repeats)
-    view_s = per_call(lambda: pv.extract_patches(image, grid), 1000)
-    extract_copy = timeit(lambda: pv.extract_patches(image, grid, copy=True), repeats)
-    # A copy into a new array pays the page faults of its first touch (the floor's buffer is
-    # reused): the fair yardstick for any extraction that returns a new array.
-    fresh_copy = timeit(lambda: np.copyto(np.empty_like(stack), stack), repeats)
-    numpy_copy = timeit(lambda: np.ascontiguousarray(pv.extract_patches(image, grid)), repeats)
     merge = lambda **kw: pv.merge_patches(stack, grid, fill_value=0, **kw)  # noqa: E731
-    ours = timeit(merge, repeats)
-    both = timeit(
-        lambda: pv.merge_patches(pv.extract_patches(image, grid), grid, fill_value=0), repeats
+    # The floor, our merges and the extractions are timed in turn (interleaved), so their
+    # ratios are measured under the same conditions.
+    t = interleaved(
+        {
+            "floor": lambda: (np.copyto(buf, stack), np.copyto(dst, src)),
+            "ours": merge,
+            "both": lambda: pv.merge_patches(pv.extract_patches(image, grid), grid, fill_value=0),
+            "one": lambda: merge(workers=1),
+            "stack_copy": lambda: np.copyto(buf, stack),
+            "extract_copy": lambda: pv.extract_patches(image, grid, copy=True),
+            # A copy into a new array pays the page faults of its first touch (the floor's
+            # buffer is reused): the fair yardstick for any extraction that returns a new array.
+            "fresh_copy": lambda: np.copyto(np.empty_like(stack), stack),
+            "numpy_copy": lambda: np.ascontiguousarray(pv.extract_patches(image, grid)),
+        },
+        repeats,
     )
-    one = timeit(lambda: merge(workers=1), repeats)
+    floor, ours, both, one = t["floor"], t["ours"], t["both"], t["one"]
+    stack_copy, extract_copy = t["stack_copy"], t["extract_copy"]
+    fresh_copy, numpy_copy = t["fresh_copy"], t["numpy_copy"]
+    view_s = per_call(lambda: pv.extract_patches(image, grid), 1000)
     rows = [
         (f"patch_viewer merge ({pv.backend()})", ours, peak_bytes(merge), True),
         ("patch_viewer extract (view) + merge", both, None, True),
