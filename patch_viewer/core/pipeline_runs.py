@@ -18,7 +18,8 @@ import numpy as np
 
 from ._layout import from_canonical, to_canonical
 from .chunked import reference_axes
-from .merge import REDUCTIONS, weight_map
+from .merge import weight_map
+from .merge.plan import check_reduce
 from .metrics import METRICS, compute_metrics, error_map
 from .stream import Result, merge_stream
 from .windows import make_window
@@ -107,8 +108,7 @@ def run_chunked_predictor(
 
     params = filt.validate(filter_params) if filt.params or filter_params else {}
     make_window(window, grid.patch_size, **(window_params or {}))  # validates
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
+    check_reduce(reduce)
     model, indices = _model_options(filt, params, grid, window, indices, uncovered)
     return chunked_predict(
         image,
