@@ -15,7 +15,7 @@ from fractions import Fraction
 
 import numpy as np
 
-from .checks import positive_int
+from .checks import check_flat_indices, positive_int
 from .grid import PatchGrid
 
 __all__ = [
@@ -131,12 +131,7 @@ def input_origins(grid: PatchGrid, indices, origins) -> np.ndarray:
     if indices is not None:
         idx = int_array(indices, "indices")
         if idx.ndim == 1:
-            if len(idx) and (idx.min() < 0 or idx.max() >= grid.n_patches):
-                bad = (idx < 0) | (idx >= grid.n_patches)
-                raise IndexError(
-                    f"`indices` must be in 0..{grid.n_patches - 1} (grid "
-                    f"{grid.grid_shape}), got {idx[bad][:5].tolist()}"
-                )
+            check_flat_indices(idx, grid)
             return idx
         if idx.ndim != 2 or idx.shape[1] != nd:
             raise ValueError(

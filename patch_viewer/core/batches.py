@@ -18,7 +18,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ._layout import pad_canonical, to_canonical, window_view
-from .checks import check_grid, positive_int
+from .checks import check_flat_indices, check_grid, positive_int
 from .grid import PatchGrid
 
 __all__ = ["PatchBatch", "flat_indices", "iter_batches", "mask_fraction", "select_patches"]
@@ -113,12 +113,7 @@ def flat_indices(indices, grid: PatchGrid) -> np.ndarray:
             f"`indices` must be a 1-D array of flat patch indices (ints), got "
             f"shape {idx.shape} dtype {idx.dtype}"
         )
-    bad = (idx < 0) | (idx >= grid.n_patches)
-    if bad.any():
-        raise IndexError(
-            f"`indices` must be in 0..{grid.n_patches - 1} (grid "
-            f"{grid.grid_shape}), got {idx[bad][:5].tolist()}"
-        )
+    check_flat_indices(idx, grid)
     return idx.astype(np.int64)
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "check_dtype",
     "check_fill_value",
     "check_finite_for_integer",
+    "check_flat_indices",
     "check_grid",
     "check_image",
     "check_number",
@@ -79,6 +80,16 @@ def check_grid(grid) -> PatchGrid:
     if not isinstance(grid, PatchGrid):
         raise TypeError(f"`grid` must be a PatchGrid, got {type(grid).__name__}")
     return grid
+
+
+def check_flat_indices(idx: np.ndarray, grid: PatchGrid) -> None:
+    """Flat patch indices (a 1-D integer array) must lie in ``0 .. grid.n_patches - 1``."""
+    if len(idx) and (idx.min() < 0 or idx.max() >= grid.n_patches):
+        bad = (idx < 0) | (idx >= grid.n_patches)
+        raise IndexError(
+            f"`indices` must be in 0..{grid.n_patches - 1} (grid {grid.grid_shape}), got "
+            f"{idx[bad][:5].tolist()}"
+        )
 
 
 def is_real_number(value) -> bool:
