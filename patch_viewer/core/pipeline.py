@@ -27,8 +27,8 @@ from .checks import (
 from .chunked import chunked_process
 from .filter_registry import PatchFilter, get_filter
 from .grid import PatchGrid
-from .merge import REDUCTIONS
-from .pipeline_runs import lazy_result, run_chunked_predictor, run_filter, run_predictor
+from .merge.plan import check_reduce
+from .pipeline_runs import lazy_predictor_run, lazy_result, model_options, run_filter
 from .predict import Predictor
 from .stream import REFERENCES, Plan, Result, make_plan, merge_stream
 from .windows import make_window
@@ -74,20 +74,20 @@ def iter_process(
         isinstance(lazy_filt, Predictor) or indices is not None or uncovered != "fill"
     ):
         return lazy_result(
-            run_chunked_predictor(
+            lazy_predictor_run(
                 image,
                 grid,
                 lazy_filt,
                 filter_params,
-                window,
-                window_params,
-                reduce,
-                reference,
-                dtype,
-                fill_value,
-                indices,
-                uncovered,
-                ssim,
+                window=window,
+                window_params=window_params,
+                reduce=reduce,
+                reference=reference,
+                dtype=dtype,
+                fill_value=fill_value,
+                indices=indices,
+                uncovered=uncovered,
+                ssim=ssim,
             )
         )
     if lazy_filt is not None:
@@ -113,30 +113,33 @@ def iter_process(
     params = filt.validate(filter_params) if filt.params or filter_params else {}
     if reference not in REFERENCES:
         raise ValueError(f"`reference` must be one of {REFERENCES}, got {reference!r}")
-    if reduce not in REDUCTIONS:
-        raise ValueError(f"`reduce` must be one of {REDUCTIONS}, got {reduce!r}")
+    check_reduce(reduce)
     make_window(window, grid.patch_size, **(window_params or {}))  # validates
     check_reduce_window(reduce, window)
     check_finite_for_integer(image, dtype)
     if isinstance(filt, Predictor) or indices is not None or uncovered != "fill":
-        return run_predictor(
+        from .inference import predict_run
+
+        model, chosen = model_options(filt, params, grid, window, indices, uncovered)
+        return predict_run(
             image,
             grid,
-            filt,
+            model,
             params,
-            batched,
-            indices,
-            uncovered,
-            window,
-            window_params,
-            reduce,
-            reference,
-            dtype,
-            fill_value,
-            max_bytes,
-            batch_bytes,
-            ssim,
-            metrics,
+            batched=batched,
+            indices=chosen,
+            uncovered=uncovered,
+            window=window,
+            window_params=dict(window_params or {}),
+            reduce=reduce,
+            reference=reference,
+            dtype=dtype,
+            fill_value=fill_value,
+            max_bytes=max_bytes,
+            batch_bytes=batch_bytes,
+            ssim=ssim,
+            metrics=metrics,
+            filt=filt,
         )
     n_images = image.shape[0] if batched else 1
     probe = filt(

@@ -1,12 +1,12 @@
 """The runs :func:`patch_viewer.iter_process` hands a checked call to.
 
 :func:`run_filter` is the streamed filter run in memory (extract, filter and merge batch by
-batch, then the reference, the error, the metrics and the weights); :func:`run_predictor`
-runs a predictor, or chosen patches, in memory (:mod:`.inference`), and
-:func:`run_chunked_predictor` does so on dask arrays (:mod:`.chunked_predict`). The in-memory
-runs are generators that yield ``(patches_done, patches_total)`` and return the
-:class:`Result`; a lazy (dask) result is made at once, and :func:`lazy_result` gives it the
-same generator form.
+batch, then the reference, the error, the metrics and the weights); a predictor, or chosen
+patches, runs through :func:`.inference.predict_run` in memory once :func:`model_options` has
+checked what it adds, and through :func:`lazy_predictor_run` on dask arrays
+(:mod:`.chunked_predict`). The in-memory runs are generators that yield ``(patches_done,
+patches_total)`` and return the :class:`Result`; a lazy (dask) result is made at once, and
+:func:`lazy_result` gives it the same generator form.
 """
 
 from __future__ import annotations
@@ -24,55 +24,10 @@ from .metrics import METRICS, compute_metrics, error_map
 from .stream import Result, merge_stream
 from .windows import make_window
 
-__all__ = ["lazy_result", "run_chunked_predictor", "run_filter", "run_predictor"]
+__all__ = ["lazy_predictor_run", "lazy_result", "model_options", "run_filter"]
 
 
-def run_predictor(
-    image,
-    grid,
-    filt,
-    params,
-    batched,
-    indices,
-    uncovered,
-    window,
-    window_params,
-    reduce,
-    reference,
-    dtype,
-    fill_value,
-    max_bytes,
-    batch_bytes,
-    ssim,
-    metrics,
-):
-    """A predictor, or chosen patches: batches -> model -> accumulators (:mod:`.inference`)."""
-    from .inference import predict_run
-
-    model, indices = _model_options(filt, params, grid, window, indices, uncovered)
-    return predict_run(
-        image,
-        grid,
-        model,
-        params,
-        batched=batched,
-        indices=indices,
-        uncovered=uncovered,
-        window=window,
-        window_params=dict(window_params or {}),
-        reduce=reduce,
-        reference=reference,
-        dtype=dtype,
-        fill_value=fill_value,
-        max_bytes=max_bytes,
-        batch_bytes=batch_bytes,
-        ssim=ssim,
-        metrics=metrics,
-        filt=filt,
-    )
-
-
-def _model_options(filt, params, grid, window, indices, uncovered):
+def model_options(filt, params, grid, window, indices, uncovered):
     """What a run of a predictor (or of chosen patches) checks beyond a filter's run, in memory
     or on dask: ``(model, indices)``."""
     from .accumulator_args import check_window
@@ -87,11 +42,12 @@ def _model_options(filt, params, grid, window, indices, uncovered):
     return as_predictor(filt, params, grid), indices
 
 
-def run_chunked_predictor(
+def lazy_predictor_run(
     image,
     grid,
     filt,
     filter_params,
+    *,
     window,
     window_params,
     reduce,
@@ -102,14 +58,14 @@ def run_chunked_predictor(
     uncovered,
     ssim,
 ):
-    """A predictor, or chosen patches, on a dask image (:mod:`.chunked_predict`): a lazy
-    :class:`Result`."""
+    """A predictor, or chosen patches, on a dask image (:mod:`.chunked_predict`): its
+    arguments checked as the in-memory run checks them, then a lazy :class:`Result`."""
     from .chunked_predict import chunked_predict
 
     params = filt.validate(filter_params) if filt.params or filter_params else {}
     make_window(window, grid.patch_size, **(window_params or {}))  # validates
     check_reduce(reduce)
-    model, indices = _model_options(filt, params, grid, window, indices, uncovered)
+    model, chosen = model_options(filt, params, grid, window, indices, uncovered)
     return chunked_predict(
         image,
         grid,
@@ -121,7 +77,7 @@ def run_chunked_predictor(
         reference=reference,
         dtype=dtype,
         fill_value=fill_value,
-        indices=indices,
+        indices=chosen,
         uncovered=uncovered,
         ssim=ssim,
     )
