@@ -418,7 +418,7 @@ class PatchExplorer(Container):
             self._lines = ctl.summary_lines(job, value.result)
             self._message("\n".join(self._lines))
             self.signals.computed.emit(value.result)
-            if self._busy_shown:  # a repaint at once (QProgressBar): only if it showed
+            if self._busy_shown:  # only if it showed (see _busy_timer)
                 set_progress(self.progress, self.progress.max)
                 self.progress.label = "progress"
         elif isinstance(value, ctl.Metrics):

@@ -573,3 +573,36 @@ def test_tune_chart_keeps_rmse_readable_beside_max_error(explorer, qtbot):
     tune.points = [_controller.TunePoint(s, 1.0, 2.0, 0.01, 10) for s in (4, 8)]
     tune.draw()
     assert tune.figure.axes[0].get_yscale() == "linear"
+
+
+def test_progress_is_set_without_a_synchronous_repaint(qtbot):
+    """QProgressBar.setValue paints at once; under software OpenGL each paint composed the
+    whole window inside the slot that shows a run's layers. set_progress queues the paint."""
+    from magicgui.widgets import ProgressBar
+    from qtpy.QtCore import QEvent, QObject
+
+    from patch_viewer._qt._support import set_progress
+
+    class Paints(QObject):
+        count = 0
+
+        def eventFilter(self, obj, event):
+            if event.type() == QEvent.Type.Paint:
+                self.count += 1
+            return False
+
+    bar = ProgressBar(value=0, min=0, max=1000)
+    qtbot.addWidget(bar.native)
+    paints = Paints()
+    bar.native.installEventFilter(paints)
+    bar.native.show()
+    qtbot.waitUntil(lambda: paints.count >= 1, timeout=5_000)  # shown and painted once
+    qtbot.wait(200)  # no window configuration pending (repaint() would then only queue)
+    before = paints.count
+    bar.value = 400  # what the explorer did: a paint inside the call
+    direct = paints.count - before
+    after_direct = paints.count
+    set_progress(bar, 700)
+    assert direct >= 1 and paints.count == after_direct
+    assert bar.value == 700 and bar.native.updatesEnabled()
+    qtbot.waitUntil(lambda: paints.count > after_direct, timeout=2_000)  # the queued paint
