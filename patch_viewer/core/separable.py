@@ -23,9 +23,9 @@ import numpy as np
 from numba import njit
 from scipy.ndimage._filters import _gaussian_kernel1d
 
-from .merge.accumulate import merge_pool
 from .merge.kernels_numba import JIT
 from .merge.plan import default_workers
+from .merge.threads import each, pieces
 
 __all__ = ["correlate1d", "gaussian", "uniform"]
 
@@ -174,23 +174,12 @@ def _run(x, axis, w=None, size=0):
     if workers == 1:
         _pass(x3, out3, ext, w, c, sign, general, int(size))
         return out
-    # Slabs to threads (the kernels release the GIL); each output is computed alone, so the
-    # bits do not depend on the number of threads.
-    cuts = np.linspace(0, shape3[0], workers + 1).round().astype(int)
-    list(
-        merge_pool().map(
-            lambda k: _pass(
-                x3[cuts[k] : cuts[k + 1]],
-                out3[cuts[k] : cuts[k + 1]],
-                ext,
-                w,
-                c,
-                sign,
-                general,
-                int(size),
-            ),
-            range(workers),
-        )
+    # Slabs to threads as they come free (the kernels release the GIL); each output is
+    # computed alone, so the bits do not depend on the number of threads.
+    each(
+        pieces(0, shape3[0], workers),
+        workers,
+        lambda r: _pass(x3[r[0] : r[1]], out3[r[0] : r[1]], ext, w, c, sign, general, int(size)),
     )
     return out
 

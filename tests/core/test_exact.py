@@ -62,27 +62,42 @@ def _round_float(v: Fraction, dtype):
 @settings(max_examples=60, deadline=None)
 @given(
     grids(max_side=9, edges=("shift", "pad"), channels=(None,)),
-    st.sampled_from([np.float32, np.uint8, np.int16, np.int32]),
+    st.sampled_from(
+        [
+            (np.float32, np.float32),
+            (np.uint8, np.uint8),
+            (np.int16, np.int16),
+            (np.int32, np.int32),
+            # integer stacks into float32 (their default): the compiled backend multiplies
+            # by reciprocals where that is exact (small sums), and divides elsewhere
+            (np.uint8, np.float32),
+            (np.int8, np.float32),
+            (np.bool_, np.float32),
+            (np.int16, np.float32),
+            (np.int32, np.float32),
+        ]
+    ),
     st.integers(0, 2**32 - 1),
 )
-def test_means_are_correctly_rounded(backend, grid, dtype, seed):
+def test_means_are_correctly_rounded(backend, grid, dtypes, seed):
     """float32 and integer outputs are the exact mean rounded once (0.5 ulp) on the compiled
-    backend; the NumPy engine's float32 means are within 4 ulp of the largest value summed
-    (it divides one axis' weights at a time, and may sum in float32)."""
+    backend; the NumPy engine's float32 means of float32 stacks are within 4 ulp of the
+    largest value summed (it divides one axis' weights at a time, and may sum in float32)."""
     assume(grid.is_covering)
+    dtype, target = dtypes
     rng = np.random.default_rng(seed)
     if np.dtype(dtype).kind == "f":
         p = (rng.standard_normal(grid.patches_shape) * 10.0 ** rng.integers(-3, 4)).astype(dtype)
-        target = np.float32
+    elif np.dtype(dtype).kind == "b":
+        p = rng.random(grid.patches_shape) < 0.5
     else:
         info = np.iinfo(dtype)
         p = rng.integers(info.min, info.max, grid.patches_shape, endpoint=True, dtype=dtype)
-        target = dtype
     sums, counts, peaks = exact_means(p, grid)
     exact = np.vectorize(lambda s, c: s / c, otypes=[object])(sums, counts)
     merged = merge_patches(p, grid, dtype=target)
     expected = nearest(exact, target)
-    if backend == "numpy" and target == np.float32:
+    if backend == "numpy" and dtype == np.float32:
         # The NumPy engine sums in float32 where coverage counts are 1, 2 or 4 (exact for
         # agreeing values: identity round trips), so where values cancel its error is bounded
         # by the largest term, not the result: 4 float32 ulp of the largest value summed.
@@ -90,6 +105,31 @@ def test_means_are_correctly_rounded(backend, grid, dtype, seed):
         assert np.all(err <= 4 * np.spacing(peaks.astype(np.float32)).astype(np.float64))
     else:
         np.testing.assert_array_equal(merged, expected)
+
+
+def test_reciprocals_round_like_division():
+    """The rule the compiled merge uses for integer sums into float32 (merge.accumulate.
+    _reciprocals_exact): below 2**24, over counts below 2**25 that are products of three
+    per-axis counts, multiplying by the rounded reciprocals in the kernel's order gives the
+    correctly rounded quotient. Every sum of 8-bit values over counts 1..8 per axis, and
+    random sums up to the bound over large counts."""
+    rng = np.random.default_rng(0)
+    small = [(a, b, k, None) for a in range(1, 9) for b in range(1, 9) for k in range(1, 9)]
+    large = []
+    for _ in range(300):
+        a, b, k = (int(v) for v in rng.integers(1, 2**8, 3))
+        if a * b * k < 2**25:
+            large.append((a, b, k, rng.integers(0, 2**24 // (a * b * k) * (a * b * k), 20_000)))
+    for a, b, k, sums in small + large:
+        c = a * b * k
+        s = np.arange(255 * c + 1) if sums is None else sums
+        if 255 * c >= 2**24 and sums is None:
+            continue
+        d = (1.0 / a) * (1.0 / b)  # the kernel: acc * (inv0[y] * inv1[z] * invk[k])
+        got = (s.astype(np.float64) * (d * (1.0 / k))).astype(np.float32)
+        # float64 division rounded to float32 is correctly rounded (53 >= 2 * 24 + 2)
+        want = (s.astype(np.float64) / c).astype(np.float32)
+        np.testing.assert_array_equal(got, want, err_msg=f"counts {a} x {b} x {k}")
 
 
 @settings(max_examples=40, deadline=None)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -17,6 +16,7 @@ from ..grid import PatchGrid
 from .kernels_numpy import overlap_add, short_buffers
 from .numpy_merger import NumpyMerger
 from .precision import is_wide_int, split_mean, work_dtype
+from .threads import share
 from .weights import weights_in
 
 __all__ = ["SplitMerger", "merge_banded", "merge_numpy", "numpy_merger"]
@@ -115,13 +115,7 @@ def merge_banded(m: NumpyMerger, stack: np.ndarray, workers: int = 1) -> np.ndar
             else:
                 np.copyto(dst, region, casting="unsafe")
 
-    workers = max(1, min(workers, len(bands)))
-    if workers == 1:
-        run(bands)
-    else:
-        bounds = np.linspace(0, len(bands), workers + 1).round().astype(int)
-        with ThreadPoolExecutor(workers) as pool:
-            list(pool.map(run, [bands[bounds[k] : bounds[k + 1]] for k in range(workers)]))
+    share(bands, workers, run)  # each thread takes the next band when it is free
     return out
 
 

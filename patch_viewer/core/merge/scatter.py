@@ -29,6 +29,7 @@ from .precision import (
     reduce_identity,
     split_mean,
 )
+from .threads import PIECES_PER_THREAD, each, pieces
 
 __all__ = ["BAND_BYTES", "Sums", "sum_mode"]
 
@@ -154,27 +155,21 @@ class Sums:
 
     def _compiled(self, flat, o3, tasks) -> None:
         from . import kernels_scatter as S
-        from .accumulate import merge_pool
 
         kernel = getattr(S, "scatter_" + self.mode)
         workers = default_workers(flat.nbytes)
-        if workers > 1 and len(tasks) < workers:  # few bands: split their rows
+        if workers > 1 and len(tasks) < workers * PIECES_PER_THREAD:  # few bands: cut rows
             tasks = [
-                (band, int(a), int(z), base)
+                (band, a, z, base)
                 for band, y0, y1, base in tasks
-                for a, z in zip(*_cuts(y0, y1, workers))
-                if z > a
+                for a, z in pieces(y0, y1, workers)
             ]
 
         def run(task):
             band, y0, y1, base = task
             kernel(flat, o3, self.geo, y0, y1, base, *band.args(self.mode, self.win))
 
-        if workers <= 1 or len(tasks) == 1:
-            for t in tasks:
-                run(t)
-        else:
-            list(merge_pool().map(run, tasks))
+        each(tasks, workers, run)
 
     def _numpy(self, flat, o3, band: _Band, y0: int, y1: int, base: int) -> None:
         """The kernels' sums with NumPy slices, in the same order per pixel (the fallback)."""
@@ -284,7 +279,6 @@ class Sums:
     def _divide(self, band, den, y0, y1, target, fill_value, out) -> None:
         """Sums over weights, straight into the float output, in one compiled pass."""
         from . import kernels_scatter as S
-        from .accumulate import merge_pool
 
         den = np.ascontiguousarray(den, np.float64).reshape(-1)
         ext = np.array([y1 - y0, self.extent[1], self.extent[2]], np.int64)
@@ -298,17 +292,8 @@ class Sums:
             else:
                 S.divide_into(band.acc, den, ext, crop, self.c, fill, a, z, 0, flat)
 
-        workers = min(default_workers(flat.nbytes), y1 - y0)
-        if workers <= 1:
-            run(0, y1 - y0)
-            return
-        lo, hi = _cuts(0, y1 - y0, workers)
-        list(merge_pool().map(lambda k: run(int(lo[k]), int(hi[k])), range(workers)))
-
-
-def _cuts(y0: int, y1: int, n: int):
-    edges = np.linspace(y0, y1, n + 1).round().astype(int)
-    return edges[:-1], edges[1:]
+        workers = default_workers(flat.nbytes)
+        each(pieces(0, y1 - y0, workers), workers, lambda r: run(*r))
 
 
 def _is_nan(value) -> bool:
