@@ -30,12 +30,14 @@ from .accumulator_args import (
     check_channels,
     check_window,
     input_origins,
+    int_array,
     output_origins,
     parse_scale,
     patch_array,
     scaled_size,
 )
 from .accumulator_weights import (
+    Placements,
     add_windows,
     axis_sums,
     band_weights,
@@ -44,7 +46,7 @@ from .accumulator_weights import (
     origin_tables,
     outer_product,
 )
-from .checks import check_grid
+from .checks import check_flat_indices, check_grid
 from .grid import PatchGrid
 from .merge.plan import AXES3, backend, check_reduce
 from .merge.precision import finish, work_dtype
@@ -133,10 +135,14 @@ class Accumulator:
         win = make_window(window, self.patch_size, **dict(window_params or {}))
         check_reduce(reduce, weighted=win is not None)
         self._win = win
-        self._origins: list[np.ndarray] = []
-        # the origins sorted by row, for the weights of a band of rows
-        self._sorted: np.ndarray | None = None
-        # per-axis weights (window sums, counts) of a whole grid streamed in order
+        # where the added patches went (the weights are computed from it)
+        self._places = Placements(
+            grid.n_patches,
+            lambda idx: self._grid_origins(idx)[0],
+            lambda: axis_sums(grid, self.scale, self.patch_size, self._extent, None)[1],
+        )
+        # per-axis weights (window sums, counts) of a whole grid streamed in order (then
+        # nothing else is kept)
         self._factors: tuple[list, list] | None = None
         self._batches = 0
         self._window = (window, dict(window_params or {}))
@@ -194,7 +200,7 @@ class Accumulator:
         channels_first : bool, optional
             Whether the channel axis follows the batch axis, as torch models return it.
         """
-        org = self._origins_of(indices, origins)
+        org, idx, (lo, hi) = self._origins_of(indices, origins)
         data = patch_array(patches, len(org), self.patch_size, self.channels, channels_first)
         if self.dtype is None:
             if data.dtype.kind not in "biuf":
@@ -218,44 +224,56 @@ class Accumulator:
                 self._three(self.patch_size),
                 self.channels or 1,
             )
-        state.check_rows(org)
-        state.add(data, org)
-        if self._factors is None:  # a whole grid in order needs no origins (see _stream)
-            self._origins.append(org)
-            self._sorted = None
+        state.check_rows(lo)
+        state.add(data, org, lo, hi)
+        if self._factors is None:  # (a whole grid streamed in order needs nothing kept)
+            self._places.record(org, idx)
         self._batches += 1
         self.n_added += len(org)
 
     def _footprints(self, indices) -> None:
         """Count patches at ``indices`` in the weights without adding values (the chunked
         path's weight map)."""
-        org = self._origins_of(np.asarray(indices, np.int64), None)
+        org, idx, _ = self._origins_of(np.asarray(indices, np.int64), None)
         if len(org):
-            self._origins.append(org)
+            self._places.record(org, idx)
 
     @property
     def n_batches(self) -> int:
         """Batches added so far."""
         return self._batches
 
-    def _origins_of(self, indices, origins) -> np.ndarray:
-        """Output origins ``(N, 3)`` of a batch's ``indices`` or ``origins`` (checked)."""
+    def _origins_of(self, indices, origins) -> tuple[np.ndarray, np.ndarray | None, tuple]:
+        """A batch's output origins ``(N, 3)`` (checked), its flat grid indices (None for
+        ``origins``), and the least and greatest origin on the first kernel axis."""
+        if origins is None and indices is not None:  # the usual case, in one compiled pass
+            idx = int_array(indices, "indices")
+            if idx.ndim == 1 and self._compiled and len(idx) > 16:
+                o3, rows = self._grid_origins(idx)
+                return o3, idx, rows
         org = input_origins(self.grid, indices, origins)
         if org.ndim == 1:  # flat patch indices
-            return self._grid_origins(org)
-        return self._as3(output_origins(org, self.scale))
+            o3, rows = self._grid_origins(org)
+            return o3, org, rows
+        o3 = self._as3(output_origins(org, self.scale))
+        return o3, None, (int(o3[:, 0].min()), int(o3[:, 0].max())) if len(o3) else (0, 0)
 
-    def _grid_origins(self, idx: np.ndarray) -> np.ndarray:
-        """Output origins ``(N, ndim)`` of flat grid indices (checked by the caller)."""
+    def _grid_origins(self, idx: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
+        """Output origins ``(N, 3)`` of flat grid indices, and their least and greatest on
+        the first kernel axis (indices outside the grid are refused)."""
         tables = self._tables()
         if self._compiled and len(idx) > 16:
             from .merge.kernels_scatter import grid_origins
 
             o3 = np.empty((len(idx), 3), np.int64)
-            grid_origins(idx, *tables, o3)
-            return o3
+            ok, lo, hi = grid_origins(idx, self.grid.n_patches, *tables, o3)
+            if not ok:
+                check_flat_indices(idx, self.grid)  # raises, naming the indices
+            return o3, (int(lo), int(hi))
+        check_flat_indices(idx, self.grid)
         ij = np.unravel_index(idx, self.grid.grid_shape)
-        return self._as3(np.stack([t[i] for t, i in zip(self._scaled_origins, ij)], axis=-1))
+        o3 = self._as3(np.stack([t[i] for t, i in zip(self._scaled_origins, ij)], axis=-1))
+        return o3, (int(o3[:, 0].min()), int(o3[:, 0].max())) if len(o3) else (0, 0)
 
     def _as3(self, org: np.ndarray) -> np.ndarray:
         """``(N, ndim)`` origins on the kernels' three axes ``(N, 3)`` (zeros elsewhere)."""
@@ -276,35 +294,39 @@ class Accumulator:
     @property
     def count(self) -> np.ndarray:
         """How many added patches cover each output pixel (int64, spatial shape)."""
-        if self._factors is not None:
-            counts = outer_product(self._factors[1])
-            return counts[tuple(slice(0, n) for n in self.spatial_shape)].astype(np.int64)
-        return self._counts()[tuple(slice(0, n) for n in self.spatial_shape)]
-
-    def _counts(self) -> np.ndarray:
-        """:attr:`count` over the whole canvas (padding included), from a difference array:
-        O(patches + image)."""
-        org = (
-            self._spatial(np.concatenate(self._origins))
-            if self._origins
-            else np.zeros((0, self._nd), np.int64)
-        )
-        return box_counts(org, self.patch_size, self._extent)
+        crop = tuple(slice(0, n) for n in self.spatial_shape)
+        per_axis = self._separable()
+        if per_axis is not None:
+            return outer_product(per_axis[1])[crop].astype(np.int64)
+        org, mult = self._places.placed()
+        return box_counts(self._spatial(org), self.patch_size, self._extent, mult)[crop]
 
     def weights(self) -> np.ndarray:
         """The sum of the window over the added patches at each output pixel (float64;
         the coverage count for the uniform window)."""
         if self._win is None or self.reduce != "mean":
             return self.count.astype(np.float64)
-        if self._factors is not None:
-            return outer_product(self._factors[0])[tuple(slice(0, n) for n in self.spatial_shape)]
-        return self._window_sums()[tuple(slice(0, n) for n in self.spatial_shape)]
-
-    def _window_sums(self) -> np.ndarray:
+        crop = tuple(slice(0, n) for n in self.spatial_shape)
+        per_axis = self._separable()
+        if per_axis is not None:
+            return outer_product(per_axis[0])[crop]
         out = np.zeros(self._extent, np.float64)
-        if self._origins and self._win is not None:
-            add_windows(out, self._win, self._spatial(np.concatenate(self._origins)))
-        return out
+        org, mult = self._places.placed()
+        add_windows(out, self._win, self._spatial(org), mult=mult)
+        return out[crop]
+
+    def _separable(self) -> tuple[list, list] | None:
+        """Per-axis ``(window sums, counts)`` whose outer products are the weights, where
+        they separate: a whole grid streamed in order, or, for counts, every grid patch added
+        equally often (in any order) and none off the grid. None otherwise. (Window sums of
+        patches added in any order are summed, never multiplied: rows finished early in a
+        stream must get the same bits as at the end.)"""
+        if self._factors is not None:
+            return self._factors
+        if self._win is not None and self.reduce == "mean":
+            return None
+        counts = self._places.uniform_counts()
+        return None if counts is None else (counts, counts)
 
     def result(self, dtype: DTypeLike | None = None, fill_value: float | None = None) -> np.ndarray:
         """The merged image, of :attr:`shape`; pixels no patch covers (or only zero weights
@@ -358,12 +380,11 @@ class Accumulator:
     def _den_rows(self, y0: int, y1: int) -> np.ndarray:
         """The weights of canvas rows ``y0 .. y1`` on the kernels' three axes (float64)."""
         counts = self._win is None or self.reduce != "mean"
-        if self._factors is not None:
-            f3 = on_three_axes(self._factors[1 if counts else 0], self._nd, np.ones(1))
+        per_axis = self._separable()
+        if per_axis is not None:
+            f3 = on_three_axes(per_axis[1 if counts else 0], self._nd, np.ones(1))
             return f3[0][y0:y1, None, None] * f3[1][None, :, None] * f3[2][None, None, :]
-        if self._sorted is None:
-            org = np.concatenate(self._origins) if self._origins else np.zeros((0, 3), np.int64)
-            order = np.argsort(org[:, 0], kind="stable")
-            self._sorted = org[order]
+        org, mult = self._places.placed()
         p3, e3 = self._three(self.patch_size), self._three(self._extent)
-        return band_weights(self._sorted, y0, y1, p3, e3, None if counts else self._win, self._nd)
+        win = None if counts else self._win
+        return band_weights(org, mult, y0, y1, p3, e3, win, self._nd)

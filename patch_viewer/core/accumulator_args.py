@@ -120,8 +120,8 @@ def as_numpy(patches) -> np.ndarray:
 
 
 def input_origins(grid: PatchGrid, indices, origins) -> np.ndarray:
-    """Where a batch goes, checked against ``grid``: flat patch indices ``(N,)`` as given, or
-    spatial origins ``(N, ndim)`` in input pixels (of grid indices, or as given)."""
+    """Where a batch goes, checked against ``grid``: flat patch indices ``(N,)`` (as given, or
+    of grid indices ``(N, ndim)``), or the ``origins`` ``(N, ndim)`` in input pixels."""
     nd = grid.ndim
     if (indices is None) == (origins is None):
         raise TypeError(
@@ -143,11 +143,7 @@ def input_origins(grid: PatchGrid, indices, origins) -> np.ndarray:
                 f"`indices` must lie within grid_shape {grid.grid_shape}, "
                 f"got {idx[outside][:5].tolist()}"
             )
-        return (
-            np.stack([o[idx[:, ax]] for ax, o in enumerate(grid.origins)], axis=-1)
-            if len(idx)
-            else np.zeros((0, nd), np.int64)
-        )
+        return np.ravel_multi_index(tuple(idx.T), grid.grid_shape).astype(np.int64)
     org = int_array(origins, "origins")
     if org.ndim != 2 or org.shape[1] != nd:
         raise ValueError(f"`origins` must have shape (N, {nd}), got {org.shape}")

@@ -147,6 +147,48 @@ def test_arbitrary_origins_match_brute_force(nd, seed):
     np.testing.assert_allclose(acc.weights(), wsum, rtol=1e-12)
 
 
+@settings(max_examples=60, deadline=None)
+@given(grids(channels=(None,)), st.sampled_from(["uniform", "hann"]), st.integers(0, 2**32 - 1))
+def test_counts_and_weights_of_repeats_subsets_and_origins(grid, window, seed):
+    """A whole grid added once, then twice, in random order (the counts then come from
+    per-axis products), then a subset (no longer), then patches off the grid: count and
+    weights match brute force at every step; grid indices ``(N, ndim)`` count as flat ones."""
+    rng = np.random.default_rng(seed)
+    n = grid.n_patches
+    acc = Accumulator(grid, window=window)
+    win = make_window(window, grid.patch_size)
+    win = np.ones(grid.patch_size) if win is None else win
+    count = np.zeros(grid.padded_shape, np.int64)
+    wsum = np.zeros(grid.padded_shape)
+    crop = tuple(slice(0, s) for s in grid.spatial_shape)
+
+    def add(part=None, origins=None):
+        if origins is None:
+            origins = [grid.patch_origin(int(k)) for k in part]
+            grid_indices = np.stack(np.unravel_index(part, grid.grid_shape), -1)
+            acc.add(np.zeros((len(part),) + grid.patch_size), grid_indices if seed % 2 else part)
+        else:
+            acc.add(np.zeros((len(origins),) + grid.patch_size), origins=origins)
+        for o in origins:
+            box = tuple(slice(a, a + p) for a, p in zip(o, grid.patch_size))
+            count[box] += 1
+            wsum[box] += win
+
+    def check():
+        assert np.array_equal(acc.count, count[crop])
+        np.testing.assert_allclose(acc.weights(), wsum[crop], rtol=1e-12, atol=1e-12)
+
+    for _ in range(2):
+        for part in np.array_split(rng.permutation(n), min(3, n)):
+            add(part)
+        check()
+    add(rng.permutation(n)[: rng.integers(1, n + 1)])
+    check()
+    top = [m - p for m, p in zip(grid.padded_shape, grid.patch_size)]
+    add(origins=np.stack([rng.integers(0, t + 1, 4) for t in top], -1))
+    check()
+
+
 def test_a_patch_added_twice_counts_twice():
     grid = PatchGrid((4,), 2, stride=2)
     acc = Accumulator(grid)

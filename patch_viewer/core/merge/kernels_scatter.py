@@ -180,13 +180,21 @@ def anchored_into(ref, acc, den, ext, crop, c, fill, y0, y1, base, out):
 
 
 @njit(**JIT)
-def grid_origins(idx, g, o0, o1, o2c, out):
-    """Kernel origins ``(N, 3)`` of flat grid indices ``idx`` on a grid of ``g = (g0, g1,
-    g2)`` patches per kernel axis, with per-axis origins ``o0``, ``o1``, ``o2c`` (the last in
-    fused units)."""
+def grid_origins(idx, n, g, o0, o1, o2c, out):
+    """Kernel origins ``(N, 3)`` of flat grid indices ``idx`` on a grid of ``n`` patches,
+    ``g = (g0, g1, g2)`` per kernel axis, with per-axis origins ``o0``, ``o1``, ``o2c`` (output
+    pixels). Returns ``(ok, lo, hi)``: whether every index lies in ``0 .. n - 1``
+    (nothing is written otherwise), and the least and greatest first-axis origin."""
+    for k in range(idx.shape[0]):
+        if idx[k] < 0 or idx[k] >= n:
+            return False, 0, 0
     g12 = g[1] * g[2]
+    lo, hi = o0[o0.shape[0] - 1], o0[0]
     for k in range(idx.shape[0]):
         i = idx[k]
-        out[k, 0] = o0[i // g12]
+        v = o0[i // g12]
+        out[k, 0] = v
+        lo, hi = min(lo, v), max(hi, v)
         out[k, 1] = o1[(i // g[2]) % g[1]]
         out[k, 2] = o2c[i % g[2]]
+    return True, lo, hi

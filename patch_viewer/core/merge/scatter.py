@@ -17,6 +17,7 @@ the same sums where numba is missing.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -63,22 +64,21 @@ class _Band:
         self.seen = np.empty(size, np.bool_) if sums.mode == "anchored" else None
         self.ref = np.empty(size, sums.data) if sums.mode == "anchored" else None
         self.reset(sums.mode)
+        #: the kernel's arguments after the patches' (see :mod:`.kernels_scatter`)
+        self.args = {
+            "sum": (self.acc,),
+            "split": (self.acc, self.lo),
+            "max": (self.acc,),
+            "min": (self.acc,),
+            "weighted": (sums.win, self.acc),
+            "anchored": (sums.win, self.seen, self.ref, self.acc),
+        }[sums.mode]
 
     def reset(self, mode: str) -> None:
         self.acc[:] = reduce_identity(self.acc.dtype, mode) if mode in ("max", "min") else 0
         for a in (self.lo, self.seen):
             if a is not None:
                 a[:] = 0
-
-    def args(self, mode: str, win):
-        return {
-            "sum": (self.acc,),
-            "split": (self.acc, self.lo),
-            "max": (self.acc,),
-            "min": (self.acc,),
-            "weighted": (win, self.acc),
-            "anchored": (win, self.seen, self.ref, self.acc),
-        }[mode]
 
 
 class Sums:
@@ -101,6 +101,12 @@ class Sums:
         self.out_key: tuple | None = None
         self.free: list[_Band] = []
         self.compiled = backend() == "numba"
+        self.p0 = int(patch3[0])
+        self.kernel: Any = None  # the compiled kernel of this mode
+        if self.compiled:
+            from . import kernels_scatter
+
+            self.kernel = getattr(kernels_scatter, "scatter_" + self.mode)
         self.geo = np.array(
             [patch3[0], patch3[1], patch3[2] * c, extent[1], extent[2] * c], np.int64
         )
@@ -110,17 +116,19 @@ class Sums:
             self.win = np.ascontiguousarray(np.repeat(w, c, axis=-1).reshape(-1), np.float64)
 
     # ------------------------------------------------------------------ adding
-    def check_rows(self, o3: np.ndarray) -> None:
-        """Refuse patches that reach rows already released (before anything is added)."""
-        if self.released and len(o3) and o3[:, 0].min() < self.released * self.rows:
+    def check_rows(self, lo: int) -> None:
+        """Refuse patches (whose least origin row is ``lo``) that reach rows already
+        released (before anything is added)."""
+        if self.released and lo < self.released * self.rows:
             raise ValueError(
                 f"rows above {self.released * self.rows} were finished and released (the "
                 "stream promised grid order); patches cannot be added there any more"
             )
 
-    def add(self, data: np.ndarray, o3: np.ndarray) -> None:
+    def add(self, data: np.ndarray, o3: np.ndarray, lo: int, top: int) -> None:
         """Add patches ``data`` (any shape of ``N`` patches, C order) at kernel origins
-        ``o3`` (``(N, 3)``, the last axis in pixels; checked by the caller)."""
+        ``o3`` (``(N, 3)``, the last axis in pixels; checked by the caller), whose origin
+        rows span ``lo .. top``."""
         if not len(o3):
             return
         if data.dtype != self.data:
@@ -129,15 +137,21 @@ class Sums:
         if self.c != 1:
             o3 = o3.copy()
             o3[:, 2] *= self.c
-        lo = int(o3[:, 0].min())
-        hi = int(o3[:, 0].max()) + int(self.geo[0])
+        hi = top + self.p0
+        workers = default_workers(flat.nbytes)
+        if self.compiled and workers == 1:  # the common small batch: no tasks
+            for b in range(lo // self.rows, -(-hi // self.rows)):
+                y0 = b * self.rows
+                args = self._band(b).args
+                self.kernel(flat, o3, self.geo, max(y0, lo), min(y0 + self.rows, hi), y0, *args)
+            return
         tasks = []
         for b in range(lo // self.rows, math.ceil(hi / self.rows)):
             band = self._band(b)
             y0, y1 = b * self.rows, min((b + 1) * self.rows, self.extent[0])
             tasks.append((band, max(y0, lo), min(y1, hi), y0))
         if self.compiled:
-            self._compiled(flat, o3, tasks)
+            self._compiled(flat, o3, tasks, workers)
         else:
             for band, y0, y1, base in tasks:
                 self._numpy(flat, o3, band, y0, y1, base)
@@ -153,11 +167,8 @@ class Sums:
             self.bands[b] = band
         return band
 
-    def _compiled(self, flat, o3, tasks) -> None:
-        from . import kernels_scatter as S
-
-        kernel = getattr(S, "scatter_" + self.mode)
-        workers = default_workers(flat.nbytes)
+    def _compiled(self, flat, o3, tasks, workers: int) -> None:
+        kernel = self.kernel
         if workers > 1 and len(tasks) < workers * PIECES_PER_THREAD:  # few bands: cut rows
             tasks = [
                 (band, a, z, base)
@@ -167,7 +178,7 @@ class Sums:
 
         def run(task):
             band, y0, y1, base = task
-            kernel(flat, o3, self.geo, y0, y1, base, *band.args(self.mode, self.win))
+            kernel(flat, o3, self.geo, y0, y1, base, *band.args)
 
         each(tasks, workers, run)
 
