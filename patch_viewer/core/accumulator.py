@@ -304,12 +304,13 @@ class Accumulator:
     def weights(self) -> np.ndarray:
         """The sum of the window over the added patches at each output pixel (float64;
         the coverage count for the uniform window)."""
-        if self._win is None or self.reduce != "mean":
-            return self.count.astype(np.float64)
+        counted = self._win is None or self.reduce != "mean"
         crop = tuple(slice(0, n) for n in self.spatial_shape)
         per_axis = self._separable()
-        if per_axis is not None:
-            return outer_product(per_axis[0])[crop]
+        if per_axis is not None:  # (float64 counts are exact)
+            return np.ascontiguousarray(outer_product(per_axis[1 if counted else 0])[crop])
+        if counted or self._win is None:
+            return self.count.astype(np.float64)
         out = np.zeros(self._extent, np.float64)
         org, mult = self._places.placed()
         add_windows(out, self._win, self._spatial(org), mult=mult)

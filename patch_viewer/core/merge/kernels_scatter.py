@@ -136,12 +136,15 @@ def scatter_window(win, org, geo, out):
 
 
 @njit(**JIT)
-def divide_into(acc, den, ext, crop, c, fill, y0, y1, base, out):
+def divide_into(acc, den, ext, crop, c, fill, y0, y1, base, clear, out):
     """``out = acc / den`` over the crop (``den`` per pixel, ``fill`` where it is 0), rows
     ``y0 .. y1``: the mean finished straight into the output dtype in one pass. ``ext`` and
-    ``crop`` are ``(n0, n1, n2)`` of the canvas and of the image; ``c`` channels."""
+    ``crop`` are ``(n0, n1, n2)`` of the canvas and of the image; ``c`` channels. ``clear``:
+    zero each row of ``acc`` once it is read (padding included), so that a recycled band
+    needs no pass of its own to be reset."""
     e1, e2 = ext[1], ext[2]
     s1, s2 = crop[1], crop[2]
+    row = U(e1 * e2 * c)
     for y in range(y0, y1):
         for x in range(s1):
             a = U(((y - base) * e1 + x) * e2 * c)
@@ -156,6 +159,10 @@ def divide_into(acc, den, ext, crop, c, fill, y0, y1, base, out):
                 else:
                     for k in range(U(c)):
                         out[o + t + k] = fill
+        if clear:
+            r = U(y - base) * row
+            for k in range(row):
+                acc[r + k] = 0
 
 
 @njit(**JIT)

@@ -59,11 +59,16 @@ class _Band:
     """The arrays of one band of rows (flat): sums, and the anchor or low halves if needed."""
 
     def __init__(self, sums: Sums, size: int):
-        self.acc = np.empty(size, sums.acc_dtype)
-        self.lo = np.empty(size, np.int64) if sums.mode == "split" else None
-        self.seen = np.empty(size, np.bool_) if sums.mode == "anchored" else None
+        # fresh pages come zeroed: no pass over them (only max and min start elsewhere)
+        self.acc = np.zeros(size, sums.acc_dtype)
+        self.lo = np.zeros(size, np.int64) if sums.mode == "split" else None
+        self.seen = np.zeros(size, np.bool_) if sums.mode == "anchored" else None
         self.ref = np.empty(size, sums.data) if sums.mode == "anchored" else None
-        self.reset(sums.mode)
+        if sums.mode in ("max", "min"):
+            self.acc[:] = reduce_identity(self.acc.dtype, sums.mode)
+        #: whether the arrays are as :meth:`reset` leaves them (a finished band may be
+        #: cleared by the kernel that finishes it)
+        self.clean = True
         #: the kernel's arguments after the patches' (see :mod:`.kernels_scatter`)
         self.args = {
             "sum": (self.acc,),
@@ -75,10 +80,13 @@ class _Band:
         }[sums.mode]
 
     def reset(self, mode: str) -> None:
+        if self.clean:
+            return
         self.acc[:] = reduce_identity(self.acc.dtype, mode) if mode in ("max", "min") else 0
         for a in (self.lo, self.seen):
             if a is not None:
                 a[:] = 0
+        self.clean = True
 
 
 class Sums:
@@ -165,6 +173,7 @@ class Sums:
             else:
                 band = _Band(self, self.rows * self.row)
             self.bands[b] = band
+        band.clean = False  # to be added to
         return band
 
     def _compiled(self, flat, o3, tasks, workers: int) -> None:
@@ -229,7 +238,7 @@ class Sums:
             and min((self.released + 1) * self.rows, self.extent[0]) <= below
         ):
             b = self.released
-            self._finish(b, den_of, target, fill_value, work, self.out)
+            self._finish(b, den_of, target, fill_value, work, self.out, clear=True)
             band = self.bands[b]
             if band is not None:
                 self.free.append(band)
@@ -253,7 +262,9 @@ class Sums:
             self._finish(b, den_of, target, fill_value, work, out)
         return out
 
-    def _finish(self, b, den_of, target, fill_value, work, out) -> None:
+    def _finish(self, b, den_of, target, fill_value, work, out, clear=False) -> None:
+        """Rows of band ``b`` finished into ``out``; ``clear``: the band is released after
+        (its sums may then be cleared on the way)."""
         y0, y1 = b * self.rows, min((b + 1) * self.rows, self.crop[0])
         if y1 <= y0:
             return
@@ -265,7 +276,7 @@ class Sums:
             return
         canon = lambda a: a.reshape(-1, ext1, ext2 * self.c)[: y1 - y0, :s1, : s2 * self.c]  # noqa: E731
         if self.mode in ("sum", "weighted", "anchored") and target.kind == "f" and self.compiled:
-            self._divide(band, den_of(y0, y1), y0, y1, target, fill_value, out)
+            self._divide(band, den_of(y0, y1), y0, y1, target, fill_value, out, clear)
             return
         den = den_of(y0, y1)[:, :s1, :s2]
         shape = (y1 - y0, s1, s2, self.c)
@@ -287,8 +298,9 @@ class Sums:
             else:
                 out[y0:y1] = finish(mean, cov, target, fill_value, work)
 
-    def _divide(self, band, den, y0, y1, target, fill_value, out) -> None:
-        """Sums over weights, straight into the float output, in one compiled pass."""
+    def _divide(self, band, den, y0, y1, target, fill_value, out, clear: bool) -> None:
+        """Sums over weights, straight into the float output, in one compiled pass
+        (``clear``: a band of sums alone is left zeroed, for the next rows)."""
         from . import kernels_scatter as S
 
         den = np.ascontiguousarray(den, np.float64).reshape(-1)
@@ -296,15 +308,17 @@ class Sums:
         crop = np.array([y1 - y0, self.crop[1], self.crop[2]], np.int64)
         fill = target.type(checked_fill(fill_value, target, True))
         flat = out[y0:y1].reshape(-1)
+        clears = clear and self.mode in ("sum", "weighted")  # (anchored: `seen` is reset)
 
         def run(a: int, z: int) -> None:
             if self.mode == "anchored":
                 S.anchored_into(band.ref, band.acc, den, ext, crop, self.c, fill, a, z, 0, flat)
             else:
-                S.divide_into(band.acc, den, ext, crop, self.c, fill, a, z, 0, flat)
+                S.divide_into(band.acc, den, ext, crop, self.c, fill, a, z, 0, clears, flat)
 
         workers = default_workers(flat.nbytes)
         each(pieces(0, y1 - y0, workers), workers, lambda r: run(*r))
+        band.clean = clears and y1 - y0 == self.rows  # every row of the band was cleared
 
 
 def _is_nan(value) -> bool:
