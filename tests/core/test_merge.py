@@ -543,3 +543,34 @@ def test_fill_marks_exactly_the_uncovered_pixels(shape, dtype, reduce):
         assert (m[holes] == -5).all()
         expected = truth[~holes] if out is np.float64 else np.rint(truth[~holes])
         np.testing.assert_allclose(m[~holes], expected, rtol=1e-12)
+
+
+def test_plans_are_kept_per_grid_and_options():
+    """A named window's plan is decided once per grid and set of options (a small merge's
+    plan cost as much as its kernel's start); other options get their own plan, an array
+    window is never kept, a refused option is refused every time, and the cached plan merges
+    to the same bits."""
+    grid = PatchGrid((20, 20), 6, stride=2)
+    first = plan.make_merge_plan(grid, np.uint8, 1)
+    assert plan.make_merge_plan(grid, np.uint8, 1) is first
+    assert plan.make_merge_plan(grid, np.float32, 1) is not first
+    assert plan.make_merge_plan(grid, np.uint8, 3) is not first
+    g1 = plan.make_merge_plan(grid, np.float32, 1, window="gaussian", window_params={"sigma": 0.1})
+    g2 = plan.make_merge_plan(grid, np.float32, 1, window="gaussian", window_params={"sigma": 0.2})
+    assert g1 is not g2 and not np.array_equal(g1.factors[0], g2.factors[0])
+    win = np.ones((6, 6))
+    assert plan.make_merge_plan(grid, np.uint8, 1, window=win) is not plan.make_merge_plan(
+        grid, np.uint8, 1, window=win
+    )
+    for _ in range(2):
+        with pytest.raises(ValueError, match="windows weight the mean only"):
+            plan.make_merge_plan(grid, np.uint8, 1, window="hann", reduce="max")
+    for _ in range(20):  # a bounded cache: the oldest plans go
+        plan.make_merge_plan(
+            grid, np.float64, 1, window="gaussian", window_params={"sigma": 0.05 * (_ + 1)}
+        )
+    assert len(grid.__dict__["_plans"]) <= 8
+    image = np.random.default_rng(0).integers(0, 256, (20, 20), dtype=np.uint8)
+    stack = extract_patches(image, grid)
+    assert np.array_equal(merge_patches(stack, grid), merge_patches(stack, grid))
+    assert np.array_equal(merge_patches(stack, grid), image)

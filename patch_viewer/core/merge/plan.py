@@ -125,9 +125,27 @@ def check_reduce(reduce: str, *, weighted: bool = False) -> None:
 def make_merge_plan(
     grid: PatchGrid, dtype, n_channels: int, *, window="uniform", reduce="mean", window_params=None
 ) -> MergePlan:
-    """Validate the options and decide the kernel and dtypes (see the module docstring)."""
-    check_reduce(reduce)
+    """Validate the options and decide the kernel and dtypes (see the module docstring).
+    Plans of named windows are kept on the grid (a few per grid): a small merge's plan costs
+    about as much as its kernel's start."""
     params = dict(window_params or {})
+    key = None
+    if isinstance(window, str):
+        key = (np.dtype(dtype).str, n_channels, window, reduce, tuple(sorted(params.items())))
+        plans = grid.__dict__.get("_plans")
+        if plans is not None and key in plans:
+            return plans[key]
+    plan = _make_merge_plan(grid, dtype, n_channels, window, reduce, params)
+    if key is not None:
+        plans = grid.__dict__.setdefault("_plans", {})  # a cache, not a field
+        if len(plans) >= 8:
+            plans.pop(next(iter(plans)))
+        plans[key] = plan
+    return plan
+
+
+def _make_merge_plan(grid, dtype, n_channels, window, reduce, params) -> MergePlan:
+    check_reduce(reduce)
     pick = isinstance(window, str) and window == "overlap-tile"
     win = make_window(window, grid.patch_size, **params)
     check_reduce(reduce, weighted=win is not None or pick)
