@@ -39,6 +39,7 @@ def extract_patches(
     copy: bool = False,
     layout: str = "C",
     max_bytes: int | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """Cut ``image`` into the patches of ``grid``.
 
@@ -59,6 +60,11 @@ def extract_patches(
         patches processed that way merge at that speed.
     max_bytes : int, optional
         Refuse (``MemoryError``) to materialise a patch stack larger than this; default 4 GiB.
+    out : ndarray, optional
+        With ``copy=True`` (C layout): write the copy into this C-contiguous, writeable array
+        of the result's shape and the image's dtype, and return it. Reusing one buffer for
+        many images saves the page faults of a new array's first touch (for a large stack,
+        most of a copy's time).
 
     Returns
     -------
@@ -94,11 +100,15 @@ def extract_patches(
         )
     image = np.asanyarray(image)
     batched = is_batched(image.shape, grid)
+    if out is not None:
+        _check_out(out, image, grid, batched, copy, layout)
     if grid.is_regular and not copy and grid.padded_shape == grid.spatial_shape:
         return _regular_view(image, grid, batched)
     canon = pad_canonical(to_canonical(image, grid, batched), grid)
-    nd = grid.ndim
     if copy and layout == "C":  # one compiled pass, any grid
+        if out is not None:
+            extract_rows(canon, grid, out=out.reshape(_canonical_stack_shape(canon, grid)))
+            return out
         nbytes = canon.shape[0] * grid.n_patches * math.prod(grid.patch_shape) * canon.itemsize
         check_bytes(
             nbytes,
@@ -107,9 +117,17 @@ def extract_patches(
             "use the read-only view (copy=False) or patch_viewer.process",
         )
         patches = extract_rows(canon, grid)
-        if grid.channel_axis is None:
-            patches = patches[..., 0]
-        return patches if batched else patches[0]
+    else:
+        patches = _from_view(canon, grid, copy, layout, max_bytes)
+    if grid.channel_axis is None:
+        patches = patches[..., 0]
+    return patches if batched else patches[0]
+
+
+def _from_view(canon: np.ndarray, grid: PatchGrid, copy: bool, layout: str, max_bytes):
+    """The patches of a padded canonical image from its window view: a read-only view (or,
+    for irregular grids, a read-only copy), or a copy in ``layout``; canonical."""
+    nd = grid.ndim
     view = window_view(canon, grid)
     if grid.is_regular:
         patches = view[
@@ -137,16 +155,39 @@ def extract_patches(
             patches.flags.writeable = False
         elif layout != "C":
             patches = _copy_in_layout(patches, grid, layout)
-    if grid.channel_axis is None:
-        patches = patches[..., 0]
-    return patches if batched else patches[0]
+    return patches
+
+
+def _canonical_stack_shape(canon: np.ndarray, grid: PatchGrid) -> tuple[int, ...]:
+    return (canon.shape[0],) + grid.grid_shape + grid.patch_size + (canon.shape[-1],)
+
+
+def _check_out(out, image: np.ndarray, grid: PatchGrid, batched: bool, copy: bool, layout: str):
+    """``out`` must be able to take the C-ordered copy of ``image``'s patches."""
+    if not copy or layout != "C":
+        raise ValueError("`out` takes a copy: pass copy=True (with layout='C') to fill it")
+    shape = ((image.shape[0],) if batched else ()) + grid.grid_shape + grid.patch_shape
+    if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != image.dtype:
+        got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(
+            f"`out` must be an array of shape {shape} and dtype {image.dtype}, got {got}"
+        )
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("`out` must be C-contiguous and writeable")
+    if np.may_share_memory(out, image):
+        raise ValueError("`out` must not share memory with the image")
 
 
 def extract_rows(
-    padded: np.ndarray, grid: PatchGrid, row0: int = 0, rows: int | None = None
+    padded: np.ndarray,
+    grid: PatchGrid,
+    row0: int = 0,
+    rows: int | None = None,
+    out: np.ndarray | None = None,
 ) -> np.ndarray:
     """A C-ordered copy of the patches of grid rows ``row0 .. row0 + rows`` of a padded
-    canonical image ``(b, *padded_shape, C)``: canonical ``(b, rows, *G[1:], *p, C)``.
+    canonical image ``(b, *padded_shape, C)``: canonical ``(b, rows, *G[1:], *p, C)``,
+    written into ``out`` if given (C-contiguous, that shape and dtype).
 
     One compiled pass that reads each patch where it lies (any grid, shifted last patches
     included), or NumPy's copy of the window view where numba is missing.
@@ -154,7 +195,7 @@ def extract_rows(
     rows = grid.grid_shape[0] - row0 if rows is None else rows
     b, c = padded.shape[0], padded.shape[-1]
     shape = (b, rows) + grid.grid_shape[1:] + grid.patch_size + (c,)
-    out = np.empty(shape, padded.dtype)
+    out = np.empty(shape, padded.dtype) if out is None else out
     if backend() == "numba" and padded.dtype.itemsize in (1, 2, 4, 8):
         from .merge import kernels_fused as K
         from .merge.plan import image_source, three_axes

@@ -184,3 +184,49 @@ def test_bad_layout_names_the_choices():
         extract_patches(np.zeros((10, 10)), grid, copy=True, layout="F")
     with pytest.raises(ValueError, match=r"layout.*copy=True"):
         extract_patches(np.zeros((10, 10)), grid, layout="merge")
+
+
+@settings(max_examples=80, deadline=None)
+@given(grids(), st.sampled_from(DTYPES), st.booleans(), st.integers(0, 2**32 - 1))
+def test_copy_into_out_is_the_copy(grid, dtype, batched, seed):
+    """``out=`` receives exactly the C-ordered copy (every edge mode, channels, batches,
+    dtypes), is what is returned, and can be filled again from another image."""
+    image = images(grid, dtype, seed)
+    if batched:
+        image = np.stack([image, image[::-1].copy()])
+    want = extract_patches(image, grid, copy=True)
+    out = np.full(want.shape, 1, want.dtype)
+    got = extract_patches(image, grid, copy=True, out=out)
+    assert got is out
+    np.testing.assert_array_equal(out, want)
+    other = images(grid, dtype, seed + 1)
+    if batched:
+        other = np.stack([other, other])
+    extract_patches(other, grid, copy=True, out=out)
+    np.testing.assert_array_equal(out, extract_patches(other, grid, copy=True))
+
+
+def test_bad_out_is_refused_before_anything_is_written():
+    image = np.arange(100.0).reshape(10, 10)
+    grid = PatchGrid(image.shape, 4, stride=3)
+    shape = grid.grid_shape + grid.patch_shape
+    cases = [
+        (dict(out=np.zeros(shape)), "copy=True"),
+        (dict(copy=True, layout="merge", out=np.zeros(shape)), "copy=True"),
+        (dict(copy=True, out=np.zeros(shape[:-1])), r"shape \(3, 3, 4, 4\) and dtype float64"),
+        (dict(copy=True, out=np.zeros(shape, np.float32)), "dtype float64, got .* float32"),
+        (dict(copy=True, out=np.zeros(shape[::-1]).T), "C-contiguous"),
+        (dict(copy=True, out=[0.0]), "got list"),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            extract_patches(image, grid, **kwargs)
+    frozen = np.zeros(shape)
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        extract_patches(image, grid, copy=True, out=frozen)
+    flat = np.zeros(50 + int(np.prod(shape)))
+    flat[:100] = image.ravel()
+    with pytest.raises(ValueError, match="share memory"):  # the copy would overwrite its source
+        extract_patches(flat[:100].reshape(10, 10), grid, copy=True, out=flat[50:].reshape(shape))
+    assert np.array_equal(flat[:100], image.ravel()) and not flat[100:].any()
