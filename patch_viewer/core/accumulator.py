@@ -246,17 +246,14 @@ class Accumulator:
     def _origins_of(self, indices, origins) -> tuple[np.ndarray, np.ndarray | None, tuple]:
         """A batch's output origins ``(N, 3)`` (checked), its flat grid indices (None for
         ``origins``), and the least and greatest origin on the first kernel axis."""
-        if origins is None and indices is not None:  # the usual case, in one compiled pass
-            idx = int_array(indices, "indices")
-            if idx.ndim == 1 and self._compiled and len(idx) > 16:
-                o3, rows = self._grid_origins(idx)
-                return o3, idx, rows
-        org = input_origins(self.grid, indices, origins)
-        if org.ndim == 1:  # flat patch indices
+        org = int_array(indices, "indices") if origins is None and indices is not None else None
+        if org is None or org.ndim != 1:  # (grid indices come back flat)
+            org = input_origins(self.grid, indices, origins)
+        if org.ndim == 1:  # flat patch indices: range-checked with their origins
             o3, rows = self._grid_origins(org)
             return o3, org, rows
         o3 = self._as3(output_origins(org, self.scale))
-        return o3, None, (int(o3[:, 0].min()), int(o3[:, 0].max())) if len(o3) else (0, 0)
+        return o3, None, _row_span(o3)
 
     def _grid_origins(self, idx: np.ndarray) -> tuple[np.ndarray, tuple[int, int]]:
         """Output origins ``(N, 3)`` of flat grid indices, and their least and greatest on
@@ -273,7 +270,7 @@ class Accumulator:
         check_flat_indices(idx, self.grid)
         ij = np.unravel_index(idx, self.grid.grid_shape)
         o3 = self._as3(np.stack([t[i] for t, i in zip(self._scaled_origins, ij)], axis=-1))
-        return o3, (int(o3[:, 0].min()), int(o3[:, 0].max())) if len(o3) else (0, 0)
+        return o3, _row_span(o3)
 
     def _as3(self, org: np.ndarray) -> np.ndarray:
         """``(N, ndim)`` origins on the kernels' three axes ``(N, 3)`` (zeros elsewhere)."""
@@ -301,15 +298,19 @@ class Accumulator:
         org, mult = self._places.placed()
         return box_counts(self._spatial(org), self.patch_size, self._extent, mult)[crop]
 
+    @property
+    def _counted(self) -> bool:
+        """Whether the weights are the coverage counts (the uniform window, or max/min)."""
+        return self._win is None or self.reduce != "mean"
+
     def weights(self) -> np.ndarray:
         """The sum of the window over the added patches at each output pixel (float64;
         the coverage count for the uniform window)."""
-        counted = self._win is None or self.reduce != "mean"
         crop = tuple(slice(0, n) for n in self.spatial_shape)
         per_axis = self._separable()
         if per_axis is not None:  # (float64 counts are exact)
-            return np.ascontiguousarray(outer_product(per_axis[1 if counted else 0])[crop])
-        if counted or self._win is None:
+            return np.ascontiguousarray(outer_product(per_axis[1 if self._counted else 0])[crop])
+        if self._win is None or self._counted:
             return self.count.astype(np.float64)
         out = np.zeros(self._extent, np.float64)
         org, mult = self._places.placed()
@@ -324,7 +325,7 @@ class Accumulator:
         stream must get the same bits as at the end.)"""
         if self._factors is not None:
             return self._factors
-        if self._win is not None and self.reduce == "mean":
+        if not self._counted:
             return None
         counts = self._places.uniform_counts()
         return None if counts is None else (counts, counts)
@@ -380,7 +381,7 @@ class Accumulator:
 
     def _den_rows(self, y0: int, y1: int) -> np.ndarray:
         """The weights of canvas rows ``y0 .. y1`` on the kernels' three axes (float64)."""
-        counts = self._win is None or self.reduce != "mean"
+        counts = self._counted
         per_axis = self._separable()
         if per_axis is not None:
             f3 = on_three_axes(per_axis[1 if counts else 0], self._nd, np.ones(1))
@@ -389,3 +390,8 @@ class Accumulator:
         p3, e3 = self._three(self.patch_size), self._three(self._extent)
         win = None if counts else self._win
         return band_weights(org, mult, y0, y1, p3, e3, win, self._nd)
+
+
+def _row_span(o3: np.ndarray) -> tuple[int, int]:
+    """The least and greatest origin of ``o3`` on the first kernel axis ((0, 0) if none)."""
+    return (int(o3[:, 0].min()), int(o3[:, 0].max())) if len(o3) else (0, 0)

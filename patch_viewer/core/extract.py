@@ -107,7 +107,7 @@ def extract_patches(
     canon = pad_canonical(to_canonical(image, grid, batched), grid)
     if copy and layout == "C":  # one compiled pass, any grid
         if out is not None:
-            extract_rows(canon, grid, out=out.reshape(_canonical_stack_shape(canon, grid)))
+            extract_rows(canon, grid, out=out)
             return out
         nbytes = canon.shape[0] * grid.n_patches * math.prod(grid.patch_shape) * canon.itemsize
         check_bytes(
@@ -158,10 +158,6 @@ def _from_view(canon: np.ndarray, grid: PatchGrid, copy: bool, layout: str, max_
     return patches
 
 
-def _canonical_stack_shape(canon: np.ndarray, grid: PatchGrid) -> tuple[int, ...]:
-    return (canon.shape[0],) + grid.grid_shape + grid.patch_size + (canon.shape[-1],)
-
-
 def _check_out(out, image: np.ndarray, grid: PatchGrid, batched: bool, copy: bool, layout: str):
     """``out`` must be able to take the C-ordered copy of ``image``'s patches."""
     if not copy or layout != "C":
@@ -187,7 +183,8 @@ def extract_rows(
 ) -> np.ndarray:
     """A C-ordered copy of the patches of grid rows ``row0 .. row0 + rows`` of a padded
     canonical image ``(b, *padded_shape, C)``: canonical ``(b, rows, *G[1:], *p, C)``,
-    written into ``out`` if given (C-contiguous, that shape and dtype).
+    written into ``out`` if given (C-contiguous, that many elements of that dtype, in any
+    shape: it is filled through a reshaped view).
 
     One compiled pass that reads each patch where it lies (any grid, shifted last patches
     included), or NumPy's copy of the window view where numba is missing.
@@ -195,7 +192,7 @@ def extract_rows(
     rows = grid.grid_shape[0] - row0 if rows is None else rows
     b, c = padded.shape[0], padded.shape[-1]
     shape = (b, rows) + grid.grid_shape[1:] + grid.patch_size + (c,)
-    out = np.empty(shape, padded.dtype) if out is None else out
+    out = np.empty(shape, padded.dtype) if out is None else out.reshape(shape)
     if backend() == "numba" and padded.dtype.itemsize in (1, 2, 4, 8):
         from .merge import kernels_fused as K
         from .merge.plan import image_source, three_axes

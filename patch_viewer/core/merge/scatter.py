@@ -146,23 +146,19 @@ class Sums:
             o3 = o3.copy()
             o3[:, 2] *= self.c
         hi = top + self.p0
+        tasks = [
+            (self._band(b), max(b * self.rows, lo), min((b + 1) * self.rows, hi), b * self.rows)
+            for b in range(lo // self.rows, -(-hi // self.rows))
+        ]
         workers = default_workers(flat.nbytes)
-        if self.compiled and workers == 1:  # the common small batch: no tasks
-            for b in range(lo // self.rows, -(-hi // self.rows)):
-                y0 = b * self.rows
-                args = self._band(b).args
-                self.kernel(flat, o3, self.geo, max(y0, lo), min(y0 + self.rows, hi), y0, *args)
-            return
-        tasks = []
-        for b in range(lo // self.rows, math.ceil(hi / self.rows)):
-            band = self._band(b)
-            y0, y1 = b * self.rows, min((b + 1) * self.rows, self.extent[0])
-            tasks.append((band, max(y0, lo), min(y1, hi), y0))
-        if self.compiled:
-            self._compiled(flat, o3, tasks, workers)
-        else:
+        if not self.compiled:
             for band, y0, y1, base in tasks:
                 self._numpy(flat, o3, band, y0, y1, base)
+        elif workers == 1:  # the common small batch: no thread machinery
+            for band, y0, y1, base in tasks:
+                self.kernel(flat, o3, self.geo, y0, y1, base, *band.args)
+        else:
+            self._compiled(flat, o3, tasks, workers)
 
     def _band(self, b: int) -> _Band:
         band = self.bands[b]
