@@ -19,6 +19,7 @@ __all__ = [
     "check_grid",
     "check_image",
     "check_number",
+    "check_out",
     "check_progress",
     "check_reduce_window",
     "format_bytes",
@@ -178,6 +179,31 @@ def check_dtype(dtype):
     if dtype.kind not in "biuf":
         raise TypeError(f"`dtype` must be a real numeric dtype (bool, int, float), got {dtype}")
     return dtype
+
+
+def check_out(
+    out, shape: tuple, dtype, source: np.ndarray, what: str, contiguous: bool = True
+) -> np.ndarray:
+    """``out`` must be a writeable array of ``shape`` and ``dtype`` (C-contiguous if
+    ``contiguous``) that shares no memory with ``source`` (the array it is computed from;
+    ``what`` names it).
+
+    Examples
+    --------
+    >>> check_out(np.empty(3), (3,), np.float64, np.zeros(3), "the image").shape
+    (3,)
+    """
+    dtype = np.dtype(dtype)
+    if not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != dtype:
+        got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"`out` must be an array of shape {tuple(shape)} and dtype {dtype}, got {got}")
+    if contiguous and not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError("`out` must be C-contiguous and writeable")
+    if not out.flags.writeable:
+        raise ValueError("`out` must be writeable")
+    if np.may_share_memory(out, source):
+        raise ValueError(f"`out` must not share memory with {what}")
+    return out
 
 
 def check_progress(progress) -> None:

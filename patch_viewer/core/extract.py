@@ -17,7 +17,7 @@ from ._layout import (
     to_canonical,
     window_view,
 )
-from .checks import check_grid
+from .checks import check_grid, check_out
 from .grid import PatchGrid
 from .merge.plan import backend
 
@@ -163,15 +163,7 @@ def _check_out(out, image: np.ndarray, grid: PatchGrid, batched: bool, copy: boo
     if not copy or layout != "C":
         raise ValueError("`out` takes a copy: pass copy=True (with layout='C') to fill it")
     shape = ((image.shape[0],) if batched else ()) + grid.grid_shape + grid.patch_shape
-    if not isinstance(out, np.ndarray) or out.shape != shape or out.dtype != image.dtype:
-        got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise ValueError(
-            f"`out` must be an array of shape {shape} and dtype {image.dtype}, got {got}"
-        )
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError("`out` must be C-contiguous and writeable")
-    if np.may_share_memory(out, image):
-        raise ValueError("`out` must not share memory with the image")
+    check_out(out, shape, image.dtype, image, "the image")
 
 
 def extract_rows(

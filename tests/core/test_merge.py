@@ -574,3 +574,79 @@ def test_plans_are_kept_per_grid_and_options():
     stack = extract_patches(image, grid)
     assert np.array_equal(merge_patches(stack, grid), merge_patches(stack, grid))
     assert np.array_equal(merge_patches(stack, grid), image)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    grids(),
+    st.sampled_from(["mean", "max"]),
+    st.sampled_from(["uniform", "hann", "overlap-tile"]),
+    st.sampled_from(DTYPES),
+    st.sampled_from([None, np.float64, np.int16]),
+    st.booleans(),
+    st.integers(0, 2**32 - 1),
+)
+def test_merge_into_out_is_the_merge(grid, reduce, window, dtype, out_dtype, batched, seed):
+    """``out=`` receives exactly the merge's bits (every edge mode, channel layout, window,
+    reduction and output dtype, with a batch axis or not), is what is returned, and is
+    written through again by a second merge into it."""
+    assume(reduce == "mean" or window == "uniform")
+    image = images(grid, dtype, seed)
+    if batched:
+        image = np.stack([image, image[::-1].copy()])
+    stack = np.ascontiguousarray(extract_patches(image, grid))
+    kwargs = dict(window=window, reduce=reduce, dtype=out_dtype, fill_value=7)
+    want = merge_patches(stack, grid, **kwargs)
+    out = np.full(want.shape, 3, want.dtype)
+    got = merge_patches(stack, grid, out=out, **kwargs)
+    assert got is out
+    np.testing.assert_array_equal(out, want)
+    noisy = stack + np.ones_like(stack)  # another stack: every pixel rewritten
+    merge_patches(noisy, grid, out=out, **kwargs)
+    np.testing.assert_array_equal(out, merge_patches(noisy, grid, **kwargs))
+
+
+def test_merge_into_out_writes_in_place_where_it_can():
+    """A float32 mean of a uint8 stack is weighed straight into a C-contiguous ``out`` (no
+    image-sized array is made); a channel axis that is not last is copied in, exactly."""
+    import tracemalloc
+
+    image = np.random.default_rng(0).integers(0, 256, (1024, 1024, 3), dtype=np.uint8)
+    grid = PatchGrid(image.shape, 256, stride=192, channel_axis=-1)
+    stack = extract_patches(image, grid, copy=True)
+    out = np.empty(image.shape, np.float32)
+    merge_patches(stack, grid, out=out)  # compiles / warms the plan
+    tracemalloc.start()
+    merge_patches(stack, grid, out=out)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert np.array_equal(out, image)
+    if plan.backend() == "numba":
+        assert peak < out.nbytes / 4, peak  # without out=: the 12 MiB result, at least
+    first = np.moveaxis(image[:256, :256], -1, 0).copy()
+    grid = PatchGrid(first.shape, 64, stride=48, channel_axis=0)
+    out = np.empty(first.shape, np.float32)
+    assert merge_patches(extract_patches(first, grid), grid, out=out) is out
+    assert np.array_equal(out, first)
+
+
+def test_bad_out_is_refused_before_any_work():
+    image = np.arange(100.0).reshape(10, 10)
+    grid = PatchGrid(image.shape, 4, stride=3)
+    stack = extract_patches(image, grid, copy=True)
+    cases = [
+        (np.zeros((10, 9)), r"shape \(10, 10\) and dtype float64, got \(10, 9\)"),
+        (np.zeros((10, 10), np.float32), "dtype float64, got .* float32"),
+        ([0.0], "got list"),
+        (stack.reshape(-1)[:100].reshape(10, 10), "share memory with `patches`"),
+    ]
+    for out, match in cases:
+        with pytest.raises(ValueError, match=match):
+            merge_patches(stack, grid, out=out)
+    frozen = np.zeros((10, 10))
+    frozen.flags.writeable = False
+    with pytest.raises(ValueError, match="writeable"):
+        merge_patches(stack, grid, out=frozen)
+    with pytest.raises(ValueError, match="dtype uint8"):
+        merge_patches(stack, grid, dtype=np.uint8, out=np.zeros((10, 10)))
+    assert np.array_equal(stack, extract_patches(image, grid))

@@ -113,7 +113,7 @@ def _add(
 class _Result:
     """Image-sized outputs of a merge before they are finished into the output dtype."""
 
-    def __init__(self, geo3: KernelGeometry, n_images: int, dtype):
+    def __init__(self, geo3: KernelGeometry, n_images: int, dtype, into=None):
         plan = geo3.plan
         shape = (n_images, geo3.spatial[0], geo3.spatial[1], geo3.spatial[2] * geo3.c)
         mode = plan.mode
@@ -124,7 +124,12 @@ class _Result:
             mode, plan.data
         )
         weighed = mode in ("sum", "weighted", "anchored")  # every pixel written
-        self.out = (np.empty if weighed else np.zeros)(shape, out)
+        target = np.dtype(plan.work if dtype is None else dtype)
+        if into is not None and mode in ("sum", "weighted") and np.dtype(out) == target:
+            # weighed straight into the caller's array: finish() returns it as it is
+            self.out = into.reshape(shape)  # a view: ``into`` is C-contiguous
+        else:
+            self.out = (np.empty if weighed else np.zeros)(shape, out)
         self.ref = np.zeros(shape, plan.data) if mode == "anchored" else None
         self.lo = np.empty(shape, np.int64) if mode == "split" else None
         self.geo3, self.plan = geo3, plan
@@ -213,9 +218,11 @@ class _Result:
 
 
 def merge_bands(
-    canon: np.ndarray, grid: PatchGrid, plan: MergePlan, workers: int, dtype, fill_value
+    canon: np.ndarray, grid: PatchGrid, plan: MergePlan, workers: int, dtype, fill_value, into=None
 ) -> np.ndarray:
-    """Merge a whole canonical stack ``(b, *G, *p, C)``: canonical ``(b, *spatial, C)``."""
+    """Merge a whole canonical stack ``(b, *G, *p, C)``: canonical ``(b, *spatial, C)``,
+    written into ``into`` (C-contiguous, canonical) where the plan weighs straight into the
+    output dtype."""
     b, c = canon.shape[0], canon.shape[-1]
     geo3 = KernelGeometry(grid, plan, c)
     src = stack_source(canon, grid, plan.data)
@@ -223,7 +230,7 @@ def merge_bands(
     maps = None
     if plan.mode in ("anchored", "pick"):
         maps = geo3.owner_maps(src, "first" if plan.mode == "anchored" else "centre")
-    result = _Result(geo3, b, dtype)
+    result = _Result(geo3, b, dtype, into)
     n0 = geo3.extent[0]
     rows = band_rows(geo3.row_len * plan.acc.itemsize, n0, b, workers)
     bands = [(bi, y, min(n0, y + rows)) for bi in range(b) for y in range(0, n0, rows)]
