@@ -196,7 +196,9 @@ def check_out(
     dtype = np.dtype(dtype)
     if not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != dtype:
         got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise ValueError(f"`out` must be an array of shape {tuple(shape)} and dtype {dtype}, got {got}")
+        raise ValueError(
+            f"`out` must be an array of shape {tuple(shape)} and dtype {dtype}, got {got}"
+        )
     if contiguous and not (out.flags.c_contiguous and out.flags.writeable):
         raise ValueError("`out` must be C-contiguous and writeable")
     if not out.flags.writeable:
