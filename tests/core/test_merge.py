@@ -650,3 +650,15 @@ def test_bad_out_is_refused_before_any_work():
     with pytest.raises(ValueError, match="dtype uint8"):
         merge_patches(stack, grid, dtype=np.uint8, out=np.zeros((10, 10)))
     assert np.array_equal(stack, extract_patches(image, grid))
+
+
+@settings(max_examples=100, deadline=None)
+@given(grids(), st.integers(0, 2**32 - 1))
+def test_uniform_anchored_sums_equal_a_window_of_ones(grid, seed):
+    """float64 means under the uniform window skip the window (``band_anchored_plain``): the
+    same bits as the windowed kernel given a window of ones."""
+    rng = np.random.default_rng(seed)
+    p = rng.standard_normal(grid.patches_shape) * 10.0 ** rng.integers(-3, 4)
+    plain = merge_patches(p, grid)
+    ones = merge_patches(p, grid, window=np.ones(grid.patch_size))
+    np.testing.assert_array_equal(plain, ones)

@@ -102,6 +102,8 @@ def _add(
         K.band_sum_split(*args, canvas.acc, canvas.lo)
     elif mode == "weighted":
         K.band_weighted(*args, plan.window, canvas.acc)
+    elif mode == "anchored" and plan.window is None:  # the uniform window
+        K.band_anchored_plain(*args, canvas.ref, canvas.acc)
     elif mode == "anchored":
         K.band_anchored(*args, plan.window, canvas.ref, canvas.acc)
     elif mode == "max":

@@ -30,6 +30,7 @@ __all__ = [
     "JIT",
     "U",
     "band_anchored",
+    "band_anchored_plain",
     "band_gather",
     "band_max",
     "band_min",
@@ -75,6 +76,12 @@ def run_add_weighted(acc, a, flat, f, w, wo, n):
 def run_add_anchored(acc, ref, a, flat, f, w, wo, n):
     for k in range(n):
         acc[a + k] += w[wo + k] * (np.float64(flat[f + k]) - np.float64(ref[a + k]))
+
+
+@njit(inline="always", **JIT)
+def run_add_anchored_plain(acc, ref, a, flat, f, n):
+    for k in range(n):
+        acc[a + k] += np.float64(flat[f + k]) - np.float64(ref[a + k])
 
 
 @njit(inline="always", **JIT)
@@ -180,6 +187,31 @@ def band_anchored(
                         ao = U((oi + r - y0) * n1 * wc + aj)
                         fo = U(fj + r * sr)
                         run_add_anchored(acc, ref, ao, flat, fo, win, U((r * p1 + q) * ln), n)
+
+
+@njit(**JIT)
+def band_anchored_plain(
+    flat, st, f0, f1, f2, geo, o0, o1, o2c, bi, i0, i1, y0, y1, n1, wc, ref, acc
+):
+    """:func:`band_anchored` for the uniform window: sums ``v - ref`` (the same bits as
+    ``1.0 * (v - ref)``, without reading a window of ones: 1.6x faster on W1-f64)."""
+    p0, p1, ln, g1, g2 = geo[0], geo[1], geo[2], geo[3], geo[4]
+    sr = st[1]
+    n = U(ln)
+    for m in range(g1):
+        for q in range(p1):
+            fm = bi * st[0] + f1[m] + q * st[2]
+            am = (o1[m] + q) * wc
+            for i in range(i0, i1):
+                oi, fi = o0[i], f0[i]  # locals: loads after a store to acc are not hoisted
+                r0, r1 = max(y0 - oi, 0), min(y1 - oi, p0)
+                for j in range(g2):
+                    fj = fm + fi + f2[j]
+                    aj = am + o2c[j]
+                    for r in range(r0, r1):
+                        ao = U((oi + r - y0) * n1 * wc + aj)
+                        fo = U(fj + r * sr)
+                        run_add_anchored_plain(acc, ref, ao, flat, fo, n)
 
 
 @njit(**JIT)

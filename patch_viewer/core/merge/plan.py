@@ -8,7 +8,7 @@ reduce / window        patches                     kernel (sums in, see :mod:`.p
 mean, uniform          bool, ints up to 32 bits    ``band_sum`` (int32 or int64)
 mean, uniform          float16/32                  ``band_sum`` (float64)
 mean, uniform          int64, uint64               ``band_sum_split`` (two int64 halves)
-mean, uniform          float64                     ``band_anchored`` (float64, anchored)
+mean, uniform          float64                     ``band_anchored_plain`` (float64, anchored)
 mean, named or array   float16/32, ints to 16 bit  ``band_weighted`` (float64)
 mean, named or array   float64, ints of 32/64 bit  ``band_anchored`` (float64, anchored)
 max / min              any                         ``band_max`` / ``band_min`` (own dtype)
@@ -107,6 +107,7 @@ class MergePlan:
     acc: np.dtype  # what they sum or compare in
     work: np.dtype  # the default output dtype
     window: np.ndarray | None  # the window over (p0, p1, L) for weighted modes, float64
+    # (None for the uniform window's anchored sums)
     factors: tuple | None  # per-axis weight sums (separable windows), else None
     weights: np.ndarray | None  # the whole weight map (windows that do not separate)
 
@@ -164,10 +165,7 @@ def _make_merge_plan(grid, dtype, n_channels, window, reduce, params) -> MergePl
         mode = {"plain": "sum", "split": "split", "anchored": "anchored"}[how]
     else:
         mode = "weighted"
-    kwin = None
-    if mode in ("weighted", "anchored"):
-        w = np.ones(grid.patch_size) if win is None else win
-        kwin = _fused_window(w, grid, n_channels)
+    kwin = None if win is None else _fused_window(win, grid, n_channels)
     return MergePlan(mode, data, acc, work, kwin, factors, full)
 
 
