@@ -656,7 +656,10 @@ def test_bad_out_is_refused_before_any_work():
 @given(grids(), st.integers(0, 2**32 - 1))
 def test_uniform_anchored_sums_equal_a_window_of_ones(grid, seed):
     """float64 means under the uniform window skip the window (``band_anchored_plain``): the
-    same bits as the windowed kernel given a window of ones."""
+    same bits as the windowed kernel given a window of ones. (The NumPy engine takes other
+    routes for the two, which agree to its stated 4 ulp.)"""
+    if plan.backend() != "numba":
+        pytest.skip("a property of the compiled kernels")
     rng = np.random.default_rng(seed)
     p = rng.standard_normal(grid.patches_shape) * 10.0 ** rng.integers(-3, 4)
     plain = merge_patches(p, grid)
