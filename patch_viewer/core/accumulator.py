@@ -149,6 +149,7 @@ class Accumulator:
         self._table = None
         self._compiled = backend() == "numba"  # decided once
         self._state: Sums | None = None
+        self._hold = False  # batches may be held (see _stream)
         self.dtype: np.dtype | None = None  # of the patches, fixed by the first batch
         self.n_added = 0
         self._nd = nd
@@ -224,6 +225,8 @@ class Accumulator:
                 self._three(self.patch_size),
                 self.channels or 1,
             )
+            if self._hold and self._holds(data.dtype):
+                state.hold()
         state.check_rows(lo)
         state.add(data, org, lo, hi)
         if self._factors is None:  # (a whole grid streamed in order needs nothing kept)
@@ -356,18 +359,31 @@ class Accumulator:
         return tuple(on_three_axes(values, self._nd, 1))
 
     # ------------------------------------------------------------------ streaming in order
-    def _stream(self, whole_grid: bool) -> None:
+    def _stream(self, whole_grid: bool, hold: bool = False) -> None:
         """Promise that patches arrive in grid order (rows never go back), so that
         :meth:`_release` may finish the rows above and recycle their memory. For a whole grid
         with a separable window the weights come from per-axis sums, and no origin is kept:
-        memory is then independent of the number of patches (10^8 patches of process)."""
+        memory is then independent of the number of patches (10^8 patches of process).
+        ``hold``: batches added never change after, so they may be held (:mod:`.merge.held`)."""
         if self._state is not None:
             raise RuntimeError("_stream() goes before the first add()")
+        self._hold = hold and self._nd > 1
         if not whole_grid or not (self._win is None or isinstance(self._window[0], str)):
             return
         name, params = self._window
         window = None if self._win is None else (cast(str, name), params)
         self._factors = axis_sums(self.grid, self.scale, self.patch_size, self._extent, window)
+
+    def _holds_batches(self) -> bool:
+        """Whether batches added may be held (then they must not change after)."""
+        return self._hold and (self._state is None or self._state.held is not None)
+
+    def _holds(self, dtype: np.dtype) -> bool:
+        """Whether holding ``dtype`` batches takes no more memory than the sums."""
+        from .merge.held import holds
+
+        o0, c = self._tables()[1], self.channels or 1
+        return holds(o0, self.patch_size, self.grid.grid_shape, c, dtype.itemsize, self._extent)
 
     def _release(self, below: int, dtype, fill_value) -> None:
         """Finish the output rows above ``below`` (first spatial axis, output pixels) into

@@ -5,6 +5,7 @@ output, in O(image x output channels + batch) memory."""
 from __future__ import annotations
 
 import math
+import sys
 import time
 
 import numpy as np
@@ -151,17 +152,29 @@ class _Run:
         _check_memory(accs, self.n_images, self.finish[2])
         if self.in_order:  # finished rows are released as the stream goes
             for acc in accs.values():
-                acc._stream(whole_grid=self.whole_grid)
+                acc._stream(whole_grid=self.whole_grid, hold=True)
         return accs
 
     def _add(self, accs, out, indices) -> None:
         dtype, fill_value, _ = self.finish
         row = int(self.grid.origins[0][int(indices[-1]) // self.row_patches])
         for name, acc in accs.items():
+            if acc._holds_batches() and not _exclusive(out, name):
+                out[name] = np.array(out[name])  # held below: a copy the model cannot change
             acc.add(out[name], indices, channels_first=self.model.channels_first)
             if self.in_order:
                 f = acc.scale[0]
                 acc._release(row * f.numerator // f.denominator, dtype, fill_value)
+
+
+def _exclusive(out: dict, name: str) -> bool:
+    """Whether ``out[name]`` is an array that owns its memory and that nothing but ``out``
+    refers to: a fresh output the model kept no hold on (so it cannot change it later)."""
+    probe = {name: np.empty(0)}  # the count of an array only a dict refers to
+    a = out[name]
+    owns = isinstance(a, np.ndarray) and a.base is None and a.flags.owndata
+    del a
+    return owns and sys.getrefcount(out[name]) <= sys.getrefcount(probe[name])
 
 
 def _check_memory(accs: dict, n_images: int, max_bytes) -> None:

@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 
+from .held import Held
 from .plan import backend, default_workers
 from .precision import (
     anchored_finish,
@@ -118,18 +119,33 @@ class Sums:
         self.geo = np.array(
             [patch3[0], patch3[1], patch3[2] * c, extent[1], extent[2] * c], np.int64
         )
+        self.held: Held | None = None
         self.win = None
         if self.mode in ("weighted", "anchored"):
             w = np.ones(tuple(patch3)) if win is None else np.asarray(win).reshape(patch3)
             self.win = np.ascontiguousarray(np.repeat(w, c, axis=-1).reshape(-1), np.float64)
 
     # ------------------------------------------------------------------ adding
+    def hold(self) -> None:
+        """Promise a stream in grid order: batches are then held and summed band by band
+        as their rows become final (:mod:`.held`), where the compiled sum or weighted sum
+        runs; elsewhere nothing changes. Before the first :meth:`add`."""
+        if self.compiled and self.mode in ("sum", "weighted"):
+            self.held = Held(
+                self.kernel, self.geo, self.win, self.acc_dtype, self.extent, self.crop, self.c
+            )
+
+    @property
+    def final(self) -> int:
+        """Canvas rows ``0 .. final`` are finished and no patch may reach them any more."""
+        return self.held.done if self.held is not None else self.released * self.rows
+
     def check_rows(self, lo: int) -> None:
         """Refuse patches (whose least origin row is ``lo``) that reach rows already
         released (before anything is added)."""
-        if self.released and lo < self.released * self.rows:
+        if self.final and lo < self.final:
             raise ValueError(
-                f"rows above {self.released * self.rows} were finished and released (the "
+                f"rows above {self.final} were finished and released (the "
                 "stream promised grid order); patches cannot be added there any more"
             )
 
@@ -146,6 +162,13 @@ class Sums:
             o3 = o3.copy()
             o3[:, 2] *= self.c
         hi = top + self.p0
+        if self.held is not None:
+            self.held.add(flat, o3, lo, hi)
+        else:
+            self._add_bands(flat, o3, lo, hi)
+
+    def _add_bands(self, flat: np.ndarray, o3: np.ndarray, lo: int, hi: int) -> None:
+        """Add ``flat``'s patches (``o3`` in fused units) to the bands of rows ``lo .. hi``."""
         tasks = [
             (self._band(b), max(b * self.rows, lo), min((b + 1) * self.rows, hi), b * self.rows)
             for b in range(lo // self.rows, -(-hi // self.rows))
@@ -229,6 +252,15 @@ class Sums:
             self.out_key = key
         elif key != self.out_key:
             raise ValueError("a streamed accumulator finishes into one dtype and fill value")
+        held = self.held
+        if held is not None and target.kind != "f":  # (only float means are held)
+            self._spill()
+        elif held is not None:
+            y1 = min(below, self.crop[0])
+            held.finish(held.done, y1, den_of, target, fill_value, self.out)
+            held.done = max(held.done, y1)
+            held.drop(held.done)
+            return
         while (
             self.released < len(self.bands)
             and min((self.released + 1) * self.rows, self.extent[0]) <= below
@@ -244,7 +276,13 @@ class Sums:
     def result(self, den_of, dtype, fill_value, work) -> np.ndarray:
         """The finished image ``(crop0, crop1, crop2 * c)`` (released bands included)."""
         target = np.dtype(work if dtype is None else dtype)
-        if self.released and self.out is not None and self.out_key is not None:
+        if self.held is not None and target.kind != "f" and self.out is None:
+            self._spill()
+        if (
+            (self.released or self.held is not None)
+            and self.out is not None
+            and self.out_key is not None
+        ):
             key = (target, "nan" if _is_nan(fill_value) else fill_value)
             if key != self.out_key:
                 raise ValueError(
@@ -254,9 +292,20 @@ class Sums:
             out = self.out
         else:
             out = np.empty(self.crop[:2] + (self.crop[2] * self.c,), target)
+        if self.held is not None:  # (not let go: more may be added)
+            self.held.finish(self.held.done, self.crop[0], den_of, target, fill_value, out)
+            return out
         for b in range(self.released, len(self.bands)):
             self._finish(b, den_of, target, fill_value, work, out)
         return out
+
+    def _spill(self) -> None:
+        """Stop holding: the held batches (none finished yet) are added to bands, in the
+        order they came, as if never held."""
+        held, self.held = self.held, None
+        assert held is not None and held.done == 0
+        for flat, o3, lo, hi in held.batches:
+            self._add_bands(flat, o3, lo, hi)
 
     def _finish(self, b, den_of, target, fill_value, work, out, clear=False) -> None:
         """Rows of band ``b`` finished into ``out``; ``clear``: the band is released after
