@@ -24,6 +24,15 @@ from qtpy.QtWidgets import QApplication
 from superqt.utils._qthreading import WorkerBase
 
 
+def settle(seconds: float = 0.2):
+    """Process events for ``seconds``: the redraws that the previous run's metrics queued
+    (the error tile's new limits) happen here, not inside the next measurement."""
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        QApplication.processEvents()
+        time.sleep(0.005)
+
+
 def wait_computed(widget):
     loop = QEventLoop()
     widget.signals.computed.connect(loop.quit)
@@ -61,9 +70,9 @@ def main(repeats: int = 5, sides=(512, 2048, 4096)):
             for idle in (True, False):
                 times = []
                 for k in range(repeats + 1):
-                    if idle:  # the previous run's metrics and SSIM have finished
+                    if idle:  # the previous run's metrics and SSIM have finished, and drawn
                         WorkerBase.await_workers(60_000)
-                        QApplication.processEvents()
+                        settle()
                     t0 = time.perf_counter()
                     w.stride.set_value([31 if k % 2 == 0 else 32])  # live preview starts it
                     wait_computed(w)

@@ -159,10 +159,13 @@ def _model(p: Params):
     return Predictor(func, name=p.custom.strip())
 
 
-def start(job: Job):
-    """The run's generator, validated; a memory refusal is reworded for a GUI user."""
+def start(job: Job, buffers: dict | None = None):
+    """The run's generator, validated; a memory refusal is reworded for a GUI user.
+    ``buffers`` (see :meth:`Buffers.lend`) may take the run's error and weights."""
     try:
-        return iter_process(job.image, job.grid, ssim=job.lazy, metrics=job.lazy, **job.kwargs)
+        return iter_process(
+            job.image, job.grid, ssim=job.lazy, metrics=job.lazy, buffers=buffers, **job.kwargs
+        )
     except MemoryError:
         n = job.image.shape[0] if job.batched else 1
         need = make_plan(job.grid, n).peak_bytes
@@ -236,19 +239,62 @@ def throttle_progress(gen, interval: float | None = None):
         gen.close()  # cancelling the worker cancels the run
 
 
-_weights_shown: list = [None, None]  # (grid, window, window_params), float32 weights
+def _display_weights(weights: np.ndarray) -> np.ndarray:
+    """The weights as displayed: float32 (a run given a float32 buffer wrote them so)."""
+    return weights if weights.dtype == np.float32 else weights.astype(np.float32)
 
 
-def _display_weights(job: Job, weights: np.ndarray) -> np.ndarray:
-    """The weights as displayed (float32), the same array as the last run's when the grid and
-    window did not change (the filter does not change them; the layer is then not reset)."""
-    key = (job.grid, job.kwargs["window"], tuple(job.kwargs["window_params"].items()))
-    last_key, last = _weights_shown
-    if last_key == key and last is not None and last.shape == weights.shape:
-        return last
-    shown = weights.astype(np.float32)
-    _weights_shown[:] = [key, shown]
-    return shown
+class Buffers:
+    """Image-sized arrays handed from run to run, so that a run writes its error and weights
+    into memory already paged in instead of new arrays (each new 16-32 MiB array costs page
+    faults, and they cost the most in the viewer's busy process).
+
+    Lent to a job by :meth:`lend` (on the main thread, when the run starts), an array comes
+    back to the free list only when that job's worker has finished (:meth:`finished`) and no
+    layer shows it (:meth:`reclaim`, given the arrays on screen): a buffer still shown, or
+    still written by a stale worker, is never lent again.
+    """
+
+    #: Free arrays kept at most (the rest are dropped to the allocator).
+    KEEP = 4
+
+    def __init__(self):
+        self._free: list[np.ndarray] = []
+        self._lent: dict[int, list[np.ndarray]] = {}  # id(job) -> its arrays, worker running
+        self._held: list[np.ndarray] = []  # the worker finished; maybe on screen
+
+    def lend(self, job: Job) -> dict:
+        """Buffers for ``job``'s error (float32, the image's shape) and display weights
+        (float32, the grid's spatial shape); the run uses those that fit its results."""
+        if job.lazy or job.rgb or job.image.dtype.kind not in "fiu":
+            return {}
+        shapes = {"error": job.image.shape, "weights": job.grid.spatial_shape}
+        out = {name: self._take(shape) for name, shape in shapes.items()}
+        self._lent[id(job)] = list(out.values())
+        return out
+
+    def _take(self, shape) -> np.ndarray:
+        for k, a in enumerate(self._free):
+            if a.shape == tuple(shape):
+                return self._free.pop(k)
+        return np.empty(shape, np.float32)
+
+    def finished(self, job: Job) -> None:
+        """``job``'s worker has finished: its arrays are free once no layer shows them."""
+        self._held += self._lent.pop(id(job), [])
+
+    def reclaim(self, shown) -> None:
+        """Free the held arrays that share no memory with any array in ``shown``."""
+        shown = [a for a in shown if isinstance(a, np.ndarray)]
+        keep, free = [], []
+        for a in self._held:
+            (keep if any(np.may_share_memory(a, s) for s in shown) else free).append(a)
+        self._held = keep
+        self._free = (free + self._free)[: self.KEEP]
+
+    def lent(self) -> list[np.ndarray]:
+        """The arrays lent to workers that have not finished."""
+        return [a for arrays in self._lent.values() for a in arrays]
 
 
 class _Cancelled(Exception):
@@ -293,7 +339,7 @@ def compute(gen, job: Job):
             return (yield from iter_ssim(result.merged, result.reference, channel_axis=ca))
         return None
     error = _layers.error_data(result.error, job.rgb)  # lazy stays lazy
-    weights = result.weights if job.lazy else _display_weights(job, result.weights)
+    weights = result.weights if job.lazy else _display_weights(result.weights)
     limits = job.limits if job.lazy else robust_limits(result.merged, job.rgb)
     merged = result.merged
     if job.rgb and not job.lazy and job.image.dtype == np.uint8:

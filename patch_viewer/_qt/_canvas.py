@@ -48,6 +48,12 @@ class Canvas:
         layer = self.layers.get(name)
         return layer if layer is not None and layer in self.viewer.layers else None
 
+    def arrays(self) -> list:
+        """Every array the layers show or may show again (the signed error behind the 3-D
+        view's ``|error|``): a run must not write into any of them."""
+        shown = [layer.data for layer in self.layers.values() if layer in self.viewer.layers]
+        return [a for a in (*shown, self._error, self._abs) if isinstance(a, np.ndarray)]
+
     # ------------------------------------------------------------------ results
     def update(self, job, shown, error_limit=None):
         """Show a run's results (a :class:`~patch_viewer._controller.Shown`)."""

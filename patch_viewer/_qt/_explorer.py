@@ -121,6 +121,7 @@ class PatchExplorer(Container):
         )
         self._style_readout()
         self.signals = ExplorerSignals()
+        self.buffers = ctl.Buffers()  # image-sized arrays reused from run to run
         self._generation = 0
         self._worker = None
         self._running = False  # the current generation's worker has not finished
@@ -336,16 +337,21 @@ class PatchExplorer(Container):
             self._message(HINT)
             self._settle()
             return
+        self.buffers.reclaim(self.canvas.arrays())
+        job = None
         try:
             job = self.make_job()
-            gen = ctl.start(job)
+            gen = ctl.start(job, self.buffers.lend(job))
         except (ValueError, TypeError, MemoryError) as exc:
+            if job is not None:
+                self.buffers.finished(job)  # nothing writes them
             self._stop()  # what runs now is for older settings
             self._generation += 1
             self._fail(str(exc), toast=False)
             self._settle()
             return
         if auto and not job.lazy and job.estimated_seconds > ctl.WARN_SECONDS:
+            self.buffers.finished(job)  # the run does not start
             self._stop()  # what runs now is for older settings
             self._generation += 1
             self._message(
@@ -365,6 +371,7 @@ class PatchExplorer(Container):
         worker.returned.connect(partial(self._on_ssim, g))
         worker.errored.connect(partial(self._on_error, g))
         worker.finished.connect(partial(self._on_finished, g))
+        worker.finished.connect(partial(self.buffers.finished, job))  # stale ones too
         self._worker = worker
         self._running, self._busy_shown = True, False
         worker.start()

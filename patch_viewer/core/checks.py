@@ -261,3 +261,22 @@ def check_finite_for_integer(image: np.ndarray, dtype) -> None:
             f"cannot hold: leave `dtype` unset (float result), or replace them first "
             f"(np.nan_to_num)"
         )
+
+
+def check_out(out, shape, dtype, avoid=(), name: str = "out") -> np.ndarray:
+    """``out`` must be a C-contiguous, writeable array of ``shape`` and ``dtype`` (a dtype
+    kind such as ``"f"``, or a dtype) that shares no memory with any array in ``avoid``."""
+    if isinstance(dtype, str):
+        ok = isinstance(out, np.ndarray) and out.dtype.kind in dtype
+        want = {"f": "a float dtype"}.get(dtype, f"dtype kind {dtype!r}")
+    else:
+        ok = isinstance(out, np.ndarray) and out.dtype == np.dtype(dtype)
+        want = f"dtype {np.dtype(dtype)}"
+    if not ok or out.shape != tuple(shape):
+        got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise ValueError(f"`{name}` must be an array of shape {tuple(shape)} and {want}, got {got}")
+    if not (out.flags.c_contiguous and out.flags.writeable):
+        raise ValueError(f"`{name}` must be C-contiguous and writeable")
+    if any(a is not None and np.may_share_memory(out, a) for a in avoid):
+        raise ValueError(f"`{name}` must not share memory with the inputs")
+    return out

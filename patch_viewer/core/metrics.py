@@ -8,6 +8,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from skimage.metrics import structural_similarity
 
+from .checks import check_out
+
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike
 
@@ -45,8 +47,13 @@ __all__ = [
 ]
 
 
-def error_map(merged: ArrayLike, reference: ArrayLike) -> np.ndarray:
+def error_map(
+    merged: ArrayLike, reference: ArrayLike, *, out: np.ndarray | None = None
+) -> np.ndarray:
     """Signed error ``merged - reference`` as float (NaN where ``merged`` is uncovered).
+
+    ``out``, if given, receives it: an array of the error's shape and dtype (the result type of
+    both inputs and float32), C-contiguous, writeable, sharing no memory with the inputs.
 
     Examples
     --------
@@ -60,8 +67,10 @@ def error_map(merged: ArrayLike, reference: ArrayLike) -> np.ndarray:
             f"`merged` shape {merged.shape} differs from `reference` shape {reference.shape}"
         )
     dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
+    if out is not None:
+        check_out(out, merged.shape, dtype, (merged, reference))
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN: not a warning
-        return np.subtract(merged, reference, dtype=dtype)
+        return np.subtract(merged, reference, dtype=dtype, out=out)
 
 
 #: Integer dtypes up to this many bytes measure PSNR/SSIM against their full range (0..255

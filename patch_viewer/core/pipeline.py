@@ -20,6 +20,7 @@ from .checks import (
     check_finite_for_integer,
     check_grid,
     check_image,
+    check_out,
     check_progress,
     check_reduce_window,
     parse_max_bytes,
@@ -57,6 +58,7 @@ def iter_process(
     metrics: bool = True,
     indices: ArrayLike | None = None,
     uncovered: str = "fill",
+    buffers: Mapping[str, np.ndarray] | None = None,
 ) -> Generator[tuple[int, int], None, Result]:
     """Generator form of :func:`process`: yields ``(patches_done, patches_total)`` after each
     batch and returns the :class:`Result` (``StopIteration.value``; napari's ``thread_worker``
@@ -64,6 +66,14 @@ def iter_process(
 
     All arguments are validated before the generator is returned. A dask or zarr ``image``
     gives a lazy :class:`Result` at once (see :func:`process`).
+
+    ``buffers`` lets a caller that runs again and again (the Patch Explorer) skip the page
+    faults of new image-sized arrays: ``{"error": a, "weights": w}``, either key optional.
+    An in-memory filter run writes ``error`` into ``a`` when ``a`` has the error's shape and
+    dtype, and the weights into ``w`` (rounded once to its float dtype) when ``w`` has the
+    grid's spatial shape; an array that does not fit is not used, and nothing else is
+    written. They must be C-contiguous, writeable, and share no memory with ``image`` or
+    with each other.
     """
     check_grid(grid)
     max_bytes = parse_max_bytes(max_bytes)
@@ -117,6 +127,7 @@ def iter_process(
     make_window(window, grid.patch_size, **(window_params or {}))  # validates
     check_reduce_window(reduce, window)
     check_finite_for_integer(image, dtype)
+    buffers = check_buffers(buffers, image)
     if isinstance(filt, Predictor) or indices is not None or uncovered != "fill":
         from .inference import predict_run
 
@@ -178,7 +189,29 @@ def iter_process(
         plan,
         ssim,
         metrics,
+        buffers,
     )
+
+
+#: The results :func:`iter_process` can write into a caller's ``buffers``.
+BUFFER_NAMES = ("error", "weights")
+
+
+def check_buffers(buffers, image: np.ndarray) -> dict:
+    """``buffers`` as a dict: known names, writeable C-contiguous arrays, no shared memory."""
+    if buffers is None:
+        return {}
+    buffers = dict(buffers)
+    unknown = set(buffers) - set(BUFFER_NAMES)
+    if unknown:
+        raise ValueError(f"`buffers` takes the keys {BUFFER_NAMES}, got {sorted(unknown)}")
+    seen: list = [image]
+    for name, a in buffers.items():
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"`buffers[{name!r}]` must be a NumPy array, got {type(a).__name__}")
+        check_out(a, a.shape, a.dtype, seen, name=f"buffers[{name!r}]")
+        seen.append(a)
+    return buffers
 
 
 def process(
@@ -200,6 +233,7 @@ def process(
     metrics: bool = True,
     indices: ArrayLike | None = None,
     uncovered: str = "fill",
+    buffers: Mapping[str, np.ndarray] | None = None,
 ) -> Result:
     """Cut ``image`` into patches, filter each patch, merge them back and measure the error.
 
@@ -245,6 +279,9 @@ def process(
     uncovered : {"fill", "input"}, optional
         What pixels no chosen patch covers get: ``fill_value`` (default), or the input's
         value (outputs of the input's shape only).
+    buffers : dict, optional
+        Arrays to write ``error`` and ``weights`` into instead of new ones (see
+        :func:`iter_process`).
 
     Returns
     -------
@@ -288,6 +325,7 @@ def process(
         metrics=metrics,
         indices=indices,
         uncovered=uncovered,
+        buffers=buffers,
     )
     while True:
         try:

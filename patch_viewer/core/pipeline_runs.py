@@ -103,9 +103,12 @@ def run_filter(
     plan,
     ssim=True,
     metrics=True,
+    buffers=None,
 ):
     """The streamed run of a filter in memory: batches of patches -> filter -> merge, then
-    the reference, error, metrics and weights. ``dtype`` is ``(dtype, fill_value)``."""
+    the reference, error, metrics and weights. ``dtype`` is ``(dtype, fill_value)``;
+    ``buffers`` (checked) may hold arrays for the error and the weights (used if they fit)."""
+    buffers = buffers or {}
     start = time.perf_counter()
     dtype, fill_value = dtype
     canon = to_canonical(image, grid, batched)
@@ -127,11 +130,25 @@ def run_filter(
         ref = from_canonical(ref, grid, batched)
     else:
         ref = image
-    error = error_map(merged, ref)
+    out = _fitting(buffers.get("error"), merged.shape, _error_dtype(merged, ref))
+    error = error_map(merged, ref, out=out)
     channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
     if metrics:
         metrics = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim, error=error)
     else:
         metrics = dict.fromkeys(METRICS + ("covered",), math.nan)
-    weights = weight_map(grid, window, **window_params)
+    w = buffers.get("weights")
+    w = w if w is not None and w.shape == grid.spatial_shape and w.dtype.kind == "f" else None
+    weights = weight_map(grid, window, out=w, **window_params)
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
+
+
+def _error_dtype(merged, ref):
+    return np.result_type(merged.dtype, np.asarray(ref).dtype, np.float32)
+
+
+def _fitting(buffer, shape, dtype):
+    """``buffer`` if it has this shape and dtype, else None (a new array is made)."""
+    if buffer is not None and buffer.shape == tuple(shape) and buffer.dtype == dtype:
+        return buffer
+    return None

@@ -296,8 +296,8 @@ def test_layers_whose_inputs_did_not_change_are_not_reset(explorer, qtbot):
 def test_a_quick_run_touches_no_widget_before_its_layers(explorer, qtbot):
     """Latency: under software OpenGL each widget repaint composes the whole window while the
     worker runs. A quick run marks nothing stale, shows no progress and no Cancel; the tile
-    captions are not set again when they did not change; the worker hands over the same
-    display weights when only the filter changed."""
+    captions are not set again when they did not change; the weights layer is not reset
+    when only the filter changed."""
     viewer, w = explorer
     w.filter.value = "median"
     with qtbot.waitSignal(w.signals.idle, timeout=30_000):

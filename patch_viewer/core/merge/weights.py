@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from .._layout import split_regular
-from ..checks import check_grid
+from ..checks import check_grid, check_out
 from ..grid import PatchGrid
 from ..windows import make_window, separable_factors
 from .kernels_numpy import overlap_add
@@ -33,17 +33,25 @@ def coverage_mask(grid: PatchGrid) -> np.ndarray:
 
 
 def weight_map(
-    grid: PatchGrid, window: str | ArrayLike = "uniform", **window_params: float
+    grid: PatchGrid,
+    window: str | ArrayLike = "uniform",
+    *,
+    out: np.ndarray | None = None,
+    **window_params: float,
 ) -> np.ndarray:
     """Sum of the window weights of all patches covering each pixel.
 
     With the uniform window this is the coverage count. Separable windows cost O(H + W): the
     map is an outer product of 1-D sums. ``"overlap-tile"`` gives 1 where covered, else 0.
 
+    ``out``, if given, receives the map: a C-contiguous, writeable float array of the grid's
+    spatial shape. The map is computed in float64 and rounded once into ``out``'s dtype (a
+    float32 ``out`` holds ``weight_map(grid).astype(np.float32)``, without the float64 map).
+
     Returns
     -------
     ndarray
-        float64, of the grid's spatial shape (no channel axis).
+        float64 (or ``out``), of the grid's spatial shape (no channel axis).
 
     Examples
     --------
@@ -51,7 +59,20 @@ def weight_map(
     [1.0, 1.0, 2.0, 2.0, 1.0, 1.0]
     """
     check_grid(grid)
-    return weights_in(grid, window, window_params, np.float64)
+    if out is None:
+        return weights_in(grid, window, window_params, np.float64)
+    check_out(out, grid.spatial_shape, "f")
+    tile = isinstance(window, str) and window == "overlap-tile"
+    sums = None if tile else weight_sums(grid, window, window_params)
+    if sums is None:
+        np.copyto(out, weights_in(grid, window, window_params, np.float64), casting="same_kind")
+        return out
+    sums = [w.astype(np.float64) for w in sums]
+    if len(sums) == 1:
+        np.copyto(out, sums[0], casting="same_kind")
+        return out
+    np.multiply.outer(outer(sums[:-1], np.multiply), sums[-1], out=out)  # rounded once
+    return out
 
 
 def weight_sums(grid: PatchGrid, window, window_params: dict):
@@ -83,7 +104,7 @@ def max_weight(
         return 1.0
     sums = weight_sums(grid, window, window_params)
     if sums is None:
-        return float(weight_map(grid, window, **window_params).max())
+        return float(weights_in(grid, window, window_params, np.float64).max())
     return float(math.prod(float(w.max()) for w in sums))
 
 
