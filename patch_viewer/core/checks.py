@@ -182,29 +182,41 @@ def check_dtype(dtype):
 
 
 def check_out(
-    out, shape: tuple, dtype, source: np.ndarray, what: str, contiguous: bool = True
+    out,
+    shape: tuple,
+    dtype,
+    avoid=(),
+    name: str = "out",
+    *,
+    what: str = "the inputs",
+    contiguous: bool = True,
 ) -> np.ndarray:
-    """``out`` must be a writeable array of ``shape`` and ``dtype`` (C-contiguous if
-    ``contiguous``) that shares no memory with ``source`` (the array it is computed from;
-    ``what`` names it).
+    """``out`` must be a writeable array of ``shape`` and ``dtype`` (a dtype, or a dtype kind
+    such as ``"f"``), C-contiguous if ``contiguous``, sharing no memory with any array in
+    ``avoid`` (``what`` names them in the message). ``name`` is the parameter's name.
 
     Examples
     --------
-    >>> check_out(np.empty(3), (3,), np.float64, np.zeros(3), "the image").shape
+    >>> check_out(np.empty(3), (3,), np.float64, (np.zeros(3),), what="the image").shape
     (3,)
+    >>> check_out(np.empty(3, np.float32), (3,), "f").dtype
+    dtype('float32')
     """
-    dtype = np.dtype(dtype)
-    if not isinstance(out, np.ndarray) or out.shape != tuple(shape) or out.dtype != dtype:
+    if isinstance(dtype, str):
+        ok = isinstance(out, np.ndarray) and out.dtype.kind in dtype
+        want = {"f": "a float dtype"}.get(dtype, f"dtype kind {dtype!r}")
+    else:
+        ok = isinstance(out, np.ndarray) and out.dtype == np.dtype(dtype)
+        want = f"dtype {np.dtype(dtype)}"
+    if not ok or out.shape != tuple(shape):
         got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise ValueError(
-            f"`out` must be an array of shape {tuple(shape)} and dtype {dtype}, got {got}"
-        )
-    if contiguous and not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError("`out` must be C-contiguous and writeable")
+        raise ValueError(f"`{name}` must be an array of shape {tuple(shape)} and {want}, got {got}")
+    if contiguous and not out.flags.c_contiguous:
+        raise ValueError(f"`{name}` must be C-contiguous and writeable")
     if not out.flags.writeable:
-        raise ValueError("`out` must be writeable")
-    if np.may_share_memory(out, source):
-        raise ValueError(f"`out` must not share memory with {what}")
+        raise ValueError(f"`{name}` must be writeable")
+    if any(a is not None and np.may_share_memory(out, a) for a in avoid):
+        raise ValueError(f"`{name}` must not share memory with {what}")
     return out
 
 
@@ -261,22 +273,3 @@ def check_finite_for_integer(image: np.ndarray, dtype) -> None:
             f"cannot hold: leave `dtype` unset (float result), or replace them first "
             f"(np.nan_to_num)"
         )
-
-
-def check_out(out, shape, dtype, avoid=(), name: str = "out") -> np.ndarray:
-    """``out`` must be a C-contiguous, writeable array of ``shape`` and ``dtype`` (a dtype
-    kind such as ``"f"``, or a dtype) that shares no memory with any array in ``avoid``."""
-    if isinstance(dtype, str):
-        ok = isinstance(out, np.ndarray) and out.dtype.kind in dtype
-        want = {"f": "a float dtype"}.get(dtype, f"dtype kind {dtype!r}")
-    else:
-        ok = isinstance(out, np.ndarray) and out.dtype == np.dtype(dtype)
-        want = f"dtype {np.dtype(dtype)}"
-    if not ok or out.shape != tuple(shape):
-        got = f"{out.shape} {out.dtype}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise ValueError(f"`{name}` must be an array of shape {tuple(shape)} and {want}, got {got}")
-    if not (out.flags.c_contiguous and out.flags.writeable):
-        raise ValueError(f"`{name}` must be C-contiguous and writeable")
-    if any(a is not None and np.may_share_memory(out, a) for a in avoid):
-        raise ValueError(f"`{name}` must not share memory with the inputs")
-    return out

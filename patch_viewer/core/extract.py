@@ -163,7 +163,7 @@ def _check_out(out, image: np.ndarray, grid: PatchGrid, batched: bool, copy: boo
     if not copy or layout != "C":
         raise ValueError("`out` takes a copy: pass copy=True (with layout='C') to fill it")
     shape = ((image.shape[0],) if batched else ()) + grid.grid_shape + grid.patch_shape
-    check_out(out, shape, image.dtype, image, "the image")
+    check_out(out, shape, image.dtype, (image,), what="the image")
 
 
 def extract_rows(

@@ -68,11 +68,14 @@ def iter_process(
     gives a lazy :class:`Result` at once (see :func:`process`).
 
     ``buffers`` lets a caller that runs again and again (the Patch Explorer) skip the page
-    faults of new image-sized arrays: ``{"error": a, "weights": w}``, either key optional.
-    An in-memory filter run writes ``error`` into ``a`` when ``a`` has the error's shape and
-    dtype, and the weights into ``w`` (rounded once to its float dtype) when ``w`` has the
-    grid's spatial shape; an array that does not fit is not used, and nothing else is
-    written. They must be C-contiguous, writeable, and share no memory with ``image`` or
+    faults of new image-sized arrays: ``{"merged": m, "error": a, "weights": w}``, any key
+    optional. An in-memory filter run on the compiled backend weighs the merged image into
+    ``m`` when ``m`` has the image's shape and the result's dtype (C-contiguous, any channel
+    axis last) and the merge weighs its sums straight into that dtype (uniform and named-window
+    means of float32 and small-integer results); it writes ``error`` into ``a`` when ``a`` has
+    the error's shape and dtype, and the weights into ``w`` (rounded once to its float dtype)
+    when ``w`` has the grid's spatial shape; an array that does not fit is not used, and
+    nothing else is written. They must be C-contiguous, writeable, and share no memory with ``image`` or
     with each other.
     """
     check_grid(grid)
@@ -194,7 +197,7 @@ def iter_process(
 
 
 #: The results :func:`iter_process` can write into a caller's ``buffers``.
-BUFFER_NAMES = ("error", "weights")
+BUFFER_NAMES = ("merged", "error", "weights")
 
 
 def check_buffers(buffers, image: np.ndarray) -> dict:
@@ -280,7 +283,7 @@ def process(
         What pixels no chosen patch covers get: ``fill_value`` (default), or the input's
         value (outputs of the input's shape only).
     buffers : dict, optional
-        Arrays to write ``error`` and ``weights`` into instead of new ones (see
+        Arrays to write ``merged``, ``error`` and ``weights`` into instead of new ones (see
         :func:`iter_process`).
 
     Returns

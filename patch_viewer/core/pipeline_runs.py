@@ -19,7 +19,7 @@ import numpy as np
 from ._layout import from_canonical, to_canonical
 from .chunked import reference_axes
 from .merge import weight_map
-from .merge.plan import check_reduce
+from .merge.plan import backend, check_reduce
 from .metrics import METRICS, compute_metrics, error_map
 from .stream import Result, merge_stream
 from .windows import make_window
@@ -107,7 +107,8 @@ def run_filter(
 ):
     """The streamed run of a filter in memory: batches of patches -> filter -> merge, then
     the reference, error, metrics and weights. ``dtype`` is ``(dtype, fill_value)``;
-    ``buffers`` (checked) may hold arrays for the error and the weights (used if they fit)."""
+    ``buffers`` (checked) may hold arrays for the merged image, the error and the weights
+    (used if they fit)."""
     buffers = buffers or {}
     start = time.perf_counter()
     dtype, fill_value = dtype
@@ -123,8 +124,9 @@ def run_filter(
         plan.rows_per_batch,
         plan.n_patches,
     )
+    into = _merged_buffer(buffers.get("merged"), image, grid, batched, merger)
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels: NaN, no warning
-        merged = from_canonical(merger.result(dtype, fill_value), grid, batched)
+        merged = from_canonical(merger.result(dtype, fill_value, **into), grid, batched)
     if reference == "filter":  # plane by plane where patches are one plane thick
         ref = np.asarray(filt(canon, reference_axes(grid), **params))
         ref = from_canonical(ref, grid, batched)
@@ -141,6 +143,20 @@ def run_filter(
     w = w if w is not None and w.shape == grid.spatial_shape and w.dtype.kind == "f" else None
     weights = weight_map(grid, window, out=w, **window_params)
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
+
+
+def _merged_buffer(buffer, image, grid, batched, merger) -> dict:
+    """``{"into": canonical view}`` of a ``merged`` buffer the compiled merger can weigh
+    into (the image's shape, C-contiguous with any channel axis last), else ``{}``; the
+    merger still writes it only where its dtype is the result's."""
+    if buffer is None or buffer.shape != image.shape or backend() != "numba":
+        return {}
+    from .merge.accumulate import NumbaMerger  # numba is there
+
+    if not isinstance(merger, NumbaMerger):
+        return {}
+    canon = to_canonical(buffer, grid, batched)
+    return {"into": canon} if canon.flags.c_contiguous else {}
 
 
 def _error_dtype(merged, ref):

@@ -80,9 +80,17 @@ def test_process_into_buffers_equals_process(reference, patch_filter):
     grid = PatchGrid(image.shape, 16, 7)
     kw = dict(window="hann", reference=reference)
     plain = pv.process(image, grid, patch_filter, **kw)
-    buffers = {"error": np.full(image.shape, np.nan, np.float32), "weights": np.zeros((70, 83))}
+    buffers = {
+        "merged": np.full(image.shape, np.nan, np.float32),
+        "error": np.full(image.shape, np.nan, np.float32),
+        "weights": np.zeros((70, 83)),
+    }
     r = pv.process(image, grid, patch_filter, buffers=buffers, **kw)
     assert r.error is buffers["error"] and r.weights is buffers["weights"]
+    if pv.backend() == "numba":  # weighed straight into the buffer
+        assert np.shares_memory(r.merged, buffers["merged"])
+    else:  # the NumPy engine makes its own result and leaves the buffer alone
+        assert np.isnan(buffers["merged"]).all()
     np.testing.assert_array_equal(r.merged, plain.merged)
     np.testing.assert_array_equal(r.error, plain.error)
     np.testing.assert_array_equal(r.weights, plain.weights)
@@ -102,10 +110,18 @@ def test_buffers_that_do_not_fit_are_left_alone():
     wrong = {
         "error": np.full((40, 50), 7.0),  # float64: the error of float32 images is float32
         "weights": np.full((40, 49), 7.0, np.float32),  # another shape
+        "merged": np.full((40, 50), 7.0),  # float64: float32 images merge into float32
     }
     r = pv.process(image, grid, "identity", buffers=wrong)
     assert r.error is not wrong["error"] and r.weights is not wrong["weights"]
-    assert (wrong["error"] == 7).all() and (wrong["weights"] == 7).all()
+    assert not np.shares_memory(r.merged, wrong["merged"])
+    assert all((a == 7).all() for a in wrong.values())
+    np.testing.assert_array_equal(r.merged, image)
+    # a max merge is not weighed: it makes its own result and leaves the buffer alone
+    kept = np.full((40, 50), 7.0, np.float32)
+    r = pv.process(image, grid, "identity", reduce="max", buffers={"merged": kept})
+    assert not np.shares_memory(r.merged, kept) and (kept == 7).all()
+    np.testing.assert_array_equal(r.merged, image)
     np.testing.assert_array_equal(r.weights, pv.weight_map(grid))
 
 
@@ -113,7 +129,7 @@ def test_bad_buffers_are_refused_before_any_work():
     image = np.zeros((20, 20), np.float32)
     grid = PatchGrid(image.shape, 8, 4)
     with pytest.raises(ValueError, match="keys"):
-        pv.process(image, grid, buffers={"merged": np.empty((20, 20), np.float32)})
+        pv.process(image, grid, buffers={"reference": np.empty((20, 20), np.float32)})
     with pytest.raises(ValueError, match="share memory"):
         pv.process(image, grid, buffers={"error": image})  # the caller's image stays untouched
     same = np.empty((20, 20), np.float32)

@@ -163,7 +163,7 @@ def merge_patches(
     if out is not None:
         target = np.dtype(dtype) if dtype is not None else work_dtype(canon.dtype)
         shape = ((canon.shape[0],) if batched else ()) + grid.image_shape
-        check_out(out, shape, target, patches, "`patches`", contiguous=False)
+        check_out(out, shape, target, (patches,), what="`patches`", contiguous=False)
     if workers is not None and not (
         isinstance(workers, int) and not isinstance(workers, bool) and workers >= 1
     ):

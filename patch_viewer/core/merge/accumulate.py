@@ -127,7 +127,8 @@ class _Result:
         )
         weighed = mode in ("sum", "weighted", "anchored")  # every pixel written
         target = np.dtype(plan.work if dtype is None else dtype)
-        if into is not None and mode in ("sum", "weighted") and np.dtype(out) == target:
+        fits = into is not None and into.dtype == target and into.size == math.prod(shape)
+        if fits and mode in ("sum", "weighted") and np.dtype(out) == target:
             # weighed straight into the caller's array: finish() returns it as it is
             self.out = into.reshape(shape)  # a view: ``into`` is C-contiguous
         else:
@@ -291,9 +292,10 @@ class NumbaMerger:
         for b in images:
             _add(geo3, self._canvas(b), src, origins, b - first, 0, i1, 0, n0, maps)
 
-    def result(self, dtype=None, fill_value=None) -> np.ndarray:
-        """The merged images, canonical ``(b, *spatial, C)``."""
-        result = _Result(self.geo3, self.n_images, dtype)
+    def result(self, dtype=None, fill_value=None, into=None) -> np.ndarray:
+        """The merged images, canonical ``(b, *spatial, C)``; written into ``into`` (canonical,
+        C-contiguous) where it fits and the plan weighs straight into the output dtype."""
+        result = _Result(self.geo3, self.n_images, dtype, into)
         for bi in range(self.n_images):
             result.write(self._canvas(bi), bi, 0, self.geo3.extent[0])
         return result.finish(self.grid, dtype, fill_value)
