@@ -27,6 +27,7 @@ from .core import (
     process,
 )
 from .core.metrics import iter_ssim
+from .core.pipeline import BUFFER_NAMES
 
 #: The filter list's entry for a model named by its import path (``package.module:function``).
 CUSTOM = "custom function…"
@@ -264,11 +265,15 @@ class Buffers:
         self._held: list[np.ndarray] = []  # the worker finished; maybe on screen
 
     def lend(self, job: Job) -> dict:
-        """Buffers for ``job``'s error (float32, the image's shape) and display weights
-        (float32, the grid's spatial shape); the run uses those that fit its results."""
+        """Buffers for ``job``'s merged image and error (float32, the image's shape) and
+        display weights (float32, the grid's spatial shape); the run uses those that fit its
+        results (the merged image where it is float32 and weighed straight into it)."""
         if job.lazy or job.rgb or job.image.dtype.kind not in "fiu":
             return {}
-        shapes = {"error": job.image.shape, "weights": job.grid.spatial_shape}
+        merged, error, weights = BUFFER_NAMES  # the keys of process(buffers=)
+        shapes = {error: job.image.shape, weights: job.grid.spatial_shape}
+        if job.image.dtype.itemsize <= (4 if job.image.dtype.kind == "f" else 2):
+            shapes[merged] = job.image.shape  # a float32 result
         out = {name: self._take(shape) for name, shape in shapes.items()}
         self._lent[id(job)] = list(out.values())
         return out

@@ -9,6 +9,9 @@ from patch_viewer._layers import LAYER_NAMES
 PACKAGE = Path(patch_viewer.__file__).parent
 #: `patches` is also a column of the batch command's metrics CSV: another contract.
 CSV_COLUMN = {("batch.py", "patches"), ("batch_run.py", "patches")}
+#: `merged` and `error` are also keys of `process(buffers=)` (the names of Result's fields),
+#: written once, in the core's BUFFER_NAMES: another contract.
+CSV_COLUMN |= {("pipeline_runs.py", "merged"), ("pipeline_runs.py", "error")}
 
 
 def _modules():

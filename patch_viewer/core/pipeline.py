@@ -29,7 +29,13 @@ from .chunked import chunked_process
 from .filter_registry import PatchFilter, get_filter
 from .grid import PatchGrid
 from .merge.plan import check_reduce
-from .pipeline_runs import lazy_predictor_run, lazy_result, model_options, run_filter
+from .pipeline_runs import (
+    BUFFER_NAMES,
+    lazy_predictor_run,
+    lazy_result,
+    model_options,
+    run_filter,
+)
 from .predict import Predictor
 from .stream import REFERENCES, Plan, Result, make_plan, merge_stream
 from .windows import make_window
@@ -37,7 +43,16 @@ from .windows import make_window
 if TYPE_CHECKING:
     from numpy.typing import ArrayLike, DTypeLike
 
-__all__ = ["REFERENCES", "Plan", "Result", "iter_process", "make_plan", "merge_stream", "process"]
+__all__ = [
+    "BUFFER_NAMES",
+    "REFERENCES",
+    "Plan",
+    "Result",
+    "iter_process",
+    "make_plan",
+    "merge_stream",
+    "process",
+]
 
 
 def iter_process(
@@ -75,8 +90,8 @@ def iter_process(
     means of float32 and small-integer results); it writes ``error`` into ``a`` when ``a`` has
     the error's shape and dtype, and the weights into ``w`` (rounded once to its float dtype)
     when ``w`` has the grid's spatial shape; an array that does not fit is not used, and
-    nothing else is written. They must be C-contiguous, writeable, and share no memory with ``image`` or
-    with each other.
+    nothing else is written. They must be C-contiguous, writeable, and share no memory
+    with ``image`` or with each other.
     """
     check_grid(grid)
     max_bytes = parse_max_bytes(max_bytes)
@@ -194,10 +209,6 @@ def iter_process(
         metrics,
         buffers,
     )
-
-
-#: The results :func:`iter_process` can write into a caller's ``buffers``.
-BUFFER_NAMES = ("merged", "error", "weights")
 
 
 def check_buffers(buffers, image: np.ndarray) -> dict:

@@ -24,7 +24,12 @@ from .metrics import METRICS, compute_metrics, error_map
 from .stream import Result, merge_stream
 from .windows import make_window
 
-__all__ = ["lazy_predictor_run", "lazy_result", "model_options", "run_filter"]
+#: The results :func:`iter_process` can write into a caller's ``buffers``: the names of
+#: :class:`Result`'s fields (a contract of their own; two happen to be layer names too).
+BUFFER_NAMES = ("merged", "error", "weights")
+_MERGED, _ERROR, _WEIGHTS = BUFFER_NAMES
+
+__all__ = ["BUFFER_NAMES", "lazy_predictor_run", "lazy_result", "model_options", "run_filter"]
 
 
 def model_options(filt, params, grid, window, indices, uncovered):
@@ -124,7 +129,7 @@ def run_filter(
         plan.rows_per_batch,
         plan.n_patches,
     )
-    into = _merged_buffer(buffers.get("merged"), image, grid, batched, merger)
+    into = _merged_buffer(buffers.get(_MERGED), image, grid, batched, merger)
     with np.errstate(invalid="ignore", over="ignore"):  # non-finite pixels: NaN, no warning
         merged = from_canonical(merger.result(dtype, fill_value, **into), grid, batched)
     if reference == "filter":  # plane by plane where patches are one plane thick
@@ -132,14 +137,14 @@ def run_filter(
         ref = from_canonical(ref, grid, batched)
     else:
         ref = image
-    out = _fitting(buffers.get("error"), merged.shape, _error_dtype(merged, ref))
+    out = _fitting(buffers.get(_ERROR), merged.shape, _error_dtype(merged, ref))
     error = error_map(merged, ref, out=out)
     channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
     if metrics:
         metrics = compute_metrics(merged, ref, channel_axis=channel_axis, ssim=ssim, error=error)
     else:
         metrics = dict.fromkeys(METRICS + ("covered",), math.nan)
-    w = buffers.get("weights")
+    w = buffers.get(_WEIGHTS)
     w = w if w is not None and w.shape == grid.spatial_shape and w.dtype.kind == "f" else None
     weights = weight_map(grid, window, out=w, **window_params)
     return Result(merged, weights, ref, error, metrics, grid, plan, time.perf_counter() - start)
