@@ -20,6 +20,7 @@ __all__ = [
     "DIRECT_MAX_STEPS",
     "ROWS_FIRST_ORDER",
     "block_depths",
+    "canonical_into",
     "ceil_div",
     "check_bytes",
     "depth",
@@ -72,6 +73,13 @@ def to_canonical(image: Any, grid: PatchGrid, batched: bool) -> Any:
     if grid.channel_axis is None:
         return image[..., None]
     return np.moveaxis(image, grid.channel_axis + 1, -1)
+
+
+def canonical_into(out: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarray | None:
+    """``out`` viewed as ``(batch, *spatial, channels)`` where that view is C-contiguous (so
+    the compiled kernels can write through it: any channel axis last), else None."""
+    canon = to_canonical(out, grid, batched)
+    return canon if canon.flags.c_contiguous else None
 
 
 def from_canonical(canon: np.ndarray, grid: PatchGrid, batched: bool) -> np.ndarray:

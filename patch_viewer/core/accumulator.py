@@ -44,13 +44,13 @@ from .accumulator_weights import (
     box_counts,
     on_three_axes,
     origin_tables,
-    outer_product,
 )
 from .checks import check_flat_indices, check_grid
 from .grid import PatchGrid
 from .merge.plan import AXES3, backend, check_reduce
 from .merge.precision import finish, work_dtype
 from .merge.scatter import Sums
+from .merge.weights import outer
 from .windows import make_window
 
 # parse_scale and check_window moved to .accumulator_args; still importable from here
@@ -297,7 +297,7 @@ class Accumulator:
         crop = tuple(slice(0, n) for n in self.spatial_shape)
         per_axis = self._separable()
         if per_axis is not None:
-            return outer_product(per_axis[1])[crop].astype(np.int64)
+            return outer(per_axis[1], np.multiply)[crop].astype(np.int64)
         org, mult = self._places.placed()
         return box_counts(self._spatial(org), self.patch_size, self._extent, mult)[crop]
 
@@ -312,7 +312,9 @@ class Accumulator:
         crop = tuple(slice(0, n) for n in self.spatial_shape)
         per_axis = self._separable()
         if per_axis is not None:  # (float64 counts are exact)
-            return np.ascontiguousarray(outer_product(per_axis[1 if self._counted else 0])[crop])
+            return np.ascontiguousarray(
+                outer(per_axis[1 if self._counted else 0], np.multiply)[crop]
+            )
         if self._win is None or self._counted:
             return self.count.astype(np.float64)
         out = np.zeros(self._extent, np.float64)

@@ -30,7 +30,6 @@ __all__ = [
     "box_counts",
     "on_three_axes",
     "origin_tables",
-    "outer_product",
 ]
 
 
@@ -46,14 +45,6 @@ def on_three_axes(values, nd: int, fill) -> list:
     out = [fill] * 3
     for v, ax in zip(values, AXES3[nd]):
         out[ax] = v
-    return out
-
-
-def outer_product(per_axis) -> np.ndarray:
-    """The outer product of per-axis factors (a separable weight map)."""
-    out = per_axis[0]
-    for f in per_axis[1:]:
-        out = np.multiply.outer(out, f)
     return out
 
 

@@ -14,7 +14,7 @@ from functools import partial
 
 import numpy as np
 
-from .metrics import dtype_range, error_summary, error_sums, ssim_clean, ssim_window
+from .metrics import dtype_range, error_dtype, error_summary, error_sums, ssim_clean, ssim_window
 
 __all__ = ["chunked_error", "chunked_metrics"]
 
@@ -36,7 +36,7 @@ def _ssim_block(ref, merged, dr, *, channel, win):
 
 def chunked_error(merged, reference):
     """Lazy :func:`patch_viewer.error_map`: ``merged - reference`` in the same dtype."""
-    err_dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
+    err_dtype = error_dtype(merged, reference)
     return merged.astype(err_dtype) - reference.astype(err_dtype)
 
 

@@ -19,6 +19,7 @@ __all__ = [
     "compute_metrics",
     "data_range_of",
     "dtype_range",
+    "error_dtype",
     "error_map",
     "error_summary",
     "error_sums",
@@ -47,6 +48,18 @@ __all__ = [
 ]
 
 
+def error_dtype(merged, reference) -> np.dtype:
+    """The dtype of :func:`error_map` (and of its lazy twin): both inputs' and float32's.
+    Both are arrays (NumPy or dask: only their dtypes are read, nothing is computed).
+
+    Examples
+    --------
+    >>> error_dtype(np.zeros(2, np.float32), np.zeros(2, np.uint8))
+    dtype('float32')
+    """
+    return np.result_type(merged.dtype, reference.dtype, np.float32)
+
+
 def error_map(
     merged: ArrayLike, reference: ArrayLike, *, out: np.ndarray | None = None
 ) -> np.ndarray:
@@ -66,7 +79,7 @@ def error_map(
         raise ValueError(
             f"`merged` shape {merged.shape} differs from `reference` shape {reference.shape}"
         )
-    dtype = np.result_type(merged.dtype, reference.dtype, np.float32)
+    dtype = error_dtype(merged, reference)
     if out is not None:
         check_out(out, merged.shape, dtype, (merged, reference))
     with np.errstate(invalid="ignore", over="ignore"):  # inf - inf is NaN: not a warning

@@ -16,11 +16,11 @@ import time
 
 import numpy as np
 
-from ._layout import from_canonical, to_canonical
+from ._layout import canonical_into, from_canonical, to_canonical
 from .chunked import reference_axes
 from .merge import weight_map
 from .merge.plan import backend, check_reduce
-from .metrics import METRICS, compute_metrics, error_map
+from .metrics import METRICS, compute_metrics, error_dtype, error_map
 from .stream import Result, merge_stream
 from .windows import make_window
 
@@ -137,7 +137,7 @@ def run_filter(
         ref = from_canonical(ref, grid, batched)
     else:
         ref = image
-    out = _fitting(buffers.get(_ERROR), merged.shape, _error_dtype(merged, ref))
+    out = _fitting(buffers.get(_ERROR), merged.shape, error_dtype(merged, ref))
     error = error_map(merged, ref, out=out)
     channel_axis = None if grid.channel_axis is None else grid.channel_axis + int(batched)
     if metrics:
@@ -158,14 +158,8 @@ def _merged_buffer(buffer, image, grid, batched, merger) -> dict:
         return {}
     from .merge.accumulate import NumbaMerger  # numba is there
 
-    if not isinstance(merger, NumbaMerger):
-        return {}
-    canon = to_canonical(buffer, grid, batched)
-    return {"into": canon} if canon.flags.c_contiguous else {}
-
-
-def _error_dtype(merged, ref):
-    return np.result_type(merged.dtype, np.asarray(ref).dtype, np.float32)
+    into = canonical_into(buffer, grid, batched) if isinstance(merger, NumbaMerger) else None
+    return {} if into is None else {"into": into}
 
 
 def _fitting(buffer, shape, dtype):

@@ -108,8 +108,7 @@ def merge_patches(
         Where the sums are weighed straight into the output dtype (uniform or named-window
         means of integer and float32 stacks into their default float32) and ``out`` is
         C-contiguous with any channel axis last, the kernels write into it; otherwise the
-        result is copied in. Its contents are unspecified if the merge
-        raises.
+        result is copied in. Its contents are unspecified if the merge raises.
 
     Returns
     -------
@@ -136,7 +135,7 @@ def merge_patches(
     """
     import numpy as np
 
-    from .._layout import from_canonical, is_lazy, patches_to_canonical, to_canonical
+    from .._layout import canonical_into, from_canonical, is_lazy, patches_to_canonical
     from .precision import checked_fill
 
     check_grid(grid)
@@ -174,9 +173,7 @@ def merge_patches(
 
         plan = make_merge_plan(grid, canon.dtype, canon.shape[-1], **options)
         n = default_workers(canon.nbytes) if workers is None else workers
-        into = None if out is None else to_canonical(out, grid, batched)
-        if into is not None and not into.flags.c_contiguous:  # a channel axis not last
-            into = None
+        into = None if out is None else canonical_into(out, grid, batched)
         merged = merge_bands(canon, grid, plan, n, dtype, fill_value, into)
     else:
         from .numpy_engine import merge_numpy

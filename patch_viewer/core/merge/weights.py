@@ -20,11 +20,19 @@ if TYPE_CHECKING:
 __all__ = ["coverage_mask", "max_weight", "outer", "weight_map", "weight_sums", "weights_in"]
 
 
-def outer(factors, ufunc) -> np.ndarray:
-    """``ufunc.outer`` over a list of 1-D arrays: the nD map of a separable quantity."""
-    out = factors[0]
-    for f in factors[1:]:
-        out = ufunc.outer(out, f)
+def outer(factors, ufunc, out: np.ndarray | None = None) -> np.ndarray:
+    """``ufunc.outer`` over a list of 1-D arrays: the nD map of a separable quantity, written
+    into ``out`` if given (its last step rounds once into ``out``'s dtype)."""
+    head = factors[0]
+    for f in factors[1:-1]:
+        head = ufunc.outer(head, f)
+    if len(factors) == 1:
+        return head if out is None else _copied(out, head)
+    return ufunc.outer(head, factors[-1], out=out)
+
+
+def _copied(out: np.ndarray, values: np.ndarray) -> np.ndarray:
+    np.copyto(out, values, casting="same_kind")
     return out
 
 
@@ -65,14 +73,8 @@ def weight_map(
     tile = isinstance(window, str) and window == "overlap-tile"
     sums = None if tile else weight_sums(grid, window, window_params)
     if sums is None:
-        np.copyto(out, weights_in(grid, window, window_params, np.float64), casting="same_kind")
-        return out
-    sums = [w.astype(np.float64) for w in sums]
-    if len(sums) == 1:
-        np.copyto(out, sums[0], casting="same_kind")
-        return out
-    np.multiply.outer(outer(sums[:-1], np.multiply), sums[-1], out=out)  # rounded once
-    return out
+        return _copied(out, weights_in(grid, window, window_params, np.float64))
+    return outer([w.astype(np.float64) for w in sums], np.multiply, out=out)  # rounded once
 
 
 def weight_sums(grid: PatchGrid, window, window_params: dict):
