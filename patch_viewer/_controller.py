@@ -26,6 +26,7 @@ from .core import (
     make_plan,
     process,
 )
+from .core.merge import work_dtype
 from .core.metrics import iter_ssim
 from .core.pipeline import BUFFER_NAMES
 
@@ -162,7 +163,8 @@ def _model(p: Params):
 
 def start(job: Job, buffers: dict | None = None):
     """The run's generator, validated; a memory refusal is reworded for a GUI user.
-    ``buffers`` (see :meth:`Buffers.lend`) may take the run's error and weights."""
+    ``buffers`` (see :meth:`Buffers.lend`) may take the run's merged image, error and
+    weights."""
     try:
         return iter_process(
             job.image, job.grid, ssim=job.lazy, metrics=job.lazy, buffers=buffers, **job.kwargs
@@ -246,9 +248,9 @@ def _display_weights(weights: np.ndarray) -> np.ndarray:
 
 
 class Buffers:
-    """Image-sized arrays handed from run to run, so that a run writes its error and weights
-    into memory already paged in instead of new arrays (each new 16-32 MiB array costs page
-    faults, and they cost the most in the viewer's busy process).
+    """Image-sized arrays handed from run to run, so that a run writes its merged image, error
+    and weights into memory already paged in instead of new arrays (each new 16-32 MiB array
+    costs page faults, and they cost the most in the viewer's busy process).
 
     Lent to a job by :meth:`lend` (on the main thread, when the run starts), an array comes
     back to the free list only when that job's worker has finished (:meth:`finished`) and no
@@ -272,8 +274,8 @@ class Buffers:
             return {}
         merged, error, weights = BUFFER_NAMES  # the keys of process(buffers=)
         shapes = {error: job.image.shape, weights: job.grid.spatial_shape}
-        if job.image.dtype.itemsize <= (4 if job.image.dtype.kind == "f" else 2):
-            shapes[merged] = job.image.shape  # a float32 result
+        if work_dtype(job.image.dtype) == np.float32:  # the merge's default result dtype
+            shapes[merged] = job.image.shape
         out = {name: self._take(shape) for name, shape in shapes.items()}
         self._lent[id(job)] = list(out.values())
         return out
